@@ -1,0 +1,656 @@
+"""A local Kubernetes control plane on loopback: etcd, kube-apiserver and kube-controller-manager.
+
+The binaries come from ``e2e/cluster/build.sh`` (built once from Go modules into ``.cache/k8s/bin``).
+No kubelet runs, so pods stay ``Pending``; everything else (CRDs, RBAC, Deployments → ReplicaSets →
+Pods, garbage collection, service accounts) behaves as in a real cluster.
+
+As a script::
+
+    python e2e/cluster/cluster.py up [--state-dir DIR]     # last line: export KUBECONFIG=...
+    python e2e/cluster/cluster.py status [--state-dir DIR]
+    python e2e/cluster/cluster.py down [--state-dir DIR]
+
+As a module: ``up(state_dir) -> Cluster`` and ``down(state_dir)``. Both are idempotent. The processes
+run in their own sessions, so they outlive the Python process that started them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = Path(__file__).resolve().with_name("build.sh")
+
+SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_FIRST_IP = "10.0.0.1"
+SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+# Components in start order; stopped in reverse.
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
+BINARIES = COMPONENTS
+
+# Files and folders that `up` creates in the state folder; `down` removes only these.
+_STATE_ENTRIES = (
+    "pki",
+    "etcd-data",
+    "kcm-certs",
+    "apiserver-certs",
+    "kubeconfig",
+    "kcm.kubeconfig",
+    "cluster.json",
+    *(f"{c}.pid" for c in COMPONENTS),
+    *(f"{c}.log" for c in COMPONENTS),
+)
+
+Progress = Callable[[str], None]
+
+
+def _stderr_progress(message: str) -> None:
+    print(f"[cluster] {message}", file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+class ClusterError(RuntimeError):
+    """The control plane could not be built, started or reached."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running control plane. Paths are absolute."""
+
+    state_dir: Path
+    kubeconfig: Path
+    server: str
+    etcd_url: str
+    bin_dir: Path
+    pids: dict[str, int] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """An environment for subprocesses: KUBECONFIG set, the cache bin folder (helm) on PATH."""
+        env = dict(os.environ if base is None else base)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        return json.dumps(data, default=str, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Cluster:
+        data = json.loads(text)
+        return cls(
+            state_dir=Path(data["state_dir"]),
+            kubeconfig=Path(data["kubeconfig"]),
+            server=str(data["server"]),
+            etcd_url=str(data["etcd_url"]),
+            bin_dir=Path(data["bin_dir"]),
+            pids={str(k): int(v) for k, v in data["pids"].items()},
+            logs={str(k): Path(v) for k, v in data["logs"].items()},
+        )
+
+
+# --------------------------------------------------------------------------------------- binaries
+
+
+def cache_root() -> Path:
+    """The git-ignored cache folder: ``$LAYERLB_CACHE`` or ``<repo>/.cache``."""
+    env = os.environ.get("LAYERLB_CACHE")
+    return Path(env).resolve() if env else REPO_ROOT / ".cache"
+
+
+def default_bin_dir() -> Path:
+    return cache_root() / "k8s" / "bin"
+
+
+def default_state_dir() -> Path:
+    return cache_root() / "cluster"
+
+
+def binaries_present(bin_dir: Path | None = None) -> bool:
+    bdir = bin_dir or default_bin_dir()
+    return all(os.access(bdir / b, os.X_OK) for b in BINARIES)
+
+
+def ensure_binaries(bin_dir: Path | None = None, progress: Progress = _stderr_progress) -> Path:
+    """Run build.sh when a control-plane binary is missing (the first build takes many minutes)."""
+    bdir = bin_dir or default_bin_dir()
+    if binaries_present(bdir):
+        return bdir
+    if bin_dir is not None and bdir != default_bin_dir():
+        raise ClusterError(f"control-plane binaries missing in {bdir}")
+    progress(f"binaries missing in {bdir}; running {BUILD_SCRIPT} (first build: 10-20 min)")
+    # build.sh writes its [build] progress lines to stderr, which we pass through.
+    result = subprocess.run(["bash", str(BUILD_SCRIPT)], stdin=subprocess.DEVNULL, check=False)
+    if result.returncode != 0 or not binaries_present(bdir):
+        raise ClusterError(f"{BUILD_SCRIPT} failed (exit {result.returncode})")
+    return bdir
+
+
+# ----------------------------------------------------------------------------------- certificates
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    result = subprocess.run(
+        ["openssl", *args], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise ClusterError(f"openssl {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def _ec_key(pki: Path, name: str) -> None:
+    _openssl(
+        "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"{name}.key", cwd=pki
+    )
+
+
+def _signed_cert(pki: Path, name: str, subject: str, extensions: list[str]) -> None:
+    """Key + certificate ``name`` signed by the CA in ``pki``."""
+    _ec_key(pki, name)
+    _openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=pki)
+    (pki / f"{name}.ext").write_text("\n".join(extensions) + "\n")
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "3650", "-sha256", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
+        cwd=pki,
+    )  # fmt: skip
+
+
+def _generate_pki(pki: Path) -> None:
+    pki.mkdir(parents=True, exist_ok=True)
+    # CA, with an explicit minimal config so the extensions are exactly these.
+    (pki / "ca.cnf").write_text(
+        "[req]\ndistinguished_name = dn\nx509_extensions = v3_ca\nprompt = no\n"
+        "[dn]\nCN = layerlb-e2e-ca\n"
+        "[v3_ca]\nbasicConstraints = critical,CA:TRUE\n"
+        "keyUsage = critical,keyCertSign,cRLSign,digitalSignature\n"
+        "subjectKeyIdentifier = hash\n"
+    )
+    _ec_key(pki, "ca")
+    _openssl(
+        "req", "-x509", "-new", "-key", "ca.key", "-config", "ca.cnf", "-days", "3650", "-sha256",
+        "-out", "ca.crt",
+        cwd=pki,
+    )  # fmt: skip
+    leaf = ["basicConstraints = critical,CA:FALSE", "keyUsage = critical,digitalSignature,keyEncipherment"]
+    sans = ",".join(
+        [
+            "DNS:localhost",
+            "DNS:kubernetes",
+            "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc",
+            "DNS:kubernetes.default.svc.cluster.local",
+            "IP:127.0.0.1",
+            f"IP:{SERVICE_FIRST_IP}",
+        ]
+    )
+    _signed_cert(
+        pki,
+        "apiserver",
+        "/CN=kube-apiserver",
+        [*leaf, "extendedKeyUsage = serverAuth", f"subjectAltName = {sans}"],
+    )
+    client = [*leaf, "extendedKeyUsage = clientAuth"]
+    _signed_cert(pki, "admin", "/O=system:masters/CN=admin", client)
+    _signed_cert(pki, "kcm", "/CN=system:kube-controller-manager", client)
+    # Service-account token signing key pair (RSA: the most widely accepted for bound tokens).
+    _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key", cwd=pki)
+    _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    for leftover in pki.glob("*.csr"):
+        leftover.unlink()
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _write_kubeconfig(path: Path, server: str, pki: Path, user: str, cert: str) -> None:
+    text = f"""apiVersion: v1
+kind: Config
+clusters:
+- name: layerlb-e2e
+  cluster:
+    server: {server}
+    certificate-authority-data: {_b64(pki / "ca.crt")}
+users:
+- name: {user}
+  user:
+    client-certificate-data: {_b64(pki / f"{cert}.crt")}
+    client-key-data: {_b64(pki / f"{cert}.key")}
+contexts:
+- name: layerlb-e2e
+  context:
+    cluster: layerlb-e2e
+    user: {user}
+    namespace: default
+current-context: layerlb-e2e
+"""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+# -------------------------------------------------------------------------------------- processes
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all held open at once, so none repeats)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# Popen objects of the processes this interpreter started: kept so they are not collected (which
+# warns) and so a dead child can be reaped instead of lingering as a zombie.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _spawn(name: str, argv: list[str], state_dir: Path) -> int:
+    log_path = state_dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=state_dir,
+            start_new_session=True,
+            close_fds=True,
+        )
+    _CHILDREN[proc.pid] = proc
+    (state_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _reap(pid: int) -> None:
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        proc.poll()
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _is_alive(pid: int, binary: str) -> bool:
+    """True when ``pid`` runs ``binary`` (guards against reuse of the pid) and is not a zombie."""
+    _reap(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    if state in ("Z", "X"):
+        return False
+    argv0 = cmdline.split(b"\0", 1)[0].decode(errors="replace")
+    return os.path.basename(argv0) == binary
+
+
+def _read_pid(state_dir: Path, name: str) -> int | None:
+    try:
+        return int((state_dir / f"{name}.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _stop(pid: int, binary: str, timeout: float) -> None:
+    if not _is_alive(pid, binary):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
+                os.killpg(pid, sig)  # the process leads its own session / group
+            except ProcessLookupError:
+                os.kill(pid, sig)
+        if _wait_for(lambda: not _is_alive(pid, binary), timeout if sig == signal.SIGTERM else 10.0):
+            break
+    _CHILDREN.pop(pid, None)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# ------------------------------------------------------------------------------------------- HTTP
+
+
+def _admin_ssl_context(pki: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    return ctx
+
+
+def _http_get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple[int, str]:
+    """(status, body); status 0 when the server cannot be reached."""
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as resp:
+            return int(resp.status), resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return 0, ""
+
+
+def _api_ok(cluster: Cluster, path: str) -> bool:
+    pki = cluster.state_dir / "pki"
+    try:
+        ctx = _admin_ssl_context(pki)
+    except (OSError, ssl.SSLError):
+        return False
+    status, _ = _http_get(cluster.server + path, ctx)
+    return status == 200
+
+
+def _wait_ready(
+    what: str, check: Callable[[], bool], cluster: Cluster, names: tuple[str, ...], timeout: float
+) -> None:
+    """Poll ``check`` until true; fail early (with the log's tail) if a process dies meanwhile."""
+    dead: list[str] = []
+
+    def step() -> bool:
+        for name in names:
+            if not _is_alive(cluster.pids[name], name):
+                dead.append(name)
+                return True
+        return check()
+
+    if not _wait_for(step, timeout, interval=0.25) or dead:
+        name = dead[0] if dead else names[-1]
+        reason = f"{name} exited" if dead else f"timed out after {timeout:.0f} s"
+        raise ClusterError(f"{what}: {reason}; log {cluster.logs[name]}:\n{_log_tail(cluster.logs[name])}")
+
+
+# ------------------------------------------------------------------------------------- up / down
+
+
+def _load(state_dir: Path) -> Cluster | None:
+    try:
+        return Cluster.from_json((state_dir / "cluster.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _healthy(cluster: Cluster) -> bool:
+    if set(cluster.pids) != set(COMPONENTS):
+        return False
+    if not all(_is_alive(pid, name) for name, pid in cluster.pids.items()):
+        return False
+    return _api_ok(cluster, "/readyz")
+
+
+def status(state_dir: Path | None = None) -> Cluster | None:
+    """The running cluster recorded in ``state_dir``, or None when it is not (fully) up."""
+    sdir = (state_dir or default_state_dir()).resolve()
+    cluster = _load(sdir)
+    return cluster if cluster is not None and _healthy(cluster) else None
+
+
+def up(
+    state_dir: Path | None = None,
+    *,
+    bin_dir: Path | None = None,
+    timeout: float = 300.0,
+    build: bool = True,
+    progress: Progress = _quiet,
+) -> Cluster:
+    """Start the control plane with its state in ``state_dir``, or return the one already running there.
+
+    Waits until the API server's /readyz passes and the controller manager has created the ``default``
+    service account (so pods can be created at once). ``timeout`` bounds each wait.
+    """
+    sdir = (state_dir or default_state_dir()).resolve()
+    running = status(sdir)
+    if running is not None:
+        progress(f"already running: {running.server} (pids {running.pids})")
+        return running
+    if _load(sdir) is not None or any((sdir / f"{c}.pid").exists() for c in COMPONENTS):
+        progress("stale or partial cluster state found; cleaning it up")
+        down(sdir)
+
+    bdir = ensure_binaries(bin_dir, progress) if build else (bin_dir or default_bin_dir()).resolve()
+    if not binaries_present(bdir):
+        raise ClusterError(f"control-plane binaries missing in {bdir}; run {BUILD_SCRIPT}")
+    sdir.mkdir(parents=True, exist_ok=True)
+    pki = sdir / "pki"
+    progress(f"generating certificates in {pki}")
+    _generate_pki(pki)
+
+    etcd_port, etcd_peer_port, api_port, kcm_port = _free_ports(4)
+    server = f"https://127.0.0.1:{api_port}"
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    kubeconfig = sdir / "kubeconfig"
+    kcm_kubeconfig = sdir / "kcm.kubeconfig"
+    _write_kubeconfig(kubeconfig, server, pki, "admin", "admin")
+    _write_kubeconfig(kcm_kubeconfig, server, pki, "system:kube-controller-manager", "kcm")
+
+    pids: dict[str, int] = {}
+    logs = {c: sdir / f"{c}.log" for c in COMPONENTS}
+    cluster = Cluster(sdir, kubeconfig, server, etcd_url, bdir, pids, logs)
+    try:
+        progress(f"starting etcd on {etcd_url}")
+        peer = f"http://127.0.0.1:{etcd_peer_port}"
+        pids["etcd"] = _spawn(
+            "etcd",
+            [
+                str(bdir / "etcd"),
+                "--name=layerlb-e2e",
+                f"--data-dir={sdir / 'etcd-data'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=layerlb-e2e={peer}",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+            sdir,
+        )
+        _write_state(cluster)
+        _wait_ready(
+            "etcd",
+            lambda: '"health":"true"' in _http_get(f"{etcd_url}/health")[1],
+            cluster,
+            ("etcd",),
+            timeout,
+        )
+
+        progress(f"starting kube-apiserver on {server}")
+        pids["kube-apiserver"] = _spawn(
+            "kube-apiserver",
+            [
+                str(bdir / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                f"--cert-dir={sdir / 'apiserver-certs'}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--secure-port={api_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                "--authorization-mode=RBAC",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--service-account-issuer={SA_ISSUER}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--profiling=false",
+            ],
+            sdir,
+        )
+        _write_state(cluster)
+        _wait_ready(
+            "kube-apiserver /readyz",
+            lambda: _api_ok(cluster, "/readyz"),
+            cluster,
+            ("etcd", "kube-apiserver"),
+            timeout,
+        )
+
+        progress("starting kube-controller-manager")
+        pids["kube-controller-manager"] = _spawn(
+            "kube-controller-manager",
+            [
+                str(bdir / "kube-controller-manager"),
+                f"--kubeconfig={kcm_kubeconfig}",
+                f"--authentication-kubeconfig={kcm_kubeconfig}",
+                f"--authorization-kubeconfig={kcm_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={kcm_port}",
+                f"--cert-dir={sdir / 'kcm-certs'}",
+                "--leader-elect=false",
+                "--controllers=*",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--use-service-account-credentials=true",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+            ],
+            sdir,
+        )
+        _write_state(cluster)
+        _wait_ready(
+            "kube-controller-manager (default service account)",
+            lambda: _api_ok(cluster, "/api/v1/namespaces/default/serviceaccounts/default"),
+            cluster,
+            COMPONENTS,
+            timeout,
+        )
+    except BaseException:
+        down(sdir)
+        raise
+    progress(f"ready: {server} (kubeconfig {kubeconfig})")
+    return cluster
+
+
+def _write_state(cluster: Cluster) -> None:
+    path = cluster.state_dir / "cluster.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(cluster.to_json())
+    tmp.replace(path)
+
+
+def down(state_dir: Path | None = None, *, timeout: float = 20.0, progress: Progress = _quiet) -> None:
+    """Stop the processes recorded in ``state_dir`` (SIGTERM, then SIGKILL) and remove its state.
+
+    Only the files ``up`` creates are removed; the folder itself goes when it is left empty.
+    """
+    sdir = (state_dir or default_state_dir()).resolve()
+    for name in reversed(COMPONENTS):
+        pid = _read_pid(sdir, name)
+        if pid is not None and _is_alive(pid, name):
+            progress(f"stopping {name} (pid {pid})")
+            _stop(pid, name, timeout)
+            if _is_alive(pid, name):
+                raise ClusterError(f"{name} (pid {pid}) did not stop")
+    for entry in _STATE_ENTRIES:
+        _remove(sdir / entry)
+    with contextlib.suppress(OSError):
+        sdir.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for child in _walk_bottom_up(path):
+            if child.is_dir() and not child.is_symlink():
+                child.rmdir()
+            else:
+                child.unlink()
+        path.rmdir()
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _walk_bottom_up(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        base = Path(dirpath)
+        for f in filenames:
+            yield base / f
+        for d in dirnames:
+            yield base / d
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cluster.py",
+        description="Local Kubernetes control plane (etcd, kube-apiserver, controller-manager).",
+    )
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, help=f"state folder (default {default_state_dir()})"
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each component")
+    args = parser.parse_args(argv)
+    state_dir: Path = (args.state_dir or default_state_dir()).resolve()
+
+    try:
+        if args.command == "up":
+            cluster = up(state_dir, timeout=args.timeout, progress=_stderr_progress)
+            print(f"# server {cluster.server}; pids {cluster.pids}; logs in {state_dir}", file=sys.stderr)
+            sys.stderr.flush()
+            print(f"export KUBECONFIG={cluster.kubeconfig}", flush=True)
+            return 0
+        if args.command == "down":
+            down(state_dir, progress=_stderr_progress)
+            _stderr_progress(f"stopped; state removed from {state_dir}")
+            return 0
+        running = status(state_dir)
+        if running is None:
+            print(f"not running (state folder {state_dir})")
+            return 1
+        print(f"running: {running.server}")
+        for name, pid in running.pids.items():
+            print(f"  {name}: pid {pid}, log {running.logs[name]}")
+        print(f"export KUBECONFIG={running.kubeconfig}")
+        return 0
+    except ClusterError as err:
+        print(f"[cluster] ERROR: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

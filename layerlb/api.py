@@ -1,0 +1,468 @@
+"""The user-facing API: pydantic models of the `LoadBalancer` and `VIPPool` resources (`layerlb.dev/v1alpha1`).
+
+These models are the single source of the CRD schemas (see `layerlb.crd`) and of per-field validation.
+Rules that relate several fields live in `layerlb.rules`, once in Python and once in CEL, so that the
+CLI, the operator and the API server refuse a bad resource with the same message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GROUP = "layerlb.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# A DNS-1123 label: what Kubernetes accepts as the name of a port, a Service, a listener.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A DNS-1123 subdomain: the name of a Secret.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A host name to route on, optionally a leading wildcard label and a port.
+HOST = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(:[0-9]{1,5})?$"
+# An HTTP header field name (RFC 9110 token).
+HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+# An HTTP path: starts with a slash, no whitespace, no query or fragment.
+HTTP_PATH = r"^/[^\s?#]*$"
+
+# Bounds shared with the CRD: CEL's cost estimator needs every list and string bounded.
+MAX_LISTENERS = 64
+MAX_BACKENDS = 64
+MAX_ENDPOINTS = 1024
+MAX_ROUTES = 256
+MAX_NAME = 63
+MAX_WEIGHT = 256  # HAProxy's bound, tighter than IPVS' 65535, so every render of a Plan is valid.
+
+
+class Mode(StrEnum):
+    """Which layer balances: L4 sees addresses and ports, L7 sees HTTP requests."""
+
+    L4 = "L4"
+    L7 = "L7"
+
+
+class Architecture(StrEnum):
+    """How packets reach backends; which ones a mode allows is in `ARCHITECTURES`."""
+
+    nat = "nat"
+    dsr = "dsr"
+    tunnel = "tunnel"
+    proxy = "proxy"
+    transparent = "transparent"
+
+
+ARCHITECTURES: dict[Mode, tuple[Architecture, ...]] = {
+    Mode.L4: (Architecture.nat, Architecture.dsr, Architecture.tunnel, Architecture.proxy),
+    Mode.L7: (Architecture.proxy, Architecture.transparent),
+}
+KERNEL_ARCHITECTURES = (Architecture.nat, Architecture.dsr, Architecture.tunnel)
+
+
+class Engine(StrEnum):
+    """The kernel facility that forwards packets for the kernel architectures."""
+
+    ipvs = "ipvs"
+    nftables = "nftables"
+
+
+ENGINE_ARCHITECTURES: dict[Engine, tuple[Architecture, ...]] = {
+    Engine.ipvs: (Architecture.nat, Architecture.dsr, Architecture.tunnel),
+    Engine.nftables: (Architecture.nat, Architecture.dsr),
+}
+
+
+class Protocol(StrEnum):
+    """What a listener accepts; which ones a mode allows is in `PROTOCOLS`."""
+
+    TCP = "TCP"
+    UDP = "UDP"
+    HTTP = "HTTP"
+    HTTPS = "HTTPS"
+
+
+PROTOCOLS: dict[Mode, tuple[Protocol, ...]] = {
+    Mode.L4: (Protocol.TCP, Protocol.UDP),
+    Mode.L7: (Protocol.HTTP, Protocol.HTTPS),
+}
+
+
+def transport(protocol: Protocol) -> Literal["TCP", "UDP"]:
+    """The transport a listener binds: HTTP and HTTPS both occupy a TCP port."""
+    return "UDP" if protocol is Protocol.UDP else "TCP"
+
+
+class Algorithm(StrEnum):
+    """How a backend's endpoints share the load."""
+
+    round_robin = "round-robin"
+    least_connections = "least-connections"
+    random_two_choices = "random-two-choices"
+    source_hash = "source-hash"
+    ring_hash = "ring-hash"
+    maglev = "maglev"
+
+
+HASHING_ALGORITHMS = (Algorithm.source_hash, Algorithm.ring_hash, Algorithm.maglev)
+
+
+class HashSource(StrEnum):
+    """What a hashing algorithm hashes: the client address, or (L7) a header or a cookie."""
+
+    SourceIP = "SourceIP"
+    Header = "Header"
+    Cookie = "Cookie"
+
+
+class AffinityType(StrEnum):
+    """Whether a client sticks to one endpoint: by its address, or (L7) by a cookie."""
+
+    None_ = "None"
+    ClientIP = "ClientIP"
+    Cookie = "Cookie"
+
+
+class HealthProtocol(StrEnum):
+    """How an endpoint is probed: a TCP connect, or an HTTP request expecting 2xx/3xx."""
+
+    TCP = "TCP"
+    HTTP = "HTTP"
+
+
+class ProxyProtocolVersion(StrEnum):
+    """The PROXY protocol header sent to a backend: v1 text or v2 binary."""
+
+    v1 = "v1"
+    v2 = "v2"
+
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=DNS_LABEL)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Model(BaseModel):
+    """Base of every API model: unknown fields are errors, and field names are the YAML names."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=False)
+
+
+class TLS(Model):
+    """Where an HTTPS listener's certificate and key come from."""
+
+    secretName: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)] = Field(
+        description="A Secret of type kubernetes.io/tls in the LoadBalancer's namespace (tls.crt, tls.key)."
+    )
+    extraSecretNames: list[Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]] | None = (
+        Field(
+            default=None,
+            max_length=16,
+            description="More certificates; the client's SNI picks the one whose names match, else secretName's.",
+        )
+    )
+
+
+class AcceptProxyProtocol(Model):
+    """Accept a PROXY protocol header (v1 or v2) from clients in these networks only."""
+
+    trustedCIDRs: list[Annotated[str, Field(max_length=43)]] = Field(
+        min_length=1,
+        max_length=64,
+        description="Networks whose connections may (and must) start with a PROXY protocol header.",
+    )
+
+
+class Listener(Model):
+    """A port on the VIP that accepts traffic."""
+
+    name: Name = Field(description="Unique among the listeners; a DNS label.")
+    port: Port = Field(description="Port on the VIP, 1-65535; unique per transport (TCP or UDP).")
+    protocol: Protocol = Field(description="L4: TCP or UDP. L7: HTTP or HTTPS (HTTPS needs tls).")
+    tls: TLS | None = Field(default=None, description="Certificate for an HTTPS listener.")
+    maxConnections: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        default=None, description="Cap on concurrent client connections; beyond it new ones wait in the backlog."
+    )
+    acceptProxyProtocol: AcceptProxyProtocol | None = Field(
+        default=None, description="Read a PROXY protocol header from trusted clients (proxy architectures)."
+    )
+
+
+class ServiceRef(Model):
+    """A Kubernetes Service in the LoadBalancer's namespace, resolved through its EndpointSlices."""
+
+    name: Name = Field(description="Name of the Service.")
+    port: Port = Field(description="The Service port (not the target port).")
+
+
+class Endpoint(Model):
+    """A static backend address."""
+
+    address: Annotated[str, Field(min_length=2, max_length=45)] = Field(description="IPv4 or IPv6 address.")
+    port: Port | None = Field(default=None, description="Defaults to the listener's port.")
+    weight: Annotated[int, Field(ge=0, le=MAX_WEIGHT)] = Field(
+        default=1, description=f"Relative share of new connections, 0-{MAX_WEIGHT}; 0 drains the endpoint."
+    )
+
+
+class HealthCheck(Model):
+    """Active probing of each endpoint; an endpoint is used only while it passes."""
+
+    protocol: HealthProtocol = Field(default=HealthProtocol.TCP, description="TCP connect or HTTP request.")
+    path: Annotated[str, Field(max_length=1024, pattern=HTTP_PATH)] = Field(
+        default="/", description="HTTP only: the path requested; a 2xx or 3xx answer passes."
+    )
+    port: Port | None = Field(default=None, description="Probe this port instead of the endpoint's.")
+    intervalSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(default=5, description="Time between probes.")
+    timeoutSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=1, description="A probe slower than this fails; must be below intervalSeconds."
+    )
+    healthyThreshold: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=2, description="Consecutive passes that bring an endpoint back."
+    )
+    unhealthyThreshold: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=3, description="Consecutive failures that take an endpoint out."
+    )
+
+
+class HashOn(Model):
+    """The key of a hashing algorithm."""
+
+    type: HashSource = Field(default=HashSource.SourceIP, description="SourceIP, or (L7) Header or Cookie.")
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=HEADER_NAME)] | None = Field(
+        default=None, description="The header or cookie name; required for Header and Cookie."
+    )
+
+
+class Backend(Model):
+    """A set of endpoints that share load: a Service's or a static list."""
+
+    name: Name = Field(description="Unique among the backends; routes and defaultBackend name it.")
+    service: ServiceRef | None = Field(default=None, description="Endpoints from this Service (not with endpoints).")
+    endpoints: list[Endpoint] | None = Field(
+        default=None, min_length=1, max_length=MAX_ENDPOINTS, description="Static endpoints (not with service)."
+    )
+    algorithm: Algorithm = Field(default=Algorithm.round_robin, description="How endpoints share the load.")
+    hashOn: HashOn | None = Field(
+        default=None, description="Key for source-hash, ring-hash and maglev; default the client address."
+    )
+    healthCheck: HealthCheck | None = Field(default=None, description="Active health checks of the endpoints.")
+    proxyProtocol: ProxyProtocolVersion | None = Field(
+        default=None, description="Send a PROXY protocol header (v1 or v2) to this backend (proxy architectures)."
+    )
+
+
+class HTTPMethod(StrEnum):
+    """HTTP methods a route can match."""
+
+    GET = "GET"
+    HEAD = "HEAD"
+    POST = "POST"
+    PUT = "PUT"
+    DELETE = "DELETE"
+    PATCH = "PATCH"
+    OPTIONS = "OPTIONS"
+    CONNECT = "CONNECT"
+    TRACE = "TRACE"
+
+
+class RouteMatch(Model):
+    """What a request must look like for a route to take it; every given part must match."""
+
+    hosts: list[Annotated[str, Field(max_length=253, pattern=HOST)]] | None = Field(
+        default=None, max_length=16, description="Host names, optionally *.domain and :port; any of them."
+    )
+    pathPrefix: Annotated[str, Field(max_length=1024, pattern=HTTP_PATH)] | None = Field(
+        default=None, description="Path prefix on segment boundaries: /v1 matches /v1 and /v1/x, not /v10."
+    )
+    path: Annotated[str, Field(max_length=1024, pattern=HTTP_PATH)] | None = Field(
+        default=None, description="Exact path (not with pathPrefix)."
+    )
+    headers: dict[Annotated[str, Field(max_length=256, pattern=HEADER_NAME)], Annotated[str, Field(max_length=4096)]] | None = (
+        Field(default=None, max_length=16, description="Header values that must match exactly; names are case-insensitive.")
+    )
+    methods: list[HTTPMethod] | None = Field(default=None, max_length=9, description="Any of these methods.")
+
+
+class Route(Model):
+    """An L7 rule: requests that match go to the named backend."""
+
+    match: RouteMatch = Field(description="The request's host, path, headers and method to match.")
+    backend: Name = Field(description="The name of a backend of this LoadBalancer.")
+
+
+class SessionAffinity(Model):
+    """Keeps a client on one endpoint."""
+
+    type: AffinityType = Field(default=AffinityType.None_, description="None, ClientIP, or (L7) Cookie.")
+    timeoutSeconds: Annotated[int, Field(ge=1, le=86400)] = Field(
+        default=10800, description="How long a client stays stuck after its last request."
+    )
+    cookieName: Annotated[str, Field(min_length=1, max_length=64, pattern=HEADER_NAME)] = Field(
+        default="layerlb", description="Cookie only: the cookie's name."
+    )
+
+
+class Timeouts(Model):
+    """Time limits of the proxy architectures."""
+
+    connectSeconds: Annotated[float, Field(gt=0, le=300)] = Field(default=5, description="Connect to a backend.")
+    headerSeconds: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=10, description="A client's whole request head; slower clients get 408."
+    )
+    requestSeconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+        default=60, description="A backend's response head; slower backends give 504."
+    )
+    idleSeconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+        default=60, description="An idle client or upstream connection is closed after this."
+    )
+
+
+class Limits(Model):
+    """Size limits of the L7 request parser."""
+
+    maxRequestLineBytes: Annotated[int, Field(ge=256, le=1_048_576)] = Field(
+        default=8192, description="A longer request line gets 414."
+    )
+    maxHeaderBytes: Annotated[int, Field(ge=1024, le=1_048_576)] = Field(
+        default=65536, description="A larger header block gets 431."
+    )
+
+
+class LoadBalancerSpec(Model):
+    """What the user wants: one VIP, its listeners, its backends and how traffic reaches them."""
+
+    mode: Mode = Field(description="L4 balances connections and datagrams; L7 balances HTTP requests.")
+    architecture: Architecture = Field(
+        description=(
+            "How traffic reaches backends. L4 nat: the kernel (IPVS or nftables) rewrites the destination "
+            "and replies return through the LB. L4 dsr: the kernel rewrites the MAC only, backends on the "
+            "same L2 segment own the VIP and reply directly. L4 tunnel: the kernel wraps packets in IP-in-IP, "
+            "backends decapsulate and reply directly. L4 proxy: layerlb's userspace TCP/UDP relay. L7 proxy: "
+            "layerlb's HTTP proxy, two TCP connections. L7 transparent: the HTTP proxy connects to backends "
+            "from the client's own address."
+        )
+    )
+    engine: Engine | None = Field(
+        default=None, description="L4 nat, dsr, tunnel only: ipvs (default) or nftables (nat and dsr)."
+    )
+    vip: Annotated[str, Field(min_length=2, max_length=45)] | None = Field(
+        default=None, description="The virtual IP; allocated from a VIPPool when not given."
+    )
+    vipPool: Name | None = Field(default=None, description="Allocate the VIP from this VIPPool only.")
+    replicas: Annotated[int, Field(ge=1, le=100)] = Field(default=1, description="Forwarding pods for this VIP.")
+    listeners: list[Listener] = Field(min_length=1, max_length=MAX_LISTENERS, description="Ports on the VIP.")
+    backends: list[Backend] = Field(min_length=1, max_length=MAX_BACKENDS, description="Where traffic goes.")
+    defaultBackend: Name | None = Field(
+        default=None, description="The backend for traffic no route takes (L4: required with several backends)."
+    )
+    routes: list[Route] | None = Field(
+        default=None, max_length=MAX_ROUTES, description="L7 only: the most specific matching route wins."
+    )
+    sessionAffinity: SessionAffinity | None = Field(default=None, description="Keeps a client on one endpoint.")
+    timeouts: Timeouts | None = Field(default=None, description="Time limits of the proxy architectures.")
+    limits: Limits | None = Field(default=None, description="Size limits of the L7 request parser.")
+
+
+class Condition(Model):
+    """A Kubernetes API convention condition."""
+
+    type: str = Field(description="Accepted, Programmed or Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="A CamelCase word saying why.")
+    message: str = Field(default="", description="Human-readable details.")
+    observedGeneration: int | None = Field(default=None, description="The generation this condition describes.")
+    lastTransitionTime: str | None = Field(default=None, description="When status last changed (RFC 3339).")
+
+
+class BackendStatus(Model):
+    """How many of a backend's endpoints are ready."""
+
+    name: str = Field(description="The backend's name.")
+    ready: int = Field(description="Endpoints passing health checks.")
+    total: int = Field(description="All endpoints.")
+
+
+class LoadBalancerStatus(Model):
+    """What the operator observed and did."""
+
+    vip: str | None = Field(default=None, description="The VIP in use.")
+    observedGeneration: int | None = Field(default=None, description="The generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Accepted, Programmed, Ready.")
+    backends: list[BackendStatus] = Field(default_factory=list, description="Ready and total endpoints per backend.")
+
+
+class VIPPoolSpec(Model):
+    """Addresses the operator may hand out as VIPs."""
+
+    addresses: list[Annotated[str, Field(min_length=3, max_length=91)]] = Field(
+        min_length=1,
+        max_length=64,
+        description="CIDRs (192.0.2.0/28) or inclusive ranges (192.0.2.10-192.0.2.20) of one family.",
+    )
+    namespaces: list[Name] | None = Field(
+        default=None, max_length=256, description="Namespaces that may draw from this pool; all when absent."
+    )
+    autoAssign: bool = Field(
+        default=True, description="Hand out addresses to LoadBalancers that name no pool; false: only by name."
+    )
+
+
+def address_block(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """Parse a CIDR or an inclusive range into its first address and size; ValueError says why."""
+    if "-" in value:
+        first_text, _, last_text = value.partition("-")
+        try:
+            first = ipaddress.ip_address(first_text.strip())
+            last = ipaddress.ip_address(last_text.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a range such as 192.0.2.10-192.0.2.20") from None
+        if first.version != last.version:
+            raise ValueError(f"{value!r} mixes IPv4 and IPv6")
+        if int(last) < int(first):
+            raise ValueError(f"{value!r} ends before it starts")
+        return first, int(last) - int(first) + 1
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR (192.0.2.0/28) or a range (192.0.2.10-192.0.2.20)") from None
+    return network.network_address, network.num_addresses
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes metadata layerlb reads; the rest is kept but not checked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+    namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class LoadBalancer(Model):
+    """A `LoadBalancer` resource as stored by the API server."""
+
+    apiVersion: Literal["layerlb.dev/v1alpha1"] = API_VERSION
+    kind: Literal["LoadBalancer"] = "LoadBalancer"
+    metadata: ObjectMeta
+    spec: LoadBalancerSpec
+    status: LoadBalancerStatus | None = None
+
+
+class VIPPool(Model):
+    """A cluster-scoped `VIPPool` resource."""
+
+    apiVersion: Literal["layerlb.dev/v1alpha1"] = API_VERSION
+    kind: Literal["VIPPool"] = "VIPPool"
+    metadata: ObjectMeta
+    spec: VIPPoolSpec
+
+
+KINDS: dict[str, type[Model]] = {"LoadBalancer": LoadBalancer, "VIPPool": VIPPool}
+
+
+def describe(value: Any) -> str:
+    """A value as it reads in an error message."""
+    return repr(value) if isinstance(value, str) else str(value)

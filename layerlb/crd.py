@@ -1,0 +1,184 @@
+"""CustomResourceDefinitions generated from the API models and the CEL rules: the single source of `crds/`.
+
+pydantic emits JSON Schema 2020-12; Kubernetes wants a structural OpenAPI v3.0 schema (no `$ref`, no
+`anyOf` for optional fields, boolean `exclusiveMinimum`), so the schema is rewritten here and the CEL
+rules of `layerlb.rules` are attached at their scopes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from layerlb import api, rules
+
+_DROP = {"title", "propertyNames", "discriminator"}
+
+
+def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Inline `$ref`s, collapse `Optional` unions and translate keywords to OpenAPI v3.0."""
+    if "$ref" in schema:
+        target = _resolve(defs[schema["$ref"].split("/")[-1]], defs)
+        extra = {k: v for k, v in schema.items() if k != "$ref"}
+        return {**target, **_resolve(extra, defs)} if extra else target
+    if "allOf" in schema and len(schema["allOf"]) == 1:
+        inner = _resolve(schema["allOf"][0], defs)
+        extra = {k: v for k, v in schema.items() if k != "allOf"}
+        return {**inner, **_resolve(extra, defs)}
+    if "anyOf" in schema:
+        variants = [v for v in schema["anyOf"] if v.get("type") != "null"]
+        if len(variants) != 1:
+            raise ValueError(f"cannot express a union in a structural schema: {schema}")
+        inner = _resolve(variants[0], defs)
+        extra = {k: v for k, v in schema.items() if k != "anyOf" and not (k == "default" and v is None)}
+        return {**inner, **_resolve(extra, defs)}
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DROP or (key == "default" and value is None):
+            continue
+        if key == "properties":
+            out[key] = {name: _resolve(sub, defs) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = _resolve(value, defs)
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        elif key == "const":
+            out["enum"] = [value]
+        else:
+            out[key] = value
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    if "properties" in out:
+        out["type"] = "object"
+        out.pop("additionalProperties", None)
+    return out
+
+
+def _strip_status_defaults(schema: dict[str, Any]) -> None:
+    # The operator owns status; defaults there would only make the API server invent values.
+    schema.pop("default", None)
+    for sub in schema.get("properties", {}).values():
+        _strip_status_defaults(sub)
+    if isinstance(schema.get("items"), dict):
+        _strip_status_defaults(schema["items"])
+
+
+def _at(schema: dict[str, Any], scope: str) -> dict[str, Any]:
+    """The sub-schema at a rule scope such as `spec.backends[*].healthCheck`."""
+    node = schema
+    for part in scope.split("."):
+        node = node["properties"][part.removesuffix("[*]")]
+        if part.endswith("[*]"):
+            node = node["items"]
+    return node
+
+
+def _attach_rules(schema: dict[str, Any], kind: str) -> None:
+    for rule in rules.rules_for(kind):
+        if not rule.cel:
+            continue
+        entry: dict[str, Any] = {"rule": rule.cel, "messageExpression": rule.message}
+        if rule.field:
+            entry["fieldPath"] = rule.field
+        _at(schema, rule.scope).setdefault("x-kubernetes-validations", []).append(entry)
+
+
+def _structural(model: type[api.Model]) -> dict[str, Any]:
+    raw = model.model_json_schema(mode="validation", ref_template="#/$defs/{model}")
+    defs = raw.pop("$defs", {})
+    return _resolve(raw, defs)
+
+
+def open_api_schema(model: type[api.Model], kind: str) -> dict[str, Any]:
+    """The `openAPIV3Schema` of one kind."""
+    spec_model = model.model_fields["spec"].annotation
+    assert isinstance(spec_model, type) and issubclass(spec_model, api.Model)
+    spec = _structural(spec_model)
+    properties: dict[str, Any] = {
+        "apiVersion": {"type": "string", "description": "layerlb.dev/v1alpha1"},
+        "kind": {"type": "string", "description": kind},
+        "metadata": {"type": "object"},
+        "spec": spec,
+    }
+    if "status" in model.model_fields:
+        status = _structural(api.LoadBalancerStatus)
+        _strip_status_defaults(status)
+        status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
+        status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
+        properties["status"] = status
+    schema = {
+        "type": "object",
+        "description": (model.__doc__ or "").strip(),
+        "properties": properties,
+        "required": ["spec"],
+    }
+    _attach_rules(schema, kind)
+    return schema
+
+
+_LB_COLUMNS = [
+    {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
+    {"name": "Architecture", "type": "string", "jsonPath": ".spec.architecture"},
+    {"name": "VIP", "type": "string", "jsonPath": ".status.vip"},
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+_POOL_COLUMNS = [
+    {"name": "Addresses", "type": "string", "jsonPath": ".spec.addresses"},
+    {"name": "AutoAssign", "type": "boolean", "jsonPath": ".spec.autoAssign"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def definition(kind: str) -> dict[str, Any]:
+    """The CustomResourceDefinition of `LoadBalancer` or `VIPPool`."""
+    lb = kind == "LoadBalancer"
+    plural = "loadbalancers" if lb else "vippools"
+    version: dict[str, Any] = {
+        "name": api.VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": open_api_schema(api.KINDS[kind], kind)},
+        "additionalPrinterColumns": _LB_COLUMNS if lb else _POOL_COLUMNS,
+    }
+    if lb:
+        version["subresources"] = {"status": {}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced" if lb else "Cluster",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": ["llb"] if lb else ["vipp"],
+                "categories": ["layerlb"],
+            },
+            "versions": [version],
+        },
+    }
+
+
+def files() -> dict[str, str]:
+    """The contents of `crds/`: file name → YAML text."""
+    return {
+        f"{api.GROUP}_{'loadbalancers' if kind == 'LoadBalancer' else 'vippools'}.yaml": render(kind)
+        for kind in api.KINDS
+    }
+
+
+def render(kind: str) -> str:
+    """One CRD as YAML, stable across runs so that a stale `crds/` shows as a diff."""
+    header = "# Generated by `layerlb crd` from layerlb/api.py and layerlb/rules.py; do not edit.\n"
+    return header + yaml.safe_dump(definition(kind), sort_keys=False, width=120)
+
+
+def render_all() -> str:
+    """Every CRD, as one multi-document YAML stream."""
+    return "---\n".join(render(kind) for kind in api.KINDS)

@@ -1,0 +1,484 @@
+"""The validation rules that relate fields, each written once in CEL (for the API server) and once in Python.
+
+Each `Rule` sits at a `scope` in the resource (a path; `[*]` means every item of a list), fails with the
+same message in both languages, and reports at `scope + field`. The CRD generator copies the CEL into
+`x-kubernetes-validations`; `layerlb.validation` runs the Python. A test applies every invalid example to
+a real API server and compares its messages with ours, so the two halves cannot drift apart.
+
+The API server cannot name a list index in a rule's field path, so rules that look across list items
+sit on the list or on `spec` and name the offending item in their message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from layerlb.api import (
+    ARCHITECTURES,
+    PROTOCOLS,
+    Architecture,
+    Backend,
+    Endpoint,
+    HashOn,
+    HealthCheck,
+    Listener,
+    LoadBalancerSpec,
+    Mode,
+    Protocol,
+    RouteMatch,
+    address_block,
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule: where it applies, its CEL, its CEL message, and the same check in Python."""
+
+    kind: str
+    scope: str
+    field: str
+    cel: str
+    message: str  # a CEL messageExpression
+    check: Callable[[Any], str | None]
+
+
+def _join(values: Iterable[object]) -> str:
+    return ", ".join(str(value) for value in values)
+
+
+def _first_repeated(values: list[Any]) -> Any | None:
+    return next((value for value in values if values.count(value) > 1), None)
+
+
+def _in_cel(values: Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{value}'" for value in values) + "]"
+
+
+L4_ARCHS = _in_cel(ARCHITECTURES[Mode.L4])
+L7_ARCHS = _in_cel(ARCHITECTURES[Mode.L7])
+L4_PROTOCOLS = _in_cel(PROTOCOLS[Mode.L4])
+L7_PROTOCOLS = _in_cel(PROTOCOLS[Mode.L7])
+KERNEL = "['nat', 'dsr', 'tunnel']"
+PROXIES = "['proxy', 'transparent']"
+NFT_ALGORITHMS = ("round-robin", "source-hash")
+
+
+def _is_kernel(spec: LoadBalancerSpec) -> bool:
+    return spec.mode is Mode.L4 and spec.architecture in ("nat", "dsr", "tunnel")
+
+
+def _is_proxy(spec: LoadBalancerSpec) -> bool:
+    return spec.architecture in ("proxy", "transparent")
+
+
+# --- spec -------------------------------------------------------------------------------------------
+
+
+def _architecture(spec: LoadBalancerSpec) -> str | None:
+    valid = ARCHITECTURES[spec.mode]
+    if spec.architecture in valid:
+        return None
+    return f"architecture {spec.architecture} is not available in mode {spec.mode}; valid: {_join(valid)}"
+
+
+def _engine_applies(spec: LoadBalancerSpec) -> str | None:
+    if spec.engine is None or _is_kernel(spec):
+        return None
+    return (
+        f"engine applies only to L4 nat, dsr and tunnel, not to {spec.mode} {spec.architecture}; remove it"
+    )
+
+
+def _engine_can(spec: LoadBalancerSpec) -> str | None:
+    if spec.engine == "nftables" and spec.architecture is Architecture.tunnel:
+        return "engine nftables cannot do architecture tunnel (IP-in-IP); use engine ipvs, or architecture nat or dsr"
+    return None
+
+
+def _listener_protocols(spec: LoadBalancerSpec) -> str | None:
+    valid = PROTOCOLS[spec.mode]
+    bad = [f"{listener.name}={listener.protocol}" for listener in spec.listeners if listener.protocol not in valid]
+    if not bad:
+        return None
+    return f"listener protocol not available in mode {spec.mode} (valid: {_join(valid)}): {_join(bad)}"
+
+
+def _routes_l7(spec: LoadBalancerSpec) -> str | None:
+    if spec.routes is None or spec.mode is Mode.L7:
+        return None
+    return "routes apply only to mode L7; an L4 LoadBalancer sends everything to its one backend or defaultBackend"
+
+
+def _route_backends(spec: LoadBalancerSpec) -> str | None:
+    names = [backend.name for backend in spec.backends]
+    missing = [route.backend for route in spec.routes or [] if route.backend not in names]
+    if not missing:
+        return None
+    return f"route backend {missing[0]} is not declared in backends; declared: {_join(names)}"
+
+
+def _default_backend(spec: LoadBalancerSpec) -> str | None:
+    names = [backend.name for backend in spec.backends]
+    if spec.defaultBackend is None or spec.defaultBackend in names:
+        return None
+    return f"defaultBackend {spec.defaultBackend} is not declared in backends; declared: {_join(names)}"
+
+
+def _l4_backend(spec: LoadBalancerSpec) -> str | None:
+    if spec.mode is not Mode.L4 or len(spec.backends) == 1 or spec.defaultBackend is not None:
+        return None
+    names = [backend.name for backend in spec.backends]
+    return f"mode L4 with several backends needs defaultBackend to name the one that serves; declared: {_join(names)}"
+
+
+def _l7_target(spec: LoadBalancerSpec) -> str | None:
+    if spec.mode is not Mode.L7 or spec.defaultBackend is not None or spec.routes:
+        return None
+    return "mode L7 needs routes or a defaultBackend; without either every request would get 404"
+
+
+def _cookie_affinity(spec: LoadBalancerSpec) -> str | None:
+    affinity = spec.sessionAffinity
+    if affinity is None or affinity.type != "Cookie" or spec.mode is Mode.L7:
+        return None
+    return "sessionAffinity Cookie needs mode L7; use ClientIP in mode L4"
+
+
+def _proxy_protocol_backends(spec: LoadBalancerSpec) -> str | None:
+    bad = [backend.name for backend in spec.backends if backend.proxyProtocol is not None]
+    if not bad or _is_proxy(spec):
+        return None
+    return (
+        f"proxyProtocol needs architecture proxy or transparent (the kernel cannot write the header): {_join(bad)}"
+    )
+
+
+def _proxy_listeners(spec: LoadBalancerSpec) -> str | None:
+    bad = [
+        listener.name
+        for listener in spec.listeners
+        if listener.acceptProxyProtocol is not None or listener.maxConnections is not None
+    ]
+    if not bad or _is_proxy(spec):
+        return None
+    return f"acceptProxyProtocol and maxConnections need architecture proxy or transparent: {_join(bad)}"
+
+
+def _proxy_settings(spec: LoadBalancerSpec) -> str | None:
+    if spec.timeouts is None or _is_proxy(spec):
+        return None
+    return f"timeouts apply only to architectures proxy and transparent, not to {spec.architecture}"
+
+
+def _limits_l7(spec: LoadBalancerSpec) -> str | None:
+    if spec.limits is None or spec.mode is Mode.L7:
+        return None
+    return "limits apply only to mode L7 (they bound the HTTP request parser)"
+
+
+def _fixed_ports(spec: LoadBalancerSpec) -> str | None:
+    if spec.architecture not in ("dsr", "tunnel"):
+        return None
+    bad = [
+        f"{backend.name}/{endpoint.address}"
+        for backend in spec.backends
+        for endpoint in backend.endpoints or []
+        if endpoint.port is not None
+    ]
+    if not bad:
+        return None
+    return (
+        f"{spec.architecture} cannot change the destination port, endpoints take the listener's port; "
+        f"remove port from: {_join(bad)}"
+    )
+
+
+def _hash_keys(spec: LoadBalancerSpec) -> str | None:
+    if spec.mode is Mode.L7:
+        return None
+    bad = [b.name for b in spec.backends if b.hashOn is not None and b.hashOn.type != "SourceIP"]
+    if not bad:
+        return None
+    return f"hashOn Header and Cookie need mode L7; mode L4 hashes on SourceIP: {_join(bad)}"
+
+
+def _nftables_algorithms(spec: LoadBalancerSpec) -> str | None:
+    if spec.engine != "nftables":
+        return None
+    bad = [f"{b.name}={b.algorithm}" for b in spec.backends if b.algorithm not in NFT_ALGORITHMS]
+    if not bad:
+        return None
+    return f"engine nftables can do algorithm round-robin or source-hash only; use engine ipvs for: {_join(bad)}"
+
+
+def _nftables_affinity(spec: LoadBalancerSpec) -> str | None:
+    affinity = spec.sessionAffinity
+    if spec.engine != "nftables" or affinity is None or affinity.type != "ClientIP":
+        return None
+    return "engine nftables cannot do sessionAffinity ClientIP; use algorithm source-hash or engine ipvs"
+
+
+# --- lists and items ----------------------------------------------------------------------------------
+
+
+def _listener_names(listeners: list[Listener]) -> str | None:
+    repeated = _first_repeated([listener.name for listener in listeners])
+    return None if repeated is None else f"listener names must be unique; repeated: {repeated}"
+
+
+def _listener_ports(listeners: list[Listener]) -> str | None:
+    keys = [(listener.port, listener.protocol == Protocol.UDP) for listener in listeners]
+    repeated = _first_repeated(keys)
+    if repeated is None:
+        return None
+    return f"listener ports must be unique per transport (TCP or UDP); repeated: {repeated[0]}"
+
+
+def _listener_tls(listener: Listener) -> str | None:
+    if listener.protocol is Protocol.HTTPS:
+        return None if listener.tls is not None else "protocol HTTPS requires tls.secretName"
+    return None if listener.tls is None else f"tls applies only to protocol HTTPS, not {listener.protocol}"
+
+
+def _backend_names(backends: list[Backend]) -> str | None:
+    repeated = _first_repeated([backend.name for backend in backends])
+    return None if repeated is None else f"backend names must be unique; repeated: {repeated}"
+
+
+def _backend_source(backend: Backend) -> str | None:
+    if (backend.service is None) != (backend.endpoints is None):
+        return None
+    return "exactly one of service or endpoints is required"
+
+
+def _hash_on_algorithm(backend: Backend) -> str | None:
+    if backend.hashOn is None or backend.algorithm in ("source-hash", "ring-hash", "maglev"):
+        return None
+    return f"hashOn needs algorithm source-hash, ring-hash or maglev, not {backend.algorithm}"
+
+
+def _hash_on_name(hash_on: HashOn) -> str | None:
+    if hash_on.type == "SourceIP":
+        return None if hash_on.name is None else "name applies only to types Header and Cookie"
+    return None if hash_on.name is not None else f"type {hash_on.type} requires name"
+
+
+def _health_timeout(check: HealthCheck) -> str | None:
+    if check.timeoutSeconds < check.intervalSeconds:
+        return None
+    return f"timeoutSeconds ({check.timeoutSeconds}) must be below intervalSeconds ({check.intervalSeconds})"
+
+
+def _health_path(check: HealthCheck) -> str | None:
+    return None if check.protocol == "HTTP" or check.path == "/" else "path applies only to protocol HTTP"
+
+
+def _match_path(match: RouteMatch) -> str | None:
+    if match.path is not None and match.pathPrefix is not None:
+        return "path and pathPrefix exclude each other; give one"
+    return None
+
+
+def _ip(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"'{value}' is not an IPv4 or IPv6 address"
+    return None
+
+
+def _cidr(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"'{value}' is not a CIDR such as 10.0.0.0/8"
+    return None
+
+
+def _pool_block(value: str) -> str | None:
+    try:
+        address_block(value)
+    except ValueError as error:
+        if "ends before it starts" in str(error):
+            return None  # `_pool_order` says so; the API server cannot order addresses
+        return f"'{value}' is not a CIDR (192.0.2.0/28) or a range (192.0.2.10-192.0.2.20)"
+    return None
+
+
+def _pool_order(value: str) -> str | None:
+    try:
+        address_block(value)
+    except ValueError as error:
+        return str(error) if "ends before it starts" in str(error) else None
+    return None
+
+
+def _endpoint_ip(endpoint: Endpoint) -> str | None:
+    return _ip(endpoint.address)
+
+
+LB = "LoadBalancer"
+IP_MESSAGE = "\"'\" + self + \"' is not an IPv4 or IPv6 address\""
+
+RULES: tuple[Rule, ...] = (
+    Rule(LB, "spec", ".architecture",
+         f"self.mode == 'L4' ? self.architecture in {L4_ARCHS} : self.architecture in {L7_ARCHS}",
+         "'architecture ' + self.architecture + ' is not available in mode ' + self.mode + '; valid: ' + "
+         "(self.mode == 'L4' ? 'nat, dsr, tunnel, proxy' : 'proxy, transparent')",
+         _architecture),
+    Rule(LB, "spec", ".engine",
+         f"!has(self.engine) || (self.mode == 'L4' && self.architecture in {KERNEL})",
+         "'engine applies only to L4 nat, dsr and tunnel, not to ' + self.mode + ' ' + self.architecture"
+         " + '; remove it'",
+         _engine_applies),
+    Rule(LB, "spec", ".engine",
+         "!has(self.engine) || self.engine != 'nftables' || self.architecture != 'tunnel'",
+         "'engine nftables cannot do architecture tunnel (IP-in-IP); use engine ipvs, or architecture nat or dsr'",
+         _engine_can),
+    Rule(LB, "spec", ".listeners",
+         f"self.listeners.all(l, l.protocol in (self.mode == 'L4' ? {L4_PROTOCOLS} : {L7_PROTOCOLS}))",
+         "'listener protocol not available in mode ' + self.mode + ' (valid: ' + "
+         "(self.mode == 'L4' ? 'TCP, UDP' : 'HTTP, HTTPS') + '): ' + "
+         f"self.listeners.filter(l, !(l.protocol in (self.mode == 'L4' ? {L4_PROTOCOLS} : {L7_PROTOCOLS})))"
+         ".map(l, l.name + '=' + l.protocol).join(', ')",
+         _listener_protocols),
+    Rule(LB, "spec", ".routes",
+         "!has(self.routes) || self.mode == 'L7'",
+         "'routes apply only to mode L7; an L4 LoadBalancer sends everything to its one backend or defaultBackend'",
+         _routes_l7),
+    Rule(LB, "spec", ".routes",
+         "!has(self.routes) || self.routes.all(r, self.backends.exists(b, b.name == r.backend))",
+         "'route backend ' + self.routes.filter(r, !self.backends.exists(b, b.name == r.backend))[0].backend"
+         " + ' is not declared in backends; declared: ' + self.backends.map(b, b.name).join(', ')",
+         _route_backends),
+    Rule(LB, "spec", ".defaultBackend",
+         "!has(self.defaultBackend) || self.backends.exists(b, b.name == self.defaultBackend)",
+         "'defaultBackend ' + self.defaultBackend + ' is not declared in backends; declared: ' + "
+         "self.backends.map(b, b.name).join(', ')",
+         _default_backend),
+    Rule(LB, "spec", ".defaultBackend",
+         "self.mode != 'L4' || self.backends.size() == 1 || has(self.defaultBackend)",
+         "'mode L4 with several backends needs defaultBackend to name the one that serves; declared: ' + "
+         "self.backends.map(b, b.name).join(', ')",
+         _l4_backend),
+    Rule(LB, "spec", ".defaultBackend",
+         "self.mode != 'L7' || has(self.defaultBackend) || (has(self.routes) && self.routes.size() > 0)",
+         "'mode L7 needs routes or a defaultBackend; without either every request would get 404'",
+         _l7_target),
+    Rule(LB, "spec", ".sessionAffinity",
+         "!has(self.sessionAffinity) || self.sessionAffinity.type != 'Cookie' || self.mode == 'L7'",
+         "'sessionAffinity Cookie needs mode L7; use ClientIP in mode L4'",
+         _cookie_affinity),
+    Rule(LB, "spec", ".backends",
+         f"self.architecture in {PROXIES} || self.backends.all(b, !has(b.proxyProtocol))",
+         "'proxyProtocol needs architecture proxy or transparent (the kernel cannot write the header): ' + "
+         "self.backends.filter(b, has(b.proxyProtocol)).map(b, b.name).join(', ')",
+         _proxy_protocol_backends),
+    Rule(LB, "spec", ".listeners",
+         f"self.architecture in {PROXIES} || "
+         "self.listeners.all(l, !has(l.acceptProxyProtocol) && !has(l.maxConnections))",
+         "'acceptProxyProtocol and maxConnections need architecture proxy or transparent: ' + "
+         "self.listeners.filter(l, has(l.acceptProxyProtocol) || has(l.maxConnections)).map(l, l.name).join(', ')",
+         _proxy_listeners),
+    Rule(LB, "spec", ".timeouts",
+         f"!has(self.timeouts) || self.architecture in {PROXIES}",
+         "'timeouts apply only to architectures proxy and transparent, not to ' + self.architecture",
+         _proxy_settings),
+    Rule(LB, "spec", ".limits",
+         "!has(self.limits) || self.mode == 'L7'",
+         "'limits apply only to mode L7 (they bound the HTTP request parser)'",
+         _limits_l7),
+    Rule(LB, "spec", ".backends",
+         "!(self.architecture in ['dsr', 'tunnel']) || "
+         "self.backends.all(b, !has(b.endpoints) || b.endpoints.all(e, !has(e.port)))",
+         "self.architecture + ' cannot change the destination port, endpoints take the listener\\'s port; "
+         "remove port from: ' + self.backends.filter(b, has(b.endpoints)).map(b, "
+         "b.endpoints.filter(e, has(e.port)).map(e, b.name + '/' + e.address)).filter(l, l.size() > 0)"
+         ".map(l, l.join(', ')).join(', ')",
+         _fixed_ports),
+    Rule(LB, "spec", ".backends",
+         "self.mode == 'L7' || self.backends.all(b, !has(b.hashOn) || b.hashOn.type == 'SourceIP')",
+         "'hashOn Header and Cookie need mode L7; mode L4 hashes on SourceIP: ' + "
+         "self.backends.filter(b, has(b.hashOn) && b.hashOn.type != 'SourceIP').map(b, b.name).join(', ')",
+         _hash_keys),
+    Rule(LB, "spec", ".backends",
+         "!has(self.engine) || self.engine != 'nftables' || "
+         f"self.backends.all(b, b.algorithm in {_in_cel(NFT_ALGORITHMS)})",
+         "'engine nftables can do algorithm round-robin or source-hash only; use engine ipvs for: ' + "
+         f"self.backends.filter(b, !(b.algorithm in {_in_cel(NFT_ALGORITHMS)}))"
+         ".map(b, b.name + '=' + b.algorithm).join(', ')",
+         _nftables_algorithms),
+    Rule(LB, "spec", ".sessionAffinity",
+         "!has(self.engine) || self.engine != 'nftables' || !has(self.sessionAffinity) || "
+         "self.sessionAffinity.type != 'ClientIP'",
+         "'engine nftables cannot do sessionAffinity ClientIP; use algorithm source-hash or engine ipvs'",
+         _nftables_affinity),
+    Rule(LB, "spec.vip", "",
+         "isIP(self)", IP_MESSAGE,
+         _ip),
+    Rule(LB, "spec.listeners", "",
+         "self.all(l, self.exists_one(m, m.name == l.name))",
+         "'listener names must be unique; repeated: ' + self.filter(l, !self.exists_one(m, m.name == l.name))[0].name",
+         _listener_names),
+    Rule(LB, "spec.listeners", "",
+         "self.all(l, self.exists_one(m, m.port == l.port && (m.protocol == 'UDP') == (l.protocol == 'UDP')))",
+         "'listener ports must be unique per transport (TCP or UDP); repeated: ' + string(self.filter(l, "
+         "!self.exists_one(m, m.port == l.port && (m.protocol == 'UDP') == (l.protocol == 'UDP')))[0].port)",
+         _listener_ports),
+    Rule(LB, "spec.listeners[*]", ".tls",
+         "self.protocol == 'HTTPS' ? has(self.tls) : !has(self.tls)",
+         "self.protocol == 'HTTPS' ? 'protocol HTTPS requires tls.secretName' : "
+         "'tls applies only to protocol HTTPS, not ' + self.protocol",
+         _listener_tls),
+    Rule(LB, "spec.listeners[*].acceptProxyProtocol.trustedCIDRs[*]", "",
+         "isCIDR(self)", "\"'\" + self + \"' is not a CIDR such as 10.0.0.0/8\"",
+         _cidr),
+    Rule(LB, "spec.backends", "",
+         "self.all(b, self.exists_one(c, c.name == b.name))",
+         "'backend names must be unique; repeated: ' + self.filter(b, !self.exists_one(c, c.name == b.name))[0].name",
+         _backend_names),
+    Rule(LB, "spec.backends[*]", "",
+         "has(self.service) != has(self.endpoints)",
+         "'exactly one of service or endpoints is required'",
+         _backend_source),
+    Rule(LB, "spec.backends[*]", ".hashOn",
+         "!has(self.hashOn) || self.algorithm in ['source-hash', 'ring-hash', 'maglev']",
+         "'hashOn needs algorithm source-hash, ring-hash or maglev, not ' + self.algorithm",
+         _hash_on_algorithm),
+    Rule(LB, "spec.backends[*].hashOn", ".name",
+         "self.type == 'SourceIP' ? !has(self.name) : has(self.name)",
+         "self.type == 'SourceIP' ? 'name applies only to types Header and Cookie' : "
+         "'type ' + self.type + ' requires name'",
+         _hash_on_name),
+    Rule(LB, "spec.backends[*].endpoints[*]", ".address",
+         "isIP(self.address)", "\"'\" + self.address + \"' is not an IPv4 or IPv6 address\"",
+         _endpoint_ip),
+    Rule(LB, "spec.backends[*].healthCheck", ".timeoutSeconds",
+         "self.timeoutSeconds < self.intervalSeconds",
+         "'timeoutSeconds (' + string(self.timeoutSeconds) + ') must be below intervalSeconds (' + "
+         "string(self.intervalSeconds) + ')'",
+         _health_timeout),
+    Rule(LB, "spec.backends[*].healthCheck", ".path",
+         "self.protocol == 'HTTP' || self.path == '/'",
+         "'path applies only to protocol HTTP'",
+         _health_path),
+    Rule(LB, "spec.routes[*].match", "",
+         "!(has(self.path) && has(self.pathPrefix))",
+         "'path and pathPrefix exclude each other; give one'",
+         _match_path),
+    Rule("VIPPool", "spec.addresses[*]", "",
+         "isCIDR(self) || (self.split('-').size() == 2 && isIP(self.split('-')[0]) && isIP(self.split('-')[1]) "
+         "&& ip(self.split('-')[0]).family() == ip(self.split('-')[1]).family())",
+         "\"'\" + self + \"' is not a CIDR (192.0.2.0/28) or a range (192.0.2.10-192.0.2.20)\"",
+         _pool_block),
+    # Python only (empty CEL): CEL's IP library cannot compare addresses, so the operator reports it.
+    Rule("VIPPool", "spec.addresses[*]", "", "", "", _pool_order),
+)
+
+
+def rules_for(kind: str) -> list[Rule]:
+    """The rules of one kind, in the order they are reported."""
+    return [rule for rule in RULES if rule.kind == kind]

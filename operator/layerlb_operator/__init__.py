@@ -1,0 +1,1 @@
+"""The control plane: kopf handlers at the edge, resolution of cluster state into Plans, status."""
