@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 GROUP = "layerlb.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+API_VERSION: Final = "layerlb.dev/v1alpha1"
 
 # A DNS-1123 label: what Kubernetes accepts as the name of a port, a Service, a listener.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -154,12 +154,12 @@ class TLS(Model):
     secretName: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)] = Field(
         description="A Secret of type kubernetes.io/tls in the LoadBalancer's namespace (tls.crt, tls.key)."
     )
-    extraSecretNames: list[Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]] | None = (
-        Field(
-            default=None,
-            max_length=16,
-            description="More certificates; the client's SNI picks the one whose names match, else secretName's.",
-        )
+    extraSecretNames: (
+        list[Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]] | None
+    ) = Field(
+        default=None,
+        max_length=16,
+        description="More certificates; the client's SNI picks the one whose names match, else secretName's.",
     )
 
 
@@ -181,7 +181,8 @@ class Listener(Model):
     protocol: Protocol = Field(description="L4: TCP or UDP. L7: HTTP or HTTPS (HTTPS needs tls).")
     tls: TLS | None = Field(default=None, description="Certificate for an HTTPS listener.")
     maxConnections: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
-        default=None, description="Cap on concurrent client connections; beyond it new ones wait in the backlog."
+        default=None,
+        description="Cap on concurrent client connections; beyond it new ones wait in the backlog.",
     )
     acceptProxyProtocol: AcceptProxyProtocol | None = Field(
         default=None, description="Read a PROXY protocol header from trusted clients (proxy architectures)."
@@ -213,7 +214,9 @@ class HealthCheck(Model):
         default="/", description="HTTP only: the path requested; a 2xx or 3xx answer passes."
     )
     port: Port | None = Field(default=None, description="Probe this port instead of the endpoint's.")
-    intervalSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(default=5, description="Time between probes.")
+    intervalSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=5, description="Time between probes."
+    )
     timeoutSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(
         default=1, description="A probe slower than this fails; must be below intervalSeconds."
     )
@@ -238,17 +241,25 @@ class Backend(Model):
     """A set of endpoints that share load: a Service's or a static list."""
 
     name: Name = Field(description="Unique among the backends; routes and defaultBackend name it.")
-    service: ServiceRef | None = Field(default=None, description="Endpoints from this Service (not with endpoints).")
+    service: ServiceRef | None = Field(
+        default=None, description="Endpoints from this Service (not with endpoints)."
+    )
     endpoints: list[Endpoint] | None = Field(
-        default=None, min_length=1, max_length=MAX_ENDPOINTS, description="Static endpoints (not with service)."
+        default=None,
+        min_length=1,
+        max_length=MAX_ENDPOINTS,
+        description="Static endpoints (not with service).",
     )
     algorithm: Algorithm = Field(default=Algorithm.round_robin, description="How endpoints share the load.")
     hashOn: HashOn | None = Field(
         default=None, description="Key for source-hash, ring-hash and maglev; default the client address."
     )
-    healthCheck: HealthCheck | None = Field(default=None, description="Active health checks of the endpoints.")
+    healthCheck: HealthCheck | None = Field(
+        default=None, description="Active health checks of the endpoints."
+    )
     proxyProtocol: ProxyProtocolVersion | None = Field(
-        default=None, description="Send a PROXY protocol header (v1 or v2) to this backend (proxy architectures)."
+        default=None,
+        description="Send a PROXY protocol header (v1 or v2) to this backend (proxy architectures).",
     )
 
 
@@ -278,8 +289,15 @@ class RouteMatch(Model):
     path: Annotated[str, Field(max_length=1024, pattern=HTTP_PATH)] | None = Field(
         default=None, description="Exact path (not with pathPrefix)."
     )
-    headers: dict[Annotated[str, Field(max_length=256, pattern=HEADER_NAME)], Annotated[str, Field(max_length=4096)]] | None = (
-        Field(default=None, max_length=16, description="Header values that must match exactly; names are case-insensitive.")
+    headers: (
+        dict[
+            Annotated[str, Field(max_length=256, pattern=HEADER_NAME)], Annotated[str, Field(max_length=4096)]
+        ]
+        | None
+    ) = Field(
+        default=None,
+        max_length=16,
+        description="Header values that must match exactly; names are case-insensitive.",
     )
     methods: list[HTTPMethod] | None = Field(default=None, max_length=9, description="Any of these methods.")
 
@@ -306,7 +324,9 @@ class SessionAffinity(Model):
 class Timeouts(Model):
     """Time limits of the proxy architectures."""
 
-    connectSeconds: Annotated[float, Field(gt=0, le=300)] = Field(default=5, description="Connect to a backend.")
+    connectSeconds: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=5, description="Connect to a backend."
+    )
     headerSeconds: Annotated[float, Field(gt=0, le=300)] = Field(
         default=10, description="A client's whole request head; slower clients get 408."
     )
@@ -350,16 +370,21 @@ class LoadBalancerSpec(Model):
         default=None, description="The virtual IP; allocated from a VIPPool when not given."
     )
     vipPool: Name | None = Field(default=None, description="Allocate the VIP from this VIPPool only.")
-    replicas: Annotated[int, Field(ge=1, le=100)] = Field(default=1, description="Forwarding pods for this VIP.")
+    replicas: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=1, description="Forwarding pods for this VIP."
+    )
     listeners: list[Listener] = Field(min_length=1, max_length=MAX_LISTENERS, description="Ports on the VIP.")
     backends: list[Backend] = Field(min_length=1, max_length=MAX_BACKENDS, description="Where traffic goes.")
     defaultBackend: Name | None = Field(
-        default=None, description="The backend for traffic no route takes (L4: required with several backends)."
+        default=None,
+        description="The backend for traffic no route takes (L4: required with several backends).",
     )
     routes: list[Route] | None = Field(
         default=None, max_length=MAX_ROUTES, description="L7 only: the most specific matching route wins."
     )
-    sessionAffinity: SessionAffinity | None = Field(default=None, description="Keeps a client on one endpoint.")
+    sessionAffinity: SessionAffinity | None = Field(
+        default=None, description="Keeps a client on one endpoint."
+    )
     timeouts: Timeouts | None = Field(default=None, description="Time limits of the proxy architectures.")
     limits: Limits | None = Field(default=None, description="Size limits of the L7 request parser.")
 
@@ -371,7 +396,9 @@ class Condition(Model):
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="A CamelCase word saying why.")
     message: str = Field(default="", description="Human-readable details.")
-    observedGeneration: int | None = Field(default=None, description="The generation this condition describes.")
+    observedGeneration: int | None = Field(
+        default=None, description="The generation this condition describes."
+    )
     lastTransitionTime: str | None = Field(default=None, description="When status last changed (RFC 3339).")
 
 
@@ -389,7 +416,9 @@ class LoadBalancerStatus(Model):
     vip: str | None = Field(default=None, description="The VIP in use.")
     observedGeneration: int | None = Field(default=None, description="The generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Accepted, Programmed, Ready.")
-    backends: list[BackendStatus] = Field(default_factory=list, description="Ready and total endpoints per backend.")
+    backends: list[BackendStatus] = Field(
+        default_factory=list, description="Ready and total endpoints per backend."
+    )
 
 
 class VIPPoolSpec(Model):
@@ -404,7 +433,8 @@ class VIPPoolSpec(Model):
         default=None, max_length=256, description="Namespaces that may draw from this pool; all when absent."
     )
     autoAssign: bool = Field(
-        default=True, description="Hand out addresses to LoadBalancers that name no pool; false: only by name."
+        default=True,
+        description="Hand out addresses to LoadBalancers that name no pool; false: only by name.",
     )
 
 
@@ -425,7 +455,9 @@ def address_block(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ValueError(f"{value!r} is not a CIDR (192.0.2.0/28) or a range (192.0.2.10-192.0.2.20)") from None
+        raise ValueError(
+            f"{value!r} is not a CIDR (192.0.2.0/28) or a range (192.0.2.10-192.0.2.20)"
+        ) from None
     return network.network_address, network.num_addresses
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from layerlb import api, rules
 
-_DROP = {"title", "propertyNames", "discriminator"}
+_DROP = {"title", "propertyNames", "patternProperties", "discriminator"}
 
 
 def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:

@@ -99,7 +99,8 @@ def load(paths: list[str]) -> Bundle:
 def plans(bundle: Bundle) -> tuple[list[tuple[Loaded, plan.Plan]], list[str]]:
     """Resolve every valid LoadBalancer of a bundle standalone; error lines for those that cannot be."""
     view = bundle.view()
-    resolved, errors = [], []
+    resolved: list[tuple[Loaded, plan.Plan]] = []
+    errors: list[str] = []
     for item, resource in bundle.load_balancers():
         try:
             resolved.append((item, resolve.resolve(resource, view)))

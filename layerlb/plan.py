@@ -7,7 +7,7 @@ Bump `PLAN_VERSION` on any change a running data plane could misread.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +24,7 @@ from layerlb.api import (
     ProxyProtocolVersion,
 )
 
-PLAN_VERSION = 1
+PLAN_VERSION: Final = 1
 
 
 class Frozen(BaseModel):

@@ -166,7 +166,9 @@ def resolve(resource: api.LoadBalancer, view: View) -> plan.Plan:
             hosts=tuple(host.lower() for host in route.match.hosts or []),
             path_prefix=route.match.pathPrefix,
             path=route.match.path,
-            headers=tuple(sorted((name.lower(), value) for name, value in (route.match.headers or {}).items())),
+            headers=tuple(
+                sorted((name.lower(), value) for name, value in (route.match.headers or {}).items())
+            ),
             methods=tuple(route.match.methods or []),
             backend=route.backend,
         )
@@ -211,7 +213,11 @@ def certificate_names(cert_pem: str) -> tuple[str, ...]:
     try:
         out = subprocess.run(
             ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-subject", "-nameopt", "multiline"],
-            input=cert_pem, capture_output=True, text=True, check=True, timeout=10,
+            input=cert_pem,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
@@ -243,7 +249,9 @@ def certificate_from_secret(secret: dict[str, Any], path: str) -> plan.Certifica
             "InvalidCertificate",
             [Problem(path, f"Secret {name} needs PEM tls.crt and tls.key (a kubernetes.io/tls Secret)")],
         )
-    return plan.Certificate(source=f"Secret/{name}", cert_pem=cert, key_pem=key, names=certificate_names(cert))
+    return plan.Certificate(
+        source=f"Secret/{name}", cert_pem=cert, key_pem=key, names=certificate_names(cert)
+    )
 
 
 @dataclass
@@ -255,8 +263,13 @@ class StaticView:
     def service_endpoints(self, namespace: str, service: api.ServiceRef, path: str) -> list[plan.Endpoint]:
         raise Unresolvable(
             "BackendNotFound",
-            [Problem(path, f"Service {service.name} cannot be resolved in a standalone file; "
-                           "list the backend's endpoints instead, or run the operator")],
+            [
+                Problem(
+                    path,
+                    f"Service {service.name} cannot be resolved in a standalone file; "
+                    "list the backend's endpoints instead, or run the operator",
+                )
+            ],
         )
 
     def certificate(self, namespace: str, secret_name: str, path: str) -> plan.Certificate:
@@ -264,14 +277,20 @@ class StaticView:
         if secret is None:
             raise Unresolvable(
                 "SecretNotFound",
-                [Problem(path, f"Secret {secret_name} not found; in a standalone file, add it as a "
-                               "kubernetes.io/tls Secret document in the same files")],
+                [
+                    Problem(
+                        path,
+                        f"Secret {secret_name} not found; in a standalone file, add it as a "
+                        "kubernetes.io/tls Secret document in the same files",
+                    )
+                ],
             )
         return certificate_from_secret(secret, path)
 
     def vip(self, resource: api.LoadBalancer) -> str:
         if resource.spec.vip is None:
             raise Unresolvable(
-                "NoVIPAvailable", [Problem("spec.vip", "required in a standalone file (no VIPPool allocates one)")]
+                "NoVIPAvailable",
+                [Problem("spec.vip", "required in a standalone file (no VIPPool allocates one)")],
             )
         return resource.spec.vip

@@ -49,6 +49,11 @@ def _join(values: Iterable[object]) -> str:
     return ", ".join(str(value) for value in values)
 
 
+def _list(values: Iterable[object]) -> str:
+    """A list as CEL's `'%s'.format([list])` prints it, so both halves give one message."""
+    return "[" + _join(values) + "]"
+
+
 def _first_repeated(values: list[Any]) -> Any | None:
     return next((value for value in values if values.count(value) > 1), None)
 
@@ -87,9 +92,7 @@ def _architecture(spec: LoadBalancerSpec) -> str | None:
 def _engine_applies(spec: LoadBalancerSpec) -> str | None:
     if spec.engine is None or _is_kernel(spec):
         return None
-    return (
-        f"engine applies only to L4 nat, dsr and tunnel, not to {spec.mode} {spec.architecture}; remove it"
-    )
+    return f"engine applies only to L4 nat, dsr and tunnel, not to {spec.mode} {spec.architecture}; remove it"
 
 
 def _engine_can(spec: LoadBalancerSpec) -> str | None:
@@ -100,10 +103,10 @@ def _engine_can(spec: LoadBalancerSpec) -> str | None:
 
 def _listener_protocols(spec: LoadBalancerSpec) -> str | None:
     valid = PROTOCOLS[spec.mode]
-    bad = [f"{listener.name}={listener.protocol}" for listener in spec.listeners if listener.protocol not in valid]
+    bad = [listener.name for listener in spec.listeners if listener.protocol not in valid]
     if not bad:
         return None
-    return f"listener protocol not available in mode {spec.mode} (valid: {_join(valid)}): {_join(bad)}"
+    return f"listener protocol not available in mode {spec.mode} (valid: {_join(valid)}): {_list(bad)}"
 
 
 def _routes_l7(spec: LoadBalancerSpec) -> str | None:
@@ -117,21 +120,21 @@ def _route_backends(spec: LoadBalancerSpec) -> str | None:
     missing = [route.backend for route in spec.routes or [] if route.backend not in names]
     if not missing:
         return None
-    return f"route backend {missing[0]} is not declared in backends; declared: {_join(names)}"
+    return f"route backend {missing[0]} is not declared in backends; declared: {_list(names)}"
 
 
 def _default_backend(spec: LoadBalancerSpec) -> str | None:
     names = [backend.name for backend in spec.backends]
     if spec.defaultBackend is None or spec.defaultBackend in names:
         return None
-    return f"defaultBackend {spec.defaultBackend} is not declared in backends; declared: {_join(names)}"
+    return f"defaultBackend {spec.defaultBackend} is not declared in backends; declared: {_list(names)}"
 
 
 def _l4_backend(spec: LoadBalancerSpec) -> str | None:
     if spec.mode is not Mode.L4 or len(spec.backends) == 1 or spec.defaultBackend is not None:
         return None
     names = [backend.name for backend in spec.backends]
-    return f"mode L4 with several backends needs defaultBackend to name the one that serves; declared: {_join(names)}"
+    return f"mode L4 with several backends needs defaultBackend to name the one that serves; declared: {_list(names)}"
 
 
 def _l7_target(spec: LoadBalancerSpec) -> str | None:
@@ -151,9 +154,7 @@ def _proxy_protocol_backends(spec: LoadBalancerSpec) -> str | None:
     bad = [backend.name for backend in spec.backends if backend.proxyProtocol is not None]
     if not bad or _is_proxy(spec):
         return None
-    return (
-        f"proxyProtocol needs architecture proxy or transparent (the kernel cannot write the header): {_join(bad)}"
-    )
+    return f"proxyProtocol needs architecture proxy or transparent (the kernel cannot write the header): {_list(bad)}"
 
 
 def _proxy_listeners(spec: LoadBalancerSpec) -> str | None:
@@ -164,7 +165,7 @@ def _proxy_listeners(spec: LoadBalancerSpec) -> str | None:
     ]
     if not bad or _is_proxy(spec):
         return None
-    return f"acceptProxyProtocol and maxConnections need architecture proxy or transparent: {_join(bad)}"
+    return f"acceptProxyProtocol and maxConnections need architecture proxy or transparent: {_list(bad)}"
 
 
 def _proxy_settings(spec: LoadBalancerSpec) -> str | None:
@@ -182,17 +183,12 @@ def _limits_l7(spec: LoadBalancerSpec) -> str | None:
 def _fixed_ports(spec: LoadBalancerSpec) -> str | None:
     if spec.architecture not in ("dsr", "tunnel"):
         return None
-    bad = [
-        f"{backend.name}/{endpoint.address}"
-        for backend in spec.backends
-        for endpoint in backend.endpoints or []
-        if endpoint.port is not None
-    ]
+    bad = [b.name for b in spec.backends if any(e.port is not None for e in b.endpoints or [])]
     if not bad:
         return None
     return (
-        f"{spec.architecture} cannot change the destination port, endpoints take the listener's port; "
-        f"remove port from: {_join(bad)}"
+        f"{spec.architecture} cannot change the destination port, endpoints take the listener port; "
+        f"remove port from the endpoints of: {_list(bad)}"
     )
 
 
@@ -202,16 +198,18 @@ def _hash_keys(spec: LoadBalancerSpec) -> str | None:
     bad = [b.name for b in spec.backends if b.hashOn is not None and b.hashOn.type != "SourceIP"]
     if not bad:
         return None
-    return f"hashOn Header and Cookie need mode L7; mode L4 hashes on SourceIP: {_join(bad)}"
+    return f"hashOn Header and Cookie need mode L7; mode L4 hashes on SourceIP: {_list(bad)}"
 
 
 def _nftables_algorithms(spec: LoadBalancerSpec) -> str | None:
     if spec.engine != "nftables":
         return None
-    bad = [f"{b.name}={b.algorithm}" for b in spec.backends if b.algorithm not in NFT_ALGORITHMS]
+    bad = [b.name for b in spec.backends if b.algorithm not in NFT_ALGORITHMS]
     if not bad:
         return None
-    return f"engine nftables can do algorithm round-robin or source-hash only; use engine ipvs for: {_join(bad)}"
+    return (
+        f"engine nftables can do algorithm round-robin or source-hash only; use engine ipvs for: {_list(bad)}"
+    )
 
 
 def _nftables_affinity(spec: LoadBalancerSpec) -> str | None:
@@ -321,29 +319,33 @@ def _endpoint_ip(endpoint: Endpoint) -> str | None:
 
 
 LB = "LoadBalancer"
-IP_MESSAGE = "\"'\" + self + \"' is not an IPv4 or IPv6 address\""
+NAMES = "self.backends.map(b, b.name)"
+PROTOCOL_OK = f"l.protocol in (self.mode == 'L4' ? {L4_PROTOCOLS} : {L7_PROTOCOLS})"
+UNIQUE_NAME = "self.exists_one(m, m.name == l.name)"
+UNIQUE_PORT = "self.exists_one(m, m.port == l.port && (m.protocol == 'UDP') == (l.protocol == 'UDP'))"
 
+# Messages use `format`, never `+ string()` or `join()`: the API server's cost estimator refuses those
+# (their results have no size bound), and `%s` of a list prints `[a, b]`, as `_list` does in Python.
+# fmt: off
 RULES: tuple[Rule, ...] = (
     Rule(LB, "spec", ".architecture",
          f"self.mode == 'L4' ? self.architecture in {L4_ARCHS} : self.architecture in {L7_ARCHS}",
-         "'architecture ' + self.architecture + ' is not available in mode ' + self.mode + '; valid: ' + "
-         "(self.mode == 'L4' ? 'nat, dsr, tunnel, proxy' : 'proxy, transparent')",
+         "'architecture %s is not available in mode %s; valid: %s'.format([self.architecture, self.mode, "
+         "self.mode == 'L4' ? 'nat, dsr, tunnel, proxy' : 'proxy, transparent'])",
          _architecture),
     Rule(LB, "spec", ".engine",
          f"!has(self.engine) || (self.mode == 'L4' && self.architecture in {KERNEL})",
-         "'engine applies only to L4 nat, dsr and tunnel, not to ' + self.mode + ' ' + self.architecture"
-         " + '; remove it'",
+         "'engine applies only to L4 nat, dsr and tunnel, not to %s %s; remove it'.format([self.mode, self.architecture])",
          _engine_applies),
     Rule(LB, "spec", ".engine",
          "!has(self.engine) || self.engine != 'nftables' || self.architecture != 'tunnel'",
          "'engine nftables cannot do architecture tunnel (IP-in-IP); use engine ipvs, or architecture nat or dsr'",
          _engine_can),
     Rule(LB, "spec", ".listeners",
-         f"self.listeners.all(l, l.protocol in (self.mode == 'L4' ? {L4_PROTOCOLS} : {L7_PROTOCOLS}))",
-         "'listener protocol not available in mode ' + self.mode + ' (valid: ' + "
-         "(self.mode == 'L4' ? 'TCP, UDP' : 'HTTP, HTTPS') + '): ' + "
-         f"self.listeners.filter(l, !(l.protocol in (self.mode == 'L4' ? {L4_PROTOCOLS} : {L7_PROTOCOLS})))"
-         ".map(l, l.name + '=' + l.protocol).join(', ')",
+         f"self.listeners.all(l, {PROTOCOL_OK})",
+         "'listener protocol not available in mode %s (valid: %s): %s'.format([self.mode, "
+         "self.mode == 'L4' ? 'TCP, UDP' : 'HTTP, HTTPS', "
+         f"self.listeners.filter(l, !({PROTOCOL_OK})).map(l, l.name)])",
          _listener_protocols),
     Rule(LB, "spec", ".routes",
          "!has(self.routes) || self.mode == 'L7'",
@@ -351,18 +353,16 @@ RULES: tuple[Rule, ...] = (
          _routes_l7),
     Rule(LB, "spec", ".routes",
          "!has(self.routes) || self.routes.all(r, self.backends.exists(b, b.name == r.backend))",
-         "'route backend ' + self.routes.filter(r, !self.backends.exists(b, b.name == r.backend))[0].backend"
-         " + ' is not declared in backends; declared: ' + self.backends.map(b, b.name).join(', ')",
+         "'route backend %s is not declared in backends; declared: %s'.format(["
+         f"self.routes.filter(r, !self.backends.exists(b, b.name == r.backend))[0].backend, {NAMES}])",
          _route_backends),
     Rule(LB, "spec", ".defaultBackend",
          "!has(self.defaultBackend) || self.backends.exists(b, b.name == self.defaultBackend)",
-         "'defaultBackend ' + self.defaultBackend + ' is not declared in backends; declared: ' + "
-         "self.backends.map(b, b.name).join(', ')",
+         f"'defaultBackend %s is not declared in backends; declared: %s'.format([self.defaultBackend, {NAMES}])",
          _default_backend),
     Rule(LB, "spec", ".defaultBackend",
          "self.mode != 'L4' || self.backends.size() == 1 || has(self.defaultBackend)",
-         "'mode L4 with several backends needs defaultBackend to name the one that serves; declared: ' + "
-         "self.backends.map(b, b.name).join(', ')",
+         f"'mode L4 with several backends needs defaultBackend to name the one that serves; declared: %s'.format([{NAMES}])",
          _l4_backend),
     Rule(LB, "spec", ".defaultBackend",
          "self.mode != 'L7' || has(self.defaultBackend) || (has(self.routes) && self.routes.size() > 0)",
@@ -374,18 +374,17 @@ RULES: tuple[Rule, ...] = (
          _cookie_affinity),
     Rule(LB, "spec", ".backends",
          f"self.architecture in {PROXIES} || self.backends.all(b, !has(b.proxyProtocol))",
-         "'proxyProtocol needs architecture proxy or transparent (the kernel cannot write the header): ' + "
-         "self.backends.filter(b, has(b.proxyProtocol)).map(b, b.name).join(', ')",
+         "'proxyProtocol needs architecture proxy or transparent (the kernel cannot write the header): %s'"
+         ".format([self.backends.filter(b, has(b.proxyProtocol)).map(b, b.name)])",
          _proxy_protocol_backends),
     Rule(LB, "spec", ".listeners",
-         f"self.architecture in {PROXIES} || "
-         "self.listeners.all(l, !has(l.acceptProxyProtocol) && !has(l.maxConnections))",
-         "'acceptProxyProtocol and maxConnections need architecture proxy or transparent: ' + "
-         "self.listeners.filter(l, has(l.acceptProxyProtocol) || has(l.maxConnections)).map(l, l.name).join(', ')",
+         f"self.architecture in {PROXIES} || self.listeners.all(l, !has(l.acceptProxyProtocol) && !has(l.maxConnections))",
+         "'acceptProxyProtocol and maxConnections need architecture proxy or transparent: %s'.format(["
+         "self.listeners.filter(l, has(l.acceptProxyProtocol) || has(l.maxConnections)).map(l, l.name)])",
          _proxy_listeners),
     Rule(LB, "spec", ".timeouts",
          f"!has(self.timeouts) || self.architecture in {PROXIES}",
-         "'timeouts apply only to architectures proxy and transparent, not to ' + self.architecture",
+         "'timeouts apply only to architectures proxy and transparent, not to %s'.format([self.architecture])",
          _proxy_settings),
     Rule(LB, "spec", ".limits",
          "!has(self.limits) || self.mode == 'L7'",
@@ -394,22 +393,20 @@ RULES: tuple[Rule, ...] = (
     Rule(LB, "spec", ".backends",
          "!(self.architecture in ['dsr', 'tunnel']) || "
          "self.backends.all(b, !has(b.endpoints) || b.endpoints.all(e, !has(e.port)))",
-         "self.architecture + ' cannot change the destination port, endpoints take the listener\\'s port; "
-         "remove port from: ' + self.backends.filter(b, has(b.endpoints)).map(b, "
-         "b.endpoints.filter(e, has(e.port)).map(e, b.name + '/' + e.address)).filter(l, l.size() > 0)"
-         ".map(l, l.join(', ')).join(', ')",
+         "'%s cannot change the destination port, endpoints take the listener port; remove port from the endpoints "
+         "of: %s'.format([self.architecture, self.backends.filter(b, has(b.endpoints) && "
+         "b.endpoints.exists(e, has(e.port))).map(b, b.name)])",
          _fixed_ports),
     Rule(LB, "spec", ".backends",
          "self.mode == 'L7' || self.backends.all(b, !has(b.hashOn) || b.hashOn.type == 'SourceIP')",
-         "'hashOn Header and Cookie need mode L7; mode L4 hashes on SourceIP: ' + "
-         "self.backends.filter(b, has(b.hashOn) && b.hashOn.type != 'SourceIP').map(b, b.name).join(', ')",
+         "'hashOn Header and Cookie need mode L7; mode L4 hashes on SourceIP: %s'.format(["
+         "self.backends.filter(b, has(b.hashOn) && b.hashOn.type != 'SourceIP').map(b, b.name)])",
          _hash_keys),
     Rule(LB, "spec", ".backends",
          "!has(self.engine) || self.engine != 'nftables' || "
          f"self.backends.all(b, b.algorithm in {_in_cel(NFT_ALGORITHMS)})",
-         "'engine nftables can do algorithm round-robin or source-hash only; use engine ipvs for: ' + "
-         f"self.backends.filter(b, !(b.algorithm in {_in_cel(NFT_ALGORITHMS)}))"
-         ".map(b, b.name + '=' + b.algorithm).join(', ')",
+         "'engine nftables can do algorithm round-robin or source-hash only; use engine ipvs for: %s'.format(["
+         f"self.backends.filter(b, !(b.algorithm in {_in_cel(NFT_ALGORITHMS)})).map(b, b.name)])",
          _nftables_algorithms),
     Rule(LB, "spec", ".sessionAffinity",
          "!has(self.engine) || self.engine != 'nftables' || !has(self.sessionAffinity) || "
@@ -417,28 +414,31 @@ RULES: tuple[Rule, ...] = (
          "'engine nftables cannot do sessionAffinity ClientIP; use algorithm source-hash or engine ipvs'",
          _nftables_affinity),
     Rule(LB, "spec.vip", "",
-         "isIP(self)", IP_MESSAGE,
+         "isIP(self)",
+         "'\\'%s\\' is not an IPv4 or IPv6 address'.format([self])",
          _ip),
     Rule(LB, "spec.listeners", "",
-         "self.all(l, self.exists_one(m, m.name == l.name))",
-         "'listener names must be unique; repeated: ' + self.filter(l, !self.exists_one(m, m.name == l.name))[0].name",
+         f"self.all(l, {UNIQUE_NAME})",
+         f"'listener names must be unique; repeated: %s'.format([self.filter(l, !{UNIQUE_NAME})[0].name])",
          _listener_names),
     Rule(LB, "spec.listeners", "",
-         "self.all(l, self.exists_one(m, m.port == l.port && (m.protocol == 'UDP') == (l.protocol == 'UDP')))",
-         "'listener ports must be unique per transport (TCP or UDP); repeated: ' + string(self.filter(l, "
-         "!self.exists_one(m, m.port == l.port && (m.protocol == 'UDP') == (l.protocol == 'UDP')))[0].port)",
+         f"self.all(l, {UNIQUE_PORT})",
+         "'listener ports must be unique per transport (TCP or UDP); repeated: %d'.format(["
+         f"self.filter(l, !{UNIQUE_PORT})[0].port])",
          _listener_ports),
     Rule(LB, "spec.listeners[*]", ".tls",
          "self.protocol == 'HTTPS' ? has(self.tls) : !has(self.tls)",
          "self.protocol == 'HTTPS' ? 'protocol HTTPS requires tls.secretName' : "
-         "'tls applies only to protocol HTTPS, not ' + self.protocol",
+         "'tls applies only to protocol HTTPS, not %s'.format([self.protocol])",
          _listener_tls),
     Rule(LB, "spec.listeners[*].acceptProxyProtocol.trustedCIDRs[*]", "",
-         "isCIDR(self)", "\"'\" + self + \"' is not a CIDR such as 10.0.0.0/8\"",
+         "isCIDR(self)",
+         "'\\'%s\\' is not a CIDR such as 10.0.0.0/8'.format([self])",
          _cidr),
     Rule(LB, "spec.backends", "",
          "self.all(b, self.exists_one(c, c.name == b.name))",
-         "'backend names must be unique; repeated: ' + self.filter(b, !self.exists_one(c, c.name == b.name))[0].name",
+         "'backend names must be unique; repeated: %s'.format(["
+         "self.filter(b, !self.exists_one(c, c.name == b.name))[0].name])",
          _backend_names),
     Rule(LB, "spec.backends[*]", "",
          "has(self.service) != has(self.endpoints)",
@@ -446,20 +446,20 @@ RULES: tuple[Rule, ...] = (
          _backend_source),
     Rule(LB, "spec.backends[*]", ".hashOn",
          "!has(self.hashOn) || self.algorithm in ['source-hash', 'ring-hash', 'maglev']",
-         "'hashOn needs algorithm source-hash, ring-hash or maglev, not ' + self.algorithm",
+         "'hashOn needs algorithm source-hash, ring-hash or maglev, not %s'.format([self.algorithm])",
          _hash_on_algorithm),
     Rule(LB, "spec.backends[*].hashOn", ".name",
          "self.type == 'SourceIP' ? !has(self.name) : has(self.name)",
          "self.type == 'SourceIP' ? 'name applies only to types Header and Cookie' : "
-         "'type ' + self.type + ' requires name'",
+         "'type %s requires name'.format([self.type])",
          _hash_on_name),
     Rule(LB, "spec.backends[*].endpoints[*]", ".address",
-         "isIP(self.address)", "\"'\" + self.address + \"' is not an IPv4 or IPv6 address\"",
+         "isIP(self.address)",
+         "'\\'%s\\' is not an IPv4 or IPv6 address'.format([self.address])",
          _endpoint_ip),
     Rule(LB, "spec.backends[*].healthCheck", ".timeoutSeconds",
          "self.timeoutSeconds < self.intervalSeconds",
-         "'timeoutSeconds (' + string(self.timeoutSeconds) + ') must be below intervalSeconds (' + "
-         "string(self.intervalSeconds) + ')'",
+         "'timeoutSeconds (%d) must be below intervalSeconds (%d)'.format([self.timeoutSeconds, self.intervalSeconds])",
          _health_timeout),
     Rule(LB, "spec.backends[*].healthCheck", ".path",
          "self.protocol == 'HTTP' || self.path == '/'",
@@ -472,11 +472,12 @@ RULES: tuple[Rule, ...] = (
     Rule("VIPPool", "spec.addresses[*]", "",
          "isCIDR(self) || (self.split('-').size() == 2 && isIP(self.split('-')[0]) && isIP(self.split('-')[1]) "
          "&& ip(self.split('-')[0]).family() == ip(self.split('-')[1]).family())",
-         "\"'\" + self + \"' is not a CIDR (192.0.2.0/28) or a range (192.0.2.10-192.0.2.20)\"",
+         "'\\'%s\\' is not a CIDR (192.0.2.0/28) or a range (192.0.2.10-192.0.2.20)'.format([self])",
          _pool_block),
     # Python only (empty CEL): CEL's IP library cannot compare addresses, so the operator reports it.
     Rule("VIPPool", "spec.addresses[*]", "", "", "", _pool_order),
 )
+# fmt: on
 
 
 def rules_for(kind: str) -> list[Rule]:

@@ -38,12 +38,25 @@ class Invalid(Exception):
 def path_of(location: tuple[int | str, ...]) -> str:
     """Render a pydantic location as a Kubernetes field path: `spec.backends[0].name`."""
     text = ""
-    for part in location:
+    for index, part in enumerate(location):
+        if part == "[key]":
+            continue
         if isinstance(part, int):
             text += f"[{part}]"
+        elif location[index + 1 : index + 2] == ("[key]",):
+            text += f"[{part}]"  # a map key: Kubernetes writes `headers[X-Name]`
         else:
             text += f".{part}" if text else part
     return text
+
+
+PATTERNS = {
+    api.DNS_LABEL: "a DNS label (lower-case letters, digits and '-', at most 63, alphanumeric at both ends)",
+    api.DNS_SUBDOMAIN: "a DNS name (lower-case DNS labels joined by '.')",
+    api.HOST: "a host name (lower case, optionally *. first and :port last)",
+    api.HEADER_NAME: "an HTTP header or cookie name (letters, digits and !#$%&'*+.^_`|~-)",
+    api.HTTP_PATH: "an HTTP path (starting with /, no spaces, no ? or #)",
+}
 
 
 def _short(value: Any) -> str:
@@ -55,7 +68,9 @@ def _valid_fields(model: type[pydantic.BaseModel] | None) -> str:
     return ", ".join(model.model_fields) if model is not None else ""
 
 
-def _model_at(model: type[pydantic.BaseModel], location: tuple[int | str, ...]) -> type[pydantic.BaseModel] | None:
+def _model_at(
+    model: type[pydantic.BaseModel], location: tuple[int | str, ...]
+) -> type[pydantic.BaseModel] | None:
     """The model class that owns the last part of `location`, to list its valid field names."""
     current: Any = model
     for part in location[:-1]:
@@ -93,7 +108,8 @@ def _message(error: Any, model: type[pydantic.BaseModel]) -> str:
         expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
         return f"unsupported value {_short(value)}; valid: {expected}"
     if kind == "string_pattern_mismatch":
-        return f"{_short(value)} has an invalid format (must match {ctx.get('pattern')})"
+        pattern = str(ctx.get("pattern"))
+        return f"{_short(value)} is not {PATTERNS.get(pattern, f'a match of {pattern}')}"
     if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
         bounds = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}
         limit = next(iter(ctx.values()))
@@ -108,8 +124,15 @@ def _message(error: Any, model: type[pydantic.BaseModel]) -> str:
         return f"has too many items; at most {ctx.get('max_length')}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         wanted = kind.split("_")[0]
-        names = {"int": "an integer", "float": "a number", "string": "a string", "bool": "true or false",
-                 "list": "a list", "dict": "a mapping", "model": "a mapping"}
+        names = {
+            "int": "an integer",
+            "float": "a number",
+            "string": "a string",
+            "bool": "true or false",
+            "list": "a list",
+            "dict": "a mapping",
+            "model": "a mapping",
+        }
         return f"expected {names.get(wanted, wanted)}, got {_short(value)}"
     return str(error["msg"]).removeprefix("Value error, ")
 
@@ -149,13 +172,17 @@ def check_rules(resource: api.Model, kind: str) -> list[Problem]:
 def validate(document: Any) -> api.Model:
     """Parse and check one resource (a decoded YAML mapping); raise `Invalid` with every problem."""
     if not isinstance(document, dict):
-        raise Invalid([Problem("", f"expected a Kubernetes resource (a mapping), got {type(document).__name__}")])
+        raise Invalid(
+            [Problem("", f"expected a Kubernetes resource (a mapping), got {type(document).__name__}")]
+        )
     kind = document.get("kind")
     api_version = document.get("apiVersion")
     if kind not in api.KINDS:
         raise Invalid([Problem("kind", f"unsupported kind {_short(kind)}; valid: {', '.join(api.KINDS)}")])
     if api_version != api.API_VERSION:
-        raise Invalid([Problem("apiVersion", f"unsupported apiVersion {_short(api_version)}; valid: {api.API_VERSION}")])
+        raise Invalid(
+            [Problem("apiVersion", f"unsupported apiVersion {_short(api_version)}; valid: {api.API_VERSION}")]
+        )
     model = api.KINDS[kind]
     try:
         resource = model.model_validate(document)
@@ -172,7 +199,10 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     # pydantic reports each failed branch of an Optional union; one line per path and message is enough.
     seen: dict[tuple[str, str], Problem] = {}
     for problem in problems:
-        seen.setdefault((re.sub(r"\.(function-after|list|constrained-str)\[.*?\]", "", problem.path), problem.message), problem)
+        seen.setdefault(
+            (re.sub(r"\.(function-after|list|constrained-str)\[.*?\]", "", problem.path), problem.message),
+            problem,
+        )
     return list(seen.values())
 
 

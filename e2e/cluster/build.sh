@@ -120,7 +120,7 @@ else
   ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION"
   ldflags+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$K8S_MINOR"
   ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
-  log "building kube-apiserver and kube-controller-manager $K8S_VERSION (10-20 min on 2 cores) ..."
+  log "building kube-apiserver and kube-controller-manager $K8S_VERSION (several minutes on 2 cores) ..."
   t=$SECONDS
   (cd "$mod" && "${NICE[@]}" "$GO" build -mod=mod -trimpath -ldflags "$ldflags" -o "$BIN/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager) ||

@@ -50,6 +50,7 @@ _STATE_ENTRIES = (
     "etcd-data",
     "kcm-certs",
     "apiserver-certs",
+    "flexvolume",
     "kubeconfig",
     "kcm.kubeconfig",
     "cluster.json",
@@ -138,7 +139,7 @@ def ensure_binaries(bin_dir: Path | None = None, progress: Progress = _stderr_pr
         return bdir
     if bin_dir is not None and bdir != default_bin_dir():
         raise ClusterError(f"control-plane binaries missing in {bdir}")
-    progress(f"binaries missing in {bdir}; running {BUILD_SCRIPT} (first build: 10-20 min)")
+    progress(f"binaries missing in {bdir}; running {BUILD_SCRIPT} (first build: about 7-20 min)")
     # build.sh writes its [build] progress lines to stderr, which we pass through.
     result = subprocess.run(["bash", str(BUILD_SCRIPT)], stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0 or not binaries_present(bdir):
@@ -212,6 +213,8 @@ def _generate_pki(pki: Path) -> None:
     client = [*leaf, "extendedKeyUsage = clientAuth"]
     _signed_cert(pki, "admin", "/O=system:masters/CN=admin", client)
     _signed_cert(pki, "kcm", "/CN=system:kube-controller-manager", client)
+    # The API server's front-proxy (request-header) client, which controllers' delegated authn expects.
+    _signed_cert(pki, "front-proxy-client", "/CN=front-proxy-client", client)
     # Service-account token signing key pair (RSA: the most widely accepted for bound tokens).
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key", cwd=pki)
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
@@ -300,6 +303,11 @@ def _reap(pid: int) -> None:
 
 def _is_alive(pid: int, binary: str) -> bool:
     """True when ``pid`` runs ``binary`` (guards against reuse of the pid) and is not a zombie."""
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        # Our own child: right after Popen returns, the kernel may not have set the new
+        # /proc/<pid>/cmdline yet, so trust the Popen object instead.
+        return proc.poll() is None
     _reap(pid)
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -506,6 +514,9 @@ def up(
                 f"--secure-port={api_port}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # A loopback address is invalid in the `kubernetes` Endpoints; nothing in-cluster
+                # reaches the API server through the service anyway (no kubelet, no kube-proxy).
+                "--endpoint-reconciler-type=none",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--authorization-mode=RBAC",
@@ -513,6 +524,13 @@ def up(
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
+                f"--requestheader-client-ca-file={pki / 'ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--profiling=false",
             ],
             sdir,
@@ -545,6 +563,7 @@ def up(
                 f"--cluster-signing-cert-file={pki / 'ca.crt'}",
                 f"--cluster-signing-key-file={pki / 'ca.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--flex-volume-plugin-dir={sdir / 'flexvolume'}",  # else it creates /usr/libexec/...
             ],
             sdir,
         )

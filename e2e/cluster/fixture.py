@@ -12,7 +12,7 @@ In a conftest.py::
 
 Set ``LAYERLB_E2E_CLUSTER`` to a state folder of a cluster started with
 ``python e2e/cluster/cluster.py up --state-dir DIR`` to reuse it (it is then left running).
-Set ``LAYERLB_E2E_NO_BUILD=1`` to fail fast instead of building missing binaries (10-20 min).
+Set ``LAYERLB_E2E_NO_BUILD=1`` to fail fast instead of building missing binaries (minutes).
 """
 
 from __future__ import annotations

@@ -1,0 +1,50 @@
+# layerlb's entry points. `make demo` runs the main job, `make test` everything CI checks.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup system-packages lint typecheck unit test demo crds goldens cluster cluster-down clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@bash scripts/system-packages.sh
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "[setup] installing layerlb and its dev tools into $(VENV)"
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+# Regenerate what is generated from the models and templates (then review the diff).
+crds: setup
+	$(BIN)/layerlb crd --write crds
+
+goldens: setup
+	$(BIN)/pytest -q tests/test_render.py --update-goldens
+
+demo: setup
+	@bash examples/demo.sh
+
+cluster: setup
+	@$(PY) e2e/cluster/cluster.py up
+
+cluster-down:
+	@$(PY) e2e/cluster/cluster.py down
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages layerlb's tests and demo use: the real tools the renders are checked with
+# (haproxy, nft), network namespaces (iproute2), certificates (openssl). Idempotent; quiet when all present.
+set -euo pipefail
+
+packages=(haproxy nftables iproute2 openssl ca-certificates curl make)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "[setup] installing Debian packages: ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+if ! $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/layerlb-apt.log 2>&1; then
+  $sudo apt-get update -q >>/tmp/layerlb-apt.log 2>&1
+  $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >>/tmp/layerlb-apt.log 2>&1 \
+    || { cat /tmp/layerlb-apt.log; exit 1; }
+fi

@@ -1,0 +1,120 @@
+"""The CRDs in `crds/` are generated from the models and rules, and say what the API server must enforce."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from layerlb import api, crd, rules
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _schema(kind: str) -> dict[str, Any]:
+    definition = crd.definition(kind)
+    schema: dict[str, Any] = definition["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def test_committed_crds_match_the_models() -> None:
+    for name, text in crd.files().items():
+        committed = ROOT / "crds" / name
+        assert committed.exists(), f"crds/{name} is missing; run `layerlb crd --write crds`"
+        assert committed.read_text(encoding="utf-8") == text, f"crds/{name} is stale; run `layerlb crd --write crds`"
+    assert sorted(p.name for p in (ROOT / "crds").glob("*.yaml")) == sorted(crd.files())
+
+
+def test_crd_printout_is_the_committed_files() -> None:
+    documents = list(yaml.safe_load_all(crd.render_all()))
+    assert [d["spec"]["names"]["kind"] for d in documents] == ["LoadBalancer", "VIPPool"]
+
+
+def test_loadbalancer_is_namespaced_with_short_name_status_and_columns() -> None:
+    definition = crd.definition("LoadBalancer")
+    assert definition["metadata"]["name"] == "loadbalancers.layerlb.dev"
+    assert definition["spec"]["scope"] == "Namespaced"
+    assert definition["spec"]["names"]["shortNames"] == ["llb"]
+    version = definition["spec"]["versions"][0]
+    assert version["name"] == "v1alpha1"
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Mode", "Architecture", "VIP", "Ready", "Age"]
+
+
+def test_vippool_is_cluster_scoped() -> None:
+    assert crd.definition("VIPPool")["spec"]["scope"] == "Cluster"
+
+
+def test_schema_carries_types_enums_required_and_defaults() -> None:
+    spec = _schema("LoadBalancer")["properties"]["spec"]
+    assert spec["required"] == ["mode", "architecture", "listeners", "backends"]
+    assert spec["properties"]["mode"]["enum"] == ["L4", "L7"]
+    assert spec["properties"]["replicas"] == {
+        "default": 1,
+        "description": "Forwarding pods for this VIP.",
+        "maximum": 100,
+        "minimum": 1,
+        "type": "integer",
+    }
+    backend = spec["properties"]["backends"]["items"]
+    assert backend["properties"]["algorithm"]["default"] == "round-robin"
+    weight = backend["properties"]["endpoints"]["items"]["properties"]["weight"]
+    assert (weight["minimum"], weight["maximum"], weight["default"]) == (0, api.MAX_WEIGHT, 1)
+    timeouts = spec["properties"]["timeouts"]["properties"]
+    assert timeouts["connectSeconds"]["exclusiveMinimum"] is True
+
+
+def _walk(node: Any) -> list[dict[str, Any]]:
+    found = []
+    if isinstance(node, dict):
+        found.append(node)
+        for value in node.values():
+            found.extend(_walk(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_walk(value))
+    return found
+
+
+def test_schema_is_structural() -> None:
+    for kind in api.KINDS:
+        for node in _walk(_schema(kind)):
+            for keyword in ("$ref", "anyOf", "allOf", "oneOf", "$defs", "const"):
+                assert keyword not in node, (kind, keyword, node)
+            assert not isinstance(node.get("title"), str), (kind, node)
+            if "properties" in node:
+                assert node.get("type") == "object"
+
+
+def test_every_string_and_list_is_bounded_for_cel_cost() -> None:
+    spec = _schema("LoadBalancer")["properties"]["spec"]
+    for node in _walk(spec):
+        if node.get("type") == "string" and "enum" not in node:
+            assert "maxLength" in node, node
+        if node.get("type") == "array":
+            assert "maxItems" in node, node
+
+
+def test_every_cel_rule_lands_in_the_crd_at_its_scope() -> None:
+    placed = [
+        (kind, entry["rule"], entry.get("fieldPath", ""))
+        for kind in api.KINDS
+        for node in _walk(_schema(kind))
+        for entry in node.get("x-kubernetes-validations", [])
+    ]
+    expected = [(rule.kind, rule.cel, rule.field) for rule in rules.RULES if rule.cel]
+    assert sorted(placed) == sorted(expected)
+
+
+def test_every_field_has_a_description() -> None:
+    spec = _schema("LoadBalancer")["properties"]["spec"]
+    for node in _walk(spec):
+        for name, sub in node.get("properties", {}).items():
+            assert sub.get("description"), f"{name} has no description"
+
+
+def test_architecture_description_explains_each_architecture() -> None:
+    text = _schema("LoadBalancer")["properties"]["spec"]["properties"]["architecture"]["description"]
+    for word in ("nat", "dsr", "tunnel", "proxy", "transparent"):
+        assert f" {word}:" in text
