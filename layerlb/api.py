@@ -8,6 +8,7 @@ CLI, the operator and the API server refuse a bad resource with the same message
 from __future__ import annotations
 
 import ipaddress
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
@@ -139,7 +140,7 @@ class ProxyProtocolVersion(StrEnum):
 
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=DNS_LABEL)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 
 
 class Model(BaseModel):
@@ -180,7 +181,7 @@ class Listener(Model):
     port: Port = Field(description="Port on the VIP, 1-65535; unique per transport (TCP or UDP).")
     protocol: Protocol = Field(description="L4: TCP or UDP. L7: HTTP or HTTPS (HTTPS needs tls).")
     tls: TLS | None = Field(default=None, description="Certificate for an HTTPS listener.")
-    maxConnections: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+    maxConnections: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] | None = Field(
         default=None,
         description="Cap on concurrent client connections; beyond it new ones wait in the backlog.",
     )
@@ -201,7 +202,7 @@ class Endpoint(Model):
 
     address: Annotated[str, Field(min_length=2, max_length=45)] = Field(description="IPv4 or IPv6 address.")
     port: Port | None = Field(default=None, description="Defaults to the listener's port.")
-    weight: Annotated[int, Field(ge=0, le=MAX_WEIGHT)] = Field(
+    weight: Annotated[int, Field(strict=True, ge=0, le=MAX_WEIGHT)] = Field(
         default=1, description=f"Relative share of new connections, 0-{MAX_WEIGHT}; 0 drains the endpoint."
     )
 
@@ -214,16 +215,16 @@ class HealthCheck(Model):
         default="/", description="HTTP only: the path requested; a 2xx or 3xx answer passes."
     )
     port: Port | None = Field(default=None, description="Probe this port instead of the endpoint's.")
-    intervalSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(
+    intervalSeconds: Annotated[int, Field(strict=True, ge=1, le=3600)] = Field(
         default=5, description="Time between probes."
     )
-    timeoutSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(
+    timeoutSeconds: Annotated[int, Field(strict=True, ge=1, le=3600)] = Field(
         default=1, description="A probe slower than this fails; must be below intervalSeconds."
     )
-    healthyThreshold: Annotated[int, Field(ge=1, le=100)] = Field(
+    healthyThreshold: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(
         default=2, description="Consecutive passes that bring an endpoint back."
     )
-    unhealthyThreshold: Annotated[int, Field(ge=1, le=100)] = Field(
+    unhealthyThreshold: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(
         default=3, description="Consecutive failures that take an endpoint out."
     )
 
@@ -313,7 +314,7 @@ class SessionAffinity(Model):
     """Keeps a client on one endpoint."""
 
     type: AffinityType = Field(default=AffinityType.None_, description="None, ClientIP, or (L7) Cookie.")
-    timeoutSeconds: Annotated[int, Field(ge=1, le=86400)] = Field(
+    timeoutSeconds: Annotated[int, Field(strict=True, ge=1, le=86400)] = Field(
         default=10800, description="How long a client stays stuck after its last request."
     )
     cookieName: Annotated[str, Field(min_length=1, max_length=64, pattern=HEADER_NAME)] = Field(
@@ -324,16 +325,16 @@ class SessionAffinity(Model):
 class Timeouts(Model):
     """Time limits of the proxy architectures."""
 
-    connectSeconds: Annotated[float, Field(gt=0, le=300)] = Field(
+    connectSeconds: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=300)] = Field(
         default=5, description="Connect to a backend."
     )
-    headerSeconds: Annotated[float, Field(gt=0, le=300)] = Field(
+    headerSeconds: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=300)] = Field(
         default=10, description="A client's whole request head; slower clients get 408."
     )
-    requestSeconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+    requestSeconds: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=86400)] = Field(
         default=60, description="A backend's response head; slower backends give 504."
     )
-    idleSeconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+    idleSeconds: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=86400)] = Field(
         default=60, description="An idle client or upstream connection is closed after this."
     )
 
@@ -341,10 +342,10 @@ class Timeouts(Model):
 class Limits(Model):
     """Size limits of the L7 request parser."""
 
-    maxRequestLineBytes: Annotated[int, Field(ge=256, le=1_048_576)] = Field(
+    maxRequestLineBytes: Annotated[int, Field(strict=True, ge=256, le=1_048_576)] = Field(
         default=8192, description="A longer request line gets 414."
     )
-    maxHeaderBytes: Annotated[int, Field(ge=1024, le=1_048_576)] = Field(
+    maxHeaderBytes: Annotated[int, Field(strict=True, ge=1024, le=1_048_576)] = Field(
         default=65536, description="A larger header block gets 431."
     )
 
@@ -370,7 +371,7 @@ class LoadBalancerSpec(Model):
         default=None, description="The virtual IP; allocated from a VIPPool when not given."
     )
     vipPool: Name | None = Field(default=None, description="Allocate the VIP from this VIPPool only.")
-    replicas: Annotated[int, Field(ge=1, le=100)] = Field(
+    replicas: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(
         default=1, description="Forwarding pods for this VIP."
     )
     listeners: list[Listener] = Field(min_length=1, max_length=MAX_LISTENERS, description="Ports on the VIP.")
@@ -434,6 +435,7 @@ class VIPPoolSpec(Model):
     )
     autoAssign: bool = Field(
         default=True,
+        strict=True,
         description="Hand out addresses to LoadBalancers that name no pool; false: only by name.",
     )
 
@@ -443,8 +445,8 @@ def address_block(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     if "-" in value:
         first_text, _, last_text = value.partition("-")
         try:
-            first = ipaddress.ip_address(first_text.strip())
-            last = ipaddress.ip_address(last_text.strip())
+            first = ipaddress.ip_address(first_text)
+            last = ipaddress.ip_address(last_text)
         except ValueError:
             raise ValueError(f"{value!r} is not a range such as 192.0.2.10-192.0.2.20") from None
         if first.version != last.version:
@@ -453,6 +455,8 @@ def address_block(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
             raise ValueError(f"{value!r} ends before it starts")
         return first, int(last) - int(first) + 1
     try:
+        if not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", value):
+            raise ValueError(value)
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError(

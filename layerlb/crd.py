@@ -13,7 +13,7 @@ import yaml
 
 from layerlb import api, rules
 
-_DROP = {"title", "propertyNames", "patternProperties", "discriminator"}
+_DROP = {"title", "propertyNames", "discriminator"}
 
 
 def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +39,10 @@ def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "properties":
             out[key] = {name: _resolve(sub, defs) for name, sub in value.items()}
+        elif key == "patternProperties":
+            # Structural schemas have no patternProperties: keep the value schema; the key pattern is
+            # checked by layerlb's validation only.
+            (out["additionalProperties"],) = (_resolve(sub, defs) for sub in value.values())
         elif key in ("items", "additionalProperties") and isinstance(value, dict):
             out[key] = _resolve(value, defs)
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):

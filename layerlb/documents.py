@@ -79,7 +79,13 @@ def load_file(path: str) -> list[Loaded]:
     for document in documents:
         name = validation.name_of(document)
         if isinstance(document, dict) and _is_secret(document):
-            loaded.append(Loaded(path, name, secret=document))
+            # A Secret is TLS material for standalone HTTPS listeners: check it holds a PEM pair.
+            try:
+                resolve.certificate_from_secret(document, "data")
+            except resolve.Unresolvable as error:
+                loaded.append(Loaded(path, name, problems=tuple(error.problems)))
+            else:
+                loaded.append(Loaded(path, name, secret=document))
             continue
         try:
             loaded.append(Loaded(path, name, resource=validation.validate(document)))

@@ -51,7 +51,7 @@ def _join(values: Iterable[object]) -> str:
 
 def _list(values: Iterable[object]) -> str:
     """A list as CEL's `'%s'.format([list])` prints it, so both halves give one message."""
-    return "[" + _join(values) + "]"
+    return "[" + ", ".join(f'"{value}"' for value in values) + "]"
 
 
 def _first_repeated(values: list[Any]) -> Any | None:
@@ -280,20 +280,28 @@ def _match_path(match: RouteMatch) -> str | None:
     return None
 
 
-def _ip(value: str) -> str | None:
+def is_ip(value: str) -> bool:
+    """An IP address as CEL's `isIP` sees it: no zone, no IPv4-mapped IPv6 form."""
     try:
-        ipaddress.ip_address(value)
+        address = ipaddress.ip_address(value)
     except ValueError:
-        return f"'{value}' is not an IPv4 or IPv6 address"
-    return None
+        return False
+    return not (isinstance(address, ipaddress.IPv6Address) and (address.ipv4_mapped or address.scope_id))
+
+
+def _ip(value: str) -> str | None:
+    return None if is_ip(value) else f"'{value}' is not an IPv4 or IPv6 address"
 
 
 def _cidr(value: str) -> str | None:
+    address, _, prefix = value.partition("/")
     try:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
-        return f"'{value}' is not a CIDR such as 10.0.0.0/8"
-    return None
+        prefix = ""
+    if is_ip(address) and prefix.isdigit():
+        return None
+    return f"'{value}' is not a CIDR such as 10.0.0.0/8"
 
 
 def _pool_block(value: str) -> str | None:

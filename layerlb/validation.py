@@ -122,6 +122,10 @@ def _message(error: Any, model: type[pydantic.BaseModel]) -> str:
         if kind == "string_too_long":
             return f"is too long; at most {ctx.get('max_length')} characters"
         return f"has too many items; at most {ctx.get('max_length')}"
+    if kind == "int_from_float":
+        return f"expected an integer, got {_short(value)}"
+    if kind == "finite_number":
+        return f"expected a finite number, got {_short(value)}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         wanted = kind.split("_")[0]
         names = {
@@ -177,7 +181,7 @@ def validate(document: Any) -> api.Model:
         )
     kind = document.get("kind")
     api_version = document.get("apiVersion")
-    if kind not in api.KINDS:
+    if not isinstance(kind, str) or kind not in api.KINDS:
         raise Invalid([Problem("kind", f"unsupported kind {_short(kind)}; valid: {', '.join(api.KINDS)}")])
     if api_version != api.API_VERSION:
         raise Invalid(

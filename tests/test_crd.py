@@ -22,7 +22,9 @@ def test_committed_crds_match_the_models() -> None:
     for name, text in crd.files().items():
         committed = ROOT / "crds" / name
         assert committed.exists(), f"crds/{name} is missing; run `layerlb crd --write crds`"
-        assert committed.read_text(encoding="utf-8") == text, f"crds/{name} is stale; run `layerlb crd --write crds`"
+        assert committed.read_text(encoding="utf-8") == text, (
+            f"crds/{name} is stale; run `layerlb crd --write crds`"
+        )
     assert sorted(p.name for p in (ROOT / "crds").glob("*.yaml")) == sorted(crd.files())
 
 
@@ -39,7 +41,13 @@ def test_loadbalancer_is_namespaced_with_short_name_status_and_columns() -> None
     version = definition["spec"]["versions"][0]
     assert version["name"] == "v1alpha1"
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Mode", "Architecture", "VIP", "Ready", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Mode",
+        "Architecture",
+        "VIP",
+        "Ready",
+        "Age",
+    ]
 
 
 def test_vippool_is_cluster_scoped() -> None:

@@ -47,7 +47,9 @@ def test_kernel_architectures_default_to_the_ipvs_engine() -> None:
 
 
 def test_an_l4_plan_sends_everything_to_its_only_backend() -> None:
-    resource = _lb(mode="L4", architecture="proxy", listeners=[{"name": "t", "port": 9000, "protocol": "TCP"}])
+    resource = _lb(
+        mode="L4", architecture="proxy", listeners=[{"name": "t", "port": 9000, "protocol": "TCP"}]
+    )
     resource.spec.defaultBackend = None
     assert resolve.resolve(resource, resolve.StaticView()).default_backend == "app"
 
@@ -95,7 +97,10 @@ def test_every_unresolvable_reference_is_reported_at_once() -> None:
     )
     with pytest.raises(resolve.Unresolvable) as caught:
         resolve.resolve(resource, resolve.StaticView())
-    assert [p.path for p in caught.value.problems] == ["spec.listeners[0].tls.secretName", "spec.backends[0].service"]
+    assert [p.path for p in caught.value.problems] == [
+        "spec.listeners[0].tls.secretName",
+        "spec.backends[0].service",
+    ]
 
 
 def test_routes_are_ordered_most_specific_first() -> None:
@@ -136,14 +141,21 @@ def test_tls_secrets_in_the_same_files_become_certificates_with_their_names(tmp_
         "stringData": {"tls.crt": cert, "tls.key": key},
     }
     view = resolve.StaticView(secrets={("demo", "shop-tls"): secret})
-    resource = _lb(listeners=[{"name": "https", "port": 8443, "protocol": "HTTPS", "tls": {"secretName": "shop-tls"}}])
+    resource = _lb(
+        listeners=[{"name": "https", "port": 8443, "protocol": "HTTPS", "tls": {"secretName": "shop-tls"}}]
+    )
     [certificate] = resolve.resolve(resource, view).listeners[0].certificates
     assert certificate.names == ("shop.example.com", "www.shop.example.com")
     assert certificate.source == "Secret/shop-tls"
 
 
 def test_a_secret_without_pem_material_is_refused_with_its_name() -> None:
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bad"}, "data": {"tls.crt": "bm9wZQ=="}}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "bad"},
+        "data": {"tls.crt": "bm9wZQ=="},
+    }
     with pytest.raises(resolve.Unresolvable) as caught:
         resolve.certificate_from_secret(secret, "spec.listeners[0].tls.secretName")
     assert caught.value.reason == "InvalidCertificate"

@@ -1,0 +1,92 @@
+"""The API server, given layerlb's CRDs, accepts what layerlb accepts and refuses the rest with its messages.
+
+Every cross-field rule lives twice (Python and CEL, `layerlb/rules.py`); this is where the two halves are
+held to one message, against a real kube-apiserver.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+
+from e2e.kube import ROOT, Kubectl
+from layerlb import api, validation
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+INVALID = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
+
+
+def _judged_by_api_server(path: Path) -> bool:
+    return not re.search(r"^# apiserver: no\b", path.read_text(encoding="utf-8"), re.MULTILINE)
+
+
+def _problems(document: Any) -> tuple[list[validation.Problem], bool]:
+    """layerlb's problems with a document, and whether all of them come from CEL rules."""
+    try:
+        validation.validate(document)
+    except validation.Invalid as error:
+        model = api.KINDS[document["kind"]]
+        try:
+            model.model_validate(document)
+        except pydantic.ValidationError:
+            return error.problems, False
+        return error.problems, True
+    return [], False
+
+
+@pytest.mark.usefixtures("crds_installed")
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_the_api_server_accepts_every_example(kubectl: Kubectl, example: Path) -> None:
+    kubectl.ok("apply", "--dry-run=server", "-f", str(example))
+
+
+@pytest.mark.usefixtures("crds_installed")
+@pytest.mark.parametrize(
+    "invalid", [p for p in INVALID if _judged_by_api_server(p)], ids=lambda p: p.name
+)  # fmt: skip
+def test_the_api_server_refuses_each_invalid_example_with_layerlbs_message(
+    kubectl: Kubectl, invalid: Path
+) -> None:
+    documents = [d for d in yaml.safe_load_all(invalid.read_text(encoding="utf-8")) if d is not None]
+    done = kubectl("apply", "--dry-run=server", "-f", str(invalid))
+    assert done.returncode != 0, f"the API server accepted {invalid.name}"
+    for document in documents:
+        problems, from_rules = _problems(document)
+        assert problems, f"{invalid.name}: layerlb accepts a document the test expected to be invalid"
+        for problem in problems:
+            # kubectl writes `spec.engine: Invalid value: "object": <message>` for CEL rules
+            assert f"{problem.path}" in done.stderr, (
+                f"{invalid.name}: no error at {problem.path}:\n{done.stderr}"
+            )
+            if from_rules:
+                assert f"{problem.path}: Invalid value: " in done.stderr and problem.message in done.stderr, (
+                    f"{invalid.name}: layerlb says\n  {problem}\nthe API server says\n  {done.stderr}"
+                )
+
+
+@pytest.mark.usefixtures("crds_installed")
+def test_printer_columns_show_mode_architecture_vip_ready_age(kubectl: Kubectl) -> None:
+    kubectl.ok("apply", "-f", str(ROOT / "examples" / "l7-proxy-routes.yaml"))
+    header = kubectl.ok("get", "llb", "-n", "demo").splitlines()[0].split()
+    assert header == ["NAME", "MODE", "ARCHITECTURE", "VIP", "READY", "AGE"]
+
+
+@pytest.mark.usefixtures("crds_installed")
+def test_kubectl_explain_says_what_each_architecture_means(kubectl: Kubectl) -> None:
+    text = " ".join(kubectl.ok("explain", "loadbalancer.spec.architecture").split())
+    for word in ("L4 nat:", "L4 dsr:", "L4 tunnel:", "L4 proxy:", "L7 proxy:", "L7 transparent:"):
+        assert word in text
+
+
+@pytest.mark.usefixtures("crds_installed")
+def test_defaults_are_applied_by_the_api_server(kubectl: Kubectl) -> None:
+    kubectl.ok("apply", "-f", str(ROOT / "examples" / "l4-proxy-tcp.yaml"))
+    stored = yaml.safe_load(kubectl.ok("get", "llb", "-n", "demo", "-o", "yaml"))
+    spec = next(item["spec"] for item in stored["items"] if item["spec"]["mode"] == "L4")
+    assert spec["replicas"] >= 1
+    assert all("algorithm" in backend for backend in spec["backends"])

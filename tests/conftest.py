@@ -1,0 +1,15 @@
+"""Options and fixtures shared by the unit tests; keep each small and say which tests read it."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--update-goldens` lets a reviewer regenerate `testdata/out/*` and read the change as a git diff."""
+    parser.addoption(
+        "--update-goldens",
+        action="store_true",
+        default=False,
+        help="rewrite the golden files of tests/test_render.py from the current renders",
+    )
