@@ -55,7 +55,9 @@ class BackendPool:
     def name(self) -> str:
         return self.backend.name
 
-    def pick(self, client_ip: str, hash_key: bytes | None = None, exclude: Collection[Target] = ()) -> Target | None:
+    def pick(
+        self, client_ip: str, hash_key: bytes | None = None, exclude: Collection[Target] = ()
+    ) -> Target | None:
         """A usable target for a new request/connection, or None when none is usable (→ 503).
 
         `hash_key` is what the backend's `hash_on` names (header or cookie value) for the hashing
@@ -63,6 +65,16 @@ class BackendPool:
         """
         key = hash_key if hash_key is not None else client_ip.encode()
         return self.balancer.pick(key, exclude)
+
+    def record_passive(self, target: Target, ok: bool) -> bool:
+        """Report what a real request saw of `target` (False: connect error or timeout); True on ejection.
+
+        Passive failures eject a target (`health.HealthState.record_passive`); the balancer learns at once.
+        """
+        changed = target.health.record_passive(ok)
+        if changed:
+            self.health_changed()
+        return changed
 
     def health_changed(self) -> None:
         """Tell the balancer that some target's usability changed (hash tables rebuild)."""
