@@ -39,6 +39,8 @@ HAPROXY_ARCHITECTURES = (api.Architecture.proxy, api.Architecture.transparent)
 NFT_NAME_MAX = 255
 INTERFACE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# A table comment nft stores as is (the kernel keeps up to 256 bytes of user data).
+NFT_COMMENT = re.compile(r"^[ -!#-~]{1,128}$")
 # Characters HAProxy reads as part of a word without quoting.
 HAPROXY_BARE = re.compile(r"^[A-Za-z0-9!%&*+,./:;<=>?@^_|~()-]+$")
 
@@ -69,6 +71,7 @@ def render(
     device_mac: str | None = None,
     neighbours: Mapping[str, str] | None = None,
     masquerade: bool = False,
+    comment: str | None = None,
 ) -> str:
     """The configuration of `p` in `fmt`; call `unsupported` first.
 
@@ -77,7 +80,9 @@ def render(
     forwards it, `device_mac` its MAC address, `neighbours` the backends' MACs by IP address (the data
     plane knows them at sync time; without them the render holds placeholders). nftables nat:
     `masquerade` rewrites the source of balanced connections to this node's address, for backends that
-    do not route replies back through it (the client address is then lost).
+    do not route replies back through it (the client address is then lost). nftables: `comment` is
+    stored in the kernel as the table's comment (the nftables engine keeps a hash of the ruleset there,
+    so a restarted data plane can tell that the kernel already holds what it would load).
     """
     reason = unsupported(p, fmt)
     if reason is not None:
@@ -87,7 +92,14 @@ def render(
     if fmt == "ipvs":
         return _template("ipvs.j2").render(header=_header(p), services=ipvs_services(p))
     if fmt == "nftables":
-        return nftables(p, device=device, device_mac=device_mac, neighbours=neighbours, masquerade=masquerade)
+        return nftables(
+            p,
+            device=device,
+            device_mac=device_mac,
+            neighbours=neighbours,
+            masquerade=masquerade,
+            comment=comment,
+        )
     return haproxy(p, cert_dir=cert_dir)
 
 
@@ -423,9 +435,12 @@ def nftables(
     device_mac: str | None = None,
     neighbours: Mapping[str, str] | None = None,
     masquerade: bool = False,
+    comment: str | None = None,
 ) -> str:
     """The `nft -f` ruleset of a nat or dsr Plan: one table, replaced in one transaction."""
     table = nft_table_name(p)
+    if comment is not None and not NFT_COMMENT.match(comment):
+        raise ValueError(f"table comment {comment!r} must be 1-128 printable characters without quotes")
     if p.architecture is api.Architecture.nat:
         return _template("nftables.j2").render(
             header=_header(p),
@@ -435,6 +450,7 @@ def nftables(
             rules=nft_nat_rules(p),
             masquerade=masquerade,
             masquerade_rule=nft_masquerade_rule(p),
+            comment=comment,
         )
     if not INTERFACE_NAME.match(device):
         raise ValueError(f"device {device!r} is not an interface name")
@@ -449,6 +465,7 @@ def nftables(
         device=device,
         rules=rules,
         placeholder=placeholder,
+        comment=comment,
     )
 
 

@@ -1,0 +1,1 @@
+"""Kernel engines (nftables, IPVS) tested with real packets."""
