@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup system-packages lint typecheck unit test demo crds goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test demo bench crds goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -39,6 +39,11 @@ goldens: setup
 
 demo: setup
 	@bash examples/demo.sh
+
+# layerlb against HAProxy, nginx direct and the kernel path in one run (~5 min): a table and bench/results/*.json.
+bench: setup
+	@bash bench/packages.sh
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 cluster: setup
 	@$(PY) e2e/cluster/cluster.py up

@@ -1,4 +1,4 @@
-"""The `layerlb` command: validate, render, crd (and, as they land, serve, dataplane, operator).
+"""The `layerlb` command: validate, render, crd, serve, dataplane, operator.
 
 Exit codes: 0 success, 2 invalid input (with one `FILE: KIND/NAME: path: reason` line per problem),
 1 an internal failure (one line, no traceback; `LAYERLB_DEBUG=1` shows it).
@@ -11,8 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerlb import crd, documents, render
+
+if TYPE_CHECKING:
+    from layerlb_dataplane.config import PlanSource
 
 EXIT_INVALID = 2
 
@@ -68,6 +72,64 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataplane_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="worker processes (SO_REUSEPORT)"
+    )
+    command.add_argument("--admin", metavar="HOST:PORT", help="serve /healthz /readyz /metrics /config here")
+    command.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="how long open connections may finish",
+    )
+    command.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often files are checked for change",
+    )
+
+
+def _run_dataplane(args: argparse.Namespace, source: PlanSource) -> int:
+    import logging
+
+    from layerlb_dataplane import admin, runtime
+
+    if args.workers < 1:
+        print(f"layerlb {args.command}: --workers must be 1 or more", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        address = admin.parse_address(args.admin) if args.admin else None
+    except ValueError as error:
+        print(f"layerlb {args.command}: --admin: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    logging.basicConfig(level=logging.INFO, format="layerlb: %(message)s", stream=sys.stderr)
+    return runtime.run(
+        source,
+        workers=args.workers,
+        admin_address=address,
+        drain_timeout=args.drain_timeout,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from layerlb_dataplane import config
+
+    if "-" in args.files:
+        print("layerlb serve: files only (standard input cannot be watched for changes)", file=sys.stderr)
+        return EXIT_INVALID
+    return _run_dataplane(args, config.YamlFiles(args.files, args.poll_interval))
+
+
+def _dataplane(args: argparse.Namespace) -> int:
+    from layerlb_dataplane import config
+
+    return _run_dataplane(args, config.PlanFile([args.plan], args.poll_interval))
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     top = _Parser(prog="layerlb", description="LoadBalancer resources in, L4 and L7 load balancers out.")
@@ -85,6 +147,28 @@ def parser() -> argparse.ArgumentParser:
     crds = sub.add_parser("crd", help="print the CustomResourceDefinitions (or write them to a folder)")
     crds.add_argument("--write", metavar="DIR", help="write one file per CRD into DIR (e.g. crds/)")
     crds.set_defaults(run=_crd)
+
+    serve = sub.add_parser(
+        "serve", help="run the data plane standalone from LoadBalancer files (reloads on change and SIGHUP)"
+    )
+    serve.add_argument("files", nargs="+", metavar="FILE", help="LoadBalancer YAML with static endpoints")
+    _dataplane_options(serve)
+    serve.set_defaults(run=_serve)
+
+    plane = sub.add_parser("dataplane", help="run the data plane from a Plan JSON file (the forwarding pod)")
+    plane.add_argument(
+        "--plan", required=True, metavar="PATH", help="as `layerlb render --format dataplane` writes"
+    )
+    _dataplane_options(plane)
+    plane.set_defaults(run=_dataplane)
+
+    from layerlb_operator import main as operator_main  # stdlib-only at import; kopf loads when it runs
+
+    operator = sub.add_parser(
+        "operator", help="run the operator: LoadBalancers in, forwarding pods and status out"
+    )
+    operator_main.add_arguments(operator)
+    operator.set_defaults(run=operator_main.main)
     return top
 
 

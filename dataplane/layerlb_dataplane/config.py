@@ -1,0 +1,217 @@
+"""Where the data plane's Plans come from, and how it learns they changed.
+
+The runtime reads Plans only through `PlanSource`, so that the standalone files of `layerlb serve`, the
+Plan JSON of the forwarding pod, the Plans a worker receives from its parent, and (later) the operator's
+ConfigMap watched through the Kubernetes API all reload through one path: wait for `changed()`, call
+`load()`, apply what it returns, or keep serving the old Plans when it raises `InvalidConfig`.
+
+File sources poll: a cheap `stat` every interval (mtime, size, inode: an atomic rename or the kubelet's
+`..data` symlink swap changes the inode), then a content hash, so touching a file without changing it does
+not reload. SIGHUP is the runtime's business: it calls `load()` directly.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from layerlb import documents, plan
+
+POLL_SECONDS = 1.0
+
+
+class InvalidConfig(Exception):
+    """The source's content cannot be served; `lines` are what the user reads (`FILE: KIND/NAME: path: reason`)."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = list(lines)
+
+
+class PlanSource(abc.ABC):
+    """A place Plans are read from; the operator's ConfigMap watcher implements the same two methods."""
+
+    description: str = "plans"
+
+    @abc.abstractmethod
+    def load(self) -> list[plan.Plan]:
+        """The Plans now, one per LoadBalancer; raise `InvalidConfig` when they cannot be served."""
+
+    @abc.abstractmethod
+    async def changed(self) -> None:
+        """Return when `load()` may give something new (a change noticed); never returns for a fixed source."""
+
+
+class StaticSource(PlanSource):
+    """Plans given in memory: tests, and anything that builds Plans itself."""
+
+    def __init__(self, plans: Sequence[plan.Plan]) -> None:
+        self.plans = list(plans)
+        self.event = asyncio.Event()
+        self.description = "plans in memory"
+
+    def load(self) -> list[plan.Plan]:
+        self.event.clear()
+        return list(self.plans)
+
+    def set(self, plans: Sequence[plan.Plan]) -> None:
+        """Replace the Plans; the runtime applies them on its next look."""
+        self.plans = list(plans)
+        self.event.set()
+
+    async def changed(self) -> None:
+        await self.event.wait()
+
+
+class FileSource(PlanSource):
+    """Files polled for change; subclasses turn their bytes into Plans."""
+
+    def __init__(self, paths: Sequence[str], poll_seconds: float = POLL_SECONDS) -> None:
+        self.paths = [str(path) for path in paths]
+        self.poll_seconds = poll_seconds
+        self.description = ", ".join(self.paths)
+        self._stat: tuple[tuple[int, int, int] | None, ...] | None = None
+        self._digest: bytes | None = None
+
+    def _stats(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stats: list[tuple[int, int, int] | None] = []
+        for path in self.paths:
+            try:
+                info = os.stat(path)
+            except OSError:
+                stats.append(None)
+            else:
+                stats.append((info.st_mtime_ns, info.st_size, info.st_ino))
+        return tuple(stats)
+
+    def _read(self) -> tuple[list[tuple[str, bytes | None]], bytes]:
+        contents: list[tuple[str, bytes | None]] = []
+        digest = hashlib.sha256()
+        for path in self.paths:
+            try:
+                data: bytes | None = Path(path).read_bytes()
+            except OSError:
+                data = None
+            contents.append((path, data))
+            digest.update(b"\0missing" if data is None else hashlib.sha256(data).digest())
+        return contents, digest.digest()
+
+    def load(self) -> list[plan.Plan]:
+        self._stat = self._stats()
+        contents, self._digest = self._read()
+        return self.parse(contents)
+
+    @abc.abstractmethod
+    def parse(self, contents: list[tuple[str, bytes | None]]) -> list[plan.Plan]:
+        """Plans from each file's bytes (None: the file cannot be read)."""
+
+    async def changed(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            stats = self._stats()
+            if stats == self._stat:
+                continue
+            self._stat = stats
+            _, digest = self._read()
+            if digest != self._digest:
+                return
+
+
+class YamlFiles(FileSource):
+    """LoadBalancer YAML (with TLS Secrets alongside) resolved standalone, as `layerlb serve` reads it.
+
+    Standalone resources carry no `metadata.generation`; the source numbers each LoadBalancer's Plans
+    itself (1, 2, ... whenever its content changes) so that metrics and `/config` show reloads.
+    """
+
+    def __init__(self, paths: Sequence[str], poll_seconds: float = POLL_SECONDS) -> None:
+        super().__init__(paths, poll_seconds)
+        self._generations: dict[str, tuple[int, plan.Plan]] = {}
+
+    def parse(self, contents: list[tuple[str, bytes | None]]) -> list[plan.Plan]:
+        # documents reads the files again: a write between the two reads changes the stat again, so the
+        # next poll reloads; no change is ever lost.
+        bundle = documents.load([path for path, _ in contents])
+        errors = [line for item in bundle.items for line in item.error_lines()]
+        resolved, unresolved = documents.plans(bundle)
+        errors += unresolved
+        if not errors and not resolved:
+            errors.append(f"{self.description}: no LoadBalancer to serve")
+        if errors:
+            raise InvalidConfig(errors)
+        return [self._number(p) for _, p in resolved]
+
+    def _number(self, new: plan.Plan) -> plan.Plan:
+        if new.generation:
+            return new
+        previous = self._generations.get(new.key)
+        if previous is not None and previous[1] == new.model_copy(update={"generation": previous[0]}):
+            return previous[1]
+        numbered = new.model_copy(update={"generation": previous[0] + 1 if previous else 1})
+        self._generations[new.key] = (numbered.generation, numbered)
+        return numbered
+
+
+class PlanFile(FileSource):
+    """A Plan JSON file as `layerlb render --format dataplane` writes it: one Plan, several in a row, or a list."""
+
+    def parse(self, contents: list[tuple[str, bytes | None]]) -> list[plan.Plan]:
+        plans: list[plan.Plan] = []
+        errors: list[str] = []
+        for path, data in contents:
+            if data is None:
+                errors.append(f"{path}: -: cannot read the file")
+                continue
+            try:
+                objects = _json_values(data.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                errors.append(f"{path}: -: not a Plan JSON file: {error}")
+                continue
+            if not objects:
+                errors.append(f"{path}: -: no Plan in the file")
+            for index, obj in enumerate(objects):
+                name = _plan_name(obj, index)
+                try:
+                    plans.append(plan.Plan.model_validate(obj))
+                except pydantic.ValidationError as error:
+                    for problem in error.errors():
+                        where = ".".join(str(part) for part in problem["loc"])
+                        errors.append(f"{path}: {name}: {where}: {problem['msg']}")
+        keys = [p.key for p in plans]
+        errors += [
+            f"{self.description}: Plan {key} appears more than once"
+            for key in sorted(set(keys))
+            if keys.count(key) > 1
+        ]
+        if errors:
+            raise InvalidConfig(errors)
+        return plans
+
+
+def _json_values(text: str) -> list[Any]:
+    """Every JSON value of a text of concatenated values; a top-level list counts as its items."""
+    decoder = json.JSONDecoder()
+    values: list[Any] = []
+    index = 0
+    while True:
+        while index < len(text) and text[index].isspace():
+            index += 1
+        if index == len(text):
+            break
+        value, index = decoder.raw_decode(text, index)
+        values.extend(value if isinstance(value, list) else [value])
+    return values
+
+
+def _plan_name(obj: Any, index: int) -> str:
+    if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+        return f"Plan/{obj.get('namespace', 'default')}/{obj['name']}"
+    return f"Plan[{index}]"

@@ -1,0 +1,306 @@
+"""Strict HTTP/1.1 response framing for the L7 proxy, sans-IO: a backend out of step must never be reused.
+
+A response's length decides where the next one starts on a kept-alive connection, so the proxy frames
+responses itself (RFC 9112 6.3: no body after HEAD or for 1xx/204/304; else chunked; else
+Content-Length; else until the connection closes) and treats anything unexpected (bytes between
+responses, a malformed head or chunk) as the end of that connection. llhttp validates each head; the
+header block is forwarded as received, minus hop-by-hop lines, found with one `lower()` and a few
+regular-expression searches rather than a Python call per header.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Protocol
+
+import httptools
+
+from layerlb_dataplane.http1 import (
+    _VALIDATOR,
+    HOP_BY_HOP,
+    LLHTTP_STRICT,
+    ChunkedDecoder,
+    ParseError,
+    check_head,
+    cut,
+    listed_lines,
+    parse_codings,
+    parse_length,
+    tokens,
+)
+
+MAX_RESPONSE_HEAD: Final = 65536
+_RESPONSE_LINES: Final = re.compile(rb"\r\n(content-length|" + HOP_BY_HOP + rb"):([^\r]*)")
+
+
+class Response:
+    """One parsed response head. `block` is the header block to forward (CRLF-led lines, hop-by-hop lines
+    removed, no final CRLF); it keeps a well-formed Content-Length line (`length_in_block`)."""
+
+    content_length: int | None = None
+    length_in_block = False
+    chunked = False
+    codings = b""
+    keep_alive = True
+    upgrade: bytes | None = None
+
+    def __init__(self, status: int, status_line: bytes, block: bytes) -> None:
+        self.status = status
+        self.status_line = status_line
+        self.block = block
+
+
+class ResponseHandler(Protocol):
+    """What the response parser calls: a head (1xx ones too), body data, the end."""
+
+    def on_response(self, response: Response) -> None: ...
+
+    def on_response_body(self, data: bytes | bytearray) -> None: ...
+
+    def on_response_end(self) -> None: ...
+
+
+_WAIT, _HEAD, _LENGTH, _CHUNKED, _CLOSE, _DONE, _TUNNEL, _BROKEN = range(8)
+
+
+class ResponseParser:
+    """Frames a backend's responses, one per `expect()`; a 101 ends framing (the rest is a tunnel).
+
+    Anything after a response's end, or out of turn, makes the connection unusable (`reusable` False).
+    `feed` raises `ParseError` (status 502) on a malformed response.
+    """
+
+    __slots__ = ("_buf", "_chunks", "_clean", "_head_request", "_llhttp", "_remaining", "_state", "handler")
+
+    def __init__(self, handler: ResponseHandler) -> None:
+        self.handler = handler
+        self._llhttp = httptools.HttpResponseParser(_VALIDATOR)
+        self._clean = True  # llhttp saw whole messages only, so it can parse the next head
+        self._state = _WAIT
+        self._buf = b""
+        self._remaining = 0
+        self._chunks: ChunkedDecoder | None = None
+        self._head_request = False
+
+    @property
+    def reusable(self) -> bool:
+        """Between responses, with nothing unexpected received: the connection may carry another request."""
+        return self._state == _DONE or self._state == _WAIT
+
+    @property
+    def started(self) -> bool:
+        """Bytes of the awaited response arrived (a retry would no longer be safe)."""
+        return self._state != _HEAD or bool(self._buf)
+
+    @property
+    def until_close(self) -> bool:
+        return self._state == _CLOSE
+
+    def expect(self, head_request: bool) -> None:
+        """A request was sent: frame its response (no body after a HEAD request)."""
+        self._state = _HEAD
+        self._head_request = head_request
+
+    def feed(self, data: bytes | bytearray) -> bytes | bytearray:
+        """Frame `data`; returns the bytes past a 101 head (the start of the tunnel), else b""."""
+        while data:
+            state = self._state
+            if state == _LENGTH:
+                remaining = self._remaining
+                size = len(data)
+                if size < remaining:
+                    self._remaining = remaining - size
+                    self._llhttp.feed_data(data)
+                    self.handler.on_response_body(data)
+                    return b""
+                self._remaining = 0
+                body = data if size == remaining else data[:remaining]
+                self._llhttp.feed_data(body)
+                self.handler.on_response_body(body)
+                self._done(data[remaining:] if size > remaining else b"")
+                return b""
+            if state == _HEAD:
+                rest = self._head(data)
+                if rest is None or self._state == _TUNNEL:
+                    return rest or b""
+                data = rest
+            elif state == _CHUNKED:
+                assert self._chunks is not None
+                try:
+                    after = self._chunks.feed(data, self.handler.on_response_body)
+                except ParseError as error:
+                    raise ParseError(502, f"response body: {error.reason}") from None
+                if after is not None:
+                    self._done(after)
+                return b""
+            elif state == _CLOSE:
+                self.handler.on_response_body(data)
+                return b""
+            else:  # bytes between responses: the backend is out of step
+                self._state = _BROKEN
+                raise ParseError(502, "unexpected bytes from the backend")
+        return b""
+
+    def feed_eof(self) -> bool:
+        """The backend closed: True when that ended a close-delimited response."""
+        if self._state == _CLOSE:
+            self._done()
+            return True
+        return False
+
+    def _done(self, rest: bytes | bytearray = b"") -> None:
+        """The response ended; bytes after it mean the backend is out of step (never reuse it)."""
+        self._state = _BROKEN if rest else _DONE
+        self._chunks = None
+        self.handler.on_response_end()
+
+    def _head(self, data: bytes | bytearray) -> bytes | bytearray | None:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_RESPONSE_HEAD:
+                raise ParseError(502, "response head too large")
+            self._buf = bytes(data)
+            return None
+        if end > MAX_RESPONSE_HEAD:
+            raise ParseError(502, "response head too large")
+        head = data[: end + 4]
+        if isinstance(head, bytearray):
+            head = bytes(head)
+        if head[:7] != b"HTTP/1.":
+            raise ParseError(502, "not an HTTP/1.x response")
+        if not LLHTTP_STRICT:
+            check_head(head, "response")
+        if not self._clean:
+            self._llhttp = httptools.HttpResponseParser(_VALIDATOR)
+        llhttp = self._llhttp
+        self._clean = True
+        try:
+            llhttp.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            self._clean = False
+        except httptools.HttpParserError as error:
+            self._clean = False
+            raise ParseError(502, f"malformed response: {error}") from None
+        status = llhttp.get_status_code()
+        if not 100 <= status <= 599:
+            raise ParseError(502, "response status out of range")
+        response = self._interpret(head, status, end)
+        rest = data[end + 4 :]
+        if status == 101:
+            self._state = _TUNNEL
+            self.handler.on_response(response)
+            return rest
+        if status < 200:
+            self.handler.on_response(response)  # informational: the final response follows
+            return rest
+        if self._head_request or status == 204 or status == 304:
+            self._state = _DONE
+            self._clean = not self._head_request  # llhttp would expect a body after HEAD
+        elif response.chunked:
+            self._state = _CHUNKED
+            self._chunks = ChunkedDecoder()
+            self._clean = False
+        elif response.content_length is not None:
+            self._remaining = response.content_length
+            self._state = _LENGTH if self._remaining else _DONE
+        else:
+            self._state = _CLOSE
+            self._clean = False
+            response.keep_alive = False
+        self.handler.on_response(response)
+        if self._state == _DONE:
+            self._done(rest)  # a response without a body ends with its head
+            return b""
+        return rest
+
+    @staticmethod
+    def _interpret(head: bytes, status: int, end: int) -> Response:
+        """Framing and keep-alive from the head, and the block to forward; the common head (a plain
+        Content-Length, `Connection: keep-alive` or `close`, no other hop-by-hop line) takes the short way."""
+        line = head.find(b"\r\n")
+        http10 = head[7] == 0x30  # "HTTP/1.0"
+        low = head.lower()
+        spans: list[tuple[int, int]] = []
+        length: int | None = None
+        close = http10
+        others: list[re.Match[bytes]] | None = None
+        search = _RESPONSE_LINES.search
+        match = search(low, line, end)
+        while match is not None:
+            name = match.group(1)
+            value = match.group(2).strip(b" \t")
+            if name == b"content-length" and length is None and value.isdigit() and len(value) <= 18:
+                length = int(value)
+            elif name == b"connection" and value in _SIMPLE_CONNECTION:
+                spans.append(match.span())
+                close = value == b"close"
+            else:
+                others = [match] if others is None else [*others, match]
+            match = search(low, match.end(), end)
+        status_line = head[:line] if not http10 else b"HTTP/1.1" + head[8:line]
+        if others is None:
+            response = Response(status, status_line, cut(head, line, end, spans))
+            if close:
+                response.keep_alive = False
+            if length is not None:
+                response.content_length = length
+                response.length_in_block = True
+            return response
+        return _interpret_more(head, low, status, status_line, line, end, http10)
+
+
+_SIMPLE_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
+
+
+def _interpret_more(
+    head: bytes, low: bytes, status: int, status_line: bytes, line: int, end: int, http10: bool
+) -> Response:
+    """Every hop-by-hop and framing line, in general (repeated or listed headers, codings, Upgrade)."""
+    spans: list[tuple[int, int]] = []
+    lengths: list[bytes] | None = None
+    codings: list[bytes] | None = None
+    connection: list[bytes] | None = None
+    upgrade: bytes | None = None
+    for match in _RESPONSE_LINES.finditer(low, line, end):
+        name = match.group(1)
+        value = head[match.start(2) : match.end(2)].strip(b" \t")
+        if name == b"content-length":
+            lengths = [*(lengths or ()), value]
+            if not value.isdigit() or lengths[1:]:
+                spans.append(match.span())
+        else:
+            spans.append(match.span())
+            if name == b"transfer-encoding":
+                codings = [*(codings or ()), value]
+            elif name == b"connection":
+                connection = [*(connection or ()), value]
+            elif name == b"upgrade":
+                upgrade = value
+    listed = tokens(connection) if connection is not None else set()
+    keep_alive = b"keep-alive" in listed if http10 else b"close" not in listed
+    listed -= {b"close", b"keep-alive", b"upgrade"}
+    if listed:
+        spans = sorted({*spans, *listed_lines(head, low, line, end, listed)})
+    response = Response(status, status_line, cut(head, line, end, spans))
+    if not keep_alive:
+        response.keep_alive = False
+    if upgrade is not None:
+        response.upgrade = upgrade
+    if lengths is not None:
+        try:
+            response.content_length = parse_length(lengths)
+        except ParseError:
+            raise ParseError(502, "malformed Content-Length in a response") from None
+        response.length_in_block = len(lengths) == 1 and lengths[0].isdigit()
+    if codings is not None and status >= 200 and status not in (204, 304):
+        if lengths is not None:
+            raise ParseError(502, "both Content-Length and Transfer-Encoding in a response")
+        try:
+            response.codings = parse_codings(codings)
+        except ParseError:
+            raise ParseError(502, "unsupported response transfer coding") from None
+        response.chunked = True
+    return response

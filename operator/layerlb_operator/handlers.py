@@ -1,0 +1,166 @@
+"""kopf wiring, and nothing else: what to watch, what to index, which call each event makes.
+
+Indexes keep the watched state in memory for lookups (a LoadBalancer by the Service, Secret or
+forwarding pods it refers to; EndpointSlices by Service; ...). LoadBalancer changes are reconciled in
+kopf's handlers, with kopf's finalizer and retries; changes of the objects they refer to go through the
+reconciler's debounced queue. Every handler is a few lines; the work is in `reconciler`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from layerlb_operator import cluster_view, objects, reconciler, status
+
+LOADBALANCERS = ("layerlb.dev", "v1alpha1", "loadbalancers")
+VIPPOOLS = ("layerlb.dev", "v1alpha1", "vippools")
+DATAPLANE = {objects.NAME_LABEL: "layerlb", objects.COMPONENT_LABEL: "dataplane"}
+INDEXES = ("loadbalancers", "references", "services", "slices", "secrets", "pools", "deployments", "pods")
+
+_reconciler: reconciler.Reconciler | None = None
+
+
+def install(instance: reconciler.Reconciler) -> None:
+    """Give the handlers the reconciler to call (main does, before kopf starts)."""
+    global _reconciler
+    _reconciler = instance
+
+
+def _bound(kwargs: Mapping[str, Any]) -> reconciler.Reconciler:
+    """The reconciler, with kopf's live indexes (passed to every handler as keyword arguments) bound."""
+    assert _reconciler is not None, "handlers.install() was not called"
+    if _reconciler.sources is None:
+        _reconciler.bind(reconciler.Sources(**{name: kwargs[name] for name in INDEXES}))
+    return _reconciler
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec", "status")}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Own names for kopf's bookkeeping on LoadBalancers; kopf's per-handler Events only for failures."""
+    settings.persistence.finalizer = "layerlb.dev/cleanup"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="layerlb.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="layerlb.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.ERROR
+
+
+# Indexes: kopf keeps them current before any handler of the same event runs.
+
+
+@kopf.index(*LOADBALANCERS, id="loadbalancers")
+def index_loadbalancer(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Any]:
+    return {f"{namespace}/{name}": _plain(body)}
+
+
+@kopf.index(*LOADBALANCERS, id="references")
+def index_references(
+    spec: kopf.Spec, namespace: str | None, name: str, **_: Any
+) -> dict[tuple[str, str, str], str]:
+    key = f"{namespace}/{name}"
+    namespace = namespace or "default"
+    found = {("instance", namespace, objects.label_value(name)): key}
+    for backend in spec.get("backends") or []:
+        if isinstance(backend, dict) and isinstance(backend.get("service"), dict):
+            found[("service", namespace, str(backend["service"].get("name")))] = key
+    for listener in spec.get("listeners") or []:
+        tls = listener.get("tls") if isinstance(listener, dict) else None
+        if isinstance(tls, dict):
+            for secret in [tls.get("secretName"), *(tls.get("extraSecretNames") or [])]:
+                found[("secret", namespace, str(secret))] = key
+    return found
+
+
+@kopf.index("v1", "services", id="services")
+def index_service(
+    spec: kopf.Spec, namespace: str | None, name: str, **_: Any
+) -> dict[tuple[str | None, str], Any]:
+    return {(namespace, name): cluster_view.service_summary(spec)}
+
+
+@kopf.index("discovery.k8s.io", "v1", "endpointslices", id="slices")
+def index_slice(
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+) -> dict[tuple[str | None, str], Any] | None:
+    service = labels.get(cluster_view.SERVICE_NAME_LABEL)
+    return {(namespace, service): cluster_view.slice_summary(body)} if service else None
+
+
+@kopf.index("v1", "secrets", id="secrets")
+def index_secret(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[tuple[str | None, str], Any]:
+    return {(namespace, name): cluster_view.secret_summary(name, body.get("data"))}
+
+
+@kopf.index(*VIPPOOLS, id="pools")
+def index_pool(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+    return {name: _plain(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=DATAPLANE, id="deployments")
+def index_deployment(
+    status: kopf.Status, namespace: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace, labels.get(objects.LOADBALANCER_LABEL)): dict(status)}
+
+
+@kopf.index("v1", "pods", labels=DATAPLANE, id="pods")
+def index_pod(
+    body: kopf.Body, namespace: str | None, name: str, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace, labels.get(objects.LOADBALANCER_LABEL)): (name, status.pod_report(body))}
+
+
+# LoadBalancers: kopf's lifecycle, finalizer and retries.
+
+
+@kopf.on.resume(*LOADBALANCERS)
+@kopf.on.create(*LOADBALANCERS)
+@kopf.on.update(*LOADBALANCERS)
+async def reconcile_loadbalancer(body: kopf.Body, retry: int, **kwargs: Any) -> None:
+    result = await _bound(kwargs).sync(_plain(body))
+    if result.transient:
+        raise kopf.TemporaryError(result.message, delay=reconciler.backoff(retry + 1))
+
+
+@kopf.on.delete(*LOADBALANCERS)
+async def delete_loadbalancer(body: kopf.Body, **kwargs: Any) -> None:
+    await _bound(kwargs).forget(_plain(body))
+
+
+# What LoadBalancers refer to: re-render the affected ones through the debounced queue.
+
+
+@kopf.on.event("v1", "services")
+def service_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
+    _bound(kwargs).touch(("service", namespace, name))
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
+def slice_changed(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    _bound(kwargs).touch(("service", namespace, labels.get(cluster_view.SERVICE_NAME_LABEL)))
+
+
+@kopf.on.event("v1", "secrets")
+def secret_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
+    _bound(kwargs).touch(("secret", namespace, name))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=DATAPLANE)
+@kopf.on.event("v1", "pods", labels=DATAPLANE)
+def dataplane_changed(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    _bound(kwargs).touch(("instance", namespace, labels.get(objects.LOADBALANCER_LABEL)))
+
+
+@kopf.on.event(*VIPPOOLS)
+def pool_changed(**kwargs: Any) -> None:
+    _bound(kwargs).touch_all()

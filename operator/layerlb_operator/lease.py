@@ -1,0 +1,149 @@
+"""Leader election on a `coordination.k8s.io` Lease, so that of several operator replicas exactly one acts.
+
+Why a Lease and not kopf's peering: kopf pauses *every* operator when two of the same priority meet
+(replicas of one Deployment all have the same priority), it needs two extra CRDs, and it would not
+cover the operator's own debounced queue, which runs outside kopf's handlers. A Lease is what
+kube-controller-manager itself uses: the standbys wait, watching nothing and writing nothing; the
+leader renews every `retry` seconds and, once it cannot renew for `renew_deadline`, stops acting.
+
+Expiry is judged by this process's monotonic clock from the moment it last saw the Lease change (as
+client-go does), so clocks that disagree between nodes cannot make two leaders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerlb_operator import apiserver
+
+log = logging.getLogger("layerlb.operator")
+
+
+def _micro_time(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Elector:
+    """Acquire, renew and release one Lease as `identity`."""
+
+    client: apiserver.Client
+    namespace: str
+    name: str
+    identity: str
+    duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry: float = 2.0
+    _seen: tuple[str, str] | None = field(default=None, init=False)  # (holder, renewTime) last observed
+    _seen_at: float = field(default=0.0, init=False)
+
+    @property
+    def path(self) -> str:
+        """The Lease's URL path."""
+        return apiserver.collection_path("coordination.k8s.io/v1", "Lease", self.namespace) + f"/{self.name}"
+
+    def _spec(self, transitions: int, acquired: str | None = None) -> dict[str, Any]:
+        now = _micro_time(datetime.datetime.now(datetime.UTC))
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(self.duration),
+            "acquireTime": acquired or now,
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }
+
+    def try_acquire(self) -> bool:
+        """One attempt to take or renew the Lease; True when this process holds it afterwards."""
+        try:
+            lease = self.client.request("GET", self.path)
+        except apiserver.ApiError as error:
+            if error.status != 404:
+                raise
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._spec(0),
+            }
+            self.client.write(
+                "Lease",
+                "POST",
+                apiserver.collection_path("coordination.k8s.io/v1", "Lease", self.namespace),
+                body=body,
+            )
+            return True
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity") or ""
+        observed = (holder, str(spec.get("renewTime") or ""))
+        if observed != self._seen:
+            self._seen, self._seen_at = observed, time.monotonic()
+        duration = float(spec.get("leaseDurationSeconds") or self.duration)
+        if holder and holder != self.identity and time.monotonic() - self._seen_at < duration:
+            return False
+        transitions = int(spec.get("leaseTransitions") or 0)
+        if holder == self.identity:
+            new_spec = self._spec(transitions, spec.get("acquireTime"))
+        else:
+            new_spec = self._spec(transitions + 1)
+        lease["spec"] = new_spec
+        # PUT with the resourceVersion we read: if another replica wrote in between, this one fails (409).
+        try:
+            self.client.write("Lease", "PUT", self.path, body=lease)
+        except apiserver.ApiError as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    async def acquire(self) -> None:
+        """Wait until this process holds the Lease."""
+        announced = False
+        while True:
+            try:
+                if await asyncio.to_thread(self.try_acquire):
+                    log.info("leader: holding Lease %s/%s as %s", self.namespace, self.name, self.identity)
+                    return
+                if not announced:
+                    log.info(
+                        "standby: Lease %s/%s is held by %s",
+                        self.namespace,
+                        self.name,
+                        (self._seen or ("?",))[0],
+                    )
+                    announced = True
+            except apiserver.ApiError as error:
+                log.warning("leader election: %s", error)
+            await asyncio.sleep(self.retry)
+
+    async def hold(self) -> None:
+        """Renew the Lease until renewal fails for `renew_deadline` seconds; then return (leadership lost)."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.retry)
+            try:
+                if await asyncio.to_thread(self.try_acquire):
+                    last = time.monotonic()
+                    continue
+            except apiserver.ApiError as error:
+                log.warning("leader election: renewal failed: %s", error)
+            if time.monotonic() - last > self.renew_deadline:
+                log.error("leader election: lost Lease %s/%s", self.namespace, self.name)
+                return
+
+    def release(self) -> None:
+        """Give the Lease up on a clean exit, so a standby takes over at once rather than after expiry."""
+        try:
+            lease = self.client.request("GET", self.path)
+            spec = lease.get("spec") or {}
+            if spec.get("holderIdentity") != self.identity:
+                return
+            spec.update(holderIdentity="", leaseDurationSeconds=1)
+            lease["spec"] = spec
+            self.client.write("Lease", "PUT", self.path, body=lease)
+        except apiserver.ApiError as error:
+            log.warning("leader election: could not release the Lease: %s", error)

@@ -1,0 +1,132 @@
+"""`layerlb operator`: the entry point that starts leader election, the metrics server, the queue and kopf.
+
+Without `--standalone`, replicas elect a leader on a Lease (see `lease`): the standbys serve `/healthz`
+and `/metrics` and wait; the leader runs kopf and the reconciler. A leader that loses its Lease exits
+with status 1 (its pod restarts as a standby) rather than risk acting beside a new leader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+DEFAULT_LEASE = "layerlb-operator"
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `layerlb operator` (the CLI builds the subcommand; kopf is imported only to run)."""
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        metavar="NS",
+        help="watch LoadBalancers in NS only (repeatable); default: all namespaces",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--peering",
+        metavar="[NAMESPACE/]NAME",
+        default=DEFAULT_LEASE,
+        help="the Lease on which replicas elect the one that acts (default: %(default)s in the "
+        "operator's namespace)",
+    )
+    mode.add_argument(
+        "--standalone", action="store_true", help="act without leader election (a single replica only)"
+    )
+    parser.add_argument(
+        "--metrics", metavar="HOST:PORT", default="0.0.0.0:8080", help="serve /metrics and /healthz here"
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's own messages too")
+
+
+def _own_namespace() -> str:
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    with contextlib.suppress(OSError):
+        return SA_NAMESPACE.read_text(encoding="utf-8").strip()
+    return "default"
+
+
+def lease_location(peering: str) -> tuple[str, str]:
+    """(namespace, name) of the Lease from `--peering`."""
+    namespace, _, name = peering.rpartition("/")
+    return namespace or _own_namespace(), name
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT (0) or until leadership is lost (1)."""
+    import kopf
+
+    from layerlb_operator import apiserver, handlers, lease, metrics, objects, reconciler
+
+    log = logging.getLogger("layerlb.operator")
+    host, port = metrics.parse_address(args.metrics)
+    client = apiserver.Client(apiserver.load_configuration())
+    counters = metrics.Metrics()
+    client.writes = counters.writes  # one counter: the metrics show every write the client makes
+    worker = reconciler.Reconciler(client, objects.Settings.from_environment(), counters)
+    handlers.install(worker)
+    server = await metrics.serve(counters, host, port, healthy=lambda: True)
+    log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    elector = None
+    if not args.standalone:
+        namespace, name = lease_location(args.peering)
+        identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        elector = lease.Elector(client, namespace, name, identity)
+        acquiring = asyncio.create_task(elector.acquire())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            acquiring.cancel()
+            server.close()
+            return 0
+        stopping.cancel()
+
+    counters.leader = True
+    queue = asyncio.create_task(worker.run())
+    namespaces = args.namespace or []
+    operator = asyncio.create_task(
+        kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True, stop_flag=stop)
+    )
+    holding = asyncio.create_task(elector.hold()) if elector else asyncio.create_task(stop.wait())
+    await asyncio.wait({operator, holding}, return_when=asyncio.FIRST_COMPLETED)
+    lost = elector is not None and holding.done() and not stop.is_set()
+    stop.set()
+    with contextlib.suppress(Exception):
+        await operator
+    for task in (queue, holding):
+        task.cancel()
+    counters.leader = False
+    if elector is not None and not lost:
+        await asyncio.to_thread(elector.release)
+    server.close()
+    return 1 if lost else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """`layerlb operator`: logs to stderr; returns the exit code."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    if not args.verbose:
+        logging.getLogger("kopf").setLevel(logging.WARNING)
+    try:
+        return asyncio.run(run(args))
+    except ValueError as error:
+        print(f"layerlb operator: {error}", file=sys.stderr)
+        return 2

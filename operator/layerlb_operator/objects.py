@@ -1,0 +1,292 @@
+"""The Kubernetes objects that run one LoadBalancer's data plane, built as plain dicts for server-side apply.
+
+Per LoadBalancer: the ConfigMap `<name>-plan` holding the Plan JSON; the ServiceAccount, Role and
+RoleBinding `<name>-dataplane` that let the forwarding pods read (get/list/watch) that ConfigMap and
+nothing else; the Deployment `<name>-dataplane`. All are owned by the LoadBalancer (controller
+reference), so kube-controller-manager's garbage collector removes them with it.
+
+Privileges follow the architecture: the kernel ones (nat, dsr, tunnel) program IPVS or nftables and
+`transparent` binds to client addresses, so they get the host's network and NET_ADMIN + NET_RAW;
+everything else runs as a non-root user with no capabilities. Both have a read-only root filesystem,
+no privilege escalation and the runtime's default seccomp profile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from layerlb import api
+
+DEFAULT_IMAGE: Final = "ghcr.io/layerlb/layerlb:0.1.0"
+IMAGE_ENV: Final = "LAYERLB_DATAPLANE_IMAGE"
+PLAN_KEY: Final = "plan.json"
+ADMIN_PORT: Final = 9090
+NONROOT_UID: Final = 65532
+MAX_OBJECT_NAME: Final = 253
+MAX_LABEL_VALUE: Final = 63
+
+NAME_LABEL: Final = "app.kubernetes.io/name"
+INSTANCE_LABEL: Final = "app.kubernetes.io/instance"
+COMPONENT_LABEL: Final = "app.kubernetes.io/component"
+MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
+LOADBALANCER_LABEL: Final = "layerlb.dev/loadbalancer"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the operator's deployment decides about the forwarding pods."""
+
+    image: str = DEFAULT_IMAGE
+    admin_port: int = ADMIN_PORT
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `LAYERLB_DATAPLANE_IMAGE` (the image the operator's chart pins)."""
+        env = os.environ if environ is None else environ
+        return cls(image=env.get(IMAGE_ENV) or DEFAULT_IMAGE)
+
+
+def _shortened(text: str, limit: int) -> str:
+    """`text` when it fits, else a prefix and a hash: distinct names stay distinct and valid."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{text[: limit - 11].rstrip('-.')}-{digest}"
+
+
+def child_name(name: str, suffix: str) -> str:
+    """The name of an object of LoadBalancer `name`, e.g. `web-plan`, within the 253-character limit."""
+    return _shortened(f"{name}-{suffix}", MAX_OBJECT_NAME)
+
+
+def plan_configmap_name(name: str) -> str:
+    """The ConfigMap holding the Plan of LoadBalancer `name`."""
+    return child_name(name, "plan")
+
+
+def dataplane_name(name: str) -> str:
+    """The Deployment, ServiceAccount, Role and RoleBinding of LoadBalancer `name`."""
+    return child_name(name, "dataplane")
+
+
+def label_value(name: str) -> str:
+    """A LoadBalancer name as a label value (at most 63 characters)."""
+    return _shortened(name, MAX_LABEL_VALUE)
+
+
+def selector(name: str) -> dict[str, str]:
+    """The labels that select LoadBalancer `name`'s forwarding pods (and nothing else in the namespace)."""
+    return {NAME_LABEL: "layerlb", INSTANCE_LABEL: label_value(name), COMPONENT_LABEL: "dataplane"}
+
+
+def labels(name: str) -> dict[str, str]:
+    """The labels of every object of LoadBalancer `name`."""
+    return {**selector(name), LOADBALANCER_LABEL: label_value(name), MANAGED_BY_LABEL: "layerlb-operator"}
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """The controller reference that makes the LoadBalancer own (and garbage-collect) an object."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "LoadBalancer",
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def privileged(spec: api.LoadBalancerSpec) -> bool:
+    """Whether the architecture needs the host network and NET_ADMIN/NET_RAW."""
+    return spec.architecture in (*api.KERNEL_ARCHITECTURES, api.Architecture.transparent)
+
+
+def _low_port(spec: api.LoadBalancerSpec) -> bool:
+    return any(listener.port < 1024 for listener in spec.listeners)
+
+
+def dataplane_command(namespace: str, name: str, admin_port: int = ADMIN_PORT) -> list[str]:
+    """The forwarding pod's command: the data plane reading its Plan from the ConfigMap through the API."""
+    return [
+        "layerlb",
+        "dataplane",
+        "--plan-configmap",
+        f"{namespace}/{plan_configmap_name(name)}",
+        "--admin",
+        f"0.0.0.0:{admin_port}",
+    ]
+
+
+def _meta(name: str, namespace: str, lb_name: str, uid: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": labels(lb_name),
+        "ownerReferences": [owner_reference(lb_name, uid)],
+    }
+
+
+def config_map(namespace: str, name: str, uid: str, plan_json: str) -> dict[str, Any]:
+    """The ConfigMap `<name>-plan` with the Plan JSON under `plan.json`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(plan_configmap_name(name), namespace, name, uid),
+        "data": {PLAN_KEY: plan_json},
+    }
+
+
+def service_account(namespace: str, name: str, uid: str) -> dict[str, Any]:
+    """The forwarding pods' identity."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(dataplane_name(name), namespace, name, uid),
+    }
+
+
+def role(namespace: str, name: str, uid: str) -> dict[str, Any]:
+    """Read access to this LoadBalancer's Plan ConfigMap only (list/watch are narrowed by resourceNames too)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(dataplane_name(name), namespace, name, uid),
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [plan_configmap_name(name)],
+                "verbs": ["get", "list", "watch"],
+            }
+        ],
+    }
+
+
+def role_binding(namespace: str, name: str, uid: str) -> dict[str, Any]:
+    """Grants the Role to the forwarding pods' ServiceAccount."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(dataplane_name(name), namespace, name, uid),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": dataplane_name(name)},
+        "subjects": [{"kind": "ServiceAccount", "name": dataplane_name(name), "namespace": namespace}],
+    }
+
+
+def _security(spec: api.LoadBalancerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod securityContext, container securityContext) for the architecture."""
+    pod: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
+    container: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    if privileged(spec):
+        # Capabilities take effect for root only (non-root would need file capabilities in the image).
+        add = ["NET_ADMIN", "NET_RAW"]
+        if spec.architecture is api.Architecture.transparent and _low_port(spec):
+            add.append("NET_BIND_SERVICE")  # the transparent proxy listens itself; the kernel ones do not
+        container["capabilities"] = {"drop": ["ALL"], "add": add}
+        container.update(runAsUser=0, runAsNonRoot=False)
+    else:
+        pod.update(runAsNonRoot=True, runAsUser=NONROOT_UID, runAsGroup=NONROOT_UID, fsGroup=NONROOT_UID)
+        container["runAsNonRoot"] = True
+        if _low_port(spec):
+            # A per-pod network namespace sysctl (in Kubernetes' safe set): ports below 1024 without root.
+            pod["sysctls"] = [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
+    return pod, container
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "admin"},
+        "periodSeconds": period,
+        "timeoutSeconds": 1,
+        "failureThreshold": failures,
+    }
+
+
+def deployment(
+    namespace: str, name: str, uid: str, spec: api.LoadBalancerSpec, settings: Settings
+) -> dict[str, Any]:
+    """The forwarding pods: `spec.replicas` of them, spread over nodes, probed on the admin server."""
+    pod_security, container_security = _security(spec)
+    host = privileged(spec)
+    ports: list[dict[str, Any]] = [{"name": "admin", "containerPort": settings.admin_port, "protocol": "TCP"}]
+    if not host:
+        ports += [
+            {"containerPort": listener.port, "protocol": api.transport(listener.protocol)}
+            for listener in spec.listeners
+            if listener.port != settings.admin_port
+        ]
+    container: dict[str, Any] = {
+        "name": "dataplane",
+        "image": settings.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": dataplane_command(namespace, name, settings.admin_port),
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ],
+        "ports": ports,
+        "livenessProbe": _probe("/healthz", 10, 3),
+        "readinessProbe": _probe("/readyz", 2, 1),
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+        "securityContext": container_security,
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": dataplane_name(name),
+        "automountServiceAccountToken": True,  # the data plane watches its ConfigMap through the API
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}],
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "labelSelector": {"matchLabels": selector(name)},
+                            "topologyKey": "kubernetes.io/hostname",
+                        },
+                    }
+                ]
+            }
+        },
+    }
+    deployment_spec: dict[str, Any] = {
+        "replicas": spec.replicas,
+        "selector": {"matchLabels": selector(name)},
+        "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
+    }
+    if host:
+        pod_spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
+        # Host ports cannot surge on the same node: replace pods one at a time instead.
+        deployment_spec["strategy"] = {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+        }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(dataplane_name(name), namespace, name, uid),
+        "spec": deployment_spec,
+    }
+
+
+def desired(resource: api.LoadBalancer, uid: str, plan_json: str, settings: Settings) -> list[dict[str, Any]]:
+    """Every object of one LoadBalancer, in the order they are applied (identity and RBAC first)."""
+    namespace = resource.metadata.namespace or "default"
+    name = resource.metadata.name
+    return [
+        service_account(namespace, name, uid),
+        role(namespace, name, uid),
+        role_binding(namespace, name, uid),
+        config_map(namespace, name, uid, plan_json),
+        deployment(namespace, name, uid, resource.spec, settings),
+    ]

@@ -1,0 +1,57 @@
+"""The operator's own permissions as data, so the Helm chart renders exactly what the code uses.
+
+Least privilege, verb by verb:
+
+- it reads (list/watch) what it watches: LoadBalancers, VIPPools, Services, EndpointSlices, Secrets
+  (TLS material), and its forwarding pods and their Deployments (for `Ready`);
+- it writes its owned objects by server-side apply, which is a PATCH that creates a missing object, so
+  `create` + `patch` on each kind; it never deletes them (the garbage collector does);
+- Roles it creates grant get/list/watch on ConfigMaps, and Kubernetes lets nobody grant what they do not
+  hold (no `escalate` verb here), so it holds those verbs on ConfigMaps too;
+- kopf patches LoadBalancers (its finalizer and progress annotations), the operator patches their status,
+  and setting `blockOwnerDeletion` on owner references needs `update` on `loadbalancers/finalizers`;
+- kopf posts Events; the Lease of leader election is read and updated by name only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+READ = ["list", "watch"]
+APPLY = ["create", "patch"]
+
+
+def _rule(
+    group: str, resources: list[str], verbs: list[str], names: list[str] | None = None
+) -> dict[str, Any]:
+    rule: dict[str, Any] = {"apiGroups": [group], "resources": resources, "verbs": verbs}
+    if names is not None:
+        rule["resourceNames"] = names
+    return rule
+
+
+def cluster_rules() -> list[dict[str, Any]]:
+    """The ClusterRole rules of the operator (cluster-wide mode; a namespaced install binds them per namespace)."""
+    return [
+        _rule("layerlb.dev", ["loadbalancers"], [*READ, "patch"]),
+        _rule("layerlb.dev", ["loadbalancers/status"], ["patch"]),
+        _rule("layerlb.dev", ["loadbalancers/finalizers"], ["update"]),
+        _rule("layerlb.dev", ["vippools"], READ),
+        _rule("", ["services", "secrets", "pods"], READ),
+        _rule("discovery.k8s.io", ["endpointslices"], READ),
+        _rule("", ["configmaps"], ["get", *READ, *APPLY]),
+        _rule("", ["serviceaccounts"], APPLY),
+        _rule("rbac.authorization.k8s.io", ["roles", "rolebindings"], APPLY),
+        _rule("apps", ["deployments"], [*READ, *APPLY]),
+        _rule("", ["events"], ["create"]),
+        _rule("events.k8s.io", ["events"], ["create"]),
+    ]
+
+
+def lease_rules(lease_name: str) -> list[dict[str, Any]]:
+    """The Role rules, in the operator's namespace, for leader election on the Lease `lease_name`."""
+    return [
+        _rule("coordination.k8s.io", ["leases"], ["get", "update"], [lease_name]),
+        # `create` cannot be narrowed by name: the name is not known to the authorizer before the object exists.
+        _rule("coordination.k8s.io", ["leases"], ["create"]),
+    ]

@@ -1,0 +1,286 @@
+"""Brings LoadBalancers to their desired state against the API server; the kopf handlers only call into it.
+
+`Reconciler.sync` is the one path for every trigger (a LoadBalancer created, changed or resumed; a
+Service, EndpointSlice, Secret, VIPPool, Deployment or forwarding pod that it refers to changed):
+read the cluster view from the watched state in memory, run the pure `reconcile`, claim the VIP,
+server-side apply the objects, and patch the status when it differs. Triggers from watched objects
+go through a debounced queue, so a burst of endpoint changes costs one re-render per LoadBalancer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from layerlb import validation
+from layerlb_operator import apiserver, objects, reconcile, status, vips
+from layerlb_operator.cluster_view import ClusterView, Store
+from layerlb_operator.debounce import Debouncer
+from layerlb_operator.metrics import Metrics
+
+log = logging.getLogger("layerlb.operator")
+
+# Accepted reasons that a VIP released elsewhere may cure.
+WAITING_FOR_VIP = ("VIPConflict", "NoVIPAvailable")
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before retry `attempt` (1, 2, 3, ...) of a transient failure: 1, 2, 4, ... up to 60."""
+    return float(min(60, 2 ** max(0, attempt - 1)))
+
+
+def rfc3339(moment: datetime.datetime | None = None) -> str:
+    """A timestamp as conditions and Events carry it (seconds, UTC)."""
+    return (moment or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _first(store: Store, key: Any) -> Any:
+    return next(iter(store.get(key, ())), None)
+
+
+def _comparable(value: Mapping[str, Any]) -> dict[str, Any]:
+    # The API server drops null fields; compare what it would store.
+    return {key: item for key, item in value.items() if item is not None}
+
+
+@dataclass
+class Sources:
+    """The watched state, keyed for lookups (kopf indexes in the operator, dicts in tests)."""
+
+    loadbalancers: Store  # "namespace/name" → the LoadBalancer
+    references: Store  # ("service" | "secret" | "instance", namespace, name) → "namespace/name"
+    services: Store  # (namespace, name) → cluster_view.service_summary
+    slices: Store  # (namespace, service name) → cluster_view.slice_summary, one per EndpointSlice
+    secrets: Store  # (namespace, name) → cluster_view.secret_summary
+    pools: Store  # name → the VIPPool
+    deployments: Store  # (namespace, instance label) → the Deployment's status
+    pods: Store  # (namespace, instance label) → (pod name, status.PodReport)
+
+
+@dataclass(frozen=True)
+class Result:
+    """How one sync ended: the reconcile verdict, or `failed` (the API server refused), or `skipped`."""
+
+    verdict: str
+    message: str = ""
+
+    @property
+    def transient(self) -> bool:
+        """Whether to retry with backoff."""
+        return self.verdict in ("unresolvable", "failed")
+
+
+class Reconciler:
+    """The operator's state between triggers: VIP claims, per-LoadBalancer locks, the debounced queue."""
+
+    def __init__(
+        self,
+        client: apiserver.Client,
+        settings: objects.Settings,
+        metrics: Metrics,
+        *,
+        debounce: float = 0.5,
+        concurrency: int = 8,
+        now: Callable[[], str] = rfc3339,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+        self.now = now
+        self.concurrency = concurrency
+        self.ledger = vips.Ledger()
+        self.queue: Debouncer[str] = Debouncer(debounce)
+        self.sources: Sources | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # key → (uid, status last written)
+        self._attempts: Counter[str] = Counter()
+        self._pools: dict[tuple[str, str], vips.Pool | str] = {}
+        metrics.vips = self.vips_allocated
+
+    def bind(self, sources: Sources) -> Sources:
+        """Use these watched-state lookups from now on (the handlers pass kopf's indexes)."""
+        self.sources = sources
+        return sources
+
+    def _statuses(self, sources: Sources) -> dict[str, str]:
+        statuses = {}
+        for key, bodies in sources.loadbalancers.items():
+            for body in bodies:
+                vip = (body.get("status") or {}).get("vip")
+                if isinstance(vip, str):
+                    statuses[str(key)] = vip
+        return statuses
+
+    def vips_allocated(self) -> int:
+        """How many addresses LoadBalancers hold, for the metrics."""
+        return len(self.ledger.holders(self._statuses(self.sources))) if self.sources else 0
+
+    def _valid_pools(self, sources: Sources) -> tuple[list[vips.Pool], dict[str, str]]:
+        pools, broken = [], {}
+        for name, bodies in sources.pools.items():
+            for body in bodies:
+                version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+                cached = self._pools.get((str(name), version))
+                if cached is None:
+                    try:
+                        cached = vips.pool_from(body)
+                    except validation.Invalid as error:
+                        cached = f"invalid: {error}"
+                    self._pools[(str(name), version)] = cached
+                if isinstance(cached, vips.Pool):
+                    pools.append(cached)
+                else:
+                    broken[str(name)] = cached
+        return pools, broken
+
+    def _previous(self, key: str, document: Mapping[str, Any]) -> dict[str, Any]:
+        uid = str((document.get("metadata") or {}).get("uid", ""))
+        written = self._written.get(key)
+        if written is not None and written[0] == uid:
+            return written[1]
+        return _comparable(dict(document.get("status") or {}))
+
+    async def sync(self, document: Mapping[str, Any]) -> Result:
+        """Reconcile one LoadBalancer document now; never raises for its content, only reports."""
+        key = reconcile.key_of(document)
+        meta = document.get("metadata") or {}
+        sources = self.sources
+        if meta.get("deletionTimestamp") or sources is None:
+            return Result("skipped")
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            previous = self._previous(key, document)
+            pools, broken = self._valid_pools(sources)
+            view = ClusterView(
+                sources.services,
+                sources.slices,
+                sources.secrets,
+                pools,
+                self.ledger.holders(self._statuses(sources)),
+                current_vip=previous.get("vip"),
+                broken_pools=broken,
+            )
+            outcome = reconcile.reconcile(document, view, self.settings)
+            if outcome.verdict != "invalid":
+                self.ledger.claim(key, outcome.vip)  # before any await: allocations never interleave
+            apply_error = None
+            if outcome.objects:
+                try:
+                    await asyncio.to_thread(self._apply_all, outcome.objects)
+                except apiserver.ApiError as error:
+                    apply_error = str(error)
+            instance = (str(meta.get("namespace") or "default"), objects.label_value(str(meta.get("name"))))
+            new = reconcile.status_for(
+                previous,
+                outcome,
+                apply_error=apply_error,
+                deployment_status=_first(sources.deployments, instance),
+                reports=dict(sources.pods.get(instance, ())),
+                now=self.now(),
+            )
+            result = Result(
+                "failed" if apply_error else outcome.verdict, apply_error or outcome.accepted["message"]
+            )
+            if _comparable(new) != previous:
+                try:
+                    await asyncio.to_thread(self.client.patch_status, instance[0], str(meta.get("name")), new)
+                except apiserver.ApiError as error:
+                    if error.status == 404:
+                        return Result("skipped")
+                    result = Result("failed", f"status: {error}")
+                else:
+                    self._written[key] = (str(meta.get("uid", "")), _comparable(new))
+                    events = status.transitions(previous.get("conditions") or [], new["conditions"])
+                    if events:
+                        await asyncio.to_thread(self._post, document, events)
+            conditions = new["conditions"]
+            self.metrics.reconciled(
+                key,
+                result.verdict,
+                status.status_of(conditions, status.ACCEPTED),
+                status.status_of(conditions, status.READY),
+            )
+            return result
+
+    def _apply_all(self, desired: list[dict[str, Any]]) -> None:
+        for obj in desired:
+            self.client.apply(obj)
+
+    def _post(self, document: Mapping[str, Any], events: list[status.Event]) -> None:
+        now = self.now()
+        for event in events:
+            body = {"type": event.type, "reason": event.reason, "message": event.message[:1024]}
+            self.client.post_event(dict(document), {**body, "firstTimestamp": now, "lastTimestamp": now})
+
+    def touch(self, reference: Hashable) -> None:
+        """A watched object changed: re-render the LoadBalancers that refer to it, debounced."""
+        if self.sources is not None:
+            for key in self.sources.references.get(reference, ()):
+                self.queue.touch(str(key))
+
+    def touch_all(self, only: Callable[[Mapping[str, Any]], bool] = lambda body: True) -> None:
+        """Re-render every LoadBalancer (that `only` picks), debounced: a VIPPool changed, or a VIP was freed."""
+        if self.sources is not None:
+            for key, bodies in self.sources.loadbalancers.items():
+                if any(only(body) for body in bodies):
+                    self.queue.touch(str(key))
+
+    async def before_delete(self, document: Mapping[str, Any]) -> None:
+        """The finalizer's wait: here the operator will wait for the forwarding pods to report their kernel
+        state removed (IPVS services, nftables tables) before the Deployment is garbage-collected. The pods'
+        report channel arrives with the pod-runner issue; until then there is nothing to wait for."""
+
+    async def forget(self, document: Mapping[str, Any]) -> None:
+        """A LoadBalancer is being deleted: run the cleanup hook, release its VIP, and wake who waits for one."""
+        key = reconcile.key_of(document)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            await self.before_delete(document)
+            self.ledger.release(key)
+            self.queue.discard(key)
+            self._written.pop(key, None)
+            self._attempts.pop(key, None)
+            self.metrics.forget(key)
+        self._locks.pop(key, None)
+        self.touch_all(
+            lambda body: (
+                status.reason_of((body.get("status") or {}).get("conditions") or [], status.ACCEPTED)
+                in WAITING_FOR_VIP
+            )
+        )
+
+    async def _queued(self, key: str) -> None:
+        document = _first(self.sources.loadbalancers, key) if self.sources else None
+        if document is None:
+            return
+        try:
+            result = await self.sync(document)
+        except Exception as error:  # a bug must not stop the queue for every other LoadBalancer
+            log.exception("reconciling %s failed", key)
+            result = Result("failed", str(error))
+        if result.transient:
+            self._attempts[key] += 1
+            self.queue.touch(key, backoff(self._attempts[key]))
+        else:
+            self._attempts.pop(key, None)
+
+    async def run(self) -> None:
+        """Work the debounced queue forever, at most `concurrency` LoadBalancers at a time."""
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(key: str) -> None:
+            try:
+                await self._queued(key)
+            finally:
+                slots.release()
+
+        async for keys in self.queue.batches():
+            for key in keys:
+                await slots.acquire()
+                task = asyncio.create_task(one(key))
+                running.add(task)
+                task.add_done_callback(running.discard)

@@ -1,0 +1,124 @@
+"""The LoadBalancer's conditions, so that users and `kubectl wait` read one truthful story.
+
+Conditions follow the Kubernetes API conventions: one per type (`Accepted`, `Programmed`, `Ready`), each
+with the generation it describes, and a `lastTransitionTime` that moves only when its status flips.
+Everything here is pure; the caller passes the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ACCEPTED = "Accepted"
+PROGRAMMED = "Programmed"
+READY = "Ready"
+TYPES = (ACCEPTED, PROGRAMMED, READY)
+
+# The annotation a forwarding pod sets on itself with the Plan generation it serves (pod-runner issue).
+SERVING_GENERATION = "layerlb.dev/serving-generation"
+
+
+@dataclass(frozen=True)
+class PodReport:
+    """What one forwarding pod says: the Plan generation it serves, and whether its readiness passes."""
+
+    generation: int | None
+    ready: bool
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the LoadBalancer."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    """One condition without its transition time (see `merge`)."""
+    return {
+        "type": kind,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+
+
+def pod_report(pod: Mapping[str, Any]) -> PodReport:
+    """A PodReport read from a Pod: its serving-generation annotation and its Ready condition."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        generation: int | None = int(annotations.get(SERVING_GENERATION, ""))
+    except ValueError:
+        generation = None
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return PodReport(generation, ready)
+
+
+def ready(
+    *,
+    generation: int,
+    replicas: int,
+    programmed: bool,
+    deployment_status: Mapping[str, Any] | None,
+    reports: Mapping[str, PodReport],
+) -> dict[str, Any]:
+    """`Ready`: at least one forwarding pod passes its readiness and serves this generation's Plan.
+
+    Both the Deployment's `readyReplicas` (the kubelet's view of `/readyz`) and the pods' own reports
+    must agree: a ready pod still on the previous generation does not count.
+    """
+    ready_replicas = int((deployment_status or {}).get("readyReplicas") or 0)
+    reporting = sum(1 for r in reports.values() if r.ready and r.generation == generation)
+    serving = min(reporting, ready_replicas) if programmed else 0
+    message = f"{serving}/{replicas} forwarding pods serve generation {generation}"
+    if serving >= 1:
+        return condition(READY, True, "Serving", message, generation)
+    return condition(READY, False, "Pending", message, generation)
+
+
+def merge(
+    previous: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]], now: str
+) -> list[dict[str, Any]]:
+    """`current` with each `lastTransitionTime` kept from `previous` unless the status changed."""
+    before = {c.get("type"): c for c in previous}
+    merged = []
+    for item in current:
+        old = before.get(item["type"]) or {}
+        kept = old.get("lastTransitionTime") if old.get("status") == item["status"] else None
+        merged.append({**item, "lastTransitionTime": kept or now})
+    return merged
+
+
+def transitions(previous: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]) -> list[Event]:
+    """Events for the conditions whose status or reason changed: Normal when True, Warning when False."""
+    before = {c.get("type"): c for c in previous}
+    events = []
+    for item in current:
+        old = before.get(item["type"])
+        if old is not None and (old.get("status"), old.get("reason")) == (item["status"], item["reason"]):
+            continue
+        ok = item["status"] == "True"
+        events.append(
+            Event(
+                "Normal" if ok else "Warning",
+                item["reason"],
+                f"{item['type']}={item['status']}: {item['message']}",
+            )
+        )
+    return events
+
+
+def status_of(conditions: Sequence[Mapping[str, Any]], kind: str) -> str:
+    """The status ("True", "False", "Unknown") of one condition type."""
+    return next((str(c.get("status")) for c in conditions if c.get("type") == kind), "Unknown")
+
+
+def reason_of(conditions: Sequence[Mapping[str, Any]], kind: str) -> str:
+    """The reason of one condition type, or "" when absent."""
+    return next((str(c.get("reason", "")) for c in conditions if c.get("type") == kind), "")

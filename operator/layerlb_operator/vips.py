@@ -1,0 +1,234 @@
+"""VIP allocation from VIPPools, so that no address serves two LoadBalancers and a restart rebuilds it all.
+
+Rules, in the order they are applied:
+
+- A requested `spec.vip` is honoured when no other LoadBalancer holds it. When VIPPools cover the address,
+  at least one of them must serve the LoadBalancer's namespace (and be `spec.vipPool` when that is
+  given); otherwise the request is a `VIPConflict`. An address that no pool covers is honoured as is:
+  pools govern what the operator hands out, and someone who writes an address down means it (unlike
+  MetalLB, which refuses addresses outside its pools).
+- Without `spec.vip`, the address already in `status.vip` is kept while it stays eligible, so a VIP
+  never moves under running traffic; otherwise the first free address of `spec.vipPool`, or of the
+  `autoAssign` pools serving the namespace (by pool name), is taken. None free: `NoVIPAvailable`.
+
+Who holds what is derived from the LoadBalancers' `status.vip` (the only storage) plus the `Ledger` of
+claims this process made since, which are not in any status yet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from layerlb import api, validation
+from layerlb.resolve import Unresolvable
+from layerlb.validation import Problem
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Block:
+    """A run of consecutive addresses of one family: a CIDR or an inclusive range."""
+
+    first: Address
+    size: int
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return False
+        return address.version == self.first.version and 0 <= int(address) - int(self.first) < self.size
+
+    def at(self, offset: int) -> Address:
+        """The address `offset` places after the first."""
+        return ipaddress.ip_address(int(self.first) + offset)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A parsed, valid VIPPool."""
+
+    name: str
+    blocks: tuple[Block, ...]
+    namespaces: frozenset[str] | None = None
+    auto_assign: bool = True
+
+    def __contains__(self, address: object) -> bool:
+        return any(address in block for block in self.blocks)
+
+    def serves(self, namespace: str) -> bool:
+        """Whether LoadBalancers of `namespace` may draw from this pool."""
+        return self.namespaces is None or namespace in self.namespaces
+
+    @property
+    def size(self) -> int:
+        """How many addresses the pool holds (blocks may overlap; this counts them once per block)."""
+        return sum(block.size for block in self.blocks)
+
+
+def pool_from(document: Mapping[str, object]) -> Pool:
+    """A Pool from a VIPPool resource; raises `validation.Invalid` with the same problems as the CLI."""
+    resource = validation.validate(dict(document))
+    assert isinstance(resource, api.VIPPool)
+    blocks = tuple(Block(*api.address_block(text)) for text in resource.spec.addresses)
+    namespaces = frozenset(resource.spec.namespaces) if resource.spec.namespaces is not None else None
+    return Pool(resource.metadata.name, blocks, namespaces, resource.spec.autoAssign)
+
+
+@dataclass
+class Ledger:
+    """Claims made by this process that the LoadBalancers' statuses may not show yet.
+
+    A claim overrides what that owner's status says; a release hides the owner's status until the
+    owner claims again (its status still names the VIP while it is being deleted).
+    """
+
+    claims: dict[str, str] = field(default_factory=dict)
+    released: set[str] = field(default_factory=set)
+
+    def claim(self, owner: str, address: str | None) -> None:
+        """Record that `owner` holds `address` now (None: it holds nothing)."""
+        self.released.discard(owner)
+        if address is None:
+            self.claims.pop(owner, None)
+            self.released.add(owner)
+        else:
+            self.claims[owner] = address
+
+    def release(self, owner: str) -> None:
+        """Forget `owner`'s address: it is being deleted."""
+        self.claims.pop(owner, None)
+        self.released.add(owner)
+
+    def holders(self, statuses: Mapping[str, str]) -> dict[str, str]:
+        """Address → owner, from `statuses` (owner → status.vip) overlaid with this ledger."""
+        merged = {o: a for o, a in statuses.items() if o not in self.released and o not in self.claims}
+        merged.update(self.claims)
+        holders: dict[str, str] = {}
+        for owner in sorted(merged):  # deterministic when two statuses ever name one address
+            holders.setdefault(_normal(merged[owner]), owner)
+        return holders
+
+
+def _parse(text: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _normal(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+
+
+def _problem(path: str, message: str) -> list[Problem]:
+    return [Problem(path, message)]
+
+
+def allocate(
+    *,
+    owner: str,
+    namespace: str,
+    requested: str | None,
+    pool_name: str | None,
+    current: str | None,
+    pools: Iterable[Pool],
+    holders: Mapping[str, str],
+    broken_pools: Mapping[str, str] | None = None,
+) -> str:
+    """The VIP for `owner` (`namespace/name`); raise `Unresolvable` (VIPConflict, NoVIPAvailable) when none.
+
+    `holders` maps addresses to the LoadBalancers holding them (this owner's entry is ignored);
+    `broken_pools` names invalid VIPPools and why, so a request for one says so.
+    """
+    pools = sorted(pools, key=lambda pool: pool.name)
+    taken = {address for address, holder in holders.items() if holder != owner}
+    broken = broken_pools or {}
+    if requested is not None:
+        return _requested(owner, namespace, requested, pool_name, pools, holders, taken)
+    if pool_name is not None:
+        named = [pool for pool in pools if pool.name == pool_name]
+        if not named:
+            why = f" ({broken[pool_name]})" if pool_name in broken else ""
+            raise Unresolvable(
+                "NoVIPAvailable", _problem("spec.vipPool", f"VIPPool {pool_name} not found{why}")
+            )
+        if not named[0].serves(namespace):
+            raise Unresolvable(
+                "NoVIPAvailable",
+                _problem("spec.vipPool", f"VIPPool {pool_name} does not serve namespace {namespace}"),
+            )
+        candidates = named
+    else:
+        candidates = [pool for pool in pools if pool.auto_assign and pool.serves(namespace)]
+        if not candidates:
+            raise Unresolvable(
+                "NoVIPAvailable",
+                _problem(
+                    "spec.vip",
+                    f"no VIPPool with autoAssign serves namespace {namespace}; "
+                    "create one, name one in spec.vipPool, or give spec.vip",
+                ),
+            )
+    if current is not None:
+        kept = _parse(current)
+        if kept is not None and str(kept) not in taken and any(kept in pool for pool in candidates):
+            return str(kept)
+    for pool in candidates:
+        free = first_free(pool, taken)
+        if free is not None:
+            return free
+    names = ", ".join(pool.name for pool in candidates)
+    total = sum(pool.size for pool in candidates)
+    raise Unresolvable(
+        "NoVIPAvailable",
+        _problem("spec.vip", f"no free address in VIPPool(s) {names}: all {total} are in use"),
+    )
+
+
+def _requested(
+    owner: str,
+    namespace: str,
+    requested: str,
+    pool_name: str | None,
+    pools: list[Pool],
+    holders: Mapping[str, str],
+    taken: set[str],
+) -> str:
+    address = ipaddress.ip_address(requested)
+    text = str(address)
+    if text in taken:
+        raise Unresolvable(
+            "VIPConflict", _problem("spec.vip", f"{text} is already the VIP of LoadBalancer {holders[text]}")
+        )
+    covering = [pool for pool in pools if address in pool]
+    if pool_name is not None and not any(pool.name == pool_name for pool in covering):
+        raise Unresolvable("VIPConflict", _problem("spec.vip", f"{text} is not in spec.vipPool {pool_name}"))
+    if covering and not any(pool.serves(namespace) for pool in covering):
+        names = ", ".join(pool.name for pool in covering)
+        raise Unresolvable(
+            "VIPConflict",
+            _problem(
+                "spec.vip", f"{text} belongs to VIPPool(s) {names}, which do not serve namespace {namespace}"
+            ),
+        )
+    return text
+
+
+def first_free(pool: Pool, taken: set[str]) -> str | None:
+    """The lowest free address of `pool`, looking at no more than len(taken) + 1 addresses per block.
+
+    A /64 has 2**64 addresses: walking them is not an option, but the first free one is always among
+    the first (number of taken addresses in the block + 1).
+    """
+    for block in pool.blocks:
+        inside = sum(1 for text in taken if _parse(text) in block)
+        for offset in range(min(block.size, inside + 1)):
+            candidate = str(block.at(offset))
+            if candidate not in taken:
+                return candidate
+    return None

@@ -1,0 +1,166 @@
+"""The reconciler writes once per change, debounces endpoint bursts, and frees VIPs for who waits on delete."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from layerlb_operator import apiserver, objects, reconciler
+from layerlb_operator.metrics import Metrics
+
+T = TypeVar("T")
+
+
+class FakeClient(apiserver.Client):
+    """Records writes instead of sending them; the status patch updates the stored LoadBalancer."""
+
+    def __init__(self, store: dict[str, list[dict[str, Any]]]) -> None:
+        super().__init__(api_client=None)
+        self.store = store
+        self.applied: list[dict[str, Any]] = []
+        self.patched: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.applied.append(obj)
+        return obj
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        key = f"{namespace}/{name}"
+        self.patched.append((key, status))
+        body = self.store[key][0]
+        self.store[key] = [{**body, "status": {k: v for k, v in status.items() if v is not None}}]
+        return {}
+
+    def post_event(self, involved: dict[str, Any], event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+def _lb(name: str, vip: str | None = None, service: str | None = None) -> dict[str, Any]:
+    backend: dict[str, Any] = {"name": "app"}
+    if service:
+        backend["service"] = {"name": service, "port": 80}
+    else:
+        backend["endpoints"] = [{"address": "10.1.0.1", "port": 80}]
+    spec: dict[str, Any] = {
+        "mode": "L4",
+        "architecture": "proxy",
+        "listeners": [{"name": "tcp", "port": 80, "protocol": "TCP"}],
+        "backends": [backend],
+    }
+    if vip:
+        spec["vip"] = vip
+    return {
+        "apiVersion": "layerlb.dev/v1alpha1",
+        "kind": "LoadBalancer",
+        "metadata": {"name": name, "namespace": "shop", "generation": 1, "uid": f"uid-{name}"},
+        "spec": spec,
+    }
+
+
+def _setup(
+    *documents: dict[str, Any], pool: str = "192.0.2.0/31"
+) -> tuple[reconciler.Reconciler, FakeClient, dict[str, list[dict[str, Any]]]]:
+    store = {f"shop/{d['metadata']['name']}": [d] for d in documents}
+    client = FakeClient(store)
+    worker = reconciler.Reconciler(
+        client, objects.Settings(), Metrics(), debounce=0.01, now=lambda: "2026-01-01T00:00:00Z"
+    )
+    references: dict[Any, list[str]] = {}
+    for document in documents:
+        for backend in document["spec"]["backends"]:
+            if "service" in backend:
+                references.setdefault(("service", "shop", backend["service"]["name"]), []).append(
+                    f"shop/{document['metadata']['name']}"
+                )
+    pool_body = {
+        "apiVersion": "layerlb.dev/v1alpha1",
+        "kind": "VIPPool",
+        "metadata": {"name": "p", "resourceVersion": "1"},
+        "spec": {"addresses": [pool]},
+    }
+    sources = reconciler.Sources(
+        loadbalancers=store, references=references, services={}, slices={}, secrets={},
+        pools={"p": [pool_body]}, deployments={}, pods={},
+    )  # fmt: skip
+    worker.bind(sources)
+    return worker, client, store
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def test_an_unchanged_load_balancer_synced_twice_patches_its_status_once() -> None:
+    worker, client, store = _setup(_lb("a"))
+    first = _run(worker.sync(store["shop/a"][0]))
+    second = _run(worker.sync(store["shop/a"][0]))
+    assert (first.verdict, second.verdict) == ("accepted", "accepted")
+    assert len(client.patched) == 1
+    assert len(client.applied) == 10  # server-side apply is idempotent: the second round changes nothing
+    assert client.applied[:5] == client.applied[5:]
+    assert [e["reason"] for e in client.events] == ["Valid", "Programmed", "Pending"]
+
+
+def test_vips_are_allocated_without_repeats_and_exhaustion_is_reported() -> None:
+    worker, client, store = _setup(_lb("a"), _lb("b"), _lb("c"))
+
+    async def all_three() -> list[reconciler.Result]:
+        return list(await asyncio.gather(*(worker.sync(store[f"shop/{n}"][0]) for n in "abc")))
+
+    results = _run(all_three())
+    vips = {key: status.get("vip") for key, status in client.patched}
+    assert sorted(v for v in vips.values() if v) == ["192.0.2.0", "192.0.2.1"]
+    assert sorted(r.verdict for r in results) == ["accepted", "accepted", "unresolvable"]
+    assert worker.metrics.vips() == 2
+
+
+def test_deleting_a_load_balancer_frees_its_vip_for_one_that_waits() -> None:
+    worker, client, store = _setup(_lb("a"), _lb("b"), pool="192.0.2.0/32")
+
+    async def scenario() -> reconciler.Result:
+        await worker.sync(store["shop/a"][0])
+        waiting = await worker.sync(store["shop/b"][0])
+        assert waiting.verdict == "unresolvable"
+        gone = store.pop("shop/a")[0]
+        await worker.forget(gone)
+        assert "shop/b" in worker.queue
+        return await worker.sync(store["shop/b"][0])
+
+    assert _run(scenario()).verdict == "accepted"
+    assert client.patched[-1][1]["vip"] == "192.0.2.0"
+
+
+def test_a_burst_of_endpoint_changes_re_renders_the_affected_load_balancer_once() -> None:
+    worker, client, _ = _setup(_lb("a", service="app"), _lb("b"))
+
+    async def scenario() -> None:
+        runner = asyncio.create_task(worker.run())
+        for _ in range(20):
+            worker.touch(("service", "shop", "app"))
+        worker.touch(("service", "shop", "unrelated"))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if client.patched:
+                break
+        await asyncio.sleep(0.1)
+        runner.cancel()
+
+    _run(scenario())
+    assert [key for key, _ in client.patched] == ["shop/a"]
+    assert client.patched[0][1]["conditions"][0]["reason"] == "BackendNotFound"
+    assert "shop/a" in worker.queue  # transient: retried with backoff
+
+
+def test_a_load_balancer_being_deleted_is_not_reconciled() -> None:
+    document = _lb("a")
+    document["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    worker, client, _ = _setup(document)
+    assert _run(worker.sync(document)).verdict == "skipped"
+    assert client.applied == []
+    assert client.patched == []
+
+
+def test_backoff_doubles_up_to_a_minute() -> None:
+    assert [reconciler.backoff(n) for n in (1, 2, 3, 4, 7, 20)] == [1, 2, 4, 8, 60, 60]
