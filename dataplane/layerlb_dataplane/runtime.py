@@ -55,8 +55,8 @@ class KernelEngine(Protocol):
         """Program the kernel for `snapshot` (desired state: only the difference is written)."""
         ...
 
-    async def close(self) -> None:
-        """The process is stopping (or the Plan left): do what the engine documents for its kernel state."""
+    async def close(self, remove: bool = False) -> None:
+        """Stop programming; `remove` when the Plan left (the LoadBalancer is gone), not on process stop."""
         ...
 
 
@@ -331,7 +331,7 @@ class Dataplane:
                 self._retire(served, self.drain_timeout)
             await inst.health.aclose()
             if inst.engine is not None:
-                await inst.engine.close()
+                await inst.engine.close(remove=True)
         fatal = None
         for key, p in wanted.items():
             inst = self.instances.get(key) or self._instance(key)
@@ -365,7 +365,7 @@ class Dataplane:
         if new.architecture in api.KERNEL_ARCHITECTURES:
             return await self._apply_kernel(inst, new)
         if inst.engine is not None:  # a kernel Plan became a proxy one
-            await inst.engine.close()
+            await inst.engine.close(remove=True)
             inst.engine = None
         wanted = {listener_key(new, listener): listener for listener in new.listeners}
         ours = {
@@ -492,13 +492,17 @@ def run(
     """Serve `source` on uvloop until stopped: in this process, or with `workers` worker processes."""
     import uvloop
 
+    from layerlb_dataplane.kernel import driver
     from layerlb_dataplane.workers import Supervisor
 
     async def main() -> int:
         if workers > 1:
             supervisor = Supervisor(source, workers, admin_address=admin_address, drain_timeout=drain_timeout)
             return await supervisor.run()
-        return await Dataplane(source, admin_address=admin_address, drain_timeout=drain_timeout).run()
+        dataplane = Dataplane(
+            source, engines=driver.default_engines(), admin_address=admin_address, drain_timeout=drain_timeout
+        )
+        return await dataplane.run()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main())

@@ -34,6 +34,7 @@ from typing import Any
 
 from layerlb import plan
 from layerlb_dataplane import admin, config, runtime
+from layerlb_dataplane.kernel import driver
 from layerlb_dataplane.metrics import Dump, merge, render
 
 log = logging.getLogger("layerlb")
@@ -373,7 +374,7 @@ def _plans(message: dict[str, Any]) -> list[plan.Plan]:
     return [plan.Plan.model_validate(data) for data in message["plans"]]
 
 
-async def _worker(control_fd: int, drain_timeout: float) -> int:
+async def _worker(control_fd: int, drain_timeout: float, index: int) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=control_fd))
     first = await reader.readline()
     if not first:
@@ -388,8 +389,15 @@ async def _worker(control_fd: int, drain_timeout: float) -> int:
     def applied(problems: list[str]) -> None:
         send({"op": "applied", "seq": source.loaded_seq, "problems": problems})
 
+    # The kernel is programmed once per node: by worker 0 only (the others serve the proxy architectures).
+    engines = driver.default_engines() if index == 0 else None
     dataplane = runtime.Dataplane(
-        source, probe=False, drain_timeout=drain_timeout, on_applied=applied, signals=(signal.SIGTERM,)
+        source,
+        engines=engines,
+        probe=False,
+        drain_timeout=drain_timeout,
+        on_applied=applied,
+        signals=(signal.SIGTERM,),
     )
 
     async def control() -> None:
@@ -423,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; a terminal's ^C reaches it too
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_worker(args.control_fd, args.drain_timeout))
+        return runner.run(_worker(args.control_fd, args.drain_timeout, args.index))
 
 
 if __name__ == "__main__":

@@ -163,8 +163,8 @@ def test_a_kernel_engine_plugs_into_the_engines_seam(loop_thread: LoopThread, tc
         async def apply(self, snapshot: Any) -> None:
             applied.append(snapshot.generation)
 
-        async def close(self) -> None:
-            applied.append(-1)
+        async def close(self, remove: bool = False) -> None:
+            applied.append(-2 if remove else -1)
 
     async def run() -> None:
         p = l4_plan(
@@ -179,7 +179,34 @@ def test_a_kernel_engine_plugs_into_the_engines_seam(loop_thread: LoopThread, tc
         await dataplane.stop(1)
 
     loop_thread.run(run())
-    assert applied == [1, 2, -1]
+    assert applied == [1, 2, -1]  # process stop: kernel state stays for the next process to adopt
+
+
+def test_a_kernel_engine_removes_its_state_only_when_the_load_balancer_goes(
+    loop_thread: LoopThread, tcp: list[TcpBackend]
+) -> None:
+    calls: list[str] = []
+
+    class Engine:
+        async def apply(self, snapshot: Any) -> None:
+            calls.append("apply")
+
+        async def close(self, remove: bool = False) -> None:
+            calls.append("remove" if remove else "close")
+
+    async def run() -> None:
+        p = l4_plan(
+            "127.0.0.23", [("k", 80, "TCP")], [tcp[1].port], name="nat", architecture=api.Architecture.nat
+        )
+        dataplane = runtime.Dataplane(
+            config.StaticSource([p]), engines={api.Architecture.nat: lambda _: Engine()}
+        )
+        assert await dataplane.apply([p]) is None
+        assert await dataplane.apply([]) is None  # the LoadBalancer left the source
+        await dataplane.stop(1)
+
+    loop_thread.run(run())
+    assert calls == ["apply", "remove"]
 
 
 def test_bind_failures_at_start_exit_1_with_one_line(loop_thread: LoopThread, tcp: list[TcpBackend]) -> None:
