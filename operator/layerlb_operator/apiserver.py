@@ -49,7 +49,10 @@ def load_configuration() -> Any:
     try:
         k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
+        try:
+            k8s_config.load_kube_config()
+        except k8s_config.ConfigException as error:
+            raise OSError(f"no Kubernetes credentials (in-cluster or kubeconfig): {error}") from None
     return k8s.ApiClient()
 
 

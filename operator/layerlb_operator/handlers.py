@@ -39,18 +39,24 @@ def _bound(kwargs: Mapping[str, Any]) -> reconciler.Reconciler:
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
-    return {key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec", "status")}
+    return {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec", "status") if key in body}
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Own names for kopf's bookkeeping on LoadBalancers; kopf's per-handler Events only for failures."""
+    """Own names for kopf's bookkeeping on LoadBalancers; kopf's per-handler Events only for failures.
+
+    The CRDs must exist when the operator starts (the chart installs them first): with scanning off, kopf
+    serves the resources it finds at startup.
+    """
     settings.persistence.finalizer = "layerlb.dev/cleanup"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="layerlb.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="layerlb.dev", key="last-handled-configuration"
     )
     settings.posting.level = logging.ERROR
+    # The resources are fixed and namespaces explicit: no watching of CRDs and namespaces (and no RBAC for it).
+    settings.scanning.disabled = True
 
 
 # Indexes: kopf keeps them current before any handler of the same event runs.
@@ -107,10 +113,8 @@ def index_pool(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
 
 
 @kopf.index("apps", "v1", "deployments", labels=DATAPLANE, id="deployments")
-def index_deployment(
-    status: kopf.Status, namespace: str | None, labels: kopf.Labels, **_: Any
-) -> dict[Any, Any]:
-    return {(namespace, labels.get(objects.LOADBALANCER_LABEL)): dict(status)}
+def index_deployment(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels.get(objects.LOADBALANCER_LABEL)): dict(body.get("status") or {})}
 
 
 @kopf.index("v1", "pods", labels=DATAPLANE, id="pods")

@@ -16,6 +16,7 @@ import asyncio
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class Elector:
     duration: float = 15.0
     renew_deadline: float = 10.0
     retry: float = 2.0
+    clock: Callable[[], float] = time.monotonic
     _seen: tuple[str, str] | None = field(default=None, init=False)  # (holder, renewTime) last observed
     _seen_at: float = field(default=0.0, init=False)
 
@@ -81,9 +83,9 @@ class Elector:
         holder = spec.get("holderIdentity") or ""
         observed = (holder, str(spec.get("renewTime") or ""))
         if observed != self._seen:
-            self._seen, self._seen_at = observed, time.monotonic()
+            self._seen, self._seen_at = observed, self.clock()
         duration = float(spec.get("leaseDurationSeconds") or self.duration)
-        if holder and holder != self.identity and time.monotonic() - self._seen_at < duration:
+        if holder and holder != self.identity and self.clock() - self._seen_at < duration:
             return False
         transitions = int(spec.get("leaseTransitions") or 0)
         if holder == self.identity:
@@ -122,16 +124,16 @@ class Elector:
 
     async def hold(self) -> None:
         """Renew the Lease until renewal fails for `renew_deadline` seconds; then return (leadership lost)."""
-        last = time.monotonic()
+        last = self.clock()
         while True:
             await asyncio.sleep(self.retry)
             try:
                 if await asyncio.to_thread(self.try_acquire):
-                    last = time.monotonic()
+                    last = self.clock()
                     continue
             except apiserver.ApiError as error:
                 log.warning("leader election: renewal failed: %s", error)
-            if time.monotonic() - last > self.renew_deadline:
+            if self.clock() - last > self.renew_deadline:
                 log.error("leader election: lost Lease %s/%s", self.namespace, self.name)
                 return
 

@@ -17,6 +17,7 @@ import socket
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 DEFAULT_LEASE = "layerlb-operator"
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -75,7 +76,8 @@ async def run(args: argparse.Namespace) -> int:
     client.writes = counters.writes  # one counter: the metrics show every write the client makes
     worker = reconciler.Reconciler(client, objects.Settings.from_environment(), counters)
     handlers.install(worker)
-    server = await metrics.serve(counters, host, port, healthy=lambda: True)
+    essential: list[asyncio.Task[Any]] = []  # healthy while none of these has ended
+    server = await metrics.serve(counters, host, port, healthy=lambda: not any(t.done() for t in essential))
     log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
 
     stop = asyncio.Event()
@@ -98,14 +100,17 @@ async def run(args: argparse.Namespace) -> int:
         stopping.cancel()
 
     counters.leader = True
-    queue = asyncio.create_task(worker.run())
     namespaces = args.namespace or []
+    # kopf takes SIGTERM/SIGINT over from here on; it ends `operator`, or `stop` ends it.
     operator = asyncio.create_task(
         kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True, stop_flag=stop)
     )
-    holding = asyncio.create_task(elector.hold()) if elector else asyncio.create_task(stop.wait())
-    await asyncio.wait({operator, holding}, return_when=asyncio.FIRST_COMPLETED)
-    lost = elector is not None and holding.done() and not stop.is_set()
+    queue = asyncio.create_task(worker.run())
+    holding = asyncio.create_task(elector.hold() if elector else stop.wait())
+    essential += [operator, queue]
+    await asyncio.wait({operator, queue, holding}, return_when=asyncio.FIRST_COMPLETED)
+    lost = elector is not None and holding.done()
+    failed = queue.done() or (operator.done() and operator.exception() is not None)
     stop.set()
     with contextlib.suppress(Exception):
         await operator
@@ -115,7 +120,12 @@ async def run(args: argparse.Namespace) -> int:
     if elector is not None and not lost:
         await asyncio.to_thread(elector.release)
     server.close()
-    return 1 if lost else 0
+    if failed:
+        log.error(
+            "the operator stopped unexpectedly: %s",
+            operator.exception() if operator.done() else "queue ended",
+        )
+    return 1 if lost or failed else 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -127,6 +137,9 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("kopf").setLevel(logging.WARNING)
     try:
         return asyncio.run(run(args))
-    except ValueError as error:
+    except ValueError as error:  # a bad --metrics address
         print(f"layerlb operator: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the metrics port is taken, or the kubeconfig cannot be read
+        print(f"layerlb operator: {error}", file=sys.stderr)
+        return 1

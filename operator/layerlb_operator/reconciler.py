@@ -131,6 +131,7 @@ class Reconciler:
                         cached = vips.pool_from(body)
                     except validation.Invalid as error:
                         cached = f"invalid: {error}"
+                        log.warning("VIPPool %s is not used: %s", name, error)
                     self._pools[(str(name), version)] = cached
                 if isinstance(cached, vips.Pool):
                     pools.append(cached)

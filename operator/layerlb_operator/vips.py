@@ -69,7 +69,9 @@ class Pool:
 
 def pool_from(document: Mapping[str, object]) -> Pool:
     """A Pool from a VIPPool resource; raises `validation.Invalid` with the same problems as the CLI."""
-    resource = validation.validate(dict(document))
+    resource = validation.validate(
+        {key: document.get(key) for key in ("apiVersion", "kind", "metadata", "spec")}
+    )
     assert isinstance(resource, api.VIPPool)
     blocks = tuple(Block(*api.address_block(text)) for text in resource.spec.addresses)
     namespaces = frozenset(resource.spec.namespaces) if resource.spec.namespaces is not None else None

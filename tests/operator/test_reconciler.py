@@ -79,6 +79,7 @@ def _setup(
         "kind": "VIPPool",
         "metadata": {"name": "p", "resourceVersion": "1"},
         "spec": {"addresses": [pool]},
+        "status": None,  # as a watched object may carry it
     }
     sources = reconciler.Sources(
         loadbalancers=store, references=references, services={}, slices={}, secrets={},

@@ -1,0 +1,117 @@
+"""Of several operator replicas exactly one holds the Lease; a released or expired Lease passes to a standby."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from layerlb_operator import apiserver, lease
+
+
+class LeaseServer(apiserver.Client):
+    """One Lease in memory with the API server's optimistic concurrency (resourceVersion, 409)."""
+
+    def __init__(self, shared: dict[str, Any]) -> None:
+        super().__init__(api_client=None)
+        self.shared = shared
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        stored = self.shared.get("lease")
+        if method == "GET":
+            if stored is None:
+                raise apiserver.ApiError(404, "not found")
+            return copy.deepcopy(stored)
+        body = copy.deepcopy(kwargs["body"])
+        if method == "POST":
+            if stored is not None:
+                raise apiserver.ApiError(409, "exists")
+        elif body["metadata"].get("resourceVersion") != stored["metadata"]["resourceVersion"]:  # type: ignore[index]
+            raise apiserver.ApiError(409, "conflict")
+        self.shared["version"] = self.shared.get("version", 0) + 1
+        body["metadata"]["resourceVersion"] = str(self.shared["version"])
+        self.shared["lease"] = body
+        return copy.deepcopy(body)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def _electors(count: int, clock: Clock) -> tuple[list[lease.Elector], dict[str, Any]]:
+    shared: dict[str, Any] = {}
+    electors = [
+        lease.Elector(LeaseServer(shared), "ops", "leader", f"replica-{i}", clock=clock) for i in range(count)
+    ]
+    return electors, shared
+
+
+def test_only_one_replica_holds_the_lease(clock: Clock) -> None:
+    (first, second), shared = _electors(2, clock)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    assert first.try_acquire()  # renewing
+    assert shared["lease"]["spec"]["holderIdentity"] == "replica-0"
+    assert second.client.writes == {}  # a standby only reads
+
+
+def test_a_released_lease_passes_at_once(clock: Clock) -> None:
+    (first, second), shared = _electors(2, clock)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    first.release()
+    assert second.try_acquire()
+    assert shared["lease"]["spec"]["holderIdentity"] == "replica-1"
+    assert shared["lease"]["spec"]["leaseTransitions"] == 1
+
+
+def test_an_expired_lease_passes_only_after_the_standby_saw_it_unrenewed_for_its_duration(
+    clock: Clock,
+) -> None:
+    (first, second), _ = _electors(2, clock)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    clock.now += 14
+    assert not second.try_acquire()
+    clock.now += 2
+    assert second.try_acquire()
+    assert not first.try_acquire()  # the old leader sees the new holder and stands by
+
+
+def test_a_renewal_keeps_the_lease_from_expiring(clock: Clock) -> None:
+    (first, second), _ = _electors(2, clock)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    for _ in range(5):
+        clock.now += 10
+        assert first.try_acquire()
+        assert not second.try_acquire()
+
+
+def test_two_replicas_racing_for_a_free_lease_cannot_both_win(clock: Clock) -> None:
+    (first, second), shared = _electors(2, clock)
+    assert first.try_acquire()
+    first.release()
+    results: list[bool] = []
+    server = first.client
+    assert isinstance(server, LeaseServer)
+    original = server.request
+
+    def interleaved(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if method == "PUT" and not results:
+            results.append(second.try_acquire())  # `second` writes between `first`'s read and write
+        return original(method, path, **kwargs)
+
+    server.request = interleaved  # type: ignore[method-assign]
+    assert not first.try_acquire()
+    assert results == [True]
+    assert shared["lease"]["spec"]["holderIdentity"] == "replica-1"
