@@ -3,7 +3,7 @@
 # (haproxy, nft), network namespaces (iproute2), certificates (openssl). Idempotent; quiet when all present.
 set -euo pipefail
 
-packages=(haproxy nftables iproute2 openssl ca-certificates curl make)
+packages=(haproxy nftables iproute2 openssl ca-certificates curl make ipvsadm qemu-system-x86 busybox-static kmod)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

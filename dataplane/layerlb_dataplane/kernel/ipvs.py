@@ -1,0 +1,742 @@
+"""The IPVS kernel engine, so that `nat`, `dsr` and `tunnel` LoadBalancers forward in the kernel with IPVS.
+
+**What it programs** is exactly what `layerlb.render` renders for the Plan (format `ipvs`): the engine
+takes `render.ipvs_services(plan)` — one virtual service per listener (TCP `-t`, UDP `-u`), the scheduler
+from `render.ipvs_scheduler`, persistence (`-p`) for ClientIP affinity, real servers with their weights
+and `-m` (nat), `-g` (dsr) or `-i` (tunnel) — and changes two things only. The weight of a real server
+whose target is not usable (health down) becomes 0: IPVS schedules no new connection to a server of
+weight 0 and keeps forwarding the ones it has. And the hashing schedulers get their fallback flag
+(`-b sh-fallback`, `-b mh-fallback`): without it, `sh` and `mh` keep hashing clients to a server of
+weight 0 and then find no destination, so the clients of a down or draining server are refused instead
+of moved (checked in the guest); with it they go to the next available server. (The render should
+carry the flag too; until it does, this module's `SCHEDULER_FLAGS` is where it comes from.)
+
+**Why `ipvsadm` and not pyroute2.** One `ipvsadm -Ln --exact` reads the whole table (services, real
+servers, weights, connection counts) through libnl in C; one `ipvsadm -R` applies any number of
+changes in one process. The render is already in ipvsadm's syntax, so the lines the engine writes are
+the render's own, and an operator can read and replay them. pyroute2's IPVS support is young and decodes
+every netlink message in Python (a table of 1,000 services x 10 servers is 11,000 messages per read, a
+cost every no-op sync would pay); no new dependency either. `ipvsadm -R` does not clear
+the table (unlike the `ipvsadm-restore` wrapper, which runs `ipvsadm -C` first, so the engine never uses
+it); it runs every line and reports failures on stderr, which the engine turns into `IpvsError`.
+
+**Ownership.** IPVS has no comments or owners. A VIP belongs to exactly one LoadBalancer (a VIPPool
+never hands out an address twice), so the engine owns every TCP and UDP virtual service whose address
+is the VIP of a Plan it syncs, and nothing else: services on other addresses, fwmark and SCTP services
+are never written (another tool's services live next to layerlb's untouched). Owning by VIP rather
+than by (VIP, port, protocol) lets a restarted engine remove a listener that went away while it was down.
+Two Plans with the same VIP in one engine are refused.
+
+**Desired state.** A sync reads the kernel's table, computes the difference to the Plan, and writes
+only that: `-A`/`-E` (scheduler, flags, persistence) for services, `-a`/`-e`/`-d` for real servers, `-D`
+for services gone. Applying the same Plan twice writes nothing (`changes == 0`). A restarted engine (a
+new instance) therefore adopts what it finds: an unchanged Plan makes no write, and no connection
+notices.
+
+**The no-op fast path.** Most syncs change nothing (the data plane re-syncs every few seconds), and a
+table of 1,000 services x 10 servers takes `ipvsadm` longer to list than the whole budget of a no-op
+sync. So after a full sync the engine keeps a fingerprint of the VIP's part of `/proc/net/ip_vs` (the
+kernel's own listing, read without starting a process: services, schedulers, persistence, real
+servers, forwarding methods and weights, connection counts left out). A later sync with the same
+desired state (same Plan object, same target verdicts), no drain pending, whose fingerprint is unchanged
+and whose last full check is less than `full_check_seconds` old, is done: nothing to write. Anything
+else (a Plan or health change, a hand edit the fingerprint shows, the periodic full check, which also
+sees what /proc does not show: scheduler flags, persistence timeouts) takes the full path.
+
+**Drain.** A real server gone from the Plan (or whose target is `draining`) is first set to weight 0,
+then deleted (`-d`) once its connections have ended: when IPVS counts no active and no inactive
+connection for it, or, for TCP, when every connection entry left for it (`/proc/net/ip_vs_conn`) is in
+TIME_WAIT or CLOSE — connections that are over but that IPVS keeps for up to two minutes and that
+deleting the server cannot disturb. After `drain_seconds` it is deleted anyway. UDP flows count as
+inactive until IPVS expires them (its UDP timeout), so a UDP drain usually ends by `drain_seconds`.
+A listener gone from the Plan drains the same way, and its service is deleted when its last server is.
+A drain progresses on each sync; `next_resync` says when to sync again while one is pending.
+With persistence, `net.ipv4.vs.expire_quiescent_template` is set to 1, or a client whose persistence
+template points at a weight-0 server would keep being sent there (kube-proxy sets it for the same reason).
+
+**The VIP address** is added where the architecture needs it, as a host address (/32, /128):
+`nat` on `lo` (IPVS takes packets for local addresses; the node answers ARP for it with the default
+`arp_ignore=0`), `dsr` and `tunnel` on the LB's interface (`device`, else the interface the route to the
+VIP leaves by), where the LB must answer ARP for the VIP on the clients' segment. IPv4 addresses carry
+the label `<device>:llb`, so that `remove` deletes only an address the engine added (IPv6 has no labels:
+`remove` deletes the VIP's /128). A VIP that is already local is left as it is. `nat` also needs IP
+forwarding (the backends' replies are routed through the node, and IPVS translates them on the way);
+`forwarding=True` (the default) turns it on, and nothing turns it off again.
+
+`remove(plan)` (an explicit shutdown of the LoadBalancer) deletes the VIP's services at once, without
+draining, and the VIP address. The engine runs `ipvsadm` and `ip` in the network namespace of the
+calling thread. Not thread-safe: one engine per thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import ipaddress
+import json
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from layerlb import api, render
+from layerlb import plan as plan_model
+from layerlb_dataplane.kernel import SyncReport
+from layerlb_dataplane.state import Target
+
+log = logging.getLogger("layerlb.kernel.ipvs")
+
+DEFAULT_DRAIN_SECONDS: Final = 120.0
+DRAIN_POLL_SECONDS: Final = 1.0
+VIP_LABEL_SUFFIX: Final = ":llb"
+IFNAME_MAX: Final = 15
+LOCAL: Final = "local"  # ipvsadm's "Local": the real server is this node; the kernel chose the method
+FORWARD_FLAGS: Final = {"Masq": "-m", "Route": "-g", "Tunnel": "-i", "Local": LOCAL}
+# IPVS connection states of TCP connections that are over (NONE: persistence templates, not connections).
+FINISHED_STATES: Final = frozenset({"TIME_WAIT", "CLOSE", "NONE"})
+CONNECTION_TABLES: Final = ("/proc/thread-self/net/ip_vs_conn", "/proc/net/ip_vs_conn")
+SERVICE_TABLES: Final = ("/proc/thread-self/net/ip_vs", "/proc/net/ip_vs")
+DEFAULT_FULL_CHECK_SECONDS: Final = 30.0
+EXPIRE_QUIESCENT: Final = "/proc/sys/net/ipv4/vs/expire_quiescent_template"
+# Scheduler flags the engine adds, so that weight 0 moves hashed clients to another server.
+SCHEDULER_FLAGS: Final = {"sh": "sh-fallback", "mh": "mh-fallback"}
+
+ServerKey = tuple[str, int]  # (address, port) of a real server
+
+
+class IpvsError(RuntimeError):
+    """ipvsadm failed or refused a change; the message holds ipvsadm's own words."""
+
+
+@dataclass(frozen=True, order=True)
+class ServiceKey:
+    """A virtual service as IPVS identifies it: protocol, address (canonical form) and port."""
+
+    protocol: str  # "TCP" or "UDP"
+    address: str
+    port: int
+
+    @property
+    def option(self) -> str:
+        """`-t 192.0.2.10:80`: how ipvsadm names the service."""
+        flag = "-u" if self.protocol == "UDP" else "-t"
+        return f"{flag} {render.host_port(self.address, self.port)}"
+
+
+@dataclass
+class RealServer:
+    """A real server of a virtual service; the counts are the kernel's (0 in a desired state)."""
+
+    address: str
+    port: int
+    forward: str  # "-m", "-g", "-i", or LOCAL (read from the kernel only)
+    weight: int
+    active: int = 0
+    inactive: int = 0
+
+    @property
+    def key(self) -> ServerKey:
+        return (self.address, self.port)
+
+    @property
+    def target(self) -> str:
+        """`-r 10.0.2.11:8080`."""
+        return f"-r {render.host_port(self.address, self.port)}"
+
+    def option(self, *, forward: str | None = None, weight: int | None = None) -> str:
+        """`-r 10.0.2.11:8080 -m -w 2`, the render's own spelling."""
+        method = forward or self.forward
+        return f"{self.target} {method} -w {self.weight if weight is None else weight}"
+
+
+@dataclass
+class VirtualService:
+    """A virtual service with its real servers: one listener of a Plan, or one the kernel holds."""
+
+    key: ServiceKey
+    scheduler: str
+    persistence: int | None
+    flags: str | None = None  # scheduler flags, `-b`: sh-fallback, mh-fallback
+    extra: tuple[str, ...] = ()  # what the kernel shows that layerlb never sets (ops, mask, pe, ...)
+    servers: dict[ServerKey, RealServer] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> tuple[str, str | None, int | None, tuple[str, ...]]:
+        """What `-E` sets: two services with equal settings need no edit."""
+        return (self.scheduler, self.flags, self.persistence, self.extra)
+
+    def definition(self) -> str:
+        """`-t VIP:80 -s wrr -p 600`, as the render writes it after `-A` (with `-b FLAGS` when set)."""
+        flags = "" if self.flags is None else f" -b {self.flags}"
+        persistence = "" if self.persistence is None else f" -p {self.persistence}"
+        return f"{self.key.option} -s {self.scheduler}{flags}{persistence}"
+
+
+# --- parsing ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=65536)
+def canonical(address: str) -> str:
+    """The one spelling of an address that the Plan, ipvsadm and /proc are compared in."""
+    return ipaddress.ip_address(address).compressed
+
+
+@functools.lru_cache(maxsize=65536)
+def split_host_port(text: str) -> tuple[str, int]:
+    """`10.0.0.1:80` or `[2001:db8::1]:80` (ipvsadm's and the render's form) -> (address, port)."""
+    host, _, port = text.rpartition(":")
+    return canonical(host.strip("[]")), int(port)
+
+
+def parse_listing(text: str) -> dict[ServiceKey, VirtualService]:
+    """The TCP and UDP services of `ipvsadm -Ln --exact` output, with real servers and connection counts,
+    so the kernel's table can be compared with the desired one.
+
+    fwmark and SCTP services (and their servers) are skipped: layerlb never creates them.
+    """
+    services: dict[ServiceKey, VirtualService] = {}
+    current: VirtualService | None = None
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] in ("TCP", "UDP") and len(words) >= 3:
+            address, port = split_host_port(words[1])
+            persistence: int | None = None
+            flags: str | None = None
+            extra: list[str] = []
+            rest = iter(words[3:])
+            for word in rest:
+                if word == "persistent":
+                    persistence = int(next(rest))
+                elif word.startswith("(") and word.endswith(")"):
+                    flags = word[1:-1]  # `mh (mh-fallback,mh-port)`
+                else:
+                    extra.append(word)
+            key = ServiceKey(words[0], address, port)
+            current = services[key] = VirtualService(key, words[2], persistence, flags, tuple(extra))
+        elif words[0] == "->" and len(words) >= 6 and words[1] != "RemoteAddress:Port":
+            if current is None:
+                continue
+            address, port = split_host_port(words[1])
+            forward = FORWARD_FLAGS.get(words[2], words[2])
+            server = RealServer(address, port, forward, int(words[3]), int(words[4]), int(words[5]))
+            current.servers[server.key] = server
+        elif words[0] != "->":
+            current = None  # a header, or a service of a kind layerlb does not own
+    return services
+
+
+def parse_server_option(text: str) -> RealServer:
+    """The render's `-r ADDRESS:PORT -m -w WEIGHT` -> a RealServer."""
+    words = text.split()
+    if len(words) != 5 or words[0] != "-r" or words[3] != "-w":
+        raise ValueError(f"unexpected real server in the ipvs render: {text!r}")
+    address, port = split_host_port(words[1])
+    return RealServer(address, port, words[2], int(words[4]))
+
+
+def parse_service_option(text: str) -> ServiceKey:
+    """The render's `-t ADDRESS:PORT` (or `-u`) -> a ServiceKey."""
+    flag, _, host_port = text.partition(" ")
+    if flag not in ("-t", "-u"):
+        raise ValueError(f"unexpected virtual service in the ipvs render: {text!r}")
+    address, port = split_host_port(host_port)
+    return ServiceKey("TCP" if flag == "-t" else "UDP", address, port)
+
+
+def _proc_address(text: str) -> str:
+    """/proc/net/ip_vs_conn writes IPv4 as 8 hex digits, IPv6 in colon form."""
+    if len(text) == 8 and ":" not in text:
+        return str(ipaddress.IPv4Address(int(text, 16)))
+    return canonical(text)
+
+
+def proc_service_prefixes(vip: str) -> tuple[str, ...]:
+    """How /proc/net/ip_vs starts the lines of TCP and UDP services on `vip` (IPv4 in hex, IPv6 in full)."""
+    address = ipaddress.ip_address(vip)
+    spelled = f"{int(address):08X}" if address.version == 4 else f"[{address.exploded}]"
+    return (f"TCP  {spelled}:", f"UDP  {spelled}:")
+
+
+def proc_fingerprint(text: str, vip: str) -> tuple[str, ...]:
+    """The lines of /proc/net/ip_vs about `vip`'s services and their real servers, connection counts
+    left out: equal fingerprints mean nothing layerlb programs there changed in between (as far as /proc
+    shows)."""
+    prefixes = proc_service_prefixes(vip)
+    lines: list[str] = []
+    ours = False
+    for line in text.splitlines():
+        if line.startswith("  -> "):
+            if ours:
+                lines.append(line.rsplit(None, 2)[0])
+        else:
+            ours = line.startswith(prefixes)
+            if ours:
+                lines.append(line.rstrip())
+    return tuple(lines)
+
+
+def parse_connections(text: str) -> set[tuple[str, str, int, str, int]]:
+    """(protocol, VIP, port, real server, port) of every IPVS connection entry that is not over, so a
+    drained server can be deleted while IPVS still keeps its finished (TIME_WAIT) connections."""
+    live: set[tuple[str, str, int, str, int]] = set()
+    for line in text.splitlines()[1:]:
+        words = line.split()
+        if len(words) < 8 or words[7] in FINISHED_STATES:
+            continue
+        protocol, _, _, vaddr, vport, daddr, dport = words[:7]
+        live.add((protocol, _proc_address(vaddr), int(vport, 16), _proc_address(daddr), int(dport, 16)))
+    return live
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+
+class IpvsEngine:
+    """Programs `nat`, `dsr` and `tunnel` Plans into IPVS, so the kernel forwards them: desired state, own
+    VIPs only, removals drained.
+
+    `device` (dsr, tunnel): the interface that gets the VIP, instead of the one the route to the VIP
+    leaves by. `drain_seconds`: the longest a removed real server keeps its connections. `forwarding`
+    (nat): turn IP forwarding on. `expire_quiescent` (persistence): set `expire_quiescent_template`.
+    `full_check_seconds`: the longest the no-op fast path is trusted before a full read (0: always
+    read in full). `ipvsadm` and `clock` are for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+        forwarding: bool = True,
+        expire_quiescent: bool = True,
+        full_check_seconds: float = DEFAULT_FULL_CHECK_SECONDS,
+        ipvsadm: str = "ipvsadm",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device = device
+        self.drain_seconds = drain_seconds
+        self.forwarding = forwarding
+        self.expire_quiescent = expire_quiescent
+        self.full_check_seconds = full_check_seconds
+        self.ipvsadm = ipvsadm
+        self.clock = clock
+        self._vips: dict[str, str] = {}  # Plan key -> the VIP it was last synced with
+        self._drain_since: dict[tuple[ServiceKey, ServerKey], float] = {}
+        self._next: dict[str, float] = {}  # Plan key -> when a pending drain wants a sync
+        self._desired: dict[str, _Desired] = {}  # Plan key -> the last desired state computed
+        self._checked: dict[str, _Checked] = {}  # Plan key -> what the last full sync left in /proc
+
+    # --- the contract --------------------------------------------------------------------------------
+
+    def sync(self, plan: plan_model.Plan, targets: Mapping[str, Sequence[Target]]) -> SyncReport:
+        """Makes IPVS forward `plan` with `targets`' health and drain, writing nothing when it already does,
+        so that the data plane can call it on every change and on a timer.
+
+        Raises ValueError for a Plan IPVS cannot forward (or whose VIP another Plan of this engine has),
+        IpvsError when ipvsadm fails.
+        """
+        started = time.perf_counter()
+        desired = self._cached_desired(plan, targets)
+        vip = canonical(plan.vip)
+        for key, other in self._vips.items():
+            if other == vip and key != plan.key:
+                raise ValueError(f"{plan.key}: VIP {vip} is already {key}'s in this IPVS engine")
+        changes = 0
+        previous = self._vips.get(plan.key)
+        if previous is not None and previous != vip:  # the VIP moved: the old one goes, as in `remove`
+            changes += self._remove_vip_services(previous)
+            self._remove_vip(previous)
+            changes += 1
+        self._vips[plan.key] = vip
+        if not self._unchanged(plan.key, desired, vip):
+            self._checked.pop(plan.key, None)
+            owned = {key: s for key, s in self.read().items() if key.address == vip}
+            commands, next_sync = self._difference(plan, desired, owned)
+            if commands:
+                self._apply(commands)
+                log.info("%s: %d IPVS change(s)", plan.key, len(commands))
+            changes += len(commands)
+            if next_sync is None:
+                self._next.pop(plan.key, None)
+                self._checked[plan.key] = _Checked(desired, self._fingerprint(vip), self.clock())
+            else:
+                self._next[plan.key] = next_sync
+        changes += self._ensure_vip(plan, vip)
+        changes += self._ensure_sysctls(plan, vip)
+        return SyncReport(changes=changes, seconds=time.perf_counter() - started)
+
+    def remove(self, plan: plan_model.Plan) -> None:
+        """Deletes every virtual service on the Plan's VIP and the VIP, because the LoadBalancer is gone (so
+        no drain)."""
+        vips = {canonical(plan.vip)}
+        previous = self._vips.pop(plan.key, None)
+        if previous is not None:
+            vips.add(previous)
+        for vip in sorted(vips):
+            self._remove_vip_services(vip)
+            self._remove_vip(vip)
+        self._next.pop(plan.key, None)
+        self._desired.pop(plan.key, None)
+        self._checked.pop(plan.key, None)
+        for mark in [mark for mark in self._drain_since if mark[0].address in vips]:
+            del self._drain_since[mark]
+
+    def next_resync(self, plan: plan_model.Plan) -> float | None:
+        """When (on `clock`) to sync `plan` again so a pending drain can end; None when none is pending."""
+        return self._next.get(plan.key)
+
+    # --- what a sync wants ---------------------------------------------------------------------------
+
+    def desired(
+        self, plan: plan_model.Plan, targets: Mapping[str, Sequence[Target]]
+    ) -> dict[ServiceKey, VirtualService]:
+        """The virtual services `plan` renders to, with weight 0 for real servers whose target is not usable
+        (and the fallback flag of a hashing scheduler).
+
+        A target marked `draining` is left out (it drains like an endpoint gone from the Plan).
+        """
+        reason = render.unsupported(plan, "ipvs")
+        if reason is not None:
+            raise ValueError(reason)
+        backend = render.serving_backend(plan)
+        given = {(t.address, t.port): t for t in targets.get(backend.name, ())}
+        verdicts = [given.get((e.address, e.port)) for e in backend.endpoints]
+        services: dict[ServiceKey, VirtualService] = {}
+        for rendered in render.ipvs_services(plan):
+            key = parse_service_option(rendered.service)
+            flags = SCHEDULER_FLAGS.get(rendered.scheduler)
+            service = VirtualService(key, rendered.scheduler, rendered.persistence, flags)
+            for text, target in zip(rendered.servers, verdicts, strict=True):
+                if target is not None and target.draining:
+                    continue
+                server = parse_server_option(text)
+                if target is not None and not target.usable:
+                    server.weight = 0
+                service.servers[server.key] = server
+            services[key] = service
+        return services
+
+    def _cached_desired(
+        self, plan: plan_model.Plan, targets: Mapping[str, Sequence[Target]]
+    ) -> dict[ServiceKey, VirtualService]:
+        """`desired`, computed again only when the Plan (object) or a target's verdict changed: on a
+        no-op sync of a large Plan, rendering it would cost more than everything else."""
+        cached = self._desired.get(plan.key)
+        if cached is None or cached.plan is not plan:
+            services = self.desired(plan, targets)  # validates the Plan first
+            self._desired[plan.key] = _Desired(plan, _verdicts(plan, targets), services)
+            return services
+        verdicts = _verdicts(plan, targets)
+        if verdicts != cached.verdicts:
+            services = self.desired(plan, targets)
+            self._desired[plan.key] = _Desired(plan, verdicts, services)
+            return services
+        return cached.services
+
+    def _unchanged(self, key: str, desired: Mapping[ServiceKey, VirtualService], vip: str) -> bool:
+        """The fast path: the kernel still holds what the last full sync left for this desired state."""
+        checked = self._checked.get(key)
+        if checked is None or checked.desired is not desired or key in self._next:
+            return False
+        if self.clock() - checked.at >= self.full_check_seconds:
+            return False
+        return self._fingerprint(vip) == checked.fingerprint
+
+    def _fingerprint(self, vip: str) -> tuple[str, ...]:
+        for path in SERVICE_TABLES:
+            try:
+                with open(path) as file:
+                    return proc_fingerprint(file.read(), vip)
+            except FileNotFoundError:
+                continue
+        return ()
+
+    # --- the kernel's table --------------------------------------------------------------------------
+
+    def read(self) -> dict[ServiceKey, VirtualService]:
+        """Every TCP and UDP virtual service of this network namespace, as `ipvsadm -Ln --exact` shows it
+        (weights and connection counts included), for the full comparison with the desired state."""
+        return parse_listing(self._ipvsadm(["-Ln", "--exact"]))
+
+    def _ipvsadm(self, args: Sequence[str], stdin: str | None = None) -> str:
+        try:
+            done = subprocess.run(
+                [self.ipvsadm, *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
+            )
+        except FileNotFoundError as error:
+            raise IpvsError(f"{self.ipvsadm} is not installed (Debian package ipvsadm)") from error
+        if done.returncode != 0 or done.stderr.strip():
+            raise IpvsError(f"ipvsadm {' '.join(args)}: {done.stderr.strip() or f'exit {done.returncode}'}")
+        return done.stdout
+
+    def _apply(self, commands: Sequence[str]) -> None:
+        """Runs all `commands` in one `ipvsadm -R`; any complaint on stderr is a failure."""
+        try:
+            self._ipvsadm(["-R"], stdin="\n".join(commands) + "\n")
+        except IpvsError as error:
+            shown = "; ".join(commands[:5]) + ("; ..." if len(commands) > 5 else "")
+            raise IpvsError(f"{error} (applying {len(commands)} change(s): {shown})") from None
+
+    def _difference(
+        self,
+        plan: plan_model.Plan,
+        desired: Mapping[ServiceKey, VirtualService],
+        owned: Mapping[ServiceKey, VirtualService],
+    ) -> tuple[list[str], float | None]:
+        """The ipvsadm lines that turn `owned` into `desired`, and when a pending drain wants a sync."""
+        now = self.clock()
+        method = render.IPVS_FORWARDING[plan.architecture]
+        drains = _Drains(self, now, method)
+        commands: list[str] = []
+        for key, want in desired.items():
+            have = owned.get(key)
+            if have is None:
+                commands.append(f"-A {want.definition()}")
+                commands += [f"-a {key.option} {server.option()}" for server in want.servers.values()]
+                continue
+            if have.settings != want.settings:
+                commands.append(f"-E {want.definition()}")
+            for server_key, server in want.servers.items():
+                self._drain_since.pop((key, server_key), None)
+                current = have.servers.get(server_key)
+                if current is None:
+                    commands.append(f"-a {key.option} {server.option()}")
+                elif current.weight != server.weight or current.forward not in (server.forward, LOCAL):
+                    commands.append(f"-e {key.option} {server.option()}")
+            for server_key, current in have.servers.items():
+                if server_key not in want.servers:
+                    commands += drains.step(key, current)
+        for key, have in owned.items():
+            if key in desired:
+                continue
+            steps = [line for current in have.servers.values() for line in drains.step(key, current)]
+            if all(line.startswith("-d ") for line in steps) and drains.waiting(key) == 0:
+                commands.append(f"-D {key.option}")  # every server is drained: the service goes with them
+            else:
+                commands += steps
+        for mark in [
+            m for m in self._drain_since if m[0].address == canonical(plan.vip) and m not in drains.seen
+        ]:
+            del self._drain_since[mark]  # gone from the kernel by other means
+        return commands, drains.next_sync()
+
+    def _remove_vip_services(self, vip: str) -> int:
+        commands = [f"-D {key.option}" for key in sorted(self.read()) if key.address == vip]
+        if commands:
+            self._apply(commands)
+        return len(commands)
+
+    def _finished(
+        self, key: ServiceKey, server: RealServer, live: set[tuple[str, str, int, str, int]]
+    ) -> bool:
+        """Whether a drained real server carries no connection that is not over (see the module docstring)."""
+        if server.active + server.inactive == 0:
+            return True
+        if key.protocol != "TCP" or server.active > 0:
+            return False
+        return (key.protocol, key.address, key.port, server.address, server.port) not in live
+
+    # --- the node ------------------------------------------------------------------------------------
+
+    def _vip_device(self, plan: plan_model.Plan, vip: str) -> str:
+        if plan.architecture is api.Architecture.nat:
+            return "lo"
+        if self.device is not None:
+            return self.device
+        routes = _ip_json("route", "get", vip)
+        if not routes or not routes[0].get("dev"):
+            raise ValueError(
+                f"{plan.key}: no route to the VIP {vip} tells which interface should own it; give the engine a device"
+            )
+        return str(routes[0]["dev"])
+
+    def _ensure_vip(self, plan: plan_model.Plan, vip: str) -> int:
+        if _is_local(vip):
+            return 0
+        device = self._vip_device(plan, vip)
+        if render.is_ipv6(vip):
+            done = _ip("-6", "addr", "add", f"{vip}/128", "dev", device, "nodad")
+        else:
+            label = f"{device}{VIP_LABEL_SUFFIX}"
+            extra = ["label", label] if len(label) <= IFNAME_MAX else []
+            done = _ip("addr", "add", f"{vip}/32", "dev", device, *extra)
+        if done.returncode != 0 and "File exists" not in done.stderr:
+            raise OSError(f"adding the VIP {vip} to {device}: {done.stderr.strip()}")
+        if device == "lo":
+            _ip("link", "set", "lo", "up")
+        log.info("%s: VIP %s added to %s", plan.key, vip, device)
+        return 1
+
+    def _remove_vip(self, vip: str) -> None:
+        v6 = render.is_ipv6(vip)
+        host = 128 if v6 else 32
+        for link in _ip_json("addr", "show", "to", f"{vip}/{host}"):
+            device = str(link.get("ifname", ""))
+            for info in _infos(link):
+                if info.get("local") is None or canonical(str(info["local"])) != vip:
+                    continue
+                if info.get("prefixlen") != host:
+                    continue
+                label = str(info.get("label", ""))
+                ours = (
+                    v6 or label.endswith(VIP_LABEL_SUFFIX) or len(device) + len(VIP_LABEL_SUFFIX) > IFNAME_MAX
+                )
+                if ours:
+                    _ip("-6" if v6 else "-4", "addr", "del", f"{vip}/{host}", "dev", device)
+
+    def _ensure_sysctls(self, plan: plan_model.Plan, vip: str) -> int:
+        changes = 0
+        if plan.architecture is api.Architecture.nat and self.forwarding:
+            v6 = render.is_ipv6(vip)
+            path = "/proc/sys/net/ipv6/conf/all/forwarding" if v6 else "/proc/sys/net/ipv4/ip_forward"
+            changes += _set_sysctl(path, "1")
+        if self.expire_quiescent and plan.session_affinity.type is api.AffinityType.ClientIP:
+            changes += _set_sysctl(EXPIRE_QUIESCENT, "1")
+        return changes
+
+
+@dataclass(frozen=True)
+class _Desired:
+    """A desired state and what it was computed from (the Plan object is immutable)."""
+
+    plan: plan_model.Plan
+    verdicts: tuple[str, ...]
+    services: dict[ServiceKey, VirtualService]
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What a full sync left: the desired state it made true, /proc's fingerprint of it, and when."""
+
+    desired: Mapping[ServiceKey, VirtualService]
+    fingerprint: tuple[str, ...]
+    at: float
+
+
+def _verdicts(plan: plan_model.Plan, targets: Mapping[str, Sequence[Target]]) -> tuple[str, ...]:
+    """What `desired` reads of the targets, endpoint by endpoint: equal verdicts, equal desired state."""
+    backend = render.serving_backend(plan)
+    given = {(t.address, t.port): t for t in targets.get(backend.name, ())}
+    return tuple(_verdict(given.get((e.address, e.port))) for e in backend.endpoints)
+
+
+def _verdict(target: Target | None) -> str:
+    if target is None:
+        return "absent"
+    if target.draining:
+        return "draining"
+    return "usable" if target.usable else "unusable"
+
+
+class _Drains:
+    """One sync's view of draining real servers: which step each takes, and when to look again."""
+
+    def __init__(self, engine: IpvsEngine, now: float, method: str) -> None:
+        self.engine = engine
+        self.now = now
+        self.method = method
+        self.seen: set[tuple[ServiceKey, ServerKey]] = set()
+        self._waiting: dict[ServiceKey, int] = {}
+        self._ends: list[float] = []
+        self._live: set[tuple[str, str, int, str, int]] | None = None
+
+    def step(self, key: ServiceKey, server: RealServer) -> list[str]:
+        """Weight 0 first; `-d` once its connections are over or its drain time is up; else wait."""
+        mark = (key, server.key)
+        self.seen.add(mark)
+        since = self.engine._drain_since.setdefault(mark, self.now)
+        if server.weight != 0:
+            self._wait(key, since)
+            forward = self.method if server.forward == LOCAL else server.forward
+            return [f"-e {key.option} {server.option(forward=forward, weight=0)}"]
+        if self.now - since >= self.engine.drain_seconds or self.engine._finished(key, server, self.live()):
+            del self.engine._drain_since[mark]
+            self.seen.discard(mark)
+            return [f"-d {key.option} {server.target}"]
+        self._wait(key, since)
+        return []
+
+    def waiting(self, key: ServiceKey) -> int:
+        return self._waiting.get(key, 0)
+
+    def live(self) -> set[tuple[str, str, int, str, int]]:
+        if self._live is None:
+            self._live = parse_connections(_read_connection_table())
+        return self._live
+
+    def next_sync(self) -> float | None:
+        if not self._ends:
+            return None
+        return min(self.now + DRAIN_POLL_SECONDS, min(self._ends))
+
+    def _wait(self, key: ServiceKey, since: float) -> None:
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        self._ends.append(since + self.engine.drain_seconds)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _read_connection_table() -> str:
+    """IPVS' connection entries of the calling thread's network namespace."""
+    for path in CONNECTION_TABLES:
+        try:
+            with open(path) as file:
+                return file.read()
+        except FileNotFoundError:
+            continue
+    return ""
+
+
+def _set_sysctl(path: str, value: str) -> int:
+    with open(path) as file:
+        if file.read().strip() == value:
+            return 0
+    with open(path, "w") as file:
+        file.write(value + "\n")
+    return 1
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+def _ip_json(*args: str) -> list[dict[str, object]]:
+    done = _ip("-j", *args)
+    if done.returncode != 0:
+        return []
+    loaded = json.loads(done.stdout or "[]")
+    return [entry for entry in loaded if isinstance(entry, dict)] if isinstance(loaded, list) else []
+
+
+def _infos(link: Mapping[str, object]) -> list[Mapping[str, object]]:
+    infos = link.get("addr_info")
+    return [info for info in infos if isinstance(info, Mapping)] if isinstance(infos, list) else []
+
+
+def _is_local(vip: str) -> bool:
+    """Whether `vip` is an address of this node: binding to it succeeds (unless non-local binds are allowed)."""
+    v6 = render.is_ipv6(vip)
+    try:
+        with open(f"/proc/sys/net/{'ipv6' if v6 else 'ipv4'}/ip_nonlocal_bind") as file:
+            nonlocal_bind = file.read().strip() != "0"
+    except OSError:
+        nonlocal_bind = False
+    if nonlocal_bind:
+        host = f"{vip}/{128 if v6 else 32}"
+        return any(
+            info.get("local") for link in _ip_json("addr", "show", "to", host) for info in _infos(link)
+        )
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((vip, 0))
+        except OSError as error:
+            if error.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
