@@ -226,6 +226,10 @@ IPVS_FORWARDING = {
 }
 
 
+# Scheduler flags so that a weight-0 server's hashed clients move to another server instead of failing.
+IPVS_SCHEDULER_FLAGS: dict[str, str] = {"sh": "sh-fallback", "mh": "mh-fallback"}
+
+
 def ipvs_scheduler(backend: plan.Backend) -> str:
     """The IPVS scheduler that balances a backend the way its algorithm promises, as near as IPVS can.
 
@@ -238,7 +242,9 @@ def ipvs_scheduler(backend: plan.Backend) -> str:
     | maglev             | mh        | IPVS' Maglev hashing                                              |
     | ring-hash          | mh        | IPVS has no ring; Maglev is its consistent hash (few remaps too)  |
 
-    IPVS skips servers of weight 0 in every scheduler, so they drain.
+    IPVS skips servers of weight 0 in every scheduler, so they drain; the hashing schedulers need the
+    `-b sh-fallback` / `-b mh-fallback` flag for that (`IPVS_SCHEDULER_FLAGS`), or they keep hashing
+    clients to the weight-0 server and refuse them (seen in the QEMU guest).
     """
     algorithm = backend.algorithm
     if algorithm is api.Algorithm.round_robin:
@@ -260,6 +266,7 @@ class IPVSService:
     scheduler: str
     persistence: int | None
     servers: tuple[str, ...]
+    flags: str | None = None
 
 
 def ipvs_services(p: plan.Plan) -> list[IPVSService]:
@@ -280,7 +287,12 @@ def ipvs_services(p: plan.Plan) -> list[IPVSService]:
             f"{p.key} listener {listener.name} ({listener.transport} {listener.port}) "
             f"-> backend {backend.name} ({backend.algorithm})"
         )
-        services.append(IPVSService(comment, service, ipvs_scheduler(backend), persistence, servers))
+        scheduler = ipvs_scheduler(backend)
+        services.append(
+            IPVSService(
+                comment, service, scheduler, persistence, servers, IPVS_SCHEDULER_FLAGS.get(scheduler)
+            )
+        )
     return services
 
 

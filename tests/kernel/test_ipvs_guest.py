@@ -150,7 +150,9 @@ def test_nat_drain_of_a_removed_backend(nat: dict[str, Any]) -> None:
     assert nat["draining_connection_answers"] == ["be2", scenarios.NAT_CLIENT]
     open_table = nat["table_drain_open"][TCP_SERVICE]["servers"]
     assert open_table[BE2]["active"] >= 1
-    assert nat["drain_resync_while_open"]["changes"] == 0
+    # A re-sync while the connection is open keeps the TCP server (asserted above from the table taken
+    # after it); at most the UDP twin may already go, when its flows expired on a slow machine.
+    assert nat["drain_resync_while_open"]["changes"] <= 1
     assert nat["drain_tcp_deleted_after"] is not None and nat["drain_tcp_deleted_after"] < 20
     assert nat["drain_udp_deleted_after"] is not None
     for service in (TCP_SERVICE, UDP_SERVICE):
@@ -171,10 +173,7 @@ def test_nat_drain_ends_by_timeout_and_affinity_moves(nat: dict[str, Any]) -> No
     """ClientIP affinity: persistence and Maglev (mh) as rendered; a drained server's clients go
     elsewhere at once (expire_quiescent_template), and it is deleted at the drain timeout even though a
     connection is still open."""
-    # The render's lines, plus the fallback flag the engine adds to hashing schedulers (see ipvs.py).
-    assert [line.replace(" -b mh-fallback", "") for line in nat["sticky_kernel_lines"]] == nat[
-        "sticky_render_lines"
-    ]
+    assert nat["sticky_kernel_lines"] == nat["sticky_render_lines"]  # the render's lines, flags included
     service = nat["sticky_table"][f"TCP {scenarios.NAT_VIP2}:{PORT}"]
     assert (service["scheduler"], service["flags"], service["persistence"]) == ("mh", "mh-fallback", 600)
     assert nat["expire_quiescent_template"] == "1"

@@ -8,8 +8,7 @@ whose target is not usable (health down) becomes 0: IPVS schedules no new connec
 weight 0 and keeps forwarding the ones it has. And the hashing schedulers get their fallback flag
 (`-b sh-fallback`, `-b mh-fallback`): without it, `sh` and `mh` keep hashing clients to a server of
 weight 0 and then find no destination, so the clients of a down or draining server are refused instead
-of moved (checked in the guest); with it they go to the next available server. (The render should
-carry the flag too; until it does, this module's `SCHEDULER_FLAGS` is where it comes from.)
+of moved (checked in the guest); with it they go to the next available server. (The render carries the flag: `render.IPVS_SCHEDULER_FLAGS`.)
 
 **Why `ipvsadm` and not pyroute2.** One `ipvsadm -Ln --exact` reads the whole table (services, real
 servers, weights, connection counts) through libnl in C; one `ipvsadm -R` applies any number of
@@ -101,8 +100,6 @@ CONNECTION_TABLES: Final = ("/proc/thread-self/net/ip_vs_conn", "/proc/net/ip_vs
 SERVICE_TABLES: Final = ("/proc/thread-self/net/ip_vs", "/proc/net/ip_vs")
 DEFAULT_FULL_CHECK_SECONDS: Final = 30.0
 EXPIRE_QUIESCENT: Final = "/proc/sys/net/ipv4/vs/expire_quiescent_template"
-# Scheduler flags the engine adds, so that weight 0 moves hashed clients to another server.
-SCHEDULER_FLAGS: Final = {"sh": "sh-fallback", "mh": "mh-fallback"}
 
 ServerKey = tuple[str, int]  # (address, port) of a real server
 
@@ -409,7 +406,7 @@ class IpvsEngine:
         services: dict[ServiceKey, VirtualService] = {}
         for rendered in render.ipvs_services(plan):
             key = parse_service_option(rendered.service)
-            flags = SCHEDULER_FLAGS.get(rendered.scheduler)
+            flags = rendered.flags
             service = VirtualService(key, rendered.scheduler, rendered.persistence, flags)
             for text, target in zip(rendered.servers, verdicts, strict=True):
                 if target is not None and target.draining:
