@@ -70,7 +70,19 @@ class ResponseParser:
     `feed` raises `ParseError` (status 502) on a malformed response.
     """
 
-    __slots__ = ("_buf", "_chunks", "_clean", "_head_request", "_llhttp", "_remaining", "_state", "handler")
+    __slots__ = (
+        "_buf",
+        "_chunks",
+        "_clean",
+        "_head_request",
+        "_llhttp",
+        "_memo_head",
+        "_memo_response",
+        "_remaining",
+        "_state",
+        "handler",
+        "idle",
+    )
 
     def __init__(self, handler: ResponseHandler) -> None:
         self.handler = handler
@@ -81,11 +93,15 @@ class ResponseParser:
         self._remaining = 0
         self._chunks: ChunkedDecoder | None = None
         self._head_request = False
+        self.idle = True  # between responses and in step: the connection may carry another request
+        # The last head parsed in full: a backend often repeats its head (equal bytes parse equally).
+        self._memo_head = b""
+        self._memo_response: Response | None = None
 
     @property
     def reusable(self) -> bool:
         """Between responses, with nothing unexpected received: the connection may carry another request."""
-        return self._state == _DONE or self._state == _WAIT
+        return self.idle
 
     @property
     def started(self) -> bool:
@@ -94,12 +110,14 @@ class ResponseParser:
 
     @property
     def until_close(self) -> bool:
+        """The body ends when the backend closes (no length): such a connection is never reused."""
         return self._state == _CLOSE
 
     def expect(self, head_request: bool) -> None:
         """A request was sent: frame its response (no body after a HEAD request)."""
         self._state = _HEAD
         self._head_request = head_request
+        self.idle = False
 
     def feed(self, data: bytes | bytearray) -> bytes | bytearray:
         """Frame `data`; returns the bytes past a 101 head (the start of the tunnel), else b""."""
@@ -110,13 +128,10 @@ class ResponseParser:
                 size = len(data)
                 if size < remaining:
                     self._remaining = remaining - size
-                    self._llhttp.feed_data(data)
                     self.handler.on_response_body(data)
                     return b""
                 self._remaining = 0
-                body = data if size == remaining else data[:remaining]
-                self._llhttp.feed_data(body)
-                self.handler.on_response_body(body)
+                self.handler.on_response_body(data if size == remaining else data[:remaining])
                 self._done(data[remaining:] if size > remaining else b"")
                 return b""
             if state == _HEAD:
@@ -138,6 +153,7 @@ class ResponseParser:
                 return b""
             else:  # bytes between responses: the backend is out of step
                 self._state = _BROKEN
+                self.idle = False
                 raise ParseError(502, "unexpected bytes from the backend")
         return b""
 
@@ -151,10 +167,16 @@ class ResponseParser:
     def _done(self, rest: bytes | bytearray = b"") -> None:
         """The response ended; bytes after it mean the backend is out of step (never reuse it)."""
         self._state = _BROKEN if rest else _DONE
+        self.idle = not rest
         self._chunks = None
         self.handler.on_response_end()
 
     def _head(self, data: bytes | bytearray) -> bytes | bytearray | None:
+        memo = self._memo_head
+        if memo and not self._buf and data.startswith(memo):  # the last head again (one CRLFCRLF: its end)
+            response = self._memo_response
+            assert response is not None
+            return self._framing(response, data[len(memo) :])
         if self._buf:
             data = self._buf + data
             self._buf = b""
@@ -169,26 +191,11 @@ class ResponseParser:
         head = data[: end + 4]
         if isinstance(head, bytearray):
             head = bytes(head)
-        if head[:7] != b"HTTP/1.":
-            raise ParseError(502, "not an HTTP/1.x response")
-        if not LLHTTP_STRICT:
-            check_head(head, "response")
-        if not self._clean:
-            self._llhttp = httptools.HttpResponseParser(_VALIDATOR)
-        llhttp = self._llhttp
-        self._clean = True
-        try:
-            llhttp.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            self._clean = False
-        except httptools.HttpParserError as error:
-            self._clean = False
-            raise ParseError(502, f"malformed response: {error}") from None
-        status = llhttp.get_status_code()
-        if not 100 <= status <= 599:
-            raise ParseError(502, "response status out of range")
-        response = self._interpret(head, status, end)
-        rest = data[end + 4 :]
+        return self._framing(self._parse(head, end), data[end + 4 :])
+
+    def _framing(self, response: Response, rest: bytes | bytearray) -> bytes | bytearray:
+        """Hand the head to the handler and frame the body that follows; returns the bytes after the head."""
+        status = response.status
         if status == 101:
             self._state = _TUNNEL
             self.handler.on_response(response)
@@ -198,67 +205,84 @@ class ResponseParser:
             return rest
         if self._head_request or status == 204 or status == 304:
             self._state = _DONE
-            self._clean = not self._head_request  # llhttp would expect a body after HEAD
         elif response.chunked:
             self._state = _CHUNKED
             self._chunks = ChunkedDecoder()
-            self._clean = False
         elif response.content_length is not None:
             self._remaining = response.content_length
             self._state = _LENGTH if self._remaining else _DONE
         else:
-            self._state = _CLOSE
-            self._clean = False
-            response.keep_alive = False
+            self._state = _CLOSE  # ends with the connection
         self.handler.on_response(response)
         if self._state == _DONE:
             self._done(rest)  # a response without a body ends with its head
             return b""
         return rest
 
-    @staticmethod
-    def _interpret(head: bytes, status: int, end: int) -> Response:
-        """Framing and keep-alive from the head, and the block to forward; the common head (a plain
-        Content-Length, `Connection: keep-alive` or `close`, no other hop-by-hop line) takes the short way."""
+    def _parse(self, head: bytes, end: int) -> Response:
+        """The head through llhttp and the framing rules; remembered for the next head."""
+        if head[:7] != b"HTTP/1.":
+            raise ParseError(502, "not an HTTP/1.x response")
+        if not LLHTTP_STRICT:
+            check_head(head, "response")
+        if not self._clean:
+            self._llhttp = httptools.HttpResponseParser(_VALIDATOR)
+        llhttp = self._llhttp
+        self._clean = False
+        try:
+            llhttp.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as error:
+            raise ParseError(502, f"malformed response: {error}") from None
+        status = llhttp.get_status_code()
+        if not 100 <= status <= 599:
+            raise ParseError(502, "response status out of range")
+        # The common head: at most a plain Content-Length and `Connection: keep-alive` or `close`.
         line = head.find(b"\r\n")
-        http10 = head[7] == 0x30  # "HTTP/1.0"
         low = head.lower()
-        spans: list[tuple[int, int]] = []
-        length: int | None = None
-        close = http10
-        others: list[re.Match[bytes]] | None = None
         search = _RESPONSE_LINES.search
+        length: int | None = None
+        close = head[7] == 0x30  # HTTP/1.0
+        span: tuple[int, int] | None = None
+        common = True
         match = search(low, line, end)
         while match is not None:
             name = match.group(1)
             value = match.group(2).strip(b" \t")
             if name == b"content-length" and length is None and value.isdigit() and len(value) <= 18:
                 length = int(value)
-            elif name == b"connection" and value in _SIMPLE_CONNECTION:
-                spans.append(match.span())
+            elif name == b"connection" and span is None and (value == b"keep-alive" or value == b"close"):
+                span = match.span()
                 close = value == b"close"
             else:
-                others = [match] if others is None else [*others, match]
+                common = False
+                break
             match = search(low, match.end(), end)
-        status_line = head[:line] if not http10 else b"HTTP/1.1" + head[8:line]
-        if others is None:
-            response = Response(status, status_line, cut(head, line, end, spans))
+        if common:
+            status_line = head[:line] if head[7] == 0x31 else b"HTTP/1.1" + head[8:line]
+            block = head[line:end] if span is None else head[line : span[0]] + head[span[1] : end]
+            response = Response(status, status_line, block)
             if close:
                 response.keep_alive = False
             if length is not None:
                 response.content_length = length
                 response.length_in_block = True
-            return response
-        return _interpret_more(head, low, status, status_line, line, end, http10)
+        else:
+            response = _interpret(head, low, status, line, end)
+        # llhttp ends a message with its head only for these (it is fed heads, never bodies):
+        self._clean = (
+            (100 <= status < 200 and status != 101) or status in (204, 304) or response.content_length == 0
+        )
+        self._memo_head = head
+        self._memo_response = response
+        return response
 
 
-_SIMPLE_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
-
-
-def _interpret_more(
-    head: bytes, low: bytes, status: int, status_line: bytes, line: int, end: int, http10: bool
-) -> Response:
+def _interpret(head: bytes, low: bytes, status: int, line: int, end: int) -> Response:
     """Every hop-by-hop and framing line, in general (repeated or listed headers, codings, Upgrade)."""
+    http10 = head[7] == 0x30
+    status_line = head[:line] if not http10 else b"HTTP/1.1" + head[8:line]
     spans: list[tuple[int, int]] = []
     lengths: list[bytes] | None = None
     codings: list[bytes] | None = None

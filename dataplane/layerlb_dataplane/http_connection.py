@@ -1,14 +1,11 @@
-"""One client connection of the L7 proxy and the exchange in flight on it, as asyncio protocol callbacks.
+"""One client connection of the L7 proxy: an asyncio protocol that reads requests, in order, and sends them.
 
-Throughput decides whether a Python proxy is worth running, so the common request (a whole head in one
-read, a pooled upstream connection, a small response) runs in callbacks only: no task, no closure, no
-timer operation; writes made while one read is handled leave in one `writelines` (one syscall). Tasks
-appear on slow paths only (opening an upstream connection, retries). Timeouts are one deadline per
-connection, checked by a timer that is re-armed lazily when it fires.
-
-Requests on a connection are served one at a time, in order: after a request, the parser pauses and
-pipelined requests wait unparsed until the response is done. Bodies stream both ways: a full write
-buffer on one side pauses reading on the other.
+Requests on a connection are served one at a time: after a request, the parser pauses and pipelined
+requests wait unparsed until the response is done. Each request is routed with the Snapshot current at
+its start, its target chosen (session affinity, the backend's hash key, the balancer), and its head
+sent on a pooled upstream connection, or on a new one (a task: the slow path, with retries on another
+target). Bodies stream both ways: a full write buffer on one side pauses reading on the other. The
+response half is `http_exchange.Exchange`; see there for what the hot path avoids.
 """
 
 from __future__ import annotations
@@ -17,26 +14,35 @@ import asyncio
 from typing import TYPE_CHECKING, cast
 
 from layerlb.api import AffinityType, HashSource
-from layerlb_dataplane import http1, proxy_protocol, upstream
-from layerlb_dataplane.http1 import ParseError, error_response
-from layerlb_dataplane.http1_response import Response
+from layerlb_dataplane import http1_request, proxy_protocol, upstream
+from layerlb_dataplane.http1 import ParseError
+from layerlb_dataplane.http_exchange import (
+    _D_HEADER,
+    _D_REQUEST,
+    _P_CONNECTING,
+    _P_PIPELINE,
+    _P_QUEUED,
+    _P_UPSTREAM,
+    _ZERO_CHUNK,
+    CLOSED,
+    CONNECT_BUFFER,
+    CONNECTING,
+    IDLE,
+    LINGER,
+    LOCAL,
+    MAX_ATTEMPTS,
+    PIPELINE_LIMIT,
+    QUEUED,
+    RESPONDING,
+    TUNNEL,
+    WAITING,
+    Exchange,
+)
 from layerlb_dataplane.state import BackendPool, Target
 from layerlb_dataplane.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from layerlb_dataplane.proxy_http import HttpListener, Settings
-
-IDLE, LOCAL, CONNECTING, WAITING, RESPONDING, TUNNEL, LINGER, CLOSED, QUEUED = range(9)
-# What the connection's single deadline means when it passes.
-_D_HEADER, _D_IDLE, _D_REQUEST, _D_BODY, _D_TUNNEL, _D_LINGER = range(1, 7)
-# Why the client's transport is not being read (bits).
-_P_UPSTREAM, _P_PIPELINE, _P_CONNECTING, _P_QUEUED = 1, 2, 4, 8
-
-PIPELINE_LIMIT = 1 << 20  # unparsed bytes held while a request is in flight, before reading pauses
-CONNECT_BUFFER = 1 << 18  # body bytes held while the upstream connection opens, before reading pauses
-MAX_ATTEMPTS = 3  # targets tried by one idempotent request whose connects fail
-LINGER_SECONDS = 2.0  # after an error answer: read and discard, so the client sees the answer, not a reset
-_ZERO_CHUNK = b"0\r\n\r\n"
 
 
 def _forwarded_node(ip: str) -> bytes:
@@ -48,58 +54,18 @@ def _forwarded_host(host: bytes) -> bytes:
     return host if host.replace(b".", b"").replace(b"-", b"").isalnum() else b'"' + host + b'"'
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client connection: requests in, responses out, in order; see the module notes."""
+class ClientConnection(Exchange, asyncio.Protocol):
+    """Responses must leave in the order requests came, so a connection reads and serves one request at a
+    time; the `Exchange` base class carries each one to its backend and back."""
 
-    __slots__ = (
-        "admitted",
-        "body_done",
-        "client_eof",
-        "client_ip",
-        "client_port",
-        "close_after",
-        "deadline",
-        "deadline_kind",
-        "fwd_cache",
-        "fwd_key",
-        "head",
-        "lb",
-        "local",
-        "loop",
-        "out",
-        "parser",
-        "paused",
-        "pending",
-        "pending_size",
-        "pool",
-        "private",
-        "proxy_parser",
-        "reply",
-        "req",
-        "resp_chunked",
-        "resp_keep_alive",
-        "set_cookie",
-        "settings",
-        "started",
-        "state",
-        "status",
-        "target",
-        "timer",
-        "timer_at",
-        "transport",
-        "tried",
-        "tunnel_eof",
-        "up",
-        "up_out",
-        "write_paused",
-    )
+    __slots__ = ()
 
     def __init__(self, lb: HttpListener) -> None:
         assert lb.loop is not None
         self.lb = lb
         self.loop = lb.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
-        self.parser = http1.RequestParser(self)
+        self.parser = http1_request.RequestParser(self)
         self.state = IDLE
         self.admitted = False
         self.client_ip = ""
@@ -107,12 +73,17 @@ class ClientConnection(asyncio.Protocol):
         self.local: tuple[str, int] = ("", 0)
         self.proxy_parser: proxy_protocol.HeaderParser | None = None
         self.settings: Settings = None  # type: ignore[assignment]  # set on admission and per request
-        self.req: http1.Request = None  # type: ignore[assignment]  # set per request
+        self.req: http1_request.Request = None  # type: ignore[assignment]  # set per request
         self.pool: BackendPool | None = None
         self.target: Target | None = None
         self.up: UpstreamConnection | None = None
         self.private: UpstreamConnection | None = None  # kept per client: PROXY protocol or transparent
-        self.head = b""
+        self.head = b""  # the request head as sent upstream (kept for a retry, reused for an equal request)
+        self.head_of: http1_request.Request | None = None
+        self.head_settings: Settings | None = None
+        self.tail = b""  # what follows the request line in `head`: reused while the header block repeats
+        self.tail_of = b""
+        self.isolated = False
         self.tried: list[Target] | None = None
         self.pending: list[bytes] | None = None
         self.pending_size = 0
@@ -163,8 +134,7 @@ class ClientConnection(asyncio.Protocol):
         self.admitted = True
         self.state = IDLE
         self.settings = settings = self.lb.settings()
-        self.parser.max_request_line = settings.limits.max_request_line
-        self.parser.max_header = settings.limits.max_header
+        self.parser.set_limits(settings.limits.max_request_line, settings.limits.max_header)
         self._set_deadline(_D_HEADER, settings.timeouts.header)
         self._unpause(_P_QUEUED)
         held = self.pending
@@ -173,10 +143,11 @@ class ClientConnection(asyncio.Protocol):
             self.data_received(b"".join(held))
 
     def data_received(self, data: bytes) -> None:
+        """Client bytes: tunnel data, a PROXY header, or HTTP for the parser (upstream writes batched)."""
         state = self.state
         if state == TUNNEL:
-            assert self.up is not None
-            self.up.transport.write(data)
+            if self.up is not None:
+                self.up.transport.write(data)
             self.deadline = self.loop.time() + self.settings.timeouts.idle
             return
         if state >= LINGER:
@@ -199,12 +170,15 @@ class ClientConnection(asyncio.Protocol):
         self.up_out = None
         if up_out and self.up is not None:
             self.up.transport.writelines(up_out)
-        if self.state == IDLE and self.deadline_kind != _D_HEADER and self.parser.partial_head:
-            self._set_deadline(_D_HEADER, self.settings.timeouts.header)
-        if self.parser.buffered > PIPELINE_LIMIT and self.state < LINGER:
-            self._pause(_P_PIPELINE)
+        parser = self.parser
+        if parser.buffered:  # a partial head (the header timeout runs), or requests waiting their turn
+            if self.state == IDLE and self.deadline_kind != _D_HEADER and parser.partial_head:
+                self._set_deadline(_D_HEADER, self.settings.timeouts.header)
+            if parser.buffered > PIPELINE_LIMIT and self.state < LINGER:
+                self._pause(_P_PIPELINE)
 
     def eof_received(self) -> bool:
+        """A client that half-closes after its request still gets the response; a tunnel passes the EOF on."""
         state = self.state
         if state == TUNNEL:
             return self._tunnel_half_close(from_client=True)
@@ -215,6 +189,7 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The client left: drop the exchange in flight (its target's count, its upstream connection)."""
         state = self.state
         self.state = CLOSED
         if self.timer is not None:
@@ -239,11 +214,13 @@ class ClientConnection(asyncio.Protocol):
         self.lb.closed(self)
 
     def pause_writing(self) -> None:
+        """The client reads slower than the backend sends: stop reading the backend (backpressure)."""
         self.write_paused = True
         if self.up is not None:
             self.up.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        """The client caught up: read the backend again."""
         self.write_paused = False
         if self.up is not None:
             self.up.transport.resume_reading()
@@ -255,9 +232,10 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.close_after = True
 
-    # --- requests (http1.RequestHandler) ---------------------------------------------------------------
+    # --- requests (http1_request.RequestHandler) ---------------------------------------------------------------
 
-    def on_request(self, req: http1.Request) -> None:
+    def on_request(self, req: http1_request.Request) -> None:
+        """A request head: route it with the current Snapshot, pick a target, send it (or answer 404/503)."""
         self.req = req
         self.settings = settings = self.lb.settings()
         self.started = self.loop.time()
@@ -280,13 +258,15 @@ class ClientConnection(asyncio.Protocol):
                 503, "no such backend"
             )
             return
-        target = self._choose(pool, req)
+        # With no affinity and no hash key, the balancer alone picks.
+        target = pool.pick(self.client_ip) if pool.backend.name in settings.plain else self._choose(pool, req)
         if target is None:
             self._local(503, "no healthy backend")
             return
         self._start(target)
 
     def on_body(self, data: bytes | bytearray) -> None:
+        """Request body bytes stream on (re-chunked for a chunked request), or wait while connecting."""
         state = self.state
         if WAITING <= state <= RESPONDING:
             out = self.up_out
@@ -307,6 +287,7 @@ class ClientConnection(asyncio.Protocol):
                 self._pause(_P_CONNECTING)
 
     def on_request_end(self) -> None:
+        """The request is complete: end a chunked body upstream, or send a pending answer of the proxy."""
         self.body_done = True
         state = self.state
         if state == LOCAL:
@@ -321,16 +302,10 @@ class ClientConnection(asyncio.Protocol):
                 assert self.up is not None
                 self.up.transport.write(_ZERO_CHUNK)
 
-    def _chunk(self, out: list[bytes | bytearray], data: bytes | bytearray) -> None:
-        if self.req.chunked:
-            out += (b"%x\r\n" % len(data), data, b"\r\n")
-        else:
-            out.append(data)
-
-    # --- choosing a target and sending ---------------------------------------------------------------------
+    # --- choosing a target and sending ------------------------------------------------------------------
 
     def _choose(
-        self, pool: BackendPool, req: http1.Request, exclude: list[Target] | None = None
+        self, pool: BackendPool, req: http1_request.Request, exclude: list[Target] | None = None
     ) -> Target | None:
         """Session affinity first, then the balancer with the backend's hash key."""
         settings = self.settings
@@ -366,30 +341,6 @@ class ClientConnection(asyncio.Protocol):
             )
         return target
 
-    def _start(self, target: Target) -> None:
-        """Send the request to `target`: on a pooled connection now, else after a connect (a task)."""
-        target.active += 1
-        self.target = target
-        self.head = self._request_head(self.req)
-        up: UpstreamConnection | None
-        if self._private_upstream():
-            up = self.private
-            self.private = None
-            if up is not None and (up.target is not target or not up.usable):
-                up.close()
-                up = None
-        else:
-            up = self.lb.pool.acquire(target)
-        if up is not None:
-            self._send(up)
-        else:
-            self._connect_later(target)
-
-    def _private_upstream(self) -> bool:
-        """PROXY-protocol and transparent connections carry this client's identity: never shared."""
-        pool = self.pool
-        return self.settings.transparent or (pool is not None and pool.backend.proxy_protocol is not None)
-
     def _connect_later(self, target: Target) -> None:
         self.state = CONNECTING
         self.pending = []
@@ -399,6 +350,14 @@ class ClientConnection(asyncio.Protocol):
 
     async def _connect(self, target: Target) -> None:
         """Open an upstream connection (slow path); when it fails, idempotent requests try another target."""
+        try:
+            await self._connect_to(target)
+        except Exception:  # a bug must not leave the client waiting without a deadline
+            if self.state == CONNECTING:
+                self._fail(502, "internal error while connecting")
+            raise
+
+    async def _connect_to(self, target: Target) -> None:
         lb, settings, pool = self.lb, self.settings, self.pool
         assert pool is not None
         version = pool.backend.proxy_protocol
@@ -453,7 +412,7 @@ class ClientConnection(asyncio.Protocol):
     def _send(self, up: UpstreamConnection) -> None:
         """Write the request head, and the body bytes held during a connect, to `up`."""
         self.up = up
-        up.attach(self)
+        up.owner = up.parser.handler = self
         up.parser.expect(self.req.method == b"HEAD")
         if self.write_paused:
             up.transport.pause_reading()
@@ -472,13 +431,47 @@ class ClientConnection(asyncio.Protocol):
             out.append(self.head)
         self.pending = None
         self.state = WAITING
-        self._set_deadline(_D_REQUEST, self.settings.timeouts.request)
+        at = self.deadline = self.started + self.settings.timeouts.request
+        self.deadline_kind = _D_REQUEST
+        if self.timer is None or at < self.timer_at:
+            self._set_deadline(_D_REQUEST, self.settings.timeouts.request)
         if up.write_paused:
             self._pause(_P_UPSTREAM)
 
-    def _request_head(self, req: http1.Request) -> bytes:
-        """The head sent upstream, in one join: request line, kept lines, forwarding and framing lines."""
-        parts = [req.method, b" ", req.target, b" HTTP/1.1"]
+    # --- the upstream head ------------------------------------------------------------------------------
+
+    def _start(self, target: Target) -> None:
+        """Send the request to `target`: on a pooled connection now, else after a connect (a task)."""
+        target.active += 1
+        self.target = target
+        req = self.req
+        if req is not self.head_of or self.settings is not self.head_settings:  # else: the same request again
+            if req.block is self.tail_of and self.settings is self.head_settings:  # another request line only
+                self.head = b"".join((req.method, b" ", req.target, self.tail))
+            else:
+                self.head = self._request_head(req)
+            self.head_of, self.head_settings = req, self.settings
+        up: UpstreamConnection | None
+        self.isolated = isolated = self.pool is not None and self.pool.backend.name in self.settings.isolated
+        if isolated:
+            up = self.private
+            self.private = None
+            if up is not None and (up.target is not target or not up.usable):
+                up.close()
+                up = None
+        else:
+            up = self.lb.pool.acquire(target)
+        if up is not None:
+            self._send(up)
+        else:
+            self._connect_later(target)
+
+    def _request_head(self, req: http1_request.Request) -> bytes:
+        """The head sent upstream, in one join: request line, kept lines, forwarding and framing lines.
+
+        All after the request line is kept as `tail` for the next head with the same header block.
+        """
+        parts = [b" HTTP/1.1"]
         if not req.host_in_block:
             parts += (b"\r\nHost: ", req.host)
         parts += (req.block, self._forwarding(req))
@@ -493,9 +486,11 @@ class ClientConnection(asyncio.Protocol):
         if req.upgrade is not None:
             parts += (b"\r\nConnection: upgrade\r\nUpgrade: ", req.upgrade)
         parts.append(b"\r\n\r\n")
-        return b"".join(parts)
+        self.tail = b"".join(parts)
+        self.tail_of = req.block
+        return b"".join((req.method, b" ", req.target, self.tail))
 
-    def _forwarding(self, req: http1.Request) -> bytes:
+    def _forwarding(self, req: http1_request.Request) -> bytes:
         """X-Forwarded-For (appended), X-Forwarded-Proto, X-Forwarded-Host, Forwarded (appended)."""
         fresh = req.forwarded_for is None and req.forwarded is None
         if (
@@ -520,356 +515,7 @@ class ClientConnection(asyncio.Protocol):
             self.fwd_key, self.fwd_cache = (req.host, self.settings), lines
         return lines
 
-    # --- responses (http1_response.ResponseHandler, upstream.Owner) --------------------------------------
-
-    def upstream_data(self, connection: UpstreamConnection, data: bytes) -> None:
-        if self.state == TUNNEL:
-            self.transport.write(data)
-            self.deadline = self.loop.time() + self.settings.timeouts.idle
-            return
-        if connection is not self.up:
-            connection.close()
-            return
-        out: list[bytes | bytearray] = []
-        self.out = out
-        try:
-            rest = connection.parser.feed(data)
-        except ParseError as error:
-            self.out = None
-            self._upstream_failed(connection, "reset", f"bad response from the backend: {error.reason}")
-            return
-        self.out = None
-        if out:
-            self.transport.writelines(out)
-        if rest:
-            self.transport.write(rest)
-
-    def on_response(self, resp: Response) -> None:
-        status = resp.status
-        req = self.req
-        out = self.out
-        assert out is not None
-        if status < 200:
-            if status == 101:
-                if req.upgrade is None:
-                    raise ParseError(502, "101 without an Upgrade request")
-                self._tunnel(resp)
-            elif req.version == b"1.1":  # 1xx are not for HTTP/1.0 clients
-                out += (resp.status_line, resp.block, b"\r\n\r\n")
-            return
-        target = self.target
-        assert target is not None
-        self.lb._report(target, True)
-        self.status = status
-        self.resp_keep_alive = resp.keep_alive
-        close = self.close_after or not req.keep_alive or not self.body_done or self.lb.closing
-        out += (resp.status_line, resp.block)
-        chunked = False
-        if resp.content_length is not None:
-            if not resp.length_in_block and status != 204:
-                out.append(b"\r\nContent-Length: %d" % resp.content_length)
-        elif req.method == b"HEAD" or status == 204 or status == 304:
-            pass
-        elif req.version == b"1.1":
-            chunked = True
-            out.append(
-                b"\r\nTransfer-Encoding: %s, chunked" % resp.codings
-                if resp.codings
-                else b"\r\nTransfer-Encoding: chunked"
-            )
-        else:
-            close = True  # an HTTP/1.0 client reads a body of unknown length until the close
-        if close:
-            out.append(b"\r\nConnection: close")
-            self.close_after = True
-        elif req.version == b"1.0":
-            out.append(b"\r\nConnection: keep-alive")
-        if self.set_cookie is not None:
-            out.append(self.set_cookie)
-        out.append(b"\r\n\r\n")
-        self.resp_chunked = chunked
-        self.state = RESPONDING
-        self.deadline_kind = _D_BODY
-        self.deadline = self.loop.time() + self.settings.timeouts.idle
-
-    def on_response_body(self, data: bytes | bytearray) -> None:
-        out = self.out
-        assert out is not None
-        if self.resp_chunked:
-            out += (b"%x\r\n" % len(data), data, b"\r\n")
-        else:
-            out.append(data)
-
-    def on_response_end(self) -> None:
-        out = self.out
-        if self.resp_chunked:
-            self.resp_chunked = False
-            if out is not None:
-                out.append(_ZERO_CHUNK)
-            else:
-                self.transport.write(_ZERO_CHUNK)
-        if out:  # before anything else may write (an answer to a pipelined request, a close)
-            self.transport.writelines(out)
-            out.clear()
-        up = self.up
-        self.up = None
-        self._end_exchange(self.status)
-        if up is not None:
-            if self.write_paused:
-                up.transport.resume_reading()
-            if not (self.resp_keep_alive and self.body_done):
-                up.close()
-            elif self._private_upstream():
-                up.owner = None
-                if up.usable:
-                    self.private = up
-                else:
-                    up.close()
-            else:
-                self.lb.release(up)
-        if self.close_after:
-            self._linger()
-        else:
-            self._next()
-
-    def upstream_eof(self, connection: UpstreamConnection) -> bool:
-        if self.state == TUNNEL and connection is self.up:
-            return self._tunnel_half_close(from_client=False)
-        return False
-
-    def upstream_lost(self, connection: UpstreamConnection) -> None:
-        if connection is self.private:
-            self.private = None
-            return
-        if connection is not self.up:
-            return
-        state = self.state
-        if state == TUNNEL:
-            self.up = None
-            self.transport.close()
-        elif state == RESPONDING and connection.parser.until_close:
-            out: list[bytes | bytearray] = []
-            self.out = out
-            connection.parser.feed_eof()
-            self.out = None
-            if out:
-                self.transport.writelines(out)
-        elif WAITING <= state <= RESPONDING:
-            self._upstream_failed(connection, "reset", "backend closed the connection")
-
-    def upstream_write_paused(self, paused: bool) -> None:
-        if paused:
-            self._pause(_P_UPSTREAM)
-        else:
-            self._unpause(_P_UPSTREAM)
-
-    def _upstream_failed(
-        self, up: UpstreamConnection | None, kind: str, text: str, timed_out: bool = False
-    ) -> None:
-        """The backend failed this exchange: retry, answer 502/504, or (mid-response) abort the client."""
-        target = self.target
-        assert target is not None
-        if up is not None:
-            up.abort()
-        self.up = None
-        self.lb.metrics.upstream_failure(target.backend, kind)
-        if self.state == RESPONDING:
-            self._end_exchange(self.status)
-            self.transport.abort()
-            return
-        req = self.req
-        stale = up is not None and up.reused and not up.parser.started and kind == "reset"
-        if stale and req.idempotent and not req.has_body and self.tried is None:
-            # The backend closed an idle keep-alive connection as the request went out: once more, anew.
-            self.tried = []
-            self._connect_later(target)
-            return
-        self.lb._report(target, False)
-        self._fail(504 if timed_out else 502, text)
-
-    # --- tunnels (after 101 Switching Protocols) -------------------------------------------------------
-
-    def _tunnel(self, resp: Response) -> None:
-        up, target, out = self.up, self.target, self.out
-        assert up is not None and target is not None and out is not None
-        upgrade = resp.upgrade or self.req.upgrade or b""
-        out += (resp.status_line, resp.block, b"\r\nConnection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
-        self.state = TUNNEL
-        self.status = 101
-        self.lb._report(target, True)
-        self.lb.metrics.request_done(self.lb.name, self._backend_name(), 101, self.loop.time() - self.started)
-        buffered = self.parser.take_buffer()
-        if buffered:
-            up.transport.write(buffered)
-        self._set_deadline(_D_TUNNEL, self.settings.timeouts.idle)
-
-    def _tunnel_half_close(self, from_client: bool) -> bool:
-        """One side of a tunnel finished sending: pass the EOF on, and close once both have."""
-        up = self.up
-        assert up is not None
-        self.tunnel_eof |= 1 if from_client else 2
-        other = up.transport if from_client else self.transport
-        if self.tunnel_eof != 3 and other.can_write_eof():
-            other.write_eof()
-            return True
-        up.close()
-        self.transport.close()
-        return False
-
-    # --- ending exchanges ----------------------------------------------------------------------------------
-
-    def _backend_name(self) -> str:
-        return self.pool.name if self.pool is not None else ""
-
-    def _end_exchange(self, status: int) -> None:
-        """Account for a finished exchange: the target's active count and the request metrics."""
-        target = self.target
-        if target is not None:
-            target.active -= 1
-            self.target = None
-        if self.state != TUNNEL:
-            pool = self.pool
-            self.lb.metrics.request_done(
-                self.lb.name, pool.name if pool is not None else "", status, self.loop.time() - self.started
-            )
-
-    def _local(self, status: int, text: str) -> None:
-        """Answer from the proxy itself before any backend was involved (404, 503)."""
-        if self.body_done:  # the parser reports the request's end right after this callback: answer then
-            self.state = LOCAL
-            self.reply = (status, text)
-        else:
-            self._answer(status, text)
-
-    def _fail(self, status: int, text: str) -> None:
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.abort()
-        self.pending = None
-        self._answer(status, text)
-
-    def _answer(self, status: int, text: str) -> None:
-        """Send a canned response for the current request; keep the connection when that is safe."""
-        req = self.req
-        close = not self.body_done or not req.keep_alive or self.close_after or self.lb.closing
-        self.transport.write(error_response(status, text, close=close, head_only=req.method == b"HEAD"))
-        self.status = status
-        self._end_exchange(status)
-        if close:
-            self._linger()
-        else:
-            self._next()
-
-    def _reject(self, error: ParseError) -> None:
-        """The client sent something unparseable: answer (unless a response is under way) and close."""
-        if self.up is not None:
-            self.up.abort()
-            self.up = None
-        if self.state == RESPONDING:
-            self._end_exchange(self.status)
-            self.transport.abort()
-            return
-        if self.target is not None:
-            self._end_exchange(error.status)
-        else:
-            self.lb.metrics.request_done(self.lb.name, "", error.status, 0.0)
-        self.transport.write(error_response(error.status, error.reason, close=True))
-        self._linger()
-
-    def _next(self) -> None:
-        """Ready for the next request on this connection (maybe one already buffered)."""
-        self.state = IDLE
-        self.pool = None
-        if self.paused & (_P_UPSTREAM | _P_CONNECTING):
-            self._unpause(_P_UPSTREAM | _P_CONNECTING)
-        settings = self.settings
-        parser = self.parser
-        limits = settings.limits
-        parser.max_request_line = limits.max_request_line
-        parser.max_header = limits.max_header
-        self._set_deadline(_D_IDLE, settings.timeouts.idle)
-        try:
-            parser.resume()
-        except ParseError as error:
-            self._reject(error)
-            return
-        if self.paused & _P_PIPELINE and parser.buffered <= PIPELINE_LIMIT:
-            self._unpause(_P_PIPELINE)
-
-    def _linger(self) -> None:
-        """Close after an answer, reading and discarding for a moment so the client sees the answer."""
-        self.state = LINGER
-        self.parser.close()
-        self.pending = None
-        transport = self.transport
-        if self.paused:
-            self.paused = 0
-            transport.resume_reading()
-        if transport.can_write_eof() and not transport.is_closing():
-            transport.write_eof()
-            self._set_deadline(_D_LINGER, LINGER_SECONDS)
-        else:
-            transport.close()
-
-    # --- reading control, deadlines, the PROXY header ------------------------------------------------------
-
-    def _pause(self, reason: int) -> None:
-        if not self.paused:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def _unpause(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused:
-                self.transport.resume_reading()
-
-    def _set_deadline(self, kind: int, seconds: float) -> None:
-        """One timer per connection, re-armed lazily: moving a deadline later costs no timer operation."""
-        at = self.loop.time() + seconds
-        self.deadline = at
-        self.deadline_kind = kind
-        timer = self.timer
-        if timer is None or at < self.timer_at:
-            if timer is not None:
-                timer.cancel()
-            self.timer = self.loop.call_at(at, self._on_timer)
-            self.timer_at = at
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        deadline = self.deadline
-        if not deadline or self.state == CLOSED:
-            return
-        if self.loop.time() + 0.001 < deadline:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
-            self.timer_at = deadline
-            return
-        self.deadline = 0.0
-        self._timeout()
-
-    def _timeout(self) -> None:
-        state = self.state
-        if state == IDLE:
-            if self.deadline_kind == _D_HEADER and (
-                self.parser.partial_head or self.proxy_parser is not None
-            ):
-                self.lb.metrics.request_done(self.lb.name, "", 408, 0.0)
-                self.transport.write(error_response(408, "request head not received in time", close=True))
-                self._linger()
-            else:
-                self.transport.close()
-        elif state == WAITING:
-            self._upstream_failed(self.up, "timeout", "backend did not answer in time", timed_out=True)
-        elif state == RESPONDING:
-            self._upstream_failed(self.up, "timeout", "backend stalled")
-        elif state == TUNNEL:
-            if self.up is not None:
-                self.up.close()
-            self.transport.close()
-        elif state == LINGER:
-            self.transport.close()
+    # --- the PROXY header ---------------------------------------------------------------------------------
 
     def _proxy_header(self, data: bytes) -> bytes:
         """Read the PROXY header of a trusted peer first; its source becomes the client's address."""

@@ -26,16 +26,17 @@ from collections import deque
 from collections.abc import Callable
 
 from layerlb import plan
-from layerlb.api import Architecture, Protocol
+from layerlb.api import AffinityType, Architecture, HashSource, Protocol
 from layerlb_dataplane import affinity, upstream
 from layerlb_dataplane.http1 import error_response
-from layerlb_dataplane.http_connection import QUEUED, ClientConnection
+from layerlb_dataplane.http_connection import ClientConnection
+from layerlb_dataplane.http_exchange import QUEUED
 from layerlb_dataplane.metrics import Metrics
 from layerlb_dataplane.state import Snapshot, Target
 
 
 class Settings:
-    """What requests need from one Snapshot, computed once per Snapshot rather than once per request."""
+    """Derived once per Snapshot, so that each request reads plain attributes instead of walking the Plan."""
 
     __slots__ = (
         "affinity",
@@ -43,7 +44,9 @@ class Settings:
         "cookie_name",
         "default",
         "direct",
+        "isolated",
         "limits",
+        "plain",
         "plan_key",
         "snapshot",
         "timeouts",
@@ -58,14 +61,27 @@ class Settings:
         self.direct = not current.routes  # every request goes to the default backend
         self.default = current.default_backend
         self.transparent = current.architecture == Architecture.transparent
+        # Backends whose upstream connections carry one client (PROXY header, or its address): never pooled.
+        self.isolated = frozenset(
+            backend.name
+            for backend in current.backends
+            if self.transparent or backend.proxy_protocol is not None
+        )
         self.affinity = current.session_affinity.type
+        # Backends whose targets the balancer picks alone (no session affinity, no header or cookie key).
+        self.plain = frozenset(
+            backend.name
+            for backend in current.backends
+            if self.affinity == AffinityType.None_ and backend.hash_on.type == HashSource.SourceIP
+        )
         self.cookie_name = current.session_affinity.cookie_name.encode()
         self.cookie_age = current.session_affinity.timeout_seconds
         self.plan_key = current.key
 
 
 class HttpListener:
-    """Serves one HTTP/HTTPS listener; `protocol_factory` goes to `loop.create_server`."""
+    """One per listener and updated in place, so a reload never closes it; `protocol_factory` goes to
+    `loop.create_server`, and the listener holds what its connections share."""
 
     def __init__(self, listener: plan.Listener, current: Callable[[], Snapshot], metrics: Metrics) -> None:
         """`current()` returns the Snapshot to serve each new request from (it changes on reload)."""
@@ -80,12 +96,14 @@ class HttpListener:
         self.pool = upstream.UpstreamPool()
         self.affinity = affinity.Affinity()
         self.closing = False
+        self.suspects: set[Target] = set()  # targets with failures reported: their successes are reported too
         self.loop: asyncio.AbstractEventLoop | None = None
         self._settings: Settings | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self.sweeper: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
 
     def protocol_factory(self) -> asyncio.Protocol:
+        """A protocol for a new client connection (called by the server, inside the event loop)."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         return ClientConnection(self)
@@ -96,6 +114,8 @@ class HttpListener:
         settings = self._settings
         if settings is None or settings.snapshot is not snapshot:
             settings = self._settings = Settings(snapshot)
+            if self.loop is not None:  # a reload: idle connections to targets that left close now
+                self.pool.sweep(self.loop.time(), settings.timeouts.idle)
         return settings
 
     def update(self, listener: plan.Listener) -> None:
@@ -105,6 +125,7 @@ class HttpListener:
         protocol setting applies to new connections; a higher (or removed) cap admits waiting ones at once.
         """
         self.listener = listener
+        self.proto = b"https" if listener.protocol == Protocol.HTTPS else b"http"
         self._admit_waiting()
 
     async def close(self, timeout: float) -> None:
@@ -125,9 +146,9 @@ class HttpListener:
         for connection in list(self.connections):
             connection.transport.abort()
         self.pool.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
 
     # --- connection accounting and the cap -----------------------------------------------------------
 
@@ -150,6 +171,7 @@ class HttpListener:
         return False
 
     def closed(self, connection: ClientConnection) -> None:
+        """A connection ended: free its slot (a waiting connection may start) and note a finished drain."""
         self.connections.discard(connection)
         self.metrics.connection_closed(self.name)
         if connection.admitted:
@@ -171,34 +193,43 @@ class HttpListener:
     def _report(self, target: Target, ok: bool) -> None:
         """Passive health, the one place the proxy feeds it: connect failures and timeouts False, answered
         requests True. When the target's usability changed, its current pool's balancer is rebuilt.
-        (health.py's interface may grow a passive-specific call: adapt here only.)"""
-        if target.health.record(ok):
+        Passive results eject (health.HealthState.record_passive); they never touch the active-check counts.
+
+        Successes are reported for `suspects` only (targets with a failure reported and not healthy
+        since): for counts of consecutive results that is the same, and it spares the hot path a call.
+        """
+        if not ok:
+            self.suspects.add(target)
+        if target.health.record_passive(ok):
             pool = self.current().pool(target.backend)
             if pool is not None:
                 pool.health_changed()
+        if ok and target.health.healthy:
+            self.suspects.discard(target)
 
     def release(self, connection: upstream.UpstreamConnection) -> None:
         """Return an upstream connection to the pool (or close it when it cannot be reused)."""
         assert self.loop is not None
-        if self.pool.release(connection, self.loop.time()) and self._sweeper is None:
-            self._schedule_sweep()
+        if self.pool.release(connection, self.loop.time()) and self.sweeper is None:
+            self.schedule_sweep()
 
     def watch_affinity(self) -> None:
         """ClientIP affinity entries exist: make sure the sweeper expires them."""
-        if self._sweeper is None:
-            self._schedule_sweep()
+        if self.sweeper is None:
+            self.schedule_sweep()
 
-    def _schedule_sweep(self) -> None:
+    def schedule_sweep(self) -> None:
+        """Run `_sweep` soon; pooled connections and affinity entries must not outlive their timeouts."""
         assert self.loop is not None
         idle = self._settings.timeouts.idle if self._settings is not None else 60.0
-        self._sweeper = self.loop.call_later(min(1.0, max(0.05, idle / 4)), self._sweep)
+        self.sweeper = self.loop.call_later(min(1.0, max(0.05, idle / 4)), self._sweep)
 
     def _sweep(self) -> None:
         """Close pooled connections idle past the idle timeout or to draining targets; expire affinity."""
         assert self.loop is not None
-        self._sweeper = None
+        self.sweeper = None
         now = self.loop.time()
         self.pool.sweep(now, self.settings().timeouts.idle)
         self.affinity.expire(now)
         if (self.pool.count or self.affinity.clients) and not self.closing:
-            self._schedule_sweep()
+            self.schedule_sweep()

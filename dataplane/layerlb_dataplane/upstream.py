@@ -51,7 +51,8 @@ _SILENT = _Silent()
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to a target; `owner` is the client connection it serves, None while pooled."""
+    """One TCP connection to a target, reused across requests: `owner` is the client connection it serves
+    (None while pooled), and its response parser says whether it is still in step."""
 
     __slots__ = (
         "closed",
@@ -114,12 +115,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser.handler = owner
 
     def close(self) -> None:
+        """Close after pending writes; never reused."""
         self.closed = True
         self.owner = None
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        """Close at once (reset): the exchange failed, the backend must not take a half request as whole."""
         self.closed = True
         self.owner = None
         if self.transport is not None:
@@ -132,7 +135,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections by target, most recently used first."""
+    """Idle keep-alive connections by target, so most requests skip a TCP handshake; the most recently
+    used is taken first (the one least likely to have been closed by the backend)."""
 
     def __init__(self) -> None:
         self.idle: dict[Target, list[UpstreamConnection]] = {}
@@ -150,7 +154,7 @@ class UpstreamPool:
             connection = connections.pop()
             self.count -= 1
             connection.pool = None
-            if connection.usable:
+            if not connection.closed and connection.parser.idle:  # closed: set by connection_lost and close
                 return connection
             connection.close()
         return None
@@ -158,13 +162,17 @@ class UpstreamPool:
     def release(self, connection: UpstreamConnection, now: float) -> bool:
         """Keep `connection` for reuse (True), or close it when it cannot be reused (False)."""
         connection.owner = None
-        if not connection.usable or connection.target.draining:
+        if connection.closed or not connection.parser.idle or connection.target.draining:
             connection.close()
             return False
         connection.reused = True
         connection.idle_since = now
         connection.pool = self
-        self.idle.setdefault(connection.target, []).append(connection)
+        connections = self.idle.get(connection.target)
+        if connections is None:
+            self.idle[connection.target] = [connection]
+        else:
+            connections.append(connection)
         self.count += 1
         return True
 
@@ -193,6 +201,7 @@ class UpstreamPool:
                 del self.idle[target]
 
     def close(self) -> None:
+        """Close every idle connection (the listener closes)."""
         for target in list(self.idle):
             self._close_target(target)
 

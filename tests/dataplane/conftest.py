@@ -153,7 +153,9 @@ class Backend:
     writer ends the connection.
     """
 
-    def __init__(self, loop_thread: LoopThread, name: str = "b", handler: Handler | None = None) -> None:
+    def __init__(
+        self, loop_thread: LoopThread, name: str = "b", handler: Handler | None = None, port: int = 0
+    ) -> None:
         self.loop_thread = loop_thread
         self.name = name
         self.handler: Handler = handler or self.default
@@ -165,17 +167,17 @@ class Backend:
         self.first_bytes: list[bytes] = []
         self.server: asyncio.Server | None = None
         self.changed = threading.Condition()
-        self.port = loop_thread.run(self._start())
+        self.port = loop_thread.run(self._start(port))
 
     async def default(
         self, request: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         writer.write(respond(body=f"ok {self.name}".encode()))
 
-    async def _start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
+    async def _start(self, port: int) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        bound: int = self.server.sockets[0].getsockname()[1]
+        return bound
 
     def _note(self, change: Callable[[], None]) -> None:
         with self.changed:
@@ -233,8 +235,8 @@ def backends(loop_thread: LoopThread) -> Iterator[Callable[..., Backend]]:
     """A factory of backends, all closed at the end of the test."""
     made: list[Backend] = []
 
-    def make(name: str = "b", handler: Handler | None = None) -> Backend:
-        backend = Backend(loop_thread, name, handler)
+    def make(name: str = "b", handler: Handler | None = None, port: int = 0) -> Backend:
+        backend = Backend(loop_thread, name, handler, port)
         made.append(backend)
         return backend
 

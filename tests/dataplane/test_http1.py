@@ -8,7 +8,8 @@ from __future__ import annotations
 import httptools
 import pytest
 from layerlb_dataplane import http1
-from layerlb_dataplane.http1 import ChunkedDecoder, ParseError, Request, RequestParser, check_head
+from layerlb_dataplane.http1 import ChunkedDecoder, ParseError, check_head
+from layerlb_dataplane.http1_request import Request, RequestParser
 from layerlb_dataplane.http1_response import Response, ResponseParser
 
 
@@ -323,3 +324,29 @@ def test_chunk_decoder_across_arbitrary_splits() -> None:
         rest = decoder.feed(body[:split], out.extend)
         rest = decoder.feed(body[split:], out.extend) if rest is None else rest + body[split:]
         assert bytes(out) == b"Wikipedia in\r\n\r\nchunks." and rest == b"NEXT", split
+
+
+@pytest.mark.parametrize(
+    "values", [[b"+5"], [b"0x5"], [b"5 5"], [b""], [b"-1"], [b"5", b"6"], [b"5, 6"], [b"1" * 19]]
+)
+def test_content_length_values_are_strict(values: list[bytes]) -> None:
+    with pytest.raises(ParseError):
+        http1.parse_length(values)
+
+
+def test_content_length_lists_that_agree_are_one_length() -> None:
+    assert http1.parse_length([b"5, 5", b" 5 "]) == 5
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[b"gzip"], [b"chunked, gzip"], [b"chunked", b"chunked"], [b"foo, chunked"], [b""], [b"chunked;q=1"]],
+)
+def test_transfer_codings_must_end_with_one_known_chunked(values: list[bytes]) -> None:
+    with pytest.raises(ParseError):
+        http1.parse_codings(values)
+
+
+def test_known_codings_before_chunked_are_kept() -> None:
+    assert http1.parse_codings([b"GZip", b"chunked"]) == b"gzip"
+    assert http1.parse_codings([b"chunked"]) == b""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from layerlb_dataplane import affinity, proxy_protocol, transparent
+from layerlb_dataplane import affinity, http1_request, http1_response, proxy_protocol, transparent
 from layerlb_dataplane.state import BackendPool, Target
 
 from layerlb import plan
@@ -83,17 +83,14 @@ def test_idle_pooled_connections_close_after_the_idle_timeout(backends: Backends
 
 def test_no_reuse_after_connection_close_or_an_error(backends: Backends, proxies: Proxies) -> None:
     replies = [
-        respond(headers=("Connection: close",)),  # the backend says close (and closes)
+        respond(headers=("Connection: close",)),  # the backend says close (but leaves the connection open)
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",  # out of step: bytes after the response
         respond(),
         respond(),
     ]
 
     async def handler(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        reply = replies.pop(0)
-        writer.write(reply)
-        if b"Connection: close" in reply:
-            writer.close()
+        writer.write(replies.pop(0))
 
     backend = backends(handler=handler)
     proxy = proxies(one(backend))
@@ -364,6 +361,7 @@ def test_websocket_upgrade_is_tunnelled_both_ways(backends: Backends, proxies: P
         )
         while data := await reader.read(65536):
             writer.write(b"echo:" + data)
+        writer.write(b"bye")  # after the client's EOF: the other direction still works
         writer.write_eof()
 
     backend = backends(handler=handler)
@@ -379,7 +377,8 @@ def test_websocket_upgrade_is_tunnelled_both_ways(backends: Backends, proxies: P
     assert client.read_exactly(21) == b"hello from the server"
     client.send(b"ping")
     assert client.read_exactly(9) == b"echo:ping"
-    client.sock.shutdown(socket.SHUT_WR)  # half-close passes through; the server's EOF comes back
+    client.sock.shutdown(socket.SHUT_WR)  # a half-close passes through, the server still answers
+    assert client.read_exactly(3) == b"bye"
     assert client.closed()
     upstream = backend.requests[0]
     assert upstream.header("upgrade") == "websocket" and upstream.header("connection") == "upgrade"
@@ -579,19 +578,26 @@ def test_client_ip_affinity_keeps_a_client_on_one_target(backends: Backends, pro
     assert len(bodies) == 1
 
 
-def test_affinity_table_expires_and_skips_unusable_targets() -> None:
+def test_client_ip_table_keeps_a_client_while_its_target_is_usable_and_workers_agree() -> None:
     backend = plan.Backend(name="app", algorithm=Algorithm.round_robin, endpoints=())
-    one_target, other = Target("app", "10.0.0.1", 80, 1), Target("app", "10.0.0.2", 80, 1)
-    pool = BackendPool(backend, [one_target, other])
+    first = Target("app", "10.0.0.1", 80, 1)
+    others = [Target("app", f"10.0.0.{index}", 80, 1) for index in range(2, 12)]
     table = affinity.Affinity()
-    chosen = table.by_client(pool, "192.0.2.1", now=0.0, timeout=10)
-    assert chosen is not None
-    assert table.by_client(pool, "192.0.2.1", now=5.0, timeout=10) is chosen
-    chosen.draining = True
-    assert table.by_client(pool, "192.0.2.1", now=6.0, timeout=10) is not chosen
+    assert table.by_client(BackendPool(backend, [first]), "192.0.2.1", now=0.0, timeout=10) is first
+    grown = BackendPool(backend, [first, *others])
+    fresh_choice = affinity.rendezvous(grown, "192.0.2.1")
+    assert fresh_choice is not first  # ten new targets: the hash alone would move this client
+    assert table.by_client(grown, "192.0.2.1", now=5.0, timeout=10) is first  # the table keeps it
+    first.draining = True
+    assert table.by_client(grown, "192.0.2.1", now=6.0, timeout=10) is fresh_choice
     table.expire(now=100.0)
     assert table.clients == {}
-    assert affinity.token("ns/lb", one_target) != affinity.token("ns/lb", other)
+    # Another worker (its own table) puts the same clients on the same targets.
+    other_worker = affinity.Affinity()
+    for index in range(20):
+        ip = f"198.51.100.{index}"
+        assert table.by_client(grown, ip, 0.0, 10) is other_worker.by_client(grown, ip, 0.0, 10)
+    assert affinity.token("ns/lb", first) != affinity.token("ns/lb", others[0])
 
 
 def test_active_counts_requests_in_flight(backends: Backends, proxies: Proxies) -> None:
@@ -617,19 +623,19 @@ def test_active_counts_requests_in_flight(backends: Backends, proxies: Proxies) 
 
 
 class HealthLog:
-    """Wraps targets' `health.record` (the stub contract) to see what the proxy reported."""
+    """Wraps targets' `health.record_passive` to see what the proxy reported."""
 
     def __init__(self, targets: list[Target]) -> None:
         self.results: list[tuple[int, bool]] = []
         for target in targets:
-            original = target.health.record
+            original = target.health.record_passive
 
             def record(success: bool, target: Target = target, original: Any = original) -> bool:
                 self.results.append((target.port or 0, success))
                 result: bool = original(success)
                 return result
 
-            target.health.record = record  # type: ignore[method-assign]
+            target.health.record_passive = record  # type: ignore[method-assign]
 
 
 def test_a_dead_target_is_skipped_for_idempotent_requests_and_reported(
@@ -642,7 +648,13 @@ def test_a_dead_target_is_skipped_for_idempotent_requests_and_reported(
     for _ in range(4):
         client.send(get())
         assert client.response().body == b"ok alive"
-    assert (dead, False) in log.results and (alive.port, True) in log.results
+    assert (dead, False) in log.results
+    backends("revived", port=dead)  # the dead target comes back: its first answered request is reported
+    for _ in range(8):
+        client.send(get())
+        if client.response().body == b"ok revived":
+            break
+    assert (dead, True) in log.results
 
 
 def test_dead_backend_502_slow_backend_504_nothing_usable_503(backends: Backends, proxies: Proxies) -> None:
@@ -850,8 +862,14 @@ MALICIOUS = [
 ]
 
 
-@pytest.fixture
-def strict_proxy(backends: Backends, proxies: Proxies) -> Iterator[tuple[Backend, ProxyUnderTest]]:
+@pytest.fixture(params=["llhttp", "raw-checks-first"])
+def strict_proxy(
+    request: pytest.FixtureRequest, backends: Backends, proxies: Proxies, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Backend, ProxyUnderTest]]:
+    """The proxy with small limits; a second time with the raw-head checks on (as for a lenient llhttp)."""
+    if request.param == "raw-checks-first":
+        monkeypatch.setattr(http1_request, "LLHTTP_STRICT", False)
+        monkeypatch.setattr(http1_response, "LLHTTP_STRICT", False)
     backend = backends()
     yield backend, proxies(one(backend, limits={"maxRequestLineBytes": 256, "maxHeaderBytes": 1024}))
 
@@ -1000,18 +1018,19 @@ def test_a_reload_applies_to_the_next_request_while_requests_in_flight_finish(
 
     old, new = backends("old", handler=slow), backends("new")
     proxy = proxies(one(old))
-    kept = proxy.client()
-    kept.send(get())
-    assert kept.response().body == b"old"
-    busy = proxy.client()
+    busy, kept = proxy.client(), proxy.client()
     busy.send(get("/slow"))
-    old.wait(lambda: len(old.requests) == 2)
+    old.wait(lambda: len(old.requests) == 1)
+    kept.send(get())  # a second upstream connection, idle in the pool afterwards
+    assert kept.response().body == b"old"
+    assert old.open == 2
     proxy.reload(one(new, generation=2))
-    kept.send(get())  # the same kept-alive connection follows the new Plan
+    kept.send(get())  # the same kept-alive client connection follows the new Plan
     assert kept.response().body == b"ok new"
+    old.wait(lambda: old.open == 1)  # the idle pooled connection to the removed target is closed
     release.set()
     assert busy.response().body == b"old"  # the request in flight finished on its old target
-    old.wait(lambda: old.open == 0)  # and the draining target's idle pooled connections closed
+    old.wait(lambda: old.open == 0)  # and its connection is not pooled
 
 
 def test_reload_changes_limits_and_timeouts(backends: Backends, proxies: Proxies) -> None:
