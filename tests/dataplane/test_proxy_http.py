@@ -635,7 +635,7 @@ class HealthLog:
                 result: bool = original(success)
                 return result
 
-            target.health.record_passive = record  # type: ignore[method-assign]
+            target.health.record_passive = record  # type: ignore[method-assign,assignment]
 
 
 def test_a_dead_target_is_skipped_for_idempotent_requests_and_reported(
