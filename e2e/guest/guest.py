@@ -107,6 +107,7 @@ for word in $(cat /proc/cmdline); do
     llb.modroot=*) modroot="${word#llb.modroot=}" ;;
     llb.preload=*) preload="$(echo "${word#llb.preload=}" | tr , ' ')" ;;
     llb.cache=*) cache="${word#llb.cache=}" ;;
+    llb.keep=*) keep="${word#llb.keep=}" ;;
   esac
 done
 while read -r module; do
@@ -118,8 +119,11 @@ mount -t 9p -o "trans=virtio,version=9p2000.L,ro,msize=262144,cache=${cache:-loo
 mount -t proc proc "$r/proc" && mount -t sysfs sys "$r/sys" && mount -t devtmpfs dev "$r/dev" \
   || fail "mounting proc, sys, dev"
 mkdir -p "$r/dev/pts" "$r/dev/shm"
+# The repository may live under /tmp or /run (a CI clone), which get fresh tmpfs below: keep it visible.
+if [ -n "$keep" ]; then mkdir -p /keep && mount -o bind "$r$keep" /keep || fail "binding $keep"; fi
 mount -t devpts devpts "$r/dev/pts" && mount -t tmpfs shm "$r/dev/shm" \
   && mount -t tmpfs tmp "$r/tmp" && mount -t tmpfs run "$r/run" || fail "mounting tmpfs"
+if [ -n "$keep" ]; then mkdir -p "$r$keep" && mount -o bind /keep "$r$keep" || fail "re-binding $keep"; fi
 mkdir -p "$r$share" 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=262144 share "$r$share" || fail "mounting the share"
 printf '#!/bin/sh\nexec chroot %s /sbin/modprobe -d %s "$@"\n' "$r" "$modroot" >/sbin/modprobe
@@ -465,6 +469,7 @@ def run_guest(
             f"llb.modroot={image.modules_root}",
             f"llb.preload={','.join(preload)}",
             f"llb.cache={root_cache}",
+            *([f"llb.keep={ROOT}"] if ROOT.is_relative_to("/tmp") or ROOT.is_relative_to("/run") else []),
         ]
     )
     argv = [

@@ -134,7 +134,7 @@ def test_serve_programs_nat_keeps_it_healthy_leaves_it_on_exit_and_removes_it_wi
 
     serve = _serve(lb, config)
     try:
-        _wait(lambda: "applied" in serve.stderr() or _serves(client), "the restarted process", serve)
+        _wait(lambda: "shop/edge: generation" in serve.stderr(), "the restarted process to adopt edge", serve)
         config.write_text(REPLACEMENT)  # the LoadBalancer is gone from the source
         _wait(lambda: not _table_exists(lb), "the LoadBalancer's kernel rules to be removed", serve)
     finally:
