@@ -435,7 +435,9 @@ class Dataplane:
             if inst.engine is None:
                 inst.engine = factory(new)
             await inst.engine.apply(inst.snapshot)
-            log.info("%s: generation %d applied by the %s kernel engine", inst.key, new.generation, new.engine)
+            log.info(
+                "%s: generation %d applied by the %s kernel engine", inst.key, new.generation, new.engine
+            )
         except Exception as error:
             inst.problem = (
                 f"{inst.key} generation {new.generation} not applied by the kernel engine: {_message(error)}"
