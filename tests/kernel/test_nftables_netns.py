@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from layerlb_dataplane.kernel import nftables
+from layerlb_dataplane.kernel import addresses, nftables
 from layerlb_dataplane.state import Target
 
 from layerlb import api, plan, render
@@ -216,9 +216,9 @@ def engines_agree_and_switch_families() -> dict[str, Any]:
     facts["command_first"] = command.sync(v6, {}).changes
     facts["library_adopts"] = library.sync(v6, {}).changes
     facts["command_again"] = command.sync(v6, {}).changes
-    facts["vip_local"] = nftables._is_local("fd00:100::1")
+    facts["vip_local"] = addresses.is_local("fd00:100::1")
     library.remove(v6)
-    facts["vip_after_remove"] = nftables._is_local("fd00:100::1")
+    facts["vip_after_remove"] = addresses.is_local("fd00:100::1")
     facts["table_after_remove"] = command._families_holding("layerlb_shop_web")
 
     subprocess.run(["ip", "link", "add", "lbside", "type", "veth", "peer", "name", "far"], check=True)

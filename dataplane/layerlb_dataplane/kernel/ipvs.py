@@ -69,12 +69,9 @@ calling thread. Not thread-safe: one engine per thread.
 
 from __future__ import annotations
 
-import errno
 import functools
 import ipaddress
-import json
 import logging
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -83,7 +80,7 @@ from typing import Final
 
 from layerlb import api, render
 from layerlb import plan as plan_model
-from layerlb_dataplane.kernel import SyncReport
+from layerlb_dataplane.kernel import SyncReport, addresses
 from layerlb_dataplane.state import Target
 
 log = logging.getLogger("layerlb.kernel.ipvs")
@@ -545,7 +542,7 @@ class IpvsEngine:
             return "lo"
         if self.device is not None:
             return self.device
-        routes = _ip_json("route", "get", vip)
+        routes = addresses.ip_json("route", "get", vip)
         if not routes or not routes[0].get("dev"):
             raise ValueError(
                 f"{plan.key}: no route to the VIP {vip} tells which interface should own it; give the engine a device"
@@ -553,7 +550,7 @@ class IpvsEngine:
         return str(routes[0]["dev"])
 
     def _ensure_vip(self, plan: plan_model.Plan, vip: str) -> int:
-        if _is_local(vip):
+        if addresses.is_local(vip):
             return 0
         device = self._vip_device(plan, vip)
         if render.is_ipv6(vip):
@@ -572,9 +569,9 @@ class IpvsEngine:
     def _remove_vip(self, vip: str) -> None:
         v6 = render.is_ipv6(vip)
         host = 128 if v6 else 32
-        for link in _ip_json("addr", "show", "to", f"{vip}/{host}"):
+        for link in addresses.ip_json("addr", "show", "to", f"{vip}/{host}"):
             device = str(link.get("ifname", ""))
-            for info in _infos(link):
+            for info in addresses.infos(link):
                 if info.get("local") is None or canonical(str(info["local"])) != vip:
                     continue
                 if info.get("prefixlen") != host:
@@ -701,39 +698,3 @@ def _set_sysctl(path: str, value: str) -> int:
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
-
-
-def _ip_json(*args: str) -> list[dict[str, object]]:
-    done = _ip("-j", *args)
-    if done.returncode != 0:
-        return []
-    loaded = json.loads(done.stdout or "[]")
-    return [entry for entry in loaded if isinstance(entry, dict)] if isinstance(loaded, list) else []
-
-
-def _infos(link: Mapping[str, object]) -> list[Mapping[str, object]]:
-    infos = link.get("addr_info")
-    return [info for info in infos if isinstance(info, Mapping)] if isinstance(infos, list) else []
-
-
-def _is_local(vip: str) -> bool:
-    """Whether `vip` is an address of this node: binding to it succeeds (unless non-local binds are allowed)."""
-    v6 = render.is_ipv6(vip)
-    try:
-        with open(f"/proc/sys/net/{'ipv6' if v6 else 'ipv4'}/ip_nonlocal_bind") as file:
-            nonlocal_bind = file.read().strip() != "0"
-    except OSError:
-        nonlocal_bind = False
-    if nonlocal_bind:
-        host = f"{vip}/{128 if v6 else 32}"
-        return any(
-            info.get("local") for link in _ip_json("addr", "show", "to", host) for info in _infos(link)
-        )
-    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind((vip, 0))
-        except OSError as error:
-            if error.errno == errno.EADDRNOTAVAIL:
-                return False
-            raise
-    return True

@@ -68,7 +68,7 @@ from typing import Final, Protocol
 
 from layerlb import api, render
 from layerlb import plan as plan_model
-from layerlb_dataplane.kernel import SyncReport
+from layerlb_dataplane.kernel import SyncReport, addresses
 from layerlb_dataplane.state import Target
 
 log = logging.getLogger("layerlb.kernel.nftables")
@@ -541,7 +541,7 @@ class NftablesEngine:
     # --- the node ------------------------------------------------------------------------------------
 
     def _ensure_vip(self, vip: str) -> int:
-        if _is_local(vip):
+        if addresses.is_local(vip):
             return 0
         if render.is_ipv6(vip):
             done = _ip("-6", "addr", "add", f"{vip}/128", "dev", "lo", "nodad")
@@ -688,32 +688,3 @@ def _read_neighbours(device: str, addresses: Sequence[str]) -> dict[str, str]:
             if address in wanted and entry.get("lladdr") and usable_state:
                 found[address] = str(entry["lladdr"]).lower()
     return found
-
-
-def _is_local(vip: str) -> bool:
-    """Whether `vip` is an address of this node: a bind to it succeeds (unless non-local binds are allowed)."""
-    v6 = render.is_ipv6(vip)
-    nonlocal_path = f"/proc/sys/net/{'ipv6' if v6 else 'ipv4'}/ip_nonlocal_bind"
-    try:
-        with open(nonlocal_path) as file:
-            nonlocal_bind = file.read().strip() != "0"
-    except OSError:
-        nonlocal_bind = False
-    if nonlocal_bind:
-        prefix = f"{vip}/{128 if v6 else 32}"
-        return any(
-            info.get("local") for link in _ip_json("addr", "show", "to", prefix) for info in _infos(link)
-        )
-    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind((vip, 0))
-        except OSError as error:
-            if error.errno == errno.EADDRNOTAVAIL:
-                return False
-            raise
-    return True
-
-
-def _infos(link: Mapping[str, object]) -> list[Mapping[str, object]]:
-    infos = link.get("addr_info")
-    return [info for info in infos if isinstance(info, Mapping)] if isinstance(infos, list) else []

@@ -1,0 +1,56 @@
+"""Node addresses for the kernel engines: whether a VIP is already local, read with `ip -j`.
+
+Both engines place the VIP on the node (nat on `lo`, dsr/tunnel on the interface) and must not add or
+later remove an address the node already had; this is the one place that decides it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import subprocess
+from collections.abc import Mapping
+
+from layerlb import render
+
+
+def ip(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `ip ARGS`; the caller reads the return code."""
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+def ip_json(*args: str) -> list[dict[str, object]]:
+    """`ip -j ARGS` decoded; empty when `ip` fails (e.g. no route), which callers treat as "none"."""
+    done = ip("-j", *args)
+    if done.returncode != 0:
+        return []
+    loaded = json.loads(done.stdout or "[]")
+    return [entry for entry in loaded if isinstance(entry, dict)] if isinstance(loaded, list) else []
+
+
+def infos(link: Mapping[str, object]) -> list[Mapping[str, object]]:
+    """The `addr_info` entries of one link of `ip -j addr`."""
+    found = link.get("addr_info")
+    return [info for info in found if isinstance(info, Mapping)] if isinstance(found, list) else []
+
+
+def is_local(vip: str) -> bool:
+    """Whether `vip` is an address of this node: binding to it succeeds (unless non-local binds are allowed)."""
+    v6 = render.is_ipv6(vip)
+    try:
+        with open(f"/proc/sys/net/{'ipv6' if v6 else 'ipv4'}/ip_nonlocal_bind") as file:
+            nonlocal_bind = file.read().strip() != "0"
+    except OSError:
+        nonlocal_bind = False
+    if nonlocal_bind:
+        host = f"{vip}/{128 if v6 else 32}"
+        return any(info.get("local") for link in ip_json("addr", "show", "to", host) for info in infos(link))
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((vip, 0))
+        except OSError as error:
+            if error.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
