@@ -396,7 +396,7 @@ def test_a_standby_writes_nothing_and_a_restart_changes_nothing_that_was_right(
     for name in names:
         wait_condition(kubectl, name, "Programmed", "True")
     before, observed = versions(kubectl), statuses(kubectl)
-    assert len(before) == 5 * len(names), sorted(before)
+    assert len(before) == 6 * len(names), sorted(before)  # 2 ConfigMaps, SA, Role, binding, Deployment
     apply(kubectl, example("l7-proxy-routes.yaml", "shop"), example("l4-nat-ipvs.yaml", "db"))  # unchanged
 
     standby = Operator(operator_kubeconfig, operator_kubeconfig.parent / "operator-2.log")

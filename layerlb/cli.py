@@ -125,9 +125,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dataplane(args: argparse.Namespace) -> int:
-    from layerlb_dataplane import config
+    from layerlb_dataplane import config, kube_source
 
-    return _run_dataplane(args, config.PlanFile([args.plan], args.poll_interval))
+    if args.plan is not None:
+        return _run_dataplane(args, config.PlanFile([args.plan], args.poll_interval))
+    try:
+        namespace, name = kube_source.parse_reference(args.plan_configmap)
+    except ValueError as error:
+        print(f"layerlb dataplane: --plan-configmap: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        api = kube_source.KubeApi(kube_source.api_client())
+    except OSError as error:
+        print(f"layerlb dataplane: {error}", file=sys.stderr)
+        return 1
+    pod = os.environ.get("POD_NAME") or None
+    return _run_dataplane(args, kube_source.ConfigMapSource(namespace, name, api, pod))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -155,9 +168,17 @@ def parser() -> argparse.ArgumentParser:
     _dataplane_options(serve)
     serve.set_defaults(run=_serve)
 
-    plane = sub.add_parser("dataplane", help="run the data plane from a Plan JSON file (the forwarding pod)")
-    plane.add_argument(
-        "--plan", required=True, metavar="PATH", help="as `layerlb render --format dataplane` writes"
+    plane = sub.add_parser(
+        "dataplane",
+        help="run the data plane from a Plan JSON file or the operator's ConfigMap (the forwarding pod)",
+    )
+    where = plane.add_mutually_exclusive_group(required=True)
+    where.add_argument("--plan", metavar="PATH", help="as `layerlb render --format dataplane` writes")
+    where.add_argument(
+        "--plan-configmap",
+        metavar="NAMESPACE/NAME",
+        help="watch this ConfigMap through the Kubernetes API (in-cluster ServiceAccount, else the kubeconfig) "
+        "and report what is served for the pod POD_NAME",
     )
     _dataplane_options(plane)
     plane.set_defaults(run=_dataplane)

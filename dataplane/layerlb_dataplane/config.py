@@ -1,9 +1,11 @@
 """Where the data plane's Plans come from, and how it learns they changed.
 
 The runtime reads Plans only through `PlanSource`, so that the standalone files of `layerlb serve`, the
-Plan JSON of the forwarding pod, the Plans a worker receives from its parent, and (later) the operator's
-ConfigMap watched through the Kubernetes API all reload through one path: wait for `changed()`, call
-`load()`, apply what it returns, or keep serving the old Plans when it raises `InvalidConfig`.
+Plan JSON of the forwarding pod, the Plans a worker receives from its parent, and the operator's ConfigMap
+watched through the Kubernetes API (`kube_source`) all reload through one path: `start()` once, then wait
+for `changed()`, call `load()`, apply what it returns, or keep serving the old Plans when it raises
+`InvalidConfig`; after each apply the runtime tells the source what is now served (`applied`), which the
+ConfigMap source reports back to the operator.
 
 File sources poll: a cheap `stat` every interval (mtime, size, inode: an atomic rename or the kubelet's
 `..data` symlink swap changes the inode), then a content hash, so touching a file without changing it does
@@ -17,7 +19,7 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,14 @@ class PlanSource(abc.ABC):
     @abc.abstractmethod
     async def changed(self) -> None:
         """Return when `load()` may give something new (a change noticed); never returns for a fixed source."""
+
+    async def start(self) -> None:
+        """Return once `load()` has something to give (files: at once; the API: the first valid Plans)."""
+        return None
+
+    def applied(self, serving: Mapping[str, int]) -> None:
+        """What is now fully served (LoadBalancer key → Plan generation), after every apply; most ignore it."""
+        return None
 
 
 class StaticSource(PlanSource):
@@ -171,29 +181,44 @@ class PlanFile(FileSource):
                 errors.append(f"{path}: -: cannot read the file")
                 continue
             try:
-                objects = _json_values(data.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as error:
-                errors.append(f"{path}: -: not a Plan JSON file: {error}")
-                continue
-            if not objects:
-                errors.append(f"{path}: -: no Plan in the file")
-            for index, obj in enumerate(objects):
-                name = _plan_name(obj, index)
-                try:
-                    plans.append(plan.Plan.model_validate(obj))
-                except pydantic.ValidationError as error:
-                    for problem in error.errors():
-                        where = ".".join(str(part) for part in problem["loc"])
-                        errors.append(f"{path}: {name}: {where}: {problem['msg']}")
-        keys = [p.key for p in plans]
-        errors += [
-            f"{self.description}: Plan {key} appears more than once"
-            for key in sorted(set(keys))
-            if keys.count(key) > 1
-        ]
+                plans += parse_plans(path, data, allow_empty=False)
+            except InvalidConfig as error:
+                errors += error.lines
+        errors = errors or _duplicates(self.description, plans)
         if errors:
             raise InvalidConfig(errors)
         return plans
+
+
+def parse_plans(where: str, data: bytes | str, *, allow_empty: bool) -> list[plan.Plan]:
+    """The Plans of one Plan JSON text (one Plan, several in a row, or a list); `InvalidConfig` names
+    `where` and each bad field. `allow_empty`: `[]` means "serve nothing" rather than a mistake."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        objects = _json_values(text)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise InvalidConfig([f"{where}: -: not Plan JSON: {error}"]) from None
+    errors: list[str] = []
+    if not objects and not allow_empty:
+        errors.append(f"{where}: -: no Plan in the file")
+    plans: list[plan.Plan] = []
+    for index, obj in enumerate(objects):
+        name = _plan_name(obj, index)
+        try:
+            plans.append(plan.Plan.model_validate(obj))
+        except pydantic.ValidationError as error:
+            for problem in error.errors():
+                location = ".".join(str(part) for part in problem["loc"]) or "-"
+                errors.append(f"{where}: {name}: {location}: {problem['msg']}")
+    errors += _duplicates(where, plans)
+    if errors:
+        raise InvalidConfig(errors)
+    return plans
+
+
+def _duplicates(where: str, plans: Sequence[plan.Plan]) -> list[str]:
+    keys = [p.key for p in plans]
+    return [f"{where}: Plan {key} appears more than once" for key in sorted(set(keys)) if keys.count(key) > 1]
 
 
 def _json_values(text: str) -> list[Any]:

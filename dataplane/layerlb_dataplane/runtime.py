@@ -224,6 +224,14 @@ class Dataplane:
         """The Prometheus exposition of this process (`/metrics`)."""
         return render(self.dumps())
 
+    def serving(self) -> dict[str, int]:
+        """LoadBalancer key → generation, for each whose latest Plan is fully applied (kernel: synced)."""
+        return {
+            key: inst.snapshot.plan.generation
+            for key, inst in self.instances.items()
+            if inst.problem is None and inst.snapshot is not None and inst.snapshot.plan == inst.desired
+        }
+
     def plans(self) -> list[plan.Plan]:
         """The Plans being served (a rejected newer Plan is not among them)."""
         return [inst.snapshot.plan for _, inst in sorted(self.instances.items()) if inst.snapshot is not None]
@@ -237,6 +245,8 @@ class Dataplane:
             loop.add_signal_handler(signum, self.request_stop)
         if self.signals:
             loop.add_signal_handler(signal.SIGHUP, self.reloading.set)
+        if not await started(self.source, self.stopping):
+            return 0
         try:
             plans = self.source.load()
             check(plans)
@@ -343,6 +353,8 @@ class Dataplane:
                     log.error("%s", problem)
         if self.on_applied is not None:
             self.on_applied([inst.problem for inst in self.instances.values() if inst.problem])
+        if fatal is None:
+            self.source.applied(self.serving())
         return fatal
 
     def _instance(self, key: str) -> Instance:
@@ -475,6 +487,19 @@ class Dataplane:
         task = asyncio.get_running_loop().create_task(served.handler.close(timeout))
         self.draining.add(task)
         task.add_done_callback(self.draining.discard)
+
+
+async def started(source: config.PlanSource, stopping: asyncio.Event) -> bool:
+    """Wait for the source's first Plans; False when a stop came first (nothing was served: exit 0)."""
+    started = asyncio.ensure_future(source.start())
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({started, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if not started.done():
+        started.cancel()
+        return False
+    started.result()
+    return True
 
 
 def _message(error: BaseException) -> str:

@@ -29,7 +29,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from layerlb import plan
@@ -60,6 +60,7 @@ class Worker:
         self.waiting: dict[int, asyncio.Future[list[tuple[str, Dump]]]] = {}
         self.ids = itertools.count(1)
         self.reader_task: asyncio.Task[None] | None = None
+        self.on_applied: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Start the process with the child end of a fresh control channel."""
@@ -107,6 +108,7 @@ class Worker:
             if message["op"] == "applied":
                 self.applied_seq, self.problems = message["seq"], message["problems"]
                 self.applied.set()
+                self.on_applied()
             elif message["op"] == "report":
                 future = self.waiting.get(message["id"])
                 if future is not None and not future.done():
@@ -214,6 +216,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reloading.set)
+        if not await runtime.started(self.source, self.stopping):
+            return 0
         try:
             self._push(self._load())
         except config.InvalidConfig as error:
@@ -286,6 +290,12 @@ class Supervisor:
             for future in started | exited | {stopping}:
                 future.cancel()
 
+    def _applied(self) -> None:
+        """A worker applied Plans: once all run the current ones without problems, the source hears it."""
+        workers = [self.workers.get(index) for index in range(self.count)]
+        if all(w is not None and w.applied_seq == self.seq and not w.problems for w in workers):
+            self.source.applied({p.key: p.generation for p in self.current})
+
     def _reload(self) -> None:
         try:
             plans = self._load()
@@ -300,6 +310,7 @@ class Supervisor:
     async def _start(self, index: int) -> Worker:
         worker = Worker(index, self.drain_timeout)
         self.workers[index] = worker
+        worker.on_applied = self._applied
         await worker.start()
         self._send_plans(worker)
         return worker

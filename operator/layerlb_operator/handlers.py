@@ -1,7 +1,7 @@
 """kopf wiring, and nothing else: what to watch, what to index, which call each event makes.
 
 Indexes keep the watched state in memory for lookups (a LoadBalancer by the Service, Secret or
-forwarding pods it refers to; EndpointSlices by Service; ...). LoadBalancer changes are reconciled in
+forwarding pods and their serving reports it refers to; EndpointSlices by Service; ...). LoadBalancer changes are reconciled in
 kopf's handlers, with kopf's finalizer and retries; changes of the objects they refer to go through the
 reconciler's debounced queue. Every handler is a few lines; the work is in `reconciler`.
 """
@@ -19,7 +19,10 @@ from layerlb_operator import cluster_view, objects, reconciler, status
 LOADBALANCERS = ("layerlb.dev", "v1alpha1", "loadbalancers")
 VIPPOOLS = ("layerlb.dev", "v1alpha1", "vippools")
 DATAPLANE = {objects.NAME_LABEL: "layerlb", objects.COMPONENT_LABEL: "dataplane"}
-INDEXES = ("loadbalancers", "references", "services", "slices", "secrets", "pools", "deployments", "pods")
+SERVING = {objects.NAME_LABEL: "layerlb", objects.REPORT_LABEL: "serving"}
+INDEXES = (
+    "loadbalancers", "references", "services", "slices", "secrets", "pools", "deployments", "pods", "serving",
+)  # fmt: skip
 
 _reconciler: reconciler.Reconciler | None = None
 
@@ -121,7 +124,12 @@ def index_deployment(body: kopf.Body, namespace: str | None, labels: kopf.Labels
 def index_pod(
     body: kopf.Body, namespace: str | None, name: str, labels: kopf.Labels, **_: Any
 ) -> dict[Any, Any]:
-    return {(namespace, labels.get(objects.LOADBALANCER_LABEL)): (name, status.pod_report(body))}
+    return {(namespace, labels.get(objects.LOADBALANCER_LABEL)): (name, status.pod_state(body))}
+
+
+@kopf.index("v1", "configmaps", labels=SERVING, id="serving")
+def index_serving(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels.get(objects.LOADBALANCER_LABEL)): dict(body.get("data") or {})}
 
 
 # LoadBalancers: kopf's lifecycle, finalizer and retries.
@@ -161,6 +169,7 @@ def secret_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
 
 @kopf.on.event("apps", "v1", "deployments", labels=DATAPLANE)
 @kopf.on.event("v1", "pods", labels=DATAPLANE)
+@kopf.on.event("v1", "configmaps", labels=SERVING)
 def dataplane_changed(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     _bound(kwargs).touch(("instance", namespace, labels.get(objects.LOADBALANCER_LABEL)))
 

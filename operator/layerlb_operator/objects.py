@@ -1,9 +1,16 @@
 """The Kubernetes objects that run one LoadBalancer's data plane, built as plain dicts for server-side apply.
 
-Per LoadBalancer: the ConfigMap `<name>-plan` holding the Plan JSON; the ServiceAccount, Role and
-RoleBinding `<name>-dataplane` that let the forwarding pods read (get/list/watch) that ConfigMap and
-nothing else; the Deployment `<name>-dataplane`. All are owned by the LoadBalancer (controller
-reference), so kube-controller-manager's garbage collector removes them with it.
+Per LoadBalancer: the ConfigMap `<name>-plan` holding the Plan JSON; the ConfigMap `<name>-serving`
+where each forwarding pod reports the Plan generation it serves (`data[<pod name>]`, see
+`layerlb_dataplane.kube_source`); the ServiceAccount, Role and RoleBinding `<name>-dataplane` that let
+the forwarding pods read (get/list/watch) the first and patch the second, by name, and nothing else; the
+Deployment `<name>-dataplane`. All are owned by the LoadBalancer (controller reference), so
+kube-controller-manager's garbage collector removes them with it.
+
+Why a ConfigMap for the reports rather than annotations on the pods: RBAC cannot narrow `patch pods` to
+a pod's own object (names are not known in advance), and a data plane allowed to patch pods could
+relabel any pod of the namespace into or out of a Service. Patching one named ConfigMap can mislead
+only this LoadBalancer's own `Ready`.
 
 Privileges follow the architecture: the kernel ones (nat, dsr, tunnel) program IPVS or nftables and
 `transparent` binds to client addresses, so they get the host's network and NET_ADMIN + NET_RAW;
@@ -24,6 +31,12 @@ from layerlb import api
 DEFAULT_IMAGE: Final = "ghcr.io/layerlb/layerlb:0.1.0"
 IMAGE_ENV: Final = "LAYERLB_DATAPLANE_IMAGE"
 PLAN_KEY: Final = "plan.json"
+# The Plan JSON written when the LoadBalancer is being deleted: serve nothing, remove the kernel state.
+REMOVED_PLAN: Final = "[]"
+# What a pod reports once it applied REMOVED_PLAN.
+REMOVED: Final = "removed"
+# On the Plan ConfigMap: where the pods report (the data plane reads it from there: no extra flag).
+SERVING_ANNOTATION: Final = "layerlb.dev/serving-configmap"
 ADMIN_PORT: Final = 9090
 NONROOT_UID: Final = 65532
 MAX_OBJECT_NAME: Final = 253
@@ -34,6 +47,7 @@ INSTANCE_LABEL: Final = "app.kubernetes.io/instance"
 COMPONENT_LABEL: Final = "app.kubernetes.io/component"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 LOADBALANCER_LABEL: Final = "layerlb.dev/loadbalancer"
+REPORT_LABEL: Final = "layerlb.dev/report"  # "serving" on the ConfigMap the operator watches for reports
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,11 @@ def child_name(name: str, suffix: str) -> str:
 def plan_configmap_name(name: str) -> str:
     """The ConfigMap holding the Plan of LoadBalancer `name`."""
     return child_name(name, "plan")
+
+
+def serving_configmap_name(name: str) -> str:
+    """The ConfigMap in which the forwarding pods of LoadBalancer `name` report what they serve."""
+    return child_name(name, "serving")
 
 
 def dataplane_name(name: str) -> str:
@@ -131,13 +150,17 @@ def _meta(name: str, namespace: str, lb_name: str, uid: str) -> dict[str, Any]:
 
 
 def config_map(namespace: str, name: str, uid: str, plan_json: str) -> dict[str, Any]:
-    """The ConfigMap `<name>-plan` with the Plan JSON under `plan.json`."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(plan_configmap_name(name), namespace, name, uid),
-        "data": {PLAN_KEY: plan_json},
-    }
+    """The ConfigMap `<name>-plan` with the Plan JSON under `plan.json`, naming where pods report."""
+    meta = _meta(plan_configmap_name(name), namespace, name, uid)
+    meta["annotations"] = {SERVING_ANNOTATION: serving_configmap_name(name)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {PLAN_KEY: plan_json}}
+
+
+def serving_config_map(namespace: str, name: str, uid: str) -> dict[str, Any]:
+    """The ConfigMap `<name>-serving`, created empty: its `data` belongs to the pods (the apply never names it)."""
+    meta = _meta(serving_configmap_name(name), namespace, name, uid)
+    meta["labels"] = {**meta["labels"], REPORT_LABEL: "serving"}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
 
 
 def service_account(namespace: str, name: str, uid: str) -> dict[str, Any]:
@@ -150,7 +173,7 @@ def service_account(namespace: str, name: str, uid: str) -> dict[str, Any]:
 
 
 def role(namespace: str, name: str, uid: str) -> dict[str, Any]:
-    """Read access to this LoadBalancer's Plan ConfigMap only (list/watch are narrowed by resourceNames too)."""
+    """Read this LoadBalancer's Plan ConfigMap (list/watch narrowed by resourceNames too), patch its report."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -161,7 +184,13 @@ def role(namespace: str, name: str, uid: str) -> dict[str, Any]:
                 "resources": ["configmaps"],
                 "resourceNames": [plan_configmap_name(name)],
                 "verbs": ["get", "list", "watch"],
-            }
+            },
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [serving_configmap_name(name)],
+                "verbs": ["patch"],
+            },
         ],
     }
 
@@ -288,5 +317,6 @@ def desired(resource: api.LoadBalancer, uid: str, plan_json: str, settings: Sett
         role(namespace, name, uid),
         role_binding(namespace, name, uid),
         config_map(namespace, name, uid, plan_json),
+        serving_config_map(namespace, name, uid),
         deployment(namespace, name, uid, resource.spec, settings),
     ]

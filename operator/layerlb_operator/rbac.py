@@ -6,8 +6,9 @@ Least privilege, verb by verb:
   (TLS material), and its forwarding pods and their Deployments (for `Ready`);
 - it writes its owned objects by server-side apply, which is a PATCH that creates a missing object, so
   `create` + `patch` on each kind; it never deletes them (the garbage collector does);
-- Roles it creates grant get/list/watch on ConfigMaps, and Kubernetes lets nobody grant what they do not
-  hold (no `escalate` verb here), so it holds those verbs on ConfigMaps too;
+- Roles it creates grant get/list/watch on the Plan ConfigMap and patch on the serving-report one, and
+  Kubernetes lets nobody grant what they do not hold (no `escalate` verb here), so it holds those verbs
+  on ConfigMaps too; it also watches the report ConfigMaps (for `Ready` and the deletion wait);
 - kopf patches LoadBalancers (its finalizer and progress annotations), the operator patches their status,
   and setting `blockOwnerDeletion` on owner references needs `update` on `loadbalancers/finalizers`;
 - kopf posts Events; the Lease of leader election is read and updated by name only.

@@ -10,6 +10,7 @@ go through a debounced queue, so a burst of endpoint changes costs one re-render
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 from collections import Counter
@@ -24,6 +25,9 @@ from layerlb_operator.debounce import Debouncer
 from layerlb_operator.metrics import Metrics
 
 log = logging.getLogger("layerlb.operator")
+
+# How long a deletion waits for the forwarding pods to confirm their kernel state is gone.
+CLEANUP_SECONDS = 60.0
 
 # Accepted reasons that a VIP released elsewhere may cure.
 WAITING_FOR_VIP = ("VIPConflict", "NoVIPAvailable")
@@ -59,7 +63,8 @@ class Sources:
     secrets: Store  # (namespace, name) → cluster_view.secret_summary
     pools: Store  # name → the VIPPool
     deployments: Store  # (namespace, instance label) → the Deployment's status
-    pods: Store  # (namespace, instance label) → (pod name, status.PodReport)
+    pods: Store  # (namespace, instance label) → (pod name, status.PodState)
+    serving: Store  # (namespace, instance label) → the serving ConfigMap's data (pod name → report)
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,15 @@ class Reconciler:
         debounce: float = 0.5,
         concurrency: int = 8,
         now: Callable[[], str] = rfc3339,
+        cleanup_timeout: float = CLEANUP_SECONDS,
     ) -> None:
         self.client = client
         self.settings = settings
         self.metrics = metrics
         self.now = now
         self.concurrency = concurrency
+        self.cleanup_timeout = cleanup_timeout
+        self._changed: dict[Hashable, asyncio.Event] = {}  # instance → set when its pods or reports change
         self.ledger = vips.Ledger()
         self.queue: Debouncer[str] = Debouncer(debounce)
         self.sources: Sources | None = None
@@ -180,7 +188,7 @@ class Reconciler:
                 outcome,
                 apply_error=apply_error,
                 deployment_status=_first(sources.deployments, instance),
-                reports=dict(sources.pods.get(instance, ())),
+                reports=status.reports(sources.pods.get(instance, ()), _first(sources.serving, instance)),
                 now=self.now(),
             )
             result = Result(
@@ -219,6 +227,9 @@ class Reconciler:
 
     def touch(self, reference: Hashable) -> None:
         """A watched object changed: re-render the LoadBalancers that refer to it, debounced."""
+        changed = self._changed.get(reference)
+        if changed is not None:
+            changed.set()
         if self.sources is not None:
             for key in self.sources.references.get(reference, ()):
                 self.queue.touch(str(key))
@@ -231,9 +242,59 @@ class Reconciler:
                     self.queue.touch(str(key))
 
     async def before_delete(self, document: Mapping[str, Any]) -> None:
-        """The finalizer's wait: here the operator will wait for the forwarding pods to report their kernel
-        state removed (IPVS services, nftables tables) before the Deployment is garbage-collected. The pods'
-        report channel arrives with the pod-runner issue; until then there is nothing to wait for."""
+        """The finalizer's wait: the forwarding pods remove their state before the objects are collected.
+
+        The kernel architectures leave IPVS services, nftables tables and VIP addresses on the nodes when a
+        pod merely stops (so restarts do not cut connections); only a Plan leaving the source removes
+        them. So the Plan ConfigMap gets the empty Plan list, and the deletion waits until every running
+        forwarding pod reports `removed`, at most `cleanup_timeout` seconds: then a Warning Event says
+        which pods did not confirm, and the deletion goes on (it never hangs on a broken node). Without
+        running pods there is nothing to wait for.
+        """
+        sources = self.sources
+        if sources is None:
+            return
+        meta = document.get("metadata") or {}
+        namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
+        instance = ("instance", namespace, objects.label_value(name))
+
+        def pending() -> list[str]:
+            where = instance[1:]
+            return status.cleanup_pending(sources.pods.get(where, ()), _first(sources.serving, where))
+
+        if not pending():
+            return
+        removal = objects.config_map(namespace, name, str(meta.get("uid", "")), objects.REMOVED_PLAN)
+        try:
+            await asyncio.to_thread(self.client.apply, removal)
+        except apiserver.ApiError as error:
+            warning = status.Event(
+                "Warning", "CleanupFailed", f"cannot tell the forwarding pods to remove their state: {error}"
+            )
+            await asyncio.to_thread(self._post, document, [warning])
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cleanup_timeout
+        changed = self._changed.setdefault(instance, asyncio.Event())
+        try:
+            while waiting := pending():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    message = (
+                        f"{len(waiting)} forwarding pod(s) did not confirm removing their state within "
+                        f"{self.cleanup_timeout:.0f} s ({', '.join(waiting[:5])}); deleting anyway, "
+                        "kernel state may remain on their nodes"
+                    )
+                    await asyncio.to_thread(
+                        self._post, document, [status.Event("Warning", "CleanupTimedOut", message)]
+                    )
+                    return
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+        finally:
+            self._changed.pop(instance, None)
+        log.info("%s/%s: the forwarding pods removed their state", namespace, name)
 
     async def forget(self, document: Mapping[str, Any]) -> None:
         """A LoadBalancer is being deleted: run the cleanup hook, release its VIP, and wake who waits for one."""

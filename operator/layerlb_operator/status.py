@@ -7,7 +7,7 @@ Everything here is pure; the caller passes the time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,8 @@ PROGRAMMED = "Programmed"
 READY = "Ready"
 TYPES = (ACCEPTED, PROGRAMMED, READY)
 
-# The annotation a forwarding pod sets on itself with the Plan generation it serves (pod-runner issue).
-SERVING_GENERATION = "layerlb.dev/serving-generation"
+# What a pod writes into the serving ConfigMap once it applied the empty Plan list of a deleted LoadBalancer.
+REMOVED = "removed"
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ class PodReport:
     """What one forwarding pod says: the Plan generation it serves, and whether its readiness passes."""
 
     generation: int | None
+    ready: bool
+
+
+@dataclass(frozen=True)
+class PodState:
+    """What the operator reads from a forwarding Pod object: whether it runs and passes its readiness."""
+
+    running: bool
     ready: bool
 
 
@@ -48,16 +56,34 @@ def condition(kind: str, ok: bool, reason: str, message: str, generation: int) -
     }
 
 
-def pod_report(pod: Mapping[str, Any]) -> PodReport:
-    """A PodReport read from a Pod: its serving-generation annotation and its Ready condition."""
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    try:
-        generation: int | None = int(annotations.get(SERVING_GENERATION, ""))
-    except ValueError:
-        generation = None
-    conditions = (pod.get("status") or {}).get("conditions") or []
+def pod_state(pod: Mapping[str, Any]) -> PodState:
+    """A Pod's phase and Ready condition, as the kubelet (or the e2e pod runner) sets them."""
+    pod_status = pod.get("status") or {}
+    conditions = pod_status.get("conditions") or []
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-    return PodReport(generation, ready)
+    return PodState(running=pod_status.get("phase") == "Running" or ready, ready=ready)
+
+
+def _generation(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def reports(pods: Iterable[tuple[str, PodState]], serving: Mapping[str, Any] | None) -> dict[str, PodReport]:
+    """Each live forwarding pod's report: its entry in the serving ConfigMap (`data[pod]`) with its Ready.
+
+    Entries of pods that no longer exist are ignored: a pod's name is never reused by its ReplicaSet.
+    """
+    served = serving or {}
+    return {name: PodReport(_generation(served.get(name)), state.ready) for name, state in pods}
+
+
+def cleanup_pending(pods: Iterable[tuple[str, PodState]], serving: Mapping[str, Any] | None) -> list[str]:
+    """The running forwarding pods that have not yet reported the removal of their state (sorted)."""
+    served = serving or {}
+    return sorted(name for name, state in pods if state.running and served.get(name) != REMOVED)
 
 
 def ready(

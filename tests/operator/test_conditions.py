@@ -77,15 +77,39 @@ def test_nothing_is_ready_before_it_is_programmed() -> None:
     assert ready["status"] == "False"
 
 
-def test_a_pod_reports_through_an_annotation_and_its_ready_condition() -> None:
-    pod = {
-        "metadata": {"annotations": {status.SERVING_GENERATION: "7"}},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+def test_a_pod_runs_and_is_ready_by_its_phase_and_ready_condition() -> None:
+    ready = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    assert status.pod_state(ready) == status.PodState(running=True, ready=True)
+    starting = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}}
+    assert status.pod_state(starting) == status.PodState(running=True, ready=False)
+    assert status.pod_state({"status": {"phase": "Pending"}}) == status.PodState(running=False, ready=False)
+
+
+def test_reports_join_the_live_pods_with_their_entries_in_the_serving_configmap() -> None:
+    pods = [
+        ("p1", status.PodState(True, True)),
+        ("p2", status.PodState(True, False)),
+        ("p3", status.PodState(True, True)),
+    ]
+    serving = {"p1": "7", "p2": "6", "p3": "removed", "gone": "7"}  # "gone": a pod that no longer exists
+    assert status.reports(pods, serving) == {
+        "p1": status.PodReport(7, True),
+        "p2": status.PodReport(6, False),
+        "p3": status.PodReport(None, True),
     }
-    assert status.pod_report(pod) == status.PodReport(7, True)
-    assert status.pod_report(
-        {"metadata": {"annotations": {status.SERVING_GENERATION: "x"}}}
-    ) == status.PodReport(None, False)
+    assert status.reports(pods[:1], None) == {"p1": status.PodReport(None, True)}
+
+
+def test_cleanup_waits_only_for_running_pods_that_have_not_reported_removed() -> None:
+    pods = [
+        ("b", status.PodState(running=True, ready=True)),
+        ("a", status.PodState(running=True, ready=False)),
+        ("pending", status.PodState(running=False, ready=False)),
+        ("done", status.PodState(running=True, ready=True)),
+    ]
+    assert status.cleanup_pending(pods, {"done": "removed", "b": "7"}) == ["a", "b"]
+    assert status.cleanup_pending(pods, {"a": "removed", "b": "removed", "done": "removed"}) == []
+    assert status.cleanup_pending([], None) == []
 
 
 def test_events_are_posted_for_changed_conditions_only() -> None:

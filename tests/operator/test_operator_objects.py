@@ -43,7 +43,10 @@ def _objects(
     resource: api.LoadBalancer, settings: objects.Settings | None = None
 ) -> dict[str, dict[str, Any]]:
     built = objects.desired(resource, "uid-1", '{"plan": 1}\n', settings or objects.Settings())
-    return {obj["kind"]: obj for obj in built}
+    by_kind: dict[str, dict[str, Any]] = {}
+    for obj in built:  # the Plan ConfigMap under "ConfigMap", the report one under its name
+        by_kind[obj["metadata"]["name"] if obj["kind"] in by_kind else obj["kind"]] = obj
+    return by_kind
 
 
 def _pod(resource: api.LoadBalancer) -> dict[str, Any]:
@@ -111,13 +114,24 @@ def test_every_object_is_owned_by_the_load_balancer_and_labelled() -> None:
         assert meta["labels"]["layerlb.dev/loadbalancer"] == "web"
 
 
-def test_the_plan_configmap_holds_the_plan_json() -> None:
+def test_the_plan_configmap_holds_the_plan_json_and_names_where_pods_report() -> None:
     config_map = _objects(_lb())["ConfigMap"]
     assert config_map["metadata"]["name"] == "web-plan"
     assert json.loads(config_map["data"]["plan.json"]) == {"plan": 1}
+    assert config_map["metadata"]["annotations"] == {"layerlb.dev/serving-configmap": "web-serving"}
 
 
-def test_the_role_reads_its_own_plan_configmap_and_nothing_else() -> None:
+def test_the_serving_configmap_is_created_without_data_so_the_pods_reports_survive_each_apply() -> None:
+    built = objects.desired(_lb(), "uid-1", "{}", objects.Settings())
+    kinds = [f"{o['kind']}/{o['metadata']['name']}" for o in built]
+    assert kinds.index("ConfigMap/web-serving") < kinds.index("Deployment/web-dataplane")
+    serving = _objects(_lb())["web-serving"]
+    assert "data" not in serving
+    assert serving["metadata"]["labels"]["layerlb.dev/report"] == "serving"
+    assert serving["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_the_role_reads_its_own_plan_configmap_patches_its_report_and_nothing_else() -> None:
     built = _objects(_lb())
     assert built["Role"]["rules"] == [
         {
@@ -125,7 +139,13 @@ def test_the_role_reads_its_own_plan_configmap_and_nothing_else() -> None:
             "resources": ["configmaps"],
             "resourceNames": ["web-plan"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["web-serving"],
+            "verbs": ["patch"],
+        },
     ]
     binding = built["RoleBinding"]
     assert binding["roleRef"] == {

@@ -92,6 +92,7 @@ def test_a_service_backend_resolves_to_its_ready_endpoints_on_the_target_port() 
         "Role",
         "RoleBinding",
         "ConfigMap",
+        "ConfigMap",
         "Deployment",
     ]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from layerlb_operator import apiserver, objects, reconciler
+from layerlb_operator import apiserver, objects, reconciler, status
 from layerlb_operator.metrics import Metrics
 
 T = TypeVar("T")
@@ -83,7 +83,7 @@ def _setup(
     }
     sources = reconciler.Sources(
         loadbalancers=store, references=references, services={}, slices={}, secrets={},
-        pools={"p": [pool_body]}, deployments={}, pods={},
+        pools={"p": [pool_body]}, deployments={}, pods={}, serving={},
     )  # fmt: skip
     worker.bind(sources)
     return worker, client, store
@@ -99,8 +99,8 @@ def test_an_unchanged_load_balancer_synced_twice_patches_its_status_once() -> No
     second = _run(worker.sync(store["shop/a"][0]))
     assert (first.verdict, second.verdict) == ("accepted", "accepted")
     assert len(client.patched) == 1
-    assert len(client.applied) == 10  # server-side apply is idempotent: the second round changes nothing
-    assert client.applied[:5] == client.applied[5:]
+    assert len(client.applied) == 12  # server-side apply is idempotent: the second round changes nothing
+    assert client.applied[:6] == client.applied[6:]
     assert [e["reason"] for e in client.events] == ["Valid", "Programmed", "Pending"]
 
 
@@ -165,3 +165,64 @@ def test_a_load_balancer_being_deleted_is_not_reconciled() -> None:
 
 def test_backoff_doubles_up_to_a_minute() -> None:
     assert [reconciler.backoff(n) for n in (1, 2, 3, 4, 7, 20)] == [1, 2, 4, 8, 60, 60]
+
+
+def _pods(worker: reconciler.Reconciler, *pods: tuple[str, bool], serving: dict[str, str]) -> None:
+    """Forwarding pods of LoadBalancer a as the indexes hold them: (name, ready), and their reports."""
+    assert worker.sources is not None
+    states = [(name, status.PodState(running=True, ready=ready)) for name, ready in pods]
+    cast(dict[Any, Any], worker.sources.pods)[("shop", "a")] = states
+    cast(dict[Any, Any], worker.sources.serving)[("shop", "a")] = [serving]
+    ready = sum(ready for _, ready in pods)
+    cast(dict[Any, Any], worker.sources.deployments)[("shop", "a")] = [{"readyReplicas": ready}]
+
+
+def test_ready_comes_from_the_serving_configmap_of_live_ready_pods() -> None:
+    worker, client, store = _setup(_lb("a"))
+    _pods(worker, ("a-1", True), ("a-2", False), serving={"a-1": "0", "a-2": "1", "old-pod": "1"})
+    _run(worker.sync(store["shop/a"][0]))
+    ready = next(c for c in client.patched[-1][1]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["message"]) == ("False", "0/1 forwarding pods serve generation 1")
+    _pods(worker, ("a-1", True), ("a-2", False), serving={"a-1": "1", "a-2": "1"})
+    _run(worker.sync(store["shop/a"][0]))
+    ready = next(c for c in client.patched[-1][1]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["message"]) == ("True", "1/1 forwarding pods serve generation 1")
+
+
+def test_deletion_writes_the_empty_plan_and_waits_until_every_running_pod_removed_its_state() -> None:
+    worker, client, store = _setup(_lb("a"))
+    _pods(worker, ("a-1", True), ("a-2", False), serving={"a-1": "1"})
+
+    async def scenario() -> list[str]:
+        deleting = asyncio.create_task(worker.forget(store["shop/a"][0]))
+        seen = []
+        for report in ({"a-1": "removed"}, {"a-1": "removed", "a-2": "removed"}):
+            await asyncio.sleep(0.05)
+            seen.append("done" if deleting.done() else "waiting")
+            _pods(worker, ("a-1", True), ("a-2", False), serving=report)
+            worker.touch(("instance", "shop", "a"))
+        await asyncio.wait_for(deleting, 5)
+        return seen
+
+    assert _run(scenario()) == ["waiting", "waiting"]
+    [removal] = client.applied
+    assert (removal["metadata"]["name"], removal["data"]) == ("a-plan", {"plan.json": "[]"})
+    assert client.events == []
+
+
+def test_deletion_gives_up_after_the_timeout_with_a_warning_event() -> None:
+    worker, client, store = _setup(_lb("a"))
+    worker.cleanup_timeout = 0.2
+    _pods(worker, ("a-1", True), serving={"a-1": "1"})
+    _run(asyncio.wait_for(worker.forget(store["shop/a"][0]), 5))
+    [event] = client.events
+    assert (event["type"], event["reason"]) == ("Warning", "CleanupTimedOut")
+    assert "1 forwarding pod(s) did not confirm" in event["message"] and "a-1" in event["message"]
+
+
+def test_deletion_without_running_pods_writes_nothing_and_does_not_wait() -> None:
+    worker, client, store = _setup(_lb("a"))
+    assert worker.sources is not None
+    cast(dict[Any, Any], worker.sources.pods)[("shop", "a")] = [("a-1", status.PodState(False, False))]
+    _run(asyncio.wait_for(worker.forget(store["shop/a"][0]), 1))
+    assert client.applied == [] and client.events == []

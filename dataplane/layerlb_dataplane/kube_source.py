@@ -1,0 +1,386 @@
+"""The forwarding pod's Plan source: its ConfigMap, read and watched through the Kubernetes API.
+
+Why the API and not the mounted volume: the kubelet refreshes ConfigMap volumes after a minute or more,
+a watch delivers a change within milliseconds.
+
+The contract with the operator (`layerlb_operator.objects`):
+- ConfigMap NS/NAME, key `plan.json`: the Plan JSON of one LoadBalancer; `[]` once the LoadBalancer is
+  being deleted, which means "serve nothing and remove the kernel state" (the runtime does that when a
+  Plan leaves its source). A ConfigMap that disappears, or one without a valid Plan, changes nothing:
+  the last good Plans keep serving and the reason is logged.
+- its annotation `layerlb.dev/serving-configmap` names the ConfigMap where each pod reports what it
+  serves: `data[POD_NAME]` is the generation once that Plan is fully applied (kernel engines: after their
+  sync succeeded), or `removed` once the empty list is applied. The pod's Role may patch that one object
+  and nothing else, so a compromised data plane cannot touch pods or other ConfigMaps.
+
+The kubernetes client blocks, so list and watch run in a daemon thread that hands every ConfigMap it
+sees to the event loop with `call_soon_threadsafe`; reports are PATCHed from `asyncio.to_thread`. Neither
+ever gives up: a watch that expires (410 Gone) relists at once, other failures retry with backoff.
+The Role allows list/watch only by name, hence the `metadata.name` field selector on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, Protocol
+
+from layerlb import plan
+from layerlb_dataplane import config
+
+log = logging.getLogger("layerlb.source")
+
+PLAN_KEY: Final = "plan.json"
+SERVING_ANNOTATION: Final = "layerlb.dev/serving-configmap"
+REMOVED: Final = "removed"
+WATCH_SECONDS: Final = 240  # the API server ends each watch after this; the next resumes where it ended
+REQUEST_SECONDS: Final = 30.0
+BACKOFF_FIRST: Final = 0.5
+BACKOFF_MAX: Final = 30.0
+
+
+class ApiFailure(Exception):
+    """The API server refused a request or could not be reached; `status` is the HTTP code (0: no answer)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+
+
+class ConfigMapApi(Protocol):
+    """The three requests the source makes; `KubeApi` sends them, tests fake them."""
+
+    def list(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
+        """The ConfigMap (None when absent) and the list's resourceVersion to watch from."""
+        ...
+
+    def watch(
+        self, namespace: str, name: str, version: str, seconds: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event type, object) from `version` on, ending after about `seconds`; ERROR events raise `ApiFailure`."""
+        ...
+
+    def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        """JSON merge-patch a ConfigMap."""
+        ...
+
+
+def api_client() -> Any:
+    """A kubernetes `ApiClient`: the pod's ServiceAccount when KUBERNETES_SERVICE_HOST is set (token and CA
+    from /var/run/secrets/kubernetes.io/serviceaccount, the token re-read as the kubelet rotates it), else
+    the current kubeconfig. Raises OSError with one readable line when neither can be loaded."""
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+
+    loaders: Any = k8s_config  # the kubernetes package ships no types for its config loaders
+    configuration = k8s.Configuration()
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            loaders.load_incluster_config(client_configuration=configuration)
+        else:
+            loaders.load_kube_config(client_configuration=configuration)
+    except (loaders.ConfigException, OSError, ValueError) as error:
+        raise OSError(f"no Kubernetes credentials (in-cluster or kubeconfig): {error}") from None
+    return k8s.ApiClient(configuration)
+
+
+class KubeApi:
+    """`ConfigMapApi` over the kubernetes client's `ApiClient`, JSON in and out (no model classes)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]],
+        body: Any = None,
+        timeout: float | tuple[float, float] = REQUEST_SECONDS,
+        content_type: str = "application/json",
+    ) -> Any:
+        from kubernetes.client import ApiException
+
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        try:
+            method, url, headers, body, _ = self.client.param_serialize(
+                method,
+                path,
+                query_params=query,
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            response = self.client.call_api(
+                method, url, header_params=headers, body=body, _request_timeout=timeout
+            )
+        except ApiException as error:
+            raise ApiFailure(int(error.status or 0), str(error.reason)) from None
+        except Exception as error:  # refused, TLS, timeouts: all mean "try again later" here
+            raise ApiFailure(0, f"{type(error).__name__}: {error}") from None
+        if not 200 <= response.status < 300:
+            text = (response.read() or b"").decode("utf-8", "replace")
+            try:
+                message = str(json.loads(text).get("message") or text)
+            except (ValueError, AttributeError):
+                message = text or str(response.reason)
+            raise ApiFailure(response.status, message)
+        return response
+
+    @staticmethod
+    def _path(namespace: str, name: str | None = None) -> str:
+        return f"/api/v1/namespaces/{namespace}/configmaps" + (f"/{name}" if name else "")
+
+    def list(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
+        response = self._send("GET", self._path(namespace), [("fieldSelector", f"metadata.name={name}")])
+        answer = json.loads(response.read() or b"{}")
+        items = answer.get("items") or []
+        return (items[0] if items else None), str((answer.get("metadata") or {}).get("resourceVersion", ""))
+
+    def watch(
+        self, namespace: str, name: str, version: str, seconds: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        query = [
+            ("fieldSelector", f"metadata.name={name}"),
+            ("watch", "true"),
+            ("resourceVersion", version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(seconds)),
+        ]
+        response = self._send(
+            "GET", self._path(namespace), query, timeout=(REQUEST_SECONDS, seconds + REQUEST_SECONDS)
+        )
+        stream = response.response
+        try:
+            pending = b""
+            for chunk in stream.stream(4096):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield _event(line)
+        except ApiFailure:
+            raise
+        except Exception as error:  # the connection broke mid-stream
+            raise ApiFailure(0, f"{type(error).__name__}: {error}") from None
+        finally:
+            stream.release_conn()
+
+    def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        self._send(
+            "PATCH", self._path(namespace, name), [], body, content_type="application/merge-patch+json"
+        ).read()
+
+
+def _event(line: bytes) -> tuple[str, dict[str, Any]]:
+    try:
+        event = json.loads(line)
+        kind, obj = str(event["type"]), event["object"]
+    except (ValueError, KeyError, TypeError):
+        raise ApiFailure(0, f"unreadable watch event: {line[:200]!r}") from None
+    if kind == "ERROR":
+        raise ApiFailure(int(obj.get("code") or 0), str(obj.get("message") or obj))
+    return kind, obj
+
+
+class ConfigMapSource(config.PlanSource):
+    """Plans from the ConfigMap `namespace/name`, watched; what is served is reported for pod `pod`."""
+
+    def __init__(self, namespace: str, name: str, api: ConfigMapApi, pod: str | None) -> None:
+        self.namespace, self.name, self.api, self.pod = namespace, name, api, pod
+        self.description = f"ConfigMap {namespace}/{name}"
+        self.text: str | None = None  # plan.json as last received
+        self.target: str | None = None  # the ConfigMap to report to
+        self.loaded: list[plan.Plan] | None = None  # what load() last returned
+        self.report: str | None = None  # what should be reported now
+        self.reported: tuple[str, str] | None = None  # (target, value) last reported
+        self.event = asyncio.Event()  # new plan.json since load()
+        self.valid = asyncio.Event()  # a valid plan.json was received (start() waits for it)
+        self.reporting = asyncio.Event()  # the report (or its target) changed
+        self.closed = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.thread: threading.Thread | None = None
+
+    # --- PlanSource ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.thread is None:
+            self.loop = asyncio.get_running_loop()
+            self.thread = threading.Thread(target=self._watch, name=f"watch {self.description}", daemon=True)
+            self.thread.start()
+            self.tasks.append(asyncio.create_task(self._report()))
+        await self.valid.wait()
+
+    def load(self) -> list[plan.Plan]:
+        self.event.clear()
+        if self.text is None:
+            raise config.InvalidConfig([f"{self.description}: {PLAN_KEY}: no Plan received yet"])
+        self.loaded = config.parse_plans(f"{self.description}: {PLAN_KEY}", self.text, allow_empty=True)
+        return self.loaded
+
+    async def changed(self) -> None:
+        await self.event.wait()
+
+    def applied(self, serving: Mapping[str, int]) -> None:
+        if self.loaded is None:
+            return
+        if not self.loaded:
+            value = None if serving else REMOVED
+        elif all(serving.get(p.key) == p.generation for p in self.loaded):
+            value = str(min(p.generation for p in self.loaded))
+        else:
+            value = None  # not (fully) applied: the last report stays true, as the previous Plan serves
+        if value is not None and value != self.report:
+            self.report = value
+            self.reporting.set()
+
+    def close(self) -> None:
+        """Stop watching and reporting (the thread ends at its next event or timeout)."""
+        self.closed.set()
+        for task in self.tasks:
+            task.cancel()
+
+    # --- the watch thread ------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        delay = BACKOFF_FIRST
+        version: str | None = None
+        while not self.closed.is_set():
+            try:
+                if version is None:
+                    obj, version = self.api.list(self.namespace, self.name)
+                    self._hand(obj)
+                for kind, obj in self.api.watch(self.namespace, self.name, version, WATCH_SECONDS):
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if kind in ("ADDED", "MODIFIED"):
+                        self._hand(obj)
+                    elif kind == "DELETED":
+                        self._hand(None)
+                    if self.closed.is_set():
+                        return
+                delay = BACKOFF_FIRST
+            except ApiFailure as error:
+                if error.status == 410:  # the watch expired: list again for a fresh resourceVersion
+                    log.info("%s: watch expired (410 Gone), listing again", self.description)
+                    version = None
+                    continue
+                log.warning(
+                    "%s: %s; retrying in %.1f s, the current Plans keep serving",
+                    self.description,
+                    _why(error),
+                    delay,
+                )
+                self.closed.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, BACKOFF_MAX)
+            except Exception:  # a bug must not end the watch: the pod would serve stale Plans forever
+                log.exception("%s: watch failed; retrying in %.1f s", self.description, delay)
+                self.closed.wait(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    def _hand(self, obj: dict[str, Any] | None) -> None:
+        """Give the loop what the thread saw (the loop may be closing: then stop)."""
+        assert self.loop is not None
+        try:
+            self.loop.call_soon_threadsafe(self._received, obj)
+        except RuntimeError:
+            self.closed.set()
+
+    # --- on the event loop -------------------------------------------------------------------------------
+
+    def _received(self, obj: dict[str, Any] | None) -> None:
+        if obj is None:
+            log.warning("%s does not exist (yet); the current Plans keep serving", self.description)
+            return
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+        target = annotations.get(SERVING_ANNOTATION)
+        if target != self.target:
+            self.target = target
+            self.reporting.set()
+        text = (obj.get("data") or {}).get(PLAN_KEY)
+        if text is None:
+            log.error("%s has no key %s; the current Plans keep serving", self.description, PLAN_KEY)
+            return
+        if text == self.text:
+            return  # labels, annotations or other keys changed: nothing to reload
+        self.text = text
+        if not self.valid.is_set():
+            try:
+                config.parse_plans(self.description, text, allow_empty=True)
+            except config.InvalidConfig as error:
+                log.error("%s: no valid Plan yet, waiting for one:", self.description)
+                for line in error.lines:
+                    log.error("  %s", line)
+                return
+            self.valid.set()
+        self.event.set()
+
+    async def _report(self) -> None:
+        delay = BACKOFF_FIRST
+        warned = False
+        while True:
+            await self.reporting.wait()
+            self.reporting.clear()
+            if self.report is None:
+                continue
+            if not self.pod or not self.target:
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "%s: not reporting what is served (%s)",
+                        self.description,
+                        "POD_NAME is not set"
+                        if not self.pod
+                        else f"the ConfigMap has no {SERVING_ANNOTATION} annotation",
+                    )
+                continue
+            wanted = (self.target, self.report)
+            if wanted == self.reported:
+                continue
+            try:
+                body = {"data": {self.pod: wanted[1]}}
+                await asyncio.to_thread(self.api.patch, self.namespace, wanted[0], body)
+            except ApiFailure as error:
+                log.warning(
+                    "reporting to ConfigMap %s/%s failed: %s; retrying in %.1f s",
+                    self.namespace,
+                    wanted[0],
+                    _why(error),
+                    delay,
+                )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, BACKOFF_MAX)
+                self.reporting.set()
+                continue
+            delay = BACKOFF_FIRST
+            self.reported = wanted
+            log.info("reported serving %s to ConfigMap %s/%s", wanted[1], self.namespace, wanted[0])
+
+
+def _why(error: ApiFailure) -> str:
+    if error.status in (401, 403):
+        return f"the API server refused the ServiceAccount ({error})"
+    if error.status == 0:
+        return f"the API server cannot be reached ({error})"
+    return str(error)
+
+
+def parse_reference(text: str) -> tuple[str, str]:
+    """`NAMESPACE/NAME` of `--plan-configmap`; ValueError with the reason when it is not one."""
+    import re
+
+    namespace, slash, name = text.partition("/")
+    label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    subdomain = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    if not slash or "/" in name:
+        raise ValueError(f"{text!r} is not NAMESPACE/NAME")
+    if not label.match(namespace) or len(namespace) > 63:
+        raise ValueError(f"{namespace!r} is not a namespace name")
+    if not subdomain.match(name) or len(name) > 253:
+        raise ValueError(f"{name!r} is not a ConfigMap name")
+    return namespace, name
