@@ -3,8 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+# helm comes from the local cluster's Go-module build, in the same cache the e2e fixtures use.
+HELM := $(or $(LAYERLB_CACHE),$(CURDIR)/.cache)/k8s/bin/helm
 
-.PHONY: setup system-packages lint typecheck unit test demo bench crds goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test demo bench crds chart goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -33,9 +35,18 @@ test: lint typecheck unit
 # Regenerate what is generated from the models and templates (then review the diff).
 crds: setup
 	$(BIN)/layerlb crd --write crds
+	$(PY) charts/sync.py
 
-goldens: setup
-	$(BIN)/pytest -q tests/test_render.py --update-goldens
+# The Helm chart: copy in the CRDs and the operator's RBAC rules, then lint it.
+chart: setup $(HELM)
+	$(PY) charts/sync.py
+	$(HELM) lint --strict charts/layerlb
+
+$(HELM):
+	@bash e2e/cluster/build.sh
+
+goldens: setup $(HELM)
+	$(BIN)/pytest -q tests/test_render.py tests/test_chart.py --update-goldens
 
 demo: setup
 	@bash examples/demo.sh

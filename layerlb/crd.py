@@ -101,9 +101,15 @@ def open_api_schema(model: type[api.Model], kind: str) -> dict[str, Any]:
     assert isinstance(spec_model, type) and issubclass(spec_model, api.Model)
     spec = _structural(spec_model)
     properties: dict[str, Any] = {
-        "apiVersion": {"type": "string", "description": "layerlb.dev/v1alpha1"},
-        "kind": {"type": "string", "description": kind},
-        "metadata": {"type": "object"},
+        "apiVersion": {
+            "type": "string",
+            "description": f"The versioned schema of this object: {api.API_VERSION}.",
+        },
+        "kind": {"type": "string", "description": f"The kind of this object: {kind}."},
+        "metadata": {
+            "type": "object",
+            "description": "Standard object metadata: name, namespace, labels, annotations.",
+        },
         "spec": spec,
     }
     if "status" in model.model_fields:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages layerlb's tests and demo use: the real tools the renders are checked with
-# (haproxy, nft), network namespaces (iproute2), certificates (openssl). Idempotent; quiet when all present.
+# (haproxy, nft), network namespaces (iproute2), certificates (openssl), the Argo CD health check (lua5.4).
+# Idempotent; quiet when all present.
 set -euo pipefail
 
-packages=(haproxy nftables iproute2 openssl ca-certificates curl make ipvsadm qemu-system-x86 busybox-static kmod)
+packages=(haproxy nftables iproute2 openssl ca-certificates curl make ipvsadm qemu-system-x86 busybox-static kmod lua5.4)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

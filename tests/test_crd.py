@@ -116,10 +116,11 @@ def test_every_cel_rule_lands_in_the_crd_at_its_scope() -> None:
 
 
 def test_every_field_has_a_description() -> None:
-    spec = _schema("LoadBalancer")["properties"]["spec"]
-    for node in _walk(spec):
-        for name, sub in node.get("properties", {}).items():
-            assert sub.get("description"), f"{name} has no description"
+    """`kubectl explain` has something to say about every field of every kind, status included."""
+    for kind in api.KINDS:
+        for node in _walk(_schema(kind)):
+            for name, sub in node.get("properties", {}).items():
+                assert sub.get("description"), f"{kind}: {name} has no description"
 
 
 def test_architecture_description_explains_each_architecture() -> None:

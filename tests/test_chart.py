@@ -1,0 +1,182 @@
+"""The Helm chart: lints, renders the reviewed manifests, grants exactly the operator's RBAC, refuses bad values.
+
+Golden files: `helm template` of the default values renders to `testdata/chart/default.yaml`, and each
+`charts/layerlb/ci/NAME-values.yaml` to `testdata/chart/NAME.yaml`; `pytest --update-goldens` rewrites
+them. The installed behaviour (install, upgrade, uninstall, the operator on the chart's own
+ServiceAccount) is in e2e/test_helm.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from layerlb_operator import rbac
+
+from e2e.cluster.cluster import BUILD_SCRIPT, default_bin_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "layerlb"
+GOLDENS = ROOT / "testdata" / "chart"
+VARIANTS = {
+    "default": None,
+    **{p.name.removesuffix("-values.yaml"): p for p in (CHART / "ci").glob("*-values.yaml")},
+}
+RELEASE, NAMESPACE = "layerlb", "layerlb-system"
+
+
+def helm_binary() -> str:
+    """helm from the local cluster's Go-module build (e2e/cluster/build.sh), built on first use."""
+    helm = default_bin_dir() / "helm"
+    if not os.access(helm, os.X_OK):
+        subprocess.run(["bash", str(BUILD_SCRIPT)], stdin=subprocess.DEVNULL, check=False)
+    assert os.access(helm, os.X_OK), f"{helm} missing: e2e/cluster/build.sh could not build helm"
+    return str(helm)
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def template(*args: str) -> str:
+    done = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def _sync() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("chart_sync", ROOT / "charts" / "sync.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chart_crds_and_rules_are_current_with_their_sources() -> None:
+    """crds/ (from the models) and rbac.py are the single sources; `make chart` copies them in."""
+    assert _sync().stale() == [], "the chart is stale; run `make chart`"
+    for source in sorted((ROOT / "crds").glob("*.yaml")):
+        assert (CHART / "crds" / source.name).read_bytes() == source.read_bytes(), source.name
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_helm_lint_is_clean(variant: str) -> None:
+    values = VARIANTS[variant]
+    done = helm("lint", "--strict", str(CHART), *(["--values", str(values)] if values else []))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 chart(s) failed" in done.stdout
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_golden_template(variant: str, request: pytest.FixtureRequest) -> None:
+    values = VARIANTS[variant]
+    actual = template(*(["--values", str(values)] if values else []))
+    golden = GOLDENS / f"{variant}.yaml"
+    if request.config.getoption("--update-goldens"):
+        GOLDENS.mkdir(parents=True, exist_ok=True)
+        golden.write_text(actual, encoding="utf-8")
+    assert golden.exists(), f"{golden.name} missing; run pytest tests/test_chart.py --update-goldens"
+    expected = golden.read_text(encoding="utf-8")
+    diff = "".join(
+        difflib.unified_diff(
+            expected.splitlines(keepends=True), actual.splitlines(keepends=True), str(golden), "helm template"
+        )
+    )
+    assert not diff, f"helm template differs from {golden.name} (pytest --update-goldens to accept):\n{diff}"
+
+
+def _grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str, tuple[str, ...]], set[str]]:
+    """(API group, resource, resourceNames) → verbs, whatever way the rules group them."""
+    grants: dict[tuple[str, str, tuple[str, ...]], set[str]] = {}
+    for rule in rules:
+        names = tuple(sorted(rule.get("resourceNames") or ()))
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                grants.setdefault((group, resource, names), set()).update(rule["verbs"])
+    return grants
+
+
+@pytest.mark.parametrize("variant", ["default", "namespaced"])
+def test_rbac_grants_exactly_the_verbs_the_operator_declares(variant: str) -> None:
+    values = VARIANTS[variant]
+    rendered = documents(template(*(["--values", str(values)] if values else [])))
+    by_kind = {d["kind"]: d for d in rendered if d["kind"] in ("ClusterRole", "Role")}
+    lease = yaml.safe_load((values or CHART / "values.yaml").read_text())["operator"]["leaseName"]
+    assert _grants(by_kind["ClusterRole"]["rules"]) == _grants(rbac.cluster_rules())
+    assert _grants(by_kind["Role"]["rules"]) == _grants(rbac.lease_rules(lease))
+    assert by_kind["Role"]["metadata"]["namespace"] == NAMESPACE
+    for rule in by_kind["ClusterRole"]["rules"] + by_kind["Role"]["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+    bindings = [d for d in rendered if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+    account = next(
+        d["spec"]["template"]["spec"]["serviceAccountName"] for d in rendered if d["kind"] == "Deployment"
+    )
+    assert len(bindings) == 2
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+
+
+def test_the_deployment_runs_the_operator_with_the_chart_settings() -> None:
+    rendered = documents(template("--values", str(VARIANTS["namespaced"])))
+    [deployment] = [d for d in rendered if d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == [
+        "operator", "--peering", "lb-leader", "--metrics", "0.0.0.0:8080",
+        "--namespace", "shop", "--namespace", "payments", "--verbose",
+    ]  # fmt: skip
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LAYERLB_DATAPLANE_IMAGE"] == "registry.example.com/layerlb/layerlb-dataplane:0.1.0"
+    assert container["image"] == "registry.example.com/layerlb/layerlb:0.1.0-rc1"
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "platform-lb"
+    kinds = {d["kind"] for d in rendered}
+    assert not kinds & {"ServiceAccount", "Service", "PodDisruptionBudget", "ServiceMonitor"}, kinds
+
+
+def test_the_dataplane_image_defaults_to_the_operator_image() -> None:
+    rendered = documents(template("--set", "image.tag=1.2.3"))
+    [deployment] = [d for d in rendered if d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["image"] == env["LAYERLB_DATAPLANE_IMAGE"] == "ghcr.io/layerlb/layerlb:1.2.3"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("replicaCount=two", "at '/replicaCount': got string, want integer"),
+        ("replicaCount=0", "at '/replicaCount': minimum: got 0, want 1"),
+        (
+            "image.pullPolicy=Sometimes",
+            "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
+        ),
+        ("replicas=2", "additional properties 'replicas' not allowed"),
+        ("metrics.port=70000", "at '/metrics/port': maximum: got 70,000, want 65,535"),
+        (
+            "operator.leaseName=Leader_Lease",
+            "at '/operator/leaseName': 'Leader_Lease' does not match pattern",
+        ),
+        ("podDisruptionBudget.maxUnavailable=half", "at '/podDisruptionBudget/maxUnavailable'"),
+        ("metrics.serviceMonitor.interval=often", "at '/metrics/serviceMonitor/interval'"),
+        ("serviceAccount.create=false", "serviceAccount.name: name an existing ServiceAccount"),
+        (
+            "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false",
+            "metrics.serviceMonitor.enabled needs metrics.service.enabled",
+        ),
+    ],
+)
+def test_bad_values_are_refused_with_the_path_and_the_reason(setting: str, message: str) -> None:
+    done = helm("template", RELEASE, str(CHART), "--set", setting)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+    assert "panic" not in done.stderr and "goroutine" not in done.stderr
