@@ -9,160 +9,36 @@ No kubelet runs: forwarding pods stay Pending, so `Ready` is False with reason P
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
-from layerlb_operator import rbac
 
+from e2e import harness
 from e2e.cluster.cluster import Cluster
+from e2e.harness import Operator, fresh_namespace, wait_for
 from e2e.kube import ROOT, Kubectl
 
 NS = "llb-e2e"
 SYSTEM_NS = "llb-e2e-system"
 LEASE = f"{NS}/layerlb-operator"
-DEADLINE = 30.0
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE) -> T:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class Operator:
-    """One `layerlb operator` process with its log file and metrics port."""
-
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
-        self.port = _free_port()
-        self.log = log
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LAYERLB_DEBUG": "1"}
-        command = [sys.executable, "-m", "layerlb.cli", "operator", "--namespace", NS, "--peering", LEASE]
-        command += ["--metrics", f"127.0.0.1:{self.port}"]
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def metrics(self) -> dict[str, float]:
-        """The metrics as `name{labels}` → value; empty while the server is not up."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as answer:
-                text = answer.read().decode()
-        except OSError:
-            return {}
-        samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        return {name: float(value) for name, value in samples}
-
-    def stop(self) -> int:
-        """SIGTERM, as a pod is stopped; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=30)
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-
-
-def _operator_kubeconfig(k8s: Cluster, kubectl: Kubectl, folder: Path) -> Path:
-    """A kubeconfig for the ServiceAccount `layerlb-operator`, bound to the rules of `layerlb_operator.rbac`."""
-    manifests: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}},
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": "layerlb-operator", "namespace": SYSTEM_NS},
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": "llb-e2e-operator"},
-            "rules": rbac.cluster_rules(),
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "llb-e2e-operator"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "llb-e2e-operator",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "layerlb-operator", "namespace": SYSTEM_NS}],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "llb-e2e-operator-lease", "namespace": NS},
-            "rules": rbac.lease_rules(LEASE.split("/")[1]),
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "llb-e2e-operator-lease", "namespace": NS},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "llb-e2e-operator-lease",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "layerlb-operator", "namespace": SYSTEM_NS}],
-        },
-    ]
-    kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump_all(manifests))
-    token = kubectl.ok("create", "token", "layerlb-operator", "-n", SYSTEM_NS, "--duration=2h").strip()
-    admin = yaml.safe_load(k8s.kubeconfig.read_text())
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "e2e", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator"}}],
-        "current-context": "operator",
-    }
-    path = folder / "operator.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope="module")
 def operator_kubeconfig(
     k8s: Cluster, kubectl: Kubectl, crds_installed: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    # A namespace left terminating by an earlier run on a reused cluster must be gone before it is made anew.
-    wait_for(
-        f"namespace {NS} to finish terminating",
-        lambda: (get(kubectl, "namespace", NS, None) or {}).get("status", {}).get("phase") != "Terminating",
-        timeout=90,
-    )
-    kubectl.ok("apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n")
-    return _operator_kubeconfig(k8s, kubectl, tmp_path_factory.mktemp("operator"))
+    fresh_namespace(kubectl, NS)
+    folder = tmp_path_factory.mktemp("operator")
+    return harness.operator_kubeconfig(k8s, kubectl, folder, NS, SYSTEM_NS, LEASE)
 
 
 @pytest.fixture(scope="module")
 def operator(operator_kubeconfig: Path, kubectl: Kubectl) -> Iterator[Operator]:
     """The leading operator, running for the whole module; LoadBalancers are deleted before it stops."""
-    running = Operator(operator_kubeconfig, operator_kubeconfig.parent / "operator-1.log")
+    running = Operator(operator_kubeconfig, operator_kubeconfig.parent / "operator-1.log", NS, LEASE)
     wait_for("the operator to lead", lambda: running.metrics().get("layerlb_operator_leader") == 1)
     yield running
     kubectl("delete", "llb", "--all", "-n", NS, "--wait=true", "--timeout=60s")
@@ -176,11 +52,7 @@ def apply(kubectl: Kubectl, *documents: dict[str, Any]) -> None:
 
 
 def get(kubectl: Kubectl, kind: str, name: str, namespace: str | None = NS) -> dict[str, Any] | None:
-    args = ["get", kind, name, "-o", "json", "--show-managed-fields"] + (
-        ["-n", namespace] if namespace else []
-    )
-    done = kubectl(*args)
-    return json.loads(done.stdout) if done.returncode == 0 else None
+    return harness.get(kubectl, kind, name, namespace)
 
 
 def condition(kubectl: Kubectl, name: str, kind: str) -> dict[str, Any]:
@@ -399,7 +271,7 @@ def test_a_standby_writes_nothing_and_a_restart_changes_nothing_that_was_right(
     assert len(before) == 6 * len(names), sorted(before)  # 2 ConfigMaps, SA, Role, binding, Deployment
     apply(kubectl, example("l7-proxy-routes.yaml", "shop"), example("l4-nat-ipvs.yaml", "db"))  # unchanged
 
-    standby = Operator(operator_kubeconfig, operator_kubeconfig.parent / "operator-2.log")
+    standby = Operator(operator_kubeconfig, operator_kubeconfig.parent / "operator-2.log", NS, LEASE)
     try:
         wait_for("the standby's metrics", lambda: "layerlb_operator_leader" in standby.metrics())
         metrics = standby.metrics()

@@ -376,6 +376,13 @@ class Topology:
         if cidr:
             namespace.addr(name, cidr)
 
+    def remove(self, namespace: Namespace) -> None:
+        """Deletes one namespace of this topology before `close` (a pod that went away, say): kills what
+        still runs in it, then deletes it with its interfaces."""
+        assert namespace.name is not None
+        self.namespaces.remove(namespace)
+        _kill_namespace(namespace.name)
+
     def close(self, raise_errors: bool = False) -> None:
         """Stops every process, then deletes every namespace (which removes their interfaces). Idempotent."""
         if self.closed:
