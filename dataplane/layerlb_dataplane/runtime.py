@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from layerlb import api, plan
-from layerlb_dataplane import admin, config, probes, tls
+from layerlb_dataplane import admin, config, probes, tls, transparent
 from layerlb_dataplane.metrics import Dump, Metrics, render
 from layerlb_dataplane.proxy_http import HttpListener
 from layerlb_dataplane.proxy_l4 import TcpListener, UdpListener
@@ -208,6 +208,7 @@ class Dataplane:
         self.stopping = asyncio.Event()
         self.reloading = asyncio.Event()
         self.admin: admin.AdminServer | None = None
+        self.transparent_routing = False  # set up once per process, for the first transparent Plan
 
     # --- what the admin server shows -----------------------------------------------------------------
 
@@ -379,6 +380,14 @@ class Dataplane:
         if inst.engine is not None:  # a kernel Plan became a proxy one
             await inst.engine.close(remove=True)
             inst.engine = None
+        if new.architecture is api.Architecture.transparent and not self.transparent_routing:
+            # Without it the backends' replies to client addresses never reach the upstream sockets.
+            try:
+                await asyncio.to_thread(transparent.setup_routing)
+            except (transparent.RoutingError, OSError) as error:
+                inst.problem = f"{inst.key}: transparent proxying needs policy routing: {_message(error)}"
+                return inst.problem
+            self.transparent_routing = True
         wanted = {listener_key(new, listener): listener for listener in new.listeners}
         ours = {
             _address(i.current().plan, s.listener) for i in self.instances.values() for s in i.served.values()
