@@ -215,6 +215,8 @@ class Dataplane:
     def ready(self) -> tuple[bool, list[str]]:
         """Ready when every LoadBalancer's current Plan is fully applied; else the reasons."""
         problems = [inst.problem for inst in self.instances.values() if inst.problem is not None]
+        if not self.instances:
+            problems.append(f"no LoadBalancer to serve (yet) from {self.source.description}")
         return (bool(self.instances) and not problems and not self.stopping.is_set(), problems)
 
     def dumps(self) -> list[tuple[str, Dump]]:
@@ -246,7 +248,15 @@ class Dataplane:
             loop.add_signal_handler(signum, self.request_stop)
         if self.signals:
             loop.add_signal_handler(signal.SIGHUP, self.reloading.set)
+        if self.admin_address is not None:  # first: liveness holds while the source is awaited
+            try:
+                self.admin = await admin.start(self, self.admin_address)
+            except OSError as error:
+                host, port = self.admin_address
+                log.error("cannot listen for the admin server on %s:%d: %s", host, port, _reason(error))
+                return 1
         if not await started(self.source, self.stopping):
+            await self.stop(0)
             return 0
         try:
             plans = self.source.load()
@@ -254,13 +264,9 @@ class Dataplane:
         except config.InvalidConfig as error:
             for line in error.lines:  # exactly what `layerlb validate` prints
                 print(line, file=sys.stderr)
+            await self.stop(0)
             return 2
         fatal = await self.apply(plans, initial=True)
-        if fatal is None and self.admin_address is not None:
-            try:
-                self.admin = await admin.start(self, self.admin_address)
-            except OSError as error:
-                fatal = f"cannot listen for the admin server on {self.admin_address[0]}:{self.admin_address[1]}: {_reason(error)}"
         if fatal is not None:
             log.error("%s", fatal)
             await self.stop(0)

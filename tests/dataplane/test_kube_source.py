@@ -12,6 +12,8 @@ import json
 import logging
 import queue
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -258,3 +260,31 @@ def test_the_reference_must_be_namespace_slash_name(text: str, reason: str) -> N
     with pytest.raises(ValueError, match=reason):
         kube_source.parse_reference(text)
     assert kube_source.parse_reference("shop/web-plan") == ("shop", "web-plan")
+
+
+def test_the_admin_server_answers_while_the_first_plan_is_awaited_and_a_stop_ends_the_wait() -> None:
+    api = FakeApi(None)  # the ConfigMap does not exist yet
+    port = free_port("127.0.0.1")
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    async def scenario() -> tuple[tuple[int, str], tuple[int, str], int]:
+        source = kube_source.ConfigMapSource("shop", "web-plan", api, "web-1")
+        dataplane = runtime.Dataplane(source, signals=(), admin_address=("127.0.0.1", port))
+        running = asyncio.create_task(dataplane.run())
+        while dataplane.admin is None:
+            await asyncio.sleep(0.01)
+        health, readiness = await asyncio.to_thread(get, "/healthz"), await asyncio.to_thread(get, "/readyz")
+        dataplane.request_stop()
+        code = await running
+        await stopped(source, api)
+        return health, readiness, code
+
+    health, readiness, code = run(scenario())
+    assert health[0] == 200 and code == 0
+    assert readiness == (503, "no LoadBalancer to serve (yet) from ConfigMap shop/web-plan\n")
