@@ -28,11 +28,12 @@ UDP_PORTS: Final = (5353, 7777, 9001, 9002, 9003)
 VIP_RANGE: Final = "172.29.0.10-172.29.0.250"
 
 
-def start_backends(lab: Lab, count: int = 3) -> list[tuple[Host, Spawned]]:
-    """`count` backend namespaces (b1, b2, ...), each serving HTTP and UDP on the examples' ports."""
+def start_backends(lab: Lab, count: int = 3, group: str = "") -> list[tuple[Host, Spawned]]:
+    """`count` backend namespaces answering as b1, b2, ..., each serving HTTP and UDP on the examples'
+    ports; `group` tells apart the namespaces of several such sets."""
     started = []
     for index in range(1, count + 1):
-        host = lab.backend(f"b{index}")
+        host = lab.backend(f"{group}b{index}")
         server = host.namespace.spawn(
             backend_servers.run, f"b{index}", list(HTTP_PORTS), list(UDP_PORTS), "0.0.0.0"
         )
