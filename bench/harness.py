@@ -123,6 +123,7 @@ def measure(
     row.cpu_busy = processes.cpu_busy(before, processes.cpu_ticks())
     if subject:
         used = processes.cpu_seconds(subject) - spent
+        row.subject_cpu_seconds = round(used, 3)
         row.subject_cpu = round(100 * used / (time.monotonic() - started), 1)
     if row.c50.requests == 0:
         raise Unavailable("no request succeeded")

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# This checkout's packages first: an editable install made elsewhere (a git worktree shares the main
+# checkout's venv) would otherwise serve another checkout's data plane to the subjects under test.
+SOURCE_PATH = os.pathsep.join(str(REPO / part) for part in ("", "operator", "dataplane"))
 POLL_SECONDS = 0.02
 
 
@@ -291,7 +294,7 @@ def start(
             stderr=handle,
             start_new_session=True,
             preexec_fn=_pinned(cpus),
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            env={**os.environ, "PYTHONPATH": SOURCE_PATH, **(env or {})},
             cwd=REPO,
         )
     except OSError as error:
@@ -372,5 +375,5 @@ def run_quiet(
         timeout=timeout,
         check=False,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
     )

@@ -34,6 +34,9 @@ class Row:
     cpu_busy: dict[str, float] = field(default_factory=dict)  # percent per CPU during the -c50 run
     background_busy: dict[str, float] = field(default_factory=dict)  # percent per CPU just before, idle
     subject_cpu: float | None = None  # percent of one CPU the subject (and its children) used at -c50
+    # CPU seconds the subject used during the -c50 run: per request, the figure that busy machines disturb
+    # least (throughput depends on who else runs; the work one request costs hardly does).
+    subject_cpu_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
     rounds: list[Row] = field(default_factory=list)  # with --rounds N: each round's own Row
 
@@ -47,11 +50,19 @@ class Row:
             "cpu_busy_percent": self.cpu_busy,
             "background_busy_percent": self.background_busy,
             "subject_cpu_percent": self.subject_cpu,
+            "subject_cpu_us_per_request": self.cpu_us_per_request,
             "c50": self.c50.to_json() if self.c50 else None,
             "c1": self.c1.to_json() if self.c1 else None,
             "notes": self.notes,
             "rounds": [attempt.to_json() for attempt in self.rounds] if len(self.rounds) > 1 else [],
         }
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """Subject CPU time per request at -c50, microseconds (None when not measured)."""
+        if self.subject_cpu_seconds is None or self.c50 is None or not self.c50.requests:
+            return None
+        return round(1e6 * self.subject_cpu_seconds / self.c50.requests, 1)
 
     def combine(self) -> None:
         """Fold the rounds into this row: unavailable if any round was, else the merged figures."""
@@ -72,6 +83,8 @@ class Row:
         self.background_busy = _mean([attempt.background_busy for attempt in self.rounds])
         used = [attempt.subject_cpu for attempt in self.rounds if attempt.subject_cpu is not None]
         self.subject_cpu = round(sum(used) / len(used), 1) if used else None
+        spent = [a.subject_cpu_seconds for a in self.rounds if a.subject_cpu_seconds is not None]
+        self.subject_cpu_seconds = sum(spent) if len(spent) == len(self.rounds) else None
         self.status, self.reason = OK, None
 
 
@@ -213,20 +226,21 @@ def _rps(value: float) -> str:
 def table(rows: list[Row], scenarios: list[Scenario], judged: list[Target]) -> str:
     """The results as Markdown tables: rows, then targets, then the scenarios' figures."""
     lines = [
-        "| row | req/s (-c50) | p50 ms | p99 ms | -c1 req/s | -c1 p50 ms | -c1 p99 ms | errors | subject CPU | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | req/s (-c50) | p50 ms | p99 ms | -c1 req/s | -c1 p50 ms | -c1 p99 ms | errors | subject CPU | CPU µs/req | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.status != OK or row.c50 is None:
-            lines.append(f"| {row.label} | - | - | - | - | - | - | - | - | unavailable: {row.reason} |")
+            lines.append(f"| {row.label} | - | - | - | - | - | - | - | - | - | unavailable: {row.reason} |")
             continue
         one = row.c1
         errors = row.c50.failed + (one.failed if one else 0)
         cpu = "-" if row.subject_cpu is None else f"{row.subject_cpu:.0f} %"
+        per = "-" if row.cpu_us_per_request is None else f"{row.cpu_us_per_request:.1f}"
         lines.append(
             f"| {row.label} | {_rps(row.c50.rps)} | {_ms(row.c50.p50_ms)} | {_ms(row.c50.p99_ms)} | "
             f"{_rps(one.rps) if one else '-'} | {_ms(one.p50_ms) if one else '-'} | "
-            f"{_ms(one.p99_ms) if one else '-'} | {errors} | {cpu} | ok |"
+            f"{_ms(one.p99_ms) if one else '-'} | {errors} | {cpu} | {per} | ok |"
         )
     for row in rows:
         lines += [f"\nNote, {row.label}: {note}" for note in row.notes]

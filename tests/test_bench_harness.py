@@ -34,6 +34,7 @@ def test_smoke_run_measures_two_rows_and_writes_json(tmp_path: Path) -> None:
             assert row["status"] == "ok", row["reason"]
             assert row["c50"]["requests"] > 0 and row["c50"]["p99_ms"] > 0
             assert row["c1"]["requests"] > 0
+            assert row["subject_cpu_us_per_request"] > 0  # the subject's CPU time over its requests
         else:  # the harness must say what is missing rather than crash
             assert row["status"] == "unavailable" and "not installed" in row["reason"]
     targets = {target["name"]: target for target in document["targets"]}
