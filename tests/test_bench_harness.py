@@ -70,3 +70,16 @@ def test_a_target_missing_an_input_is_unavailable_not_missed() -> None:
         target.name: target for target in report.targets({"haproxy_http": haproxy, "layerlb_l7": layerlb}, {})
     }
     assert judged["L7 throughput, layerlb / HAProxy http"].met is True
+
+
+def test_hot_path_cost_drives_requests_through_the_proxy_objects() -> None:
+    """`bench/hotpath.py` serves its requests through pooled upstream connections (it asserts that)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hotpath.py"), "--requests", "500", "--passes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "µs CPU per request" in result.stdout

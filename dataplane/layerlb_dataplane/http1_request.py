@@ -198,9 +198,18 @@ class RequestParser:
         memo = self._memo_head
         if memo and len(data) == len(memo) and self._state == _HEAD and not self._buf and data == memo:
             # Exactly the last head again, alone: the common keep-alive request takes the shortest way.
+            request = self._memo_request
+            assert request is not None  # set with _memo_head
             self._processing = True
             try:
-                self._dispatch(self._memo_request)  # type: ignore[arg-type]  # set with _memo_head
+                if request.has_body:
+                    self._dispatch(request)
+                else:  # `_dispatch` and `_end`, inline
+                    handler = self.handler
+                    handler.on_request(request)
+                    if self._state == _HEAD:
+                        self.paused = True
+                        handler.on_request_end()
             finally:
                 self._processing = False
             return

@@ -43,6 +43,10 @@ class Response:
     codings = b""
     keep_alive = True
     upgrade: bytes | None = None
+    # The head as forwarded to a kept-alive HTTP/1.1 client of a non-HEAD request without a cookie to
+    # set, and whether its body is re-chunked: made once per parsed head, which backends repeat.
+    proxied: bytes | None = None
+    proxied_chunked = False
 
     def __init__(self, status: int, status_line: bytes, block: bytes) -> None:
         self.status = status
@@ -78,6 +82,7 @@ class ResponseParser:
         "_llhttp",
         "_memo_head",
         "_memo_response",
+        "_memo_whole",
         "_remaining",
         "_state",
         "handler",
@@ -97,6 +102,9 @@ class ResponseParser:
         # The last head parsed in full: a backend often repeats its head (equal bytes parse equally).
         self._memo_head = b""
         self._memo_response: Response | None = None
+        # The size of that head with its whole body when the body has a Content-Length: a read of exactly
+        # that size starting with the head is the whole response (-1: no such response).
+        self._memo_whole = -1
 
     @property
     def reusable(self) -> bool:
@@ -121,6 +129,21 @@ class ResponseParser:
 
     def feed(self, data: bytes | bytearray) -> bytes | bytearray:
         """Frame `data`; returns the bytes past a 101 head (the start of the tunnel), else b""."""
+        if (
+            len(data) == self._memo_whole
+            and self._state == _HEAD
+            and not self._head_request
+            and not self._buf
+            and data.startswith(self._memo_head)
+        ):
+            # The last head again with all its body, alone in one read: the common keep-alive response.
+            handler = self.handler
+            handler.on_response(self._memo_response)  # type: ignore[arg-type]  # set with _memo_whole
+            handler.on_response_body(data[len(self._memo_head) :])
+            self._state = _DONE
+            self.idle = True
+            handler.on_response_end()
+            return b""
         while data:
             state = self._state
             if state == _LENGTH:
@@ -276,6 +299,9 @@ class ResponseParser:
         )
         self._memo_head = head
         self._memo_response = response
+        length = response.content_length
+        plain = status >= 200 and status not in (204, 304) and not response.chunked
+        self._memo_whole = len(head) + length if plain and length else -1
         return response
 
 

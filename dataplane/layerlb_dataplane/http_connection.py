@@ -37,6 +37,7 @@ from layerlb_dataplane.http_exchange import (
     TUNNEL,
     WAITING,
     Exchange,
+    send,
 )
 from layerlb_dataplane.state import BackendPool, Target
 from layerlb_dataplane.upstream import UpstreamConnection
@@ -69,6 +70,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.state = IDLE
         self.admitted = False
         self.client_ip = ""
+        self.client_key = b""  # client_ip encoded: what balancers hash
         self.client_port = 0
         self.local: tuple[str, int] = ("", 0)
         self.proxy_parser: proxy_protocol.HeaderParser | None = None
@@ -105,7 +107,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.timer_at = 0.0
         self.fwd_key: tuple[bytes, Settings] | None = None
         self.fwd_cache = b""
-        # Writes made while one read is handled, sent with one writelines when it is (a syscall each is dear).
+        # Writes made while one read is handled, sent with one write when it is (a syscall each is dear).
         self.out: list[bytes | bytearray] | None = None
         self.up_out: list[bytes | bytearray] | None = None
 
@@ -117,6 +119,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip, self.client_port = peer[0], peer[1]
+            self.client_key = self.client_ip.encode()
         sockname = transport.get_extra_info("sockname")
         if sockname:
             self.local = (sockname[0], sockname[1])
@@ -169,7 +172,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
             return
         self.up_out = None
         if up_out and self.up is not None:
-            self.up.transport.writelines(up_out)
+            send(self.up.transport, up_out)
         parser = self.parser
         if parser.buffered:  # a partial head (the header timeout runs), or requests waiting their turn
             if self.state == IDLE and self.deadline_kind != _D_HEADER and parser.partial_head:
@@ -244,6 +247,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.tried = None
         if settings.direct:
             name = settings.default
+            pool = settings.default_pool
         else:
             name = settings.snapshot.router.match(
                 req.method.decode("latin-1"),
@@ -251,15 +255,15 @@ class ClientConnection(Exchange, asyncio.Protocol):
                 req.path.decode("latin-1"),
                 req.header,
             )
-        pool = settings.snapshot.pools.get(name) if name is not None else None
+            pool = settings.pools.get(name) if name is not None else None
         self.pool = pool
         if pool is None:
             self._local(404, "no route for this request") if name is None else self._local(
                 503, "no such backend"
             )
             return
-        # With no affinity and no hash key, the balancer alone picks.
-        target = pool.pick(self.client_ip) if pool.backend.name in settings.plain else self._choose(pool, req)
+        # With no affinity and no hash key, the balancer alone picks (by the client's address).
+        target = pool.balancer.pick(self.client_key) if pool in settings.plain else self._choose(pool, req)
         if target is None:
             self._local(503, "no healthy backend")
             return
@@ -426,7 +430,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
                 self._unpause(_P_CONNECTING)
             if self.body_done and self.req.chunked:
                 parts.append(_ZERO_CHUNK)
-            up.transport.writelines(parts)
+            send(up.transport, parts)
         else:
             out.append(self.head)
         self.pending = None
@@ -452,7 +456,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
                 self.head = self._request_head(req)
             self.head_of, self.head_settings = req, self.settings
         up: UpstreamConnection | None
-        self.isolated = isolated = self.pool is not None and self.pool.backend.name in self.settings.isolated
+        self.isolated = isolated = self.pool in self.settings.isolated
         if isolated:
             up = self.private
             self.private = None
@@ -533,6 +537,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.proxy_parser = None
         if not header.local and header.source is not None:
             self.client_ip, self.client_port = header.source
+            self.client_key = self.client_ip.encode()
             if header.destination is not None:
                 self.local = header.destination
         return rest

@@ -4,7 +4,7 @@
 response back, as protocol callbacks. Throughput decides whether a Python proxy is worth running, so
 the common request (a whole head in one read, a pooled upstream connection, a small response) runs in
 callbacks only: no task, no closure, no timer operation, and writes made while one read is handled
-leave in one `writelines` (one syscall). Tasks appear on slow paths only (opening an upstream
+leave in one write (one syscall). Tasks appear on slow paths only (opening an upstream
 connection, retries). Timeouts are one deadline per connection, checked by a timer re-armed lazily.
 """
 
@@ -28,11 +28,25 @@ _D_HEADER, _D_IDLE, _D_REQUEST, _D_BODY, _D_TUNNEL, _D_LINGER = range(1, 7)
 # Why the client's transport is not being read (bits).
 _P_UPSTREAM, _P_PIPELINE, _P_CONNECTING, _P_QUEUED = 1, 2, 4, 8
 
+JOIN_LIMIT = 16384  # below this, parts of one write are joined: one buffer takes uvloop's (and the kernel's) cheapest path
 PIPELINE_LIMIT = 1 << 20  # unparsed bytes held while a request is in flight, before reading pauses
 CONNECT_BUFFER = 1 << 18  # body bytes held while the upstream connection opens, before reading pauses
 MAX_ATTEMPTS = 3  # targets tried by one idempotent request whose connects fail
 LINGER_SECONDS = 2.0  # after an error answer: read and discard, so the client sees the answer, not a reset
 _ZERO_CHUNK = b"0\r\n\r\n"
+
+
+def send(transport: asyncio.Transport, out: list[bytes | bytearray]) -> None:
+    """Write `out` (not empty) with one call: one buffer when small, as a head with a small body is.
+
+    uvloop writes a single buffer with write(2) at once, several through a write context and writev(2).
+    """
+    if len(out) == 1:
+        transport.write(out[0])
+    elif len(out) == 2 and len(out[1]) <= JOIN_LIMIT:
+        transport.write(out[0] + out[1])
+    else:
+        transport.writelines(out)
 
 
 class Exchange:
@@ -44,6 +58,7 @@ class Exchange:
         "body_done",
         "client_eof",
         "client_ip",
+        "client_key",
         "client_port",
         "close_after",
         "deadline",
@@ -94,6 +109,7 @@ class Exchange:
     state: int
     admitted: bool
     client_ip: str
+    client_key: bytes
     client_port: int
     local: tuple[str, int]
     proxy_parser: proxy_protocol.HeaderParser | None
@@ -140,7 +156,7 @@ class Exchange:
     # --- responses (http1_response.ResponseHandler, upstream.Owner) --------------------------------------
 
     def upstream_data(self, connection: UpstreamConnection, data: bytes) -> None:
-        """Backend bytes: frame them; what they produce for the client leaves in one `writelines`."""
+        """Backend bytes: frame them; what they produce for the client leaves in one write."""
         if self.state == TUNNEL:
             if connection is not self.up:
                 return
@@ -160,7 +176,7 @@ class Exchange:
             return
         self.out = None
         if out:
-            self.transport.writelines(out)
+            send(self.transport, out)
         if rest:
             self.transport.write(rest)
         if self.state == RESPONDING:  # more of the body to come: it must keep coming
@@ -187,22 +203,32 @@ class Exchange:
             self.lb._report(target, True)
         self.status = status
         self.resp_keep_alive = resp.keep_alive
+        self.state = RESPONDING
         close = self.close_after or not req.keep_alive or not self.body_done or self.lb.closing
+        if close or self.set_cookie is not None or req.version != b"1.1" or req.method == b"HEAD":
+            self._response_head(resp, close)
+            return
+        head = resp.proxied
+        if head is None:  # the common case, made once per parsed head
+            parts: list[bytes | bytearray] = []
+            resp.proxied_chunked = _head_lines(parts, resp, req)
+            head = resp.proxied = b"".join((resp.status_line, resp.block, *parts, b"\r\n\r\n"))
+        out.append(head)
+        self.resp_chunked = resp.proxied_chunked
+
+    def _response_head(self, resp: Response, close: bool) -> None:
+        """The forwarded head in general: closing, HTTP/1.0, HEAD, a cookie to set."""
+        req = self.req
+        out = self.out
+        assert out is not None
         out += (resp.status_line, resp.block)
-        chunked = False
-        if resp.content_length is not None:
-            if not resp.length_in_block and status != 204:
-                out.append(b"\r\nContent-Length: %d" % resp.content_length)
-        elif req.method == b"HEAD" or status == 204 or status == 304:
-            pass
-        elif req.version == b"1.1":
-            chunked = True
-            out.append(
-                b"\r\nTransfer-Encoding: %s, chunked" % resp.codings
-                if resp.codings
-                else b"\r\nTransfer-Encoding: chunked"
-            )
-        else:
+        chunked = _head_lines(out, resp, req)
+        if (
+            resp.content_length is None
+            and not chunked
+            and req.method != b"HEAD"
+            and resp.status not in (204, 304)
+        ):
             close = True  # an HTTP/1.0 client reads a body of unknown length until the close
         if close:
             out.append(b"\r\nConnection: close")
@@ -213,7 +239,6 @@ class Exchange:
             out.append(self.set_cookie)
         out.append(b"\r\n\r\n")
         self.resp_chunked = chunked
-        self.state = RESPONDING
 
     def on_response_body(self, data: bytes | bytearray) -> None:
         """Response body bytes, re-chunked when the client gets chunked framing."""
@@ -234,7 +259,7 @@ class Exchange:
             else:
                 self.transport.write(_ZERO_CHUNK)
         if out:  # before anything else may write (an answer to a pipelined request, a close)
-            self.transport.writelines(out)
+            send(self.transport, out)
             out.clear()
         up = self.up
         self.up = None
@@ -245,9 +270,9 @@ class Exchange:
             self.target = None
         pool = self.pool
         now = self.loop.time()
-        lb.metrics.request_done(
-            lb.name, pool.backend.name if pool is not None else "", self.status, now - self.started
-        )
+        name = pool.backend.name if pool is not None else ""
+        series = lb.request_series.get(name) or lb.series(name)
+        series.done(self.status, now - self.started)
         if up is not None:
             if self.write_paused:
                 up.transport.resume_reading()
@@ -262,7 +287,7 @@ class Exchange:
             elif lb.pool.release(up, now) and lb.sweeper is None:
                 lb.schedule_sweep()
         if not self.close_after:
-            self._next()
+            self._next(now)
         elif self.body_done and not self.parser.buffered:
             self.state = LINGER  # all read, nothing pending: a plain close cannot reset the answer away
             self.transport.close()
@@ -292,7 +317,7 @@ class Exchange:
             connection.parser.feed_eof()
             self.out = None
             if out:
-                self.transport.writelines(out)
+                send(self.transport, out)
         elif WAITING <= state <= RESPONDING:
             self._upstream_failed(connection, "reset", "backend closed the connection")
 
@@ -420,8 +445,8 @@ class Exchange:
         self.transport.write(error_response(error.status, error.reason, close=True))
         self._linger()
 
-    def _next(self) -> None:
-        """Ready for the next request on this connection (maybe one already buffered)."""
+    def _next(self, now: float = 0.0) -> None:
+        """Ready for the next request on this connection (maybe one already buffered); `now`: loop time."""
         self.state = IDLE
         self.pool = None
         if self.paused & (_P_UPSTREAM | _P_CONNECTING):
@@ -431,11 +456,14 @@ class Exchange:
         limits = settings.limits
         if parser.max_header != limits.max_header or parser.max_request_line != limits.max_request_line:
             parser.set_limits(limits.max_request_line, limits.max_header)
-        at = self.loop.time() + settings.timeouts.idle
+        at = (now or self.loop.time()) + settings.timeouts.idle
         self.deadline = at
         self.deadline_kind = _D_IDLE
         if self.timer is None or at < self.timer_at:
             self._set_deadline(_D_IDLE, settings.timeouts.idle)
+        if not parser.buffered:
+            parser.paused = False  # nothing waits: what `resume` would do
+            return
         try:
             parser.resume()
         except ParseError as error:
@@ -517,3 +545,21 @@ class Exchange:
             self.transport.close()
         elif state == LINGER:
             self.transport.close()
+
+
+def _head_lines(out: list[bytes | bytearray], resp: Response, req: http1_request.Request) -> bool:
+    """The framing lines of a forwarded response head (after its block); True when its body is re-chunked."""
+    status = resp.status
+    if resp.content_length is not None:
+        if not resp.length_in_block and status != 204:
+            out.append(b"\r\nContent-Length: %d" % resp.content_length)
+    elif req.method == b"HEAD" or status == 204 or status == 304:
+        pass
+    elif req.version == b"1.1":
+        out.append(
+            b"\r\nTransfer-Encoding: %s, chunked" % resp.codings
+            if resp.codings
+            else b"\r\nTransfer-Encoding: chunked"
+        )
+        return True
+    return False

@@ -43,13 +43,32 @@ Dump = dict[str, Any]
 _KEY_WIDTH: Final = {"requests": 3, "durations": 2, "active": 1, "accepted": 1, "failures": 2, "relayed": 2}
 
 
+class RequestSeries:
+    """The request counters of one listener and backend: by status class, and the latency histogram.
+
+    The L7 proxy keeps it per backend, so counting a request costs no key tuple and no dictionary lookup.
+    """
+
+    __slots__ = ("classes", "row")
+
+    def __init__(self) -> None:
+        self.classes = [0] * 10  # requests by status // 100 (0-9; statuses are 100-599 and the proxy's own)
+        self.row = [0.0] * _ROW
+
+    def done(self, status: int, seconds: float) -> None:
+        """A request finished with `status` after `seconds`."""
+        self.classes[status // 100] += 1
+        row = self.row
+        row[bisect_left(BUCKETS, seconds)] += 1
+        row[-1] += seconds
+
+
 class Metrics:
     """Counters, gauges and histograms of one LoadBalancer in one worker."""
 
     def __init__(self) -> None:
         """Start every family empty; series appear on first use, as Prometheus clients expect."""
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.durations: dict[tuple[str, str], list[float]] = {}
+        self.requests: dict[tuple[str, str], RequestSeries] = {}
         self.active: dict[str, int] = {}
         self.accepted: dict[str, int] = {}
         self.failures: dict[tuple[str, str], int] = {}
@@ -64,16 +83,16 @@ class Metrics:
         """A client connection (or UDP flow) on `listener` ended."""
         self.active[listener] = self.active.get(listener, 0) - 1
 
+    def series(self, listener: str, backend: str) -> RequestSeries:
+        """The request counters of `listener` and `backend` (created on first use)."""
+        series = self.requests.get((listener, backend))
+        if series is None:
+            series = self.requests[(listener, backend)] = RequestSeries()
+        return series
+
     def request_done(self, listener: str, backend: str, status: int, seconds: float) -> None:
         """A request finished with `status` (including layerlb's own 4xx/5xx) after `seconds`."""
-        key = (listener, backend, status // 100)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        pair = (listener, backend)
-        row = self.durations.get(pair)
-        if row is None:
-            row = self.durations[pair] = [0.0] * _ROW
-        row[bisect_left(BUCKETS, seconds)] += 1
-        row[-1] += seconds
+        self.series(listener, backend).done(status, seconds)
 
     def upstream_failure(self, backend: str, kind: str) -> None:
         """A connect/timeout/reset to a backend: `kind` is connect, timeout or reset."""
@@ -92,8 +111,13 @@ class Metrics:
     def dump(self) -> Dump:
         """The counters as plain JSON-able data (what a worker sends its parent)."""
         return {
-            "requests": [[*key, count] for key, count in self.requests.items()],
-            "durations": [[*key, list(row)] for key, row in self.durations.items()],
+            "requests": [
+                [*key, code, count]
+                for key, series in self.requests.items()
+                for code, count in enumerate(series.classes)
+                if count
+            ],
+            "durations": [[*key, list(series.row)] for key, series in self.requests.items()],
             "active": [[key, count] for key, count in self.active.items()],
             "accepted": [[key, count] for key, count in self.accepted.items()],
             "failures": [[*key, count] for key, count in self.failures.items()],

@@ -31,7 +31,7 @@ from layerlb_dataplane import affinity, upstream
 from layerlb_dataplane.http1 import error_response
 from layerlb_dataplane.http_connection import ClientConnection
 from layerlb_dataplane.http_exchange import QUEUED
-from layerlb_dataplane.metrics import Metrics
+from layerlb_dataplane.metrics import Metrics, RequestSeries
 from layerlb_dataplane.state import Snapshot, Target
 
 
@@ -43,11 +43,13 @@ class Settings:
         "cookie_age",
         "cookie_name",
         "default",
+        "default_pool",
         "direct",
         "isolated",
         "limits",
         "plain",
         "plan_key",
+        "pools",
         "snapshot",
         "timeouts",
         "transparent",
@@ -60,19 +62,19 @@ class Settings:
         self.limits = current.limits
         self.direct = not current.routes  # every request goes to the default backend
         self.default = current.default_backend
+        self.pools = pools = snapshot.pools
+        self.default_pool = pools.get(self.default) if self.default is not None else None
         self.transparent = current.architecture == Architecture.transparent
-        # Backends whose upstream connections carry one client (PROXY header, or its address): never pooled.
+        # Pools whose upstream connections carry one client (PROXY header, or its address): never shared.
         self.isolated = frozenset(
-            backend.name
-            for backend in current.backends
-            if self.transparent or backend.proxy_protocol is not None
+            pool for pool in pools.values() if self.transparent or pool.backend.proxy_protocol is not None
         )
         self.affinity = current.session_affinity.type
-        # Backends whose targets the balancer picks alone (no session affinity, no header or cookie key).
+        # Pools whose targets the balancer picks alone (no session affinity, no header or cookie key).
         self.plain = frozenset(
-            backend.name
-            for backend in current.backends
-            if self.affinity == AffinityType.None_ and backend.hash_on.type == HashSource.SourceIP
+            pool
+            for pool in pools.values()
+            if self.affinity == AffinityType.None_ and pool.backend.hash_on.type == HashSource.SourceIP
         )
         self.cookie_name = current.session_affinity.cookie_name.encode()
         self.cookie_age = current.session_affinity.timeout_seconds
@@ -97,6 +99,8 @@ class HttpListener:
         self.affinity = affinity.Affinity()
         self.closing = False
         self.suspects: set[Target] = set()  # targets with failures reported: their successes are reported too
+        # Request counters by backend name (`series`), looked up once per request.
+        self.request_series: dict[str, RequestSeries] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._settings: Settings | None = None
         self.sweeper: asyncio.TimerHandle | None = None
@@ -189,6 +193,13 @@ class HttpListener:
                 connection.admit()
 
     # --- what connections share ----------------------------------------------------------------------
+
+    def series(self, backend: str) -> RequestSeries:
+        """The request counters of this listener for `backend` ("" for requests no backend took)."""
+        series = self.request_series.get(backend)
+        if series is None:
+            series = self.request_series[backend] = self.metrics.series(self.name, backend)
+        return series
 
     def _report(self, target: Target, ok: bool) -> None:
         """Passive health, the one place the proxy feeds it: connect failures and timeouts False, answered

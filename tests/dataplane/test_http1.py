@@ -246,6 +246,30 @@ def test_response_framing_by_length_then_reusable() -> None:
     assert response.length_in_block and response.keep_alive
 
 
+def test_a_repeated_response_frames_as_the_first_whole_split_after_head_or_followed() -> None:
+    """The last head again with its whole body in one read takes a shorter way: the same framing."""
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nabc"
+    parser, seen = response_parser()
+    for _ in range(2):
+        parser.expect(head_request=False)
+        parser.feed(whole)
+        assert seen.events[-3:] == [("response", 200), ("body", b"abc"), ("end", None)] and parser.reusable
+    assert seen.responses[0] is seen.responses[1]
+    parser.expect(head_request=False)  # split: the general way, the same result
+    parser.feed(whole[:-2])
+    parser.feed(whole[-2:])
+    assert seen.events[-4:] == [("response", 200), ("body", b"a"), ("body", b"bc"), ("end", None)]
+    parser.expect(head_request=True)  # after HEAD the same bytes are a head and 3 bytes too many
+    parser.feed(whole)
+    assert seen.events[-2:] == [("response", 200), ("end", None)] and not parser.reusable
+    parser, seen = response_parser()
+    parser.expect(head_request=False)
+    parser.feed(whole)
+    parser.expect(head_request=False)
+    parser.feed(whole + b"X")  # one byte beyond the response: never taken as whole
+    assert seen.events[-1] == ("end", None) and not parser.reusable
+
+
 def test_no_body_after_head_requests_and_for_204_304_and_1xx() -> None:
     parser, seen = response_parser()
     parser.expect(head_request=True)

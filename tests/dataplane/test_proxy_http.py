@@ -124,6 +124,36 @@ def test_http10_clients(backends: Backends, proxies: Proxies) -> None:
     assert backend.requests[0].version == "HTTP/1.1" and backend.requests[0].header("host") == ""
 
 
+def test_a_repeated_backend_head_is_framed_for_each_request(backends: Backends, proxies: Proxies) -> None:
+    """Backends repeat their heads and the proxy reuses what it made of one: only for requests alike."""
+
+    async def handler(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Same: 1\r\n\r\n"
+        writer.write(head if seen.method == "HEAD" else head + b"5\r\nhello\r\n0\r\n\r\n")
+
+    backend = backends(handler=handler)
+    proxy = proxies(one(backend))
+    client = proxy.client()
+    for _ in range(2):
+        client.send(get("/"))
+        response = client.response()
+        assert response.header("transfer-encoding") == "chunked" and response.body == b"hello"
+        assert response.header("connection") is None
+        client.send(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
+        head = client.response(head_request=True)
+        assert head.header("transfer-encoding") is None and head.header("x-same") == "1"
+    old = proxy.client()  # the pooled upstream connection again: the same head, an HTTP/1.0 client
+    old.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    response = old.response()
+    assert response.header("transfer-encoding") is None and response.header("connection") == "close"
+    assert response.body == b"hello" and old.closed()
+    client.send(get("/", extra="Connection: close\r\n"))
+    response = client.response()
+    assert response.header("transfer-encoding") == "chunked" and response.header("connection") == "close"
+    assert response.body == b"hello" and client.closed()
+    assert backend.accepted == 1
+
+
 def test_connection_close_from_the_client(backends: Backends, proxies: Proxies) -> None:
     backend = backends()
     proxy = proxies(one(backend))
