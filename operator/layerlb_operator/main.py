@@ -67,7 +67,7 @@ async def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT (0) or until leadership is lost (1)."""
     import kopf
 
-    from layerlb_operator import apiserver, handlers, lease, metrics, objects, reconciler
+    from layerlb_operator import apiserver, handlers, lease, login, metrics, objects, reconciler
 
     log = logging.getLogger("layerlb.operator")
     host, port = metrics.parse_address(args.metrics)
@@ -76,6 +76,7 @@ async def run(args: argparse.Namespace) -> int:
     client.writes = counters.writes  # one counter: the metrics show every write the client makes
     worker = reconciler.Reconciler(client, objects.Settings.from_environment(), counters)
     handlers.install(worker)
+    login.install(args.namespace or [])
     essential: list[asyncio.Task[Any]] = []  # healthy while none of these has ended
     server = await metrics.serve(counters, host, port, healthy=lambda: not any(t.done() for t in essential))
     log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
