@@ -123,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         log = state.parent / "operator.log"
         with log.open("wb") as out:
             command = [sys.executable, "-m", "layerlb.cli", "operator", "--namespace", NAMESPACE]
-            if os.environ.get("MEMPROBE"):
-                command = [sys.executable, os.environ["MEMPROBE"]]
             operator = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         started = time.monotonic()
         peak = 0.0
