@@ -226,6 +226,7 @@ def load_balancer(port: int, backend: Backend | None) -> dict[str, Any]:
             "mode": "L7",
             "architecture": "proxy",
             "vip": VIP,
+            "replicas": 2,  # the test plays the kubelet for the first pod only
             "listeners": [{"name": "http", "port": port, "protocol": "HTTP"}],
             "backends": [{"name": "app", **target}],
             "defaultBackend": "app",
@@ -345,10 +346,14 @@ def test_a_forwarding_pod_serves_its_configmap_reports_it_and_cleans_up_on_delet
 
     # The pod the Deployment made (Pending: no kubelet), and the command its template runs.
     selector = ",".join(f"{k}={v}" for k, v in objects.selector(NAME).items())
-    pod = wait_for(
-        "the forwarding pod",
-        lambda: json.loads(kubectl.ok("get", "pods", "-n", NS, "-l", selector, "-o", "json"))["items"],
-    )[0]
+
+    def both() -> list[dict[str, Any]] | None:
+        pods: list[dict[str, Any]] = json.loads(
+            kubectl.ok("get", "pods", "-n", NS, "-l", selector, "-o", "json")
+        )["items"]
+        return pods if len(pods) == 2 else None
+
+    pod, other = wait_for("both forwarding pods", both)
     container = pod["spec"]["containers"][0]
     assert container["command"][:4] == ["layerlb", "dataplane", "--plan-configmap", f"{NS}/{NAME}-plan"]
     uid, pod_name = pod["metadata"]["uid"], pod["metadata"]["name"]
@@ -390,10 +395,10 @@ def test_a_forwarding_pod_serves_its_configmap_reports_it_and_cleans_up_on_delet
         assert wait_for("traffic through the VIP", lambda: fetch(port)) == "backend-a", dataplane.text()
         assert wait_for("the pod's report", lambda: serving(kubectl).get(pod_name)) == "1"
         ready = condition(kubectl, "Ready")
-        assert (ready["status"], ready["message"]) == ("False", "0/1 forwarding pods serve generation 1")
+        assert (ready["status"], ready["message"]) == ("False", "0/2 forwarding pods serve generation 1")
         play_kubelet(kubectl, pod_name, ready=True)
         wait_for("Ready=True", lambda: condition(kubectl, "Ready").get("status") == "True")
-        assert condition(kubectl, "Ready")["message"] == "1/1 forwarding pods serve generation 1"
+        assert condition(kubectl, "Ready")["message"] == "1/2 forwarding pods serve generation 1"
 
         # A new backend: a new Plan, applied in place.
         sockets = listening_inodes(port)
@@ -406,7 +411,7 @@ def test_a_forwarding_pod_serves_its_configmap_reports_it_and_cleans_up_on_delet
         assert wait_for("the report of generation 2", lambda: serving(kubectl).get(pod_name) == "2" or None)
         wait_for(
             "Ready for generation 2",
-            lambda: condition(kubectl, "Ready").get("message") == "1/1 forwarding pods serve generation 2",
+            lambda: condition(kubectl, "Ready").get("message") == "1/2 forwarding pods serve generation 2",
         )
 
         # A Service backend: each EndpointSlice change is a new Plan (same generation) served in place.
@@ -432,6 +437,22 @@ def test_a_forwarding_pod_serves_its_configmap_reports_it_and_cleans_up_on_delet
         wait_for("the refusal in the log", lambda: "reload rejected" in dataplane.text())
         assert f"ConfigMap {NS}/{NAME}-plan: plan.json: Plan/default/web: listeners:" in dataplane.text()
         assert fetch(port, kept) == "service-c" and serving(kubectl)[pod_name] == "3"
+
+        # A deleted pod's report is dropped (the other pod never ran: its report is written here for it).
+        gone = other["metadata"]["name"]
+        kubectl.ok(
+            "patch",
+            "configmap",
+            f"{NAME}-serving",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            json.dumps({"data": {gone: "3"}}),
+        )
+        kubectl.ok("delete", "pod", gone, "-n", NS, "--wait=true")
+        wait_for("the deleted pod's report to be dropped", lambda: gone not in serving(kubectl))
+        assert serving(kubectl) == {pod_name: "3"}
 
         # Deletion: the data plane stops serving and reports `removed` before the finalizer lets go.
         started = time.monotonic()

@@ -149,31 +149,43 @@ async def delete_loadbalancer(body: kopf.Body, **kwargs: Any) -> None:
     await _bound(kwargs).forget(_plain(body))
 
 
-# What LoadBalancers refer to: re-render the affected ones through the debounced queue.
+# What LoadBalancers refer to: re-render the affected ones through the debounced queue. These handlers are
+# coroutines so that they run on the event loop: kopf runs plain functions in worker threads, from where
+# waking the queue's asyncio.Event is not safe.
 
 
 @kopf.on.event("v1", "services")
-def service_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
+async def service_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
     _bound(kwargs).touch(("service", namespace, name))
 
 
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
-def slice_changed(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+async def slice_changed(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     _bound(kwargs).touch(("service", namespace, labels.get(cluster_view.SERVICE_NAME_LABEL)))
 
 
 @kopf.on.event("v1", "secrets")
-def secret_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
+async def secret_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
     _bound(kwargs).touch(("secret", namespace, name))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=DATAPLANE)
-@kopf.on.event("v1", "pods", labels=DATAPLANE)
 @kopf.on.event("v1", "configmaps", labels=SERVING)
-def dataplane_changed(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+async def dataplane_changed(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     _bound(kwargs).touch(("instance", namespace, labels.get(objects.LOADBALANCER_LABEL)))
 
 
+@kopf.on.event("v1", "pods", labels=DATAPLANE)
+async def pod_changed(
+    type: str | None, namespace: str | None, name: str, labels: kopf.Labels, **kwargs: Any
+) -> None:
+    instance = ("instance", namespace, labels.get(objects.LOADBALANCER_LABEL))
+    worker = _bound(kwargs)
+    worker.touch(instance)
+    if type == "DELETED":
+        worker.pod_gone(instance, name)
+
+
 @kopf.on.event(*VIPPOOLS)
-def pool_changed(**kwargs: Any) -> None:
+async def pool_changed(**kwargs: Any) -> None:
     _bound(kwargs).touch_all()

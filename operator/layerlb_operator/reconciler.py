@@ -101,6 +101,7 @@ class Reconciler:
         self.concurrency = concurrency
         self.cleanup_timeout = cleanup_timeout
         self._changed: dict[Hashable, asyncio.Event] = {}  # instance → set when its pods or reports change
+        self._pruning: set[asyncio.Task[None]] = set()
         self.ledger = vips.Ledger()
         self.queue: Debouncer[str] = Debouncer(debounce)
         self.sources: Sources | None = None
@@ -233,6 +234,32 @@ class Reconciler:
         if self.sources is not None:
             for key in self.sources.references.get(reference, ()):
                 self.queue.touch(str(key))
+
+    def pod_gone(self, instance: tuple[str, str | None, str | None], pod: str) -> None:
+        """A forwarding pod was deleted: drop its entry from the serving ConfigMap so entries do not pile up.
+
+        Only on deletion (a pod name never returns): pruning pods merely absent from the index could drop
+        the report of a pod that reported before the index saw it.
+        """
+        if self.sources is None or pod not in (_first(self.sources.serving, instance[1:]) or {}):
+            return
+        for key in self.sources.references.get(instance, ()):
+            namespace, name = str(key).split("/", 1)
+            task = asyncio.get_running_loop().create_task(self._unreport(namespace, name, pod))
+            self._pruning.add(task)
+            task.add_done_callback(self._pruning.discard)
+
+    async def _unreport(self, namespace: str, name: str, pod: str) -> None:
+        path = f"{apiserver.collection_path('v1', 'ConfigMap', namespace)}/{objects.serving_configmap_name(name)}"
+        try:
+            await asyncio.to_thread(
+                self.client.write, "ConfigMap", "PATCH", path,
+                query=[("fieldManager", self.client.field_manager)],
+                body={"data": {pod: None}}, content_type=apiserver.MERGE_PATCH,
+            )  # fmt: skip
+        except apiserver.ApiError as error:
+            if error.status != 404:  # gone with its LoadBalancer: nothing to prune
+                log.warning("could not drop the report of deleted pod %s/%s: %s", namespace, pod, error)
 
     def touch_all(self, only: Callable[[Mapping[str, Any]], bool] = lambda body: True) -> None:
         """Re-render every LoadBalancer (that `only` picks), debounced: a VIPPool changed, or a VIP was freed."""

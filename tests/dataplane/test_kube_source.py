@@ -14,11 +14,11 @@ import queue
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 import pytest
-from layerlb_dataplane import config, kube_source, runtime
+from layerlb_dataplane import config, kube_source, runtime, workers
 from layerlb_operator import objects, status
 
 from tests.dataplane.helpers_runtime import free_port, l4_plan
@@ -288,3 +288,26 @@ def test_the_admin_server_answers_while_the_first_plan_is_awaited_and_a_stop_end
     health, readiness, code = run(scenario())
     assert health[0] == 200 and code == 0
     assert readiness == (503, "no LoadBalancer to serve (yet) from ConfigMap shop/web-plan\n")
+
+
+def test_with_workers_the_parent_reports_once_every_worker_applied_the_plans() -> None:
+    served = l4_plan(VIP, [("tcp", free_port(VIP), "TCP")], [9000], name="web", generation=6)
+
+    class Recording(config.StaticSource):
+        def __init__(self) -> None:
+            super().__init__([served])
+            self.reports: asyncio.Queue[dict[str, int]] = asyncio.Queue()
+
+        def applied(self, serving: Mapping[str, int]) -> None:
+            self.reports.put_nowait(dict(serving))
+
+    async def scenario() -> tuple[dict[str, int], int]:
+        source = Recording()
+        supervisor = workers.Supervisor(source, 2, drain_timeout=1)
+        running = asyncio.create_task(supervisor.run())
+        report = await asyncio.wait_for(source.reports.get(), 15)
+        assert all(w.applied_seq == supervisor.seq for w in supervisor.workers.values())
+        supervisor.stopping.set()
+        return report, await running
+
+    assert run(scenario()) == ({"test/web": 6}, 0)

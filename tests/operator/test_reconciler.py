@@ -21,6 +21,7 @@ class FakeClient(apiserver.Client):
         self.applied: list[dict[str, Any]] = []
         self.patched: list[tuple[str, dict[str, Any]]] = []
         self.events: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str, Any]] = []  # other writes: (method, path, body)
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.applied.append(obj)
@@ -35,6 +36,10 @@ class FakeClient(apiserver.Client):
 
     def post_event(self, involved: dict[str, Any], event: dict[str, Any]) -> None:
         self.events.append(event)
+
+    def write(self, kind: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        self.requests.append((method, path, kwargs.get("body")))
+        return {}
 
 
 def _lb(name: str, vip: str | None = None, service: str | None = None) -> dict[str, Any]:
@@ -226,3 +231,20 @@ def test_deletion_without_running_pods_writes_nothing_and_does_not_wait() -> Non
     cast(dict[Any, Any], worker.sources.pods)[("shop", "a")] = [("a-1", status.PodState(False, False))]
     _run(asyncio.wait_for(worker.forget(store["shop/a"][0]), 1))
     assert client.applied == [] and client.events == []
+
+
+def test_a_deleted_pods_report_is_dropped_from_the_serving_configmap() -> None:
+    worker, client, _ = _setup(_lb("a"))
+    assert worker.sources is not None
+    cast(dict[Any, Any], worker.sources.references)[("instance", "shop", "a")] = ["shop/a"]
+    _pods(worker, ("a-2", True), serving={"a-1": "1", "a-2": "1"})
+
+    async def scenario() -> None:
+        worker.pod_gone(("instance", "shop", "a"), "a-1")
+        worker.pod_gone(("instance", "shop", "a"), "never-reported")
+        await asyncio.gather(*worker._pruning)
+
+    _run(scenario())
+    assert client.requests == [
+        ("PATCH", "/api/v1/namespaces/shop/configmaps/a-serving", {"data": {"a-1": None}})
+    ]
