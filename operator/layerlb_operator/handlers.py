@@ -60,6 +60,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.ERROR
     # The resources are fixed and namespaces explicit: no watching of CRDs and namespaces (and no RBAC for it).
     settings.scanning.disabled = True
+    # Pods, Deployments and ConfigMaps are watched for ours only: filtered by the API server, not after
+    # every ConfigMap and Pod of the cluster crossed the wire (kopf's `labels=` filters client-side).
+    for resource, wanted in [
+        (("v1", "pods"), DATAPLANE),
+        (("apps", "deployments"), DATAPLANE),
+        (("v1", "configmaps"), SERVING),
+    ]:
+        settings.watching.label_selectors[resource] = ",".join(f"{k}={v}" for k, v in sorted(wanted.items()))
 
 
 # Indexes: kopf keeps them current before any handler of the same event runs.
