@@ -106,10 +106,8 @@ def open_api_schema(model: type[api.Model], kind: str) -> dict[str, Any]:
             "description": f"The versioned schema of this object: {api.API_VERSION}.",
         },
         "kind": {"type": "string", "description": f"The kind of this object: {kind}."},
-        "metadata": {
-            "type": "object",
-            "description": "Standard object metadata: name, namespace, labels, annotations.",
-        },
+        # The API server allows nothing but the type here (not even a description): metadata is its own.
+        "metadata": {"type": "object"},
         "spec": spec,
     }
     if "status" in model.model_fields:

@@ -1,0 +1,454 @@
+"""The Helm chart on a real API server: install, run the operator as the chart's ServiceAccount, upgrade, uninstall.
+
+The install and upgrade commands are the README's own. No kubelet runs, so the chart's operator pod
+stays Pending; the operator runs as a local process instead, with exactly the arguments and environment
+of the installed Deployment and a token of the chart's ServiceAccount (TokenRequest), so the chart's
+RBAC is what lets it work. It reconciles the LoadBalancer of the install notes to Programmed (Ready
+needs running forwarding pods). The GitOps behaviour is checked on the way: unchanged applies cause no
+writes, the operator owns no field of a spec, and `kubectl wait` and the Argo CD health check read the
+status. The tests of this module run in order, each building on the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from e2e.cluster.cluster import Cluster
+from e2e.kube import ROOT, Kubectl
+
+RELEASE, RELEASE_NS = "layerlb", "layerlb-system"  # as in the README
+NS = "llb-helm"  # the namespace the test's LoadBalancers live in, and the operator watches
+INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
+CHART_KINDS = "deployment,serviceaccount,service,poddisruptionbudget,role,rolebinding,lease,configmap,secret"
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+
+
+def readme_command(verb: str) -> list[str]:
+    """The README's `helm VERB ...` line, as argv."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    [line] = re.findall(rf"^helm {verb} .*$", readme, flags=re.M)
+    return shlex.split(line)
+
+
+class Helm:
+    """`helm` from the local build (on the cluster env's PATH), run from the repository root."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.env = cluster.env()
+
+    def __call__(self, *argv: str) -> str:
+        done = subprocess.run(
+            list(argv), env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+
+def get(kubectl: Kubectl, kind: str, name: str, namespace: str | None = NS) -> dict[str, Any] | None:
+    args = ["get", kind, name, "-o", "json", "--show-managed-fields"] + (
+        ["-n", namespace] if namespace else []
+    )
+    done = kubectl(*args)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def labelled(kubectl: Kubectl, kinds: str, selector: str, namespace: str | None) -> list[str]:
+    where = ["-n", namespace] if namespace else []
+    listed = json.loads(kubectl.ok("get", kinds, *where, "-l", selector, "-o", "json"))
+    return [f"{o['kind']}/{o['metadata']['name']}" for o in listed["items"]]
+
+
+def condition(kubectl: Kubectl, name: str, kind: str) -> dict[str, Any]:
+    conditions = ((get(kubectl, "llb", name) or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def wait_condition(kubectl: Kubectl, name: str, kind: str, status: str, reason: str | None = None) -> None:
+    wait_for(
+        f"{name}: {kind}={status} {reason or ''}",
+        lambda: (
+            (c := condition(kubectl, name, kind)).get("status") == status
+            and (reason is None or c.get("reason") == reason)
+        ),
+    )
+
+
+def ssa(kubectl: Kubectl, manager: str, *documents: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """Server-side apply as a GitOps tool does it: its own field manager, no forcing."""
+    return kubectl(
+        "apply", "--server-side", f"--field-manager={manager}", "-f", "-", stdin=yaml.safe_dump_all(documents)
+    )
+
+
+def owned_versions(kubectl: Kubectl, name: str) -> dict[str, str]:
+    """resourceVersion of LoadBalancer `name` and of every object the operator made for it."""
+    listed = json.loads(
+        kubectl.ok("get", "configmap,deployment,serviceaccount,role,rolebinding", "-n", NS,
+                   "-l", f"layerlb.dev/loadbalancer={name}", "-o", "json")
+    )  # fmt: skip
+    found = {
+        f"{o['kind']}/{o['metadata']['name']}": o["metadata"]["resourceVersion"] for o in listed["items"]
+    }
+    found["LoadBalancer"] = (get(kubectl, "llb", name) or {})["metadata"]["resourceVersion"]
+    return found
+
+
+class Operator:
+    """The installed Deployment's container, run as a local process with the chart ServiceAccount's token."""
+
+    def __init__(self, deployment: dict[str, Any], kubeconfig: Path, log: Path) -> None:
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        args = list(container["args"])
+        args[args.index("--metrics") + 1] = f"127.0.0.1:{self.port}"  # the pod's 0.0.0.0:8080, on a free port
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LAYERLB_DEBUG": "1"}
+        for variable in container["env"]:
+            if "value" in variable:
+                env[variable["name"]] = variable["value"]
+        env["POD_NAMESPACE"] = deployment["metadata"]["namespace"]  # the downward API's answer
+        self.env, self.log = env, log
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "layerlb.cli", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+
+    def metrics(self) -> dict[str, float]:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return {}
+        samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        return {name: float(value) for name, value in samples}
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+@pytest.fixture(scope="module")
+def helm(k8s: Cluster) -> Helm:
+    return Helm(k8s)
+
+
+@pytest.fixture(scope="module")
+def installed(helm: Helm, kubectl: Kubectl) -> Iterator[str]:
+    """The chart installed by the README's command; yields the install notes. Uninstalls at the end if a
+    test failed before the uninstall test did."""
+
+    def gone_or_active() -> bool:  # a namespace left terminating by an earlier run must be gone first
+        phases = [
+            (get(kubectl, "namespace", n, None) or {}).get("status", {}).get("phase")
+            for n in (RELEASE_NS, NS)
+        ]
+        return "Terminating" not in phases
+
+    wait_for(f"namespaces {RELEASE_NS} and {NS} to finish terminating", gone_or_active, timeout=120)
+    kubectl.ok("apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n")
+    notes = helm(*readme_command("install"))
+    yield notes
+    if (
+        subprocess.run(
+            ["helm", "status", RELEASE, "-n", RELEASE_NS], env=helm.env, capture_output=True
+        ).returncode
+        == 0
+    ):
+        kubectl("delete", "llb", "--all", "-n", NS, "--timeout=60s")
+        helm("helm", "uninstall", RELEASE, "--namespace", RELEASE_NS)
+    kubectl("delete", "namespace", NS, RELEASE_NS, "--wait=false")
+    kubectl("delete", "vippool", "default", "--ignore-not-found")
+
+
+def test_install_creates_the_operator_its_rbac_and_the_crds(installed: str, kubectl: Kubectl) -> None:
+    kubectl.ok("wait", "--for=condition=Established", "--timeout=120s",
+               "crd/loadbalancers.layerlb.dev", "crd/vippools.layerlb.dev")  # fmt: skip
+    found = set(labelled(kubectl, CHART_KINDS, INSTANCE, RELEASE_NS))
+    assert {
+        "Deployment/layerlb", "ServiceAccount/layerlb", "Service/layerlb-metrics", "PodDisruptionBudget/layerlb",
+        "Role/layerlb-leader-election", "RoleBinding/layerlb-leader-election", "Lease/layerlb-operator",
+    } <= found, found  # fmt: skip
+    assert labelled(kubectl, "clusterrole,clusterrolebinding", INSTANCE, None) == [
+        "ClusterRole/layerlb",
+        "ClusterRoleBinding/layerlb",
+    ]
+    assert "kubectl apply -f - <<'YAML'" in installed and "kind: LoadBalancer" in installed
+
+
+def test_kubectl_explain_describes_each_architecture(installed: str, kubectl: Kubectl) -> None:
+    def explained() -> str | None:
+        done = kubectl("explain", "loadbalancer.spec.architecture")
+        return " ".join(done.stdout.split()) if done.returncode == 0 else None
+
+    text = wait_for("the CRD's schema in the API server's OpenAPI", explained)
+    for meaning in (
+        "L4 nat: the kernel",
+        "L4 dsr:",
+        "L4 tunnel:",
+        "L4 proxy:",
+        "L7 proxy:",
+        "L7 transparent:",
+    ):
+        assert meaning in text, text
+    fields = " ".join(kubectl.ok("explain", "loadbalancer.status.conditions").split())
+    assert "observedGeneration" in fields and "The generation this condition describes" in fields
+
+
+def test_upgrade_with_changed_values_updates_and_removes_what_the_values_say(
+    installed: str, helm: Helm, kubectl: Kubectl
+) -> None:
+    helm(*readme_command("upgrade"))
+    assert (get(kubectl, "deployment", "layerlb", RELEASE_NS) or {})["spec"]["replicas"] == 2
+    helm("helm", "upgrade", RELEASE, "charts/layerlb", "--namespace", RELEASE_NS, "--reuse-values",
+         "--set", f"operator.watchNamespaces={{{NS}}}", "--set", "podDisruptionBudget.enabled=false",
+         "--set", "metrics.service.enabled=false", "--set", "dataplane.image.tag=0.1.0-e2e")  # fmt: skip
+    found = set(labelled(kubectl, CHART_KINDS, INSTANCE, RELEASE_NS))
+    assert not {"Service/layerlb-metrics", "PodDisruptionBudget/layerlb"} & found, found
+    deployment = get(kubectl, "deployment", "layerlb", RELEASE_NS) or {}
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert deployment["spec"]["replicas"] == 2
+    assert container["args"][-2:] == ["--namespace", NS]
+    assert {"name": "LAYERLB_DATAPLANE_IMAGE", "value": "ghcr.io/layerlb/layerlb:0.1.0-e2e"} in container[
+        "env"
+    ]
+
+
+@pytest.fixture(scope="module")
+def operator(
+    installed: str, k8s: Cluster, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    """The installed operator, as a process holding a token of the chart's ServiceAccount (not admin)."""
+    deployment = get(kubectl, "deployment", "layerlb", RELEASE_NS)
+    assert deployment
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    token = kubectl.ok("create", "token", account, "-n", RELEASE_NS, "--duration=2h").strip()  # TokenRequest
+    admin = yaml.safe_load(k8s.kubeconfig.read_text())
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "chart", "context": {"cluster": "e2e", "user": account}}],
+        "current-context": "chart",
+    }
+    folder = tmp_path_factory.mktemp("helm-operator")
+    kubeconfig = folder / "chart-sa.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    whoami = json.loads(kubectl.ok("--kubeconfig", str(kubeconfig), "auth", "whoami", "-o", "json"))
+    assert whoami["status"]["userInfo"]["username"] == f"system:serviceaccount:{RELEASE_NS}:{account}"
+    for verb, resource in [
+        ("delete", "loadbalancers"),
+        ("create", "clusterroles"),
+        ("get", "secrets"),
+        ("*", "*"),
+    ]:
+        denied = kubectl("--kubeconfig", str(kubeconfig), "auth", "can-i", verb, resource, "-A")
+        assert denied.stdout.strip() == "no", (verb, resource, denied.stdout)
+    running = Operator(deployment, kubeconfig, folder / "operator.log")
+    wait_for("the operator to lead", lambda: running.metrics().get("layerlb_operator_leader") == 1)
+    yield running
+    running.stop()
+
+
+def notes_manifests(notes: str) -> list[dict[str, Any]]:
+    """The manifests of the install notes (their `kubectl apply` heredocs), moved into the test namespace."""
+    blocks = re.findall(r"kubectl apply -f - <<'YAML'\n(.*?)\n\s*YAML\n", notes, flags=re.S)
+    documents = [yaml.safe_load(textwrap.dedent(block)) for block in blocks]
+    for document in documents:
+        if "namespace" in document["metadata"]:
+            document["metadata"]["namespace"] = NS
+    return documents
+
+
+def web_service() -> list[dict[str, Any]]:
+    """The Service `web` of the notes' example, with one ready endpoint (no pods run here)."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": NS, "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.2.0.1"], "conditions": {"ready": True}}],
+        },
+    ]
+
+
+def test_the_notes_load_balancer_is_programmed_by_the_operator_on_the_chart_rbac(
+    installed: str, operator: Operator, kubectl: Kubectl
+) -> None:
+    pool, load_balancer = notes_manifests(installed)
+    assert (pool["kind"], load_balancer["kind"]) == ("VIPPool", "LoadBalancer")
+    kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump_all(web_service()))
+    kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump(pool))
+    assert ssa(kubectl, "gitops", load_balancer).returncode == 0
+    wait_condition(kubectl, "web", "Accepted", "True", "Valid")
+    wait_condition(kubectl, "web", "Programmed", "True")
+    web = get(kubectl, "llb", "web") or {}
+    assert web["status"]["vip"].startswith("192.0.2.2")
+    assert web["status"]["observedGeneration"] == web["metadata"]["generation"]
+    deployment = get(kubectl, "deployment", "web-dataplane") or {}
+    assert (
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        == "ghcr.io/layerlb/layerlb:0.1.0-e2e"
+    )
+    # No kubelet: the forwarding pods cannot start, so Ready waits (and Argo CD shows Progressing).
+    ready = condition(kubectl, "web", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Pending")
+    from tests.test_chart_argocd import health  # the health check of docs/argocd.md, on the live object
+
+    assert health(web)[0] == "Progressing"
+    assert "ApplyFailed" not in operator.log.read_text() and "Forbidden" not in operator.log.read_text(), (
+        operator.tail()
+    )
+
+
+def test_applying_unchanged_writes_nothing(operator: Operator, kubectl: Kubectl, installed: str) -> None:
+    _, load_balancer = notes_manifests(installed)
+    web = owned_versions(kubectl, "web")
+    assert len(web) >= 6, web  # the LoadBalancer and at least its five objects
+    assert ssa(kubectl, "gitops", load_balancer).returncode == 0  # a sync with server-side apply
+    # Another LoadBalancer, applied client-side (Argo CD's default), twice. Once it is Programmed the
+    # operator has been at work after the unchanged apply of `web`.
+    barrier = {**load_balancer, "metadata": {"name": "barrier", "namespace": NS}}
+    kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump(barrier))
+    wait_condition(kubectl, "barrier", "Programmed", "True")
+    assert owned_versions(kubectl, "web") == web
+    barrier_versions = owned_versions(kubectl, "barrier")
+    # kubectl sends a patch (a CRD's lists are replaced whole, and the API server defaults items), which
+    # the API server finds changes nothing: no new resourceVersion, no event, nothing for the operator.
+    kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump(barrier))
+    assert ssa(kubectl, "gitops", load_balancer).returncode == 0
+    later = {**load_balancer, "metadata": {"name": "later", "namespace": NS}}
+    assert ssa(kubectl, "gitops", later).returncode == 0
+    wait_condition(kubectl, "later", "Programmed", "True")
+    assert owned_versions(kubectl, "web") == web
+    assert owned_versions(kubectl, "barrier") == barrier_versions
+
+
+def test_the_operator_owns_no_spec_field_and_keeps_fields_others_own(
+    operator: Operator, kubectl: Kubectl, installed: str
+) -> None:
+    _, load_balancer = notes_manifests(installed)
+    web = get(kubectl, "llb", "web") or {}
+    spec_owners = {
+        e["manager"] for e in web["metadata"]["managedFields"] if "f:spec" in e.get("fieldsV1", {})
+    }
+    assert spec_owners == {"gitops"}, spec_owners
+    status_owners = {
+        e["manager"] for e in web["metadata"]["managedFields"] if e.get("subresource") == "status"
+    }
+    assert status_owners == {"layerlb-operator"}, status_owners
+
+    # Someone else's annotation on the operator's Deployment survives the operator's next apply.
+    kubectl.ok("annotate", "deployment", "web-dataplane", "-n", NS, "example.com/owner=team-a")
+    changed = {**load_balancer, "spec": {**load_balancer["spec"], "replicas": 2}}
+    applied = ssa(kubectl, "gitops", changed)
+    assert applied.returncode == 0, applied.stderr  # no conflict: nobody else owns spec.replicas
+    generation = (get(kubectl, "llb", "web") or {})["metadata"]["generation"]
+    # `kubectl wait` reads the conditions' observedGeneration: it returns once generation `generation` is done.
+    kubectl.ok("wait", "--for=condition=Programmed", "--timeout=60s", "-n", NS, "llb/web")
+    kubectl.ok(
+        "wait",
+        f"--for=jsonpath={{.status.observedGeneration}}={generation}",
+        "--timeout=60s",
+        "-n",
+        NS,
+        "llb/web",
+    )
+    web = get(kubectl, "llb", "web") or {}
+    assert condition(kubectl, "web", "Programmed")["observedGeneration"] == generation
+    deployment = get(kubectl, "deployment", "web-dataplane") or {}
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["metadata"]["annotations"]["example.com/owner"] == "team-a"
+
+
+def test_a_refused_load_balancer_is_degraded_for_argo_cd(
+    operator: Operator, kubectl: Kubectl, installed: str
+) -> None:
+    from tests.test_chart_argocd import health
+
+    _, load_balancer = notes_manifests(installed)
+    taken = (get(kubectl, "llb", "web") or {})["status"]["vip"]
+    copy = {
+        **load_balancer,
+        "metadata": {"name": "copy", "namespace": NS},
+        "spec": {**load_balancer["spec"], "vip": taken},
+    }
+    assert ssa(kubectl, "gitops", copy).returncode == 0
+    wait_condition(kubectl, "copy", "Accepted", "False", "VIPConflict")
+    status, message = health(get(kubectl, "llb", "copy") or {})
+    assert status == "Degraded" and "VIPConflict" in message and taken in message
+
+
+def test_uninstall_leaves_no_orphans_but_keeps_the_crds(
+    operator: Operator, helm: Helm, kubectl: Kubectl, installed: str
+) -> None:
+    kubectl.ok("delete", "llb", "--all", "-n", NS, "--wait=true", "--timeout=60s")  # while the operator runs
+    wait_for(
+        "the garbage collector to remove the LoadBalancers' objects",
+        lambda: (
+            not labelled(
+                kubectl,
+                "configmap,deployment,serviceaccount,role,rolebinding,replicaset,pod",
+                "app.kubernetes.io/name=layerlb",
+                NS,
+            )
+        ),
+    )
+    assert operator.stop() == 0, operator.tail()
+    helm("helm", "uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait")
+    wait_for(
+        "every object of the release to be gone",
+        lambda: (
+            not labelled(kubectl, f"{CHART_KINDS},replicaset,pod", INSTANCE, RELEASE_NS)
+            and not labelled(kubectl, "clusterrole,clusterrolebinding", INSTANCE, None)
+        ),
+    )
+    assert not labelled(kubectl, "secret", f"owner=helm,name={RELEASE}", RELEASE_NS)  # Helm's release records
+    for crd in ("loadbalancers.layerlb.dev", "vippools.layerlb.dev"):
+        assert get(kubectl, "crd", crd, None), f"{crd} was removed; Helm keeps CRDs"
