@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, Protocol
@@ -42,6 +43,8 @@ WATCH_SECONDS: Final = 240  # the API server ends each watch after this; the nex
 REQUEST_SECONDS: Final = 30.0
 BACKOFF_FIRST: Final = 0.5
 BACKOFF_MAX: Final = 30.0
+_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a namespace name
+_SUBDOMAIN: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a ConfigMap name
 
 
 class ApiFailure(Exception):
@@ -168,7 +171,8 @@ class KubeApi:
             raise
         except Exception as error:  # the connection broke mid-stream
             raise ApiFailure(0, f"{type(error).__name__}: {error}") from None
-        finally:
+        finally:  # closed, not pooled: a watch left mid-stream must not hand its socket to the next request
+            stream.close()
             stream.release_conn()
 
     def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
@@ -372,15 +376,11 @@ def _why(error: ApiFailure) -> str:
 
 def parse_reference(text: str) -> tuple[str, str]:
     """`NAMESPACE/NAME` of `--plan-configmap`; ValueError with the reason when it is not one."""
-    import re
-
     namespace, slash, name = text.partition("/")
-    label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    subdomain = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     if not slash or "/" in name:
         raise ValueError(f"{text!r} is not NAMESPACE/NAME")
-    if not label.match(namespace) or len(namespace) > 63:
+    if not _LABEL.match(namespace) or len(namespace) > 63:
         raise ValueError(f"{namespace!r} is not a namespace name")
-    if not subdomain.match(name) or len(name) > 253:
+    if not _SUBDOMAIN.match(name) or len(name) > 253:
         raise ValueError(f"{name!r} is not a ConfigMap name")
     return namespace, name
