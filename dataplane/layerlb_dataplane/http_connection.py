@@ -431,7 +431,9 @@ class ClientConnection(Exchange, asyncio.Protocol):
             if self.body_done and self.req.chunked:
                 parts.append(_ZERO_CHUNK)
             send(up.transport, parts)
-        else:
+        elif self.body_done:  # nothing follows the head in this read (pipelined requests wait their turn)
+            up.transport.write(self.head)
+        else:  # body bytes of this read follow: one write for all when the read is handled
             out.append(self.head)
         self.pending = None
         self.state = WAITING

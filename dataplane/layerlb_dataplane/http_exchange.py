@@ -259,7 +259,10 @@ class Exchange:
             else:
                 self.transport.write(_ZERO_CHUNK)
         if out:  # before anything else may write (an answer to a pipelined request, a close)
-            send(self.transport, out)
+            if len(out) == 2 and len(out[1]) <= JOIN_LIMIT:  # a head and a small body: `send`, inline
+                self.transport.write(out[0] + out[1])
+            else:
+                send(self.transport, out)
             out.clear()
         up = self.up
         self.up = None
