@@ -3,6 +3,7 @@ readiness, traffic, reloads by SIGHUP and by file change, several workers, grace
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from tests.dataplane.conftest import Backend, LoopThread, RawClient, get
+from tests.dataplane.conftest import Backend, LoopThread, RawClient, Seen, get, respond
 from tests.dataplane.helpers_runtime import (
     TcpBackend,
     UdpBackend,
@@ -252,6 +254,81 @@ def test_two_workers_share_the_listener_and_a_crashed_one_is_restarted(
     assert serve.stop() == 0
     backend.close()
     two.close()
+
+
+def test_workers_share_one_prober_and_all_follow_its_verdicts(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    """Three workers, one prober (the parent): each backend gets one probe per interval, not three, and
+    every worker stops sending to a backend the probes found down, and sends to it again once it is up."""
+    sick = threading.Event()
+    probed: dict[str, list[float]] = {"a": [], "b": []}
+
+    def handler(name: str) -> Any:
+        async def answer(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if seen.target == "/healthz":
+                probed[name].append(time.monotonic())
+                writer.write(respond(500 if name == "b" and sick.is_set() else 200))
+            else:
+                writer.write(respond(body=name.encode()))
+
+        return answer
+
+    a, b = Backend(loop_thread, "a", handler("a")), Backend(loop_thread, "b", handler("b"))
+    port = free_port(VIP)
+    check = {"protocol": "HTTP", "path": "/healthz", "intervalSeconds": 2, "timeoutSeconds": 1}
+    document = {
+        "apiVersion": "layerlb.dev/v1alpha1",
+        "kind": "LoadBalancer",
+        "metadata": {"name": "probed", "namespace": "default", "generation": 1},
+        "spec": {
+            "mode": "L7",
+            "architecture": "proxy",
+            "vip": VIP,
+            "listeners": [{"name": "http", "port": port, "protocol": "HTTP"}],
+            "backends": [
+                {
+                    "name": "web",
+                    "endpoints": [
+                        {"address": "127.0.0.1", "port": a.port},
+                        {"address": "127.0.0.1", "port": b.port},
+                    ],
+                    "healthCheck": {**check, "healthyThreshold": 1, "unhealthyThreshold": 1},
+                }
+            ],
+            "defaultBackend": "web",
+        },
+    }
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(document))
+    serve = Serve(tmp_path, "serve", str(path), "--workers", "3")
+    serve.wait_ready()
+    assert len(_worker_pids(serve.process.pid)) == 3
+
+    def answers(count: int) -> set[bytes]:
+        """Who answers `count` requests, each on a new connection (the kernel spreads them over workers)."""
+        seen = set()
+        for _ in range(count):
+            client = RawClient(port, VIP)
+            client.send(get("/"))
+            seen.add(client.response().body)
+            client.sock.close()
+        return seen
+
+    wait_until(lambda: len(probed["a"]) >= 4, TIMEOUT, "four probes of a")
+    # One prober probes every 2 s: four probes span three intervals. Three probers would send four within
+    # one interval (each starts within a quarter interval, then every 2 s).
+    assert probed["a"][3] - probed["a"][0] >= 2.5 * 2, probed["a"]
+    assert answers(24) == {b"a", b"b"}
+    sick.set()
+    wait_until(lambda: answers(12) == {b"a"}, TIMEOUT, "b taken out")
+    assert answers(36) == {b"a"}  # by every worker: any one without the verdict would send half to b
+    sick.clear()
+    wait_until(lambda: b"b" in answers(12), TIMEOUT, "b back")
+    assert serve.stop() == 0
+    assert "Traceback" not in serve.text()
+    a.close()
+    b.close()
 
 
 def test_dataplane_runs_from_a_plan_file(tmp_path: Path, loop_thread: LoopThread) -> None:

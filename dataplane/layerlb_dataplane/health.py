@@ -70,6 +70,11 @@ class HealthState:
         self._successes = self._failures = 0
 
     @property
+    def up(self) -> bool:
+        """The active checks' verdict alone (what a single prober shares with the other processes)."""
+        return self._up
+
+    @property
     def ejected_until(self) -> float:
         """When the current passive ejection ends, on `clock`'s scale; 0.0 when none is in force."""
         if self._ejected_until != 0.0 and self._ejected_until <= self.clock():

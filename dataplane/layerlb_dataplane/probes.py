@@ -12,6 +12,12 @@ The probe port is the check's `port`, else the target's, else the Plan's first l
 without port serves on the port the client used). On a transition the current Snapshot's pool is told
 (`pool.health_changed()`, so hash tables rebuild) and so is `on_change` (kernel engines set weight 0).
 A new Snapshot keeps the tasks of targets whose check and port stayed; only the others restart.
+
+With several worker processes one prober serves them all (N probers would send N times the probes to
+every backend, and could disagree): the supervising parent probes (`probing=True`), and each time a
+verdict changes it pushes `verdicts()` (every probed target's active verdict) to the workers, whose
+checkers do not probe (`probing=False`) and take the pushed verdicts with `apply`. Passive ejection stays
+per process: each worker ejects on what its own requests see.
 """
 
 from __future__ import annotations
@@ -93,11 +99,19 @@ def _status(line: bytes) -> int | None:
     return int(parts[1])
 
 
-class HealthChecker:
-    """Runs the active probes of a Snapshot and follows new Snapshots without restarting what stayed."""
+# A target's active verdict as pushed between processes: backend, address, port, up.
+Verdict = tuple[str, str, int | None, bool]
 
-    def __init__(self, on_change: Callable[[state.Target], None] | None = None) -> None:
+
+class HealthChecker:
+    """Runs the active probes of a Snapshot and follows new Snapshots without restarting what stayed;
+    with `probing` False it runs none and takes the verdicts of a prober elsewhere (`apply`)."""
+
+    def __init__(
+        self, on_change: Callable[[state.Target], None] | None = None, *, probing: bool = True
+    ) -> None:
         self.on_change = on_change
+        self.probing = probing
         self.tasks: dict[state.Target, asyncio.Task[None]] = {}
         self._setup: dict[state.Target, tuple[plan.HealthCheck, int]] = {}
         self._pools: dict[state.Target, state.BackendPool] = {}
@@ -116,6 +130,9 @@ class HealthChecker:
                     wanted[target] = (check, port)
                     pools[target] = pool
         self._pools = pools
+        if not self.probing:
+            self._setup = wanted
+            return
         for target in list(self.tasks):
             if self._setup.get(target) != wanted.get(target):
                 self.tasks.pop(target).cancel()
@@ -126,6 +143,28 @@ class HealthChecker:
                 self.tasks[target] = asyncio.create_task(
                     self._run(target, *setup), name=f"health {target.address}:{setup[1]}"
                 )
+
+    def verdicts(self) -> list[Verdict]:
+        """The active verdict of every target with a check, in a stable order (what a prober pushes)."""
+        return sorted(
+            ((target.backend, target.address, target.port, target.health.up) for target in self._setup),
+            key=lambda verdict: (verdict[0], verdict[1], -1 if verdict[2] is None else verdict[2]),
+        )
+
+    def apply(self, verdicts: list[Verdict]) -> int:
+        """Take a prober's verdicts for the targets followed here; returns how many changed.
+
+        A target the prober does not list (not probed there yet, or gone) keeps its verdict.
+        """
+        wanted = {(backend, address, port): up for backend, address, port, up in verdicts}
+        changed = 0
+        for target in self._setup:
+            up = wanted.get(target.key)
+            if up is not None and up != target.health.up:
+                target.health.healthy = up  # the active verdict; passive ejection is untouched
+                changed += 1
+                self._changed(target)
+        return changed
 
     def close(self) -> None:
         """Stop every probe."""

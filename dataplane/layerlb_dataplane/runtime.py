@@ -17,7 +17,8 @@ engine's `close()` runs; what stays in the kernel is that engine's documented ch
 
 Graceful stop (SIGTERM, SIGINT): every listener stops accepting at once, open connections and requests
 get `drain_timeout` seconds to finish, then the rest are cut and the process exits 0. Health probes run
-per process (`probes.HealthChecker` follows each new Snapshot).
+in this process (`probes.HealthChecker` follows each new Snapshot), or, in a worker (`probe_health`
+False), in the parent, whose verdicts arrive through `set_verdicts`.
 """
 
 from __future__ import annotations
@@ -192,11 +193,15 @@ class Dataplane:
         drain_timeout: float = DRAIN_SECONDS,
         admin_address: tuple[str, int] | None = None,
         probe: bool = True,
+        probe_health: bool = True,
         on_applied: Callable[[list[str]], None] | None = None,
         signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
     ) -> None:
-        """`probe`: check that new addresses are free before joining them (off in workers: the parent did)."""
+        """`probe`: check that new addresses are free before joining them (off in workers: the parent did).
+        `probe_health`: run the active health probes here (off in workers: the parent probes for all)."""
         self.source = source
+        self.probe_health = probe_health
+        self.verdicts: dict[str, list[probes.Verdict]] = {}  # the parent's, by LoadBalancer key
         self.engines: Engines = engines or {}
         self.drain_timeout = drain_timeout
         self.admin_address = admin_address
@@ -358,11 +363,20 @@ class Dataplane:
                     fatal = fatal or problem  # the caller says it once and exits
                 else:
                     log.error("%s", problem)
+        for key, inst in self.instances.items():  # new targets take the prober's verdicts at once
+            if key in self.verdicts:
+                inst.health.apply(self.verdicts[key])
         if self.on_applied is not None:
             self.on_applied([inst.problem for inst in self.instances.values() if inst.problem])
         if fatal is None:
             self.source.applied(self.serving())
         return fatal
+
+    def set_verdicts(self, verdicts: dict[str, list[probes.Verdict]]) -> None:
+        """The active health verdicts of every LoadBalancer, from the prober in the parent (all of them)."""
+        self.verdicts = verdicts
+        for key, inst in self.instances.items():
+            inst.health.apply(verdicts.get(key, []))
 
     def _instance(self, key: str) -> Instance:
         inst = self.instances[key] = Instance(key)
@@ -373,7 +387,7 @@ class Dataplane:
                 self.draining.add(task)
                 task.add_done_callback(self.draining.discard)
 
-        inst.health = probes.HealthChecker(on_change=changed)
+        inst.health = probes.HealthChecker(on_change=changed, probing=self.probe_health)
         return inst
 
     async def _apply(self, inst: Instance, new: plan.Plan) -> str | None:

@@ -14,6 +14,11 @@ The control channel is a socketpair carrying JSON lines:
 - parent → worker: `{"op": "plans", "seq": N, "plans": [...]}`, `{"op": "report", "id": N}`;
 - worker → parent: `{"op": "applied", "seq": N, "problems": [...]}` after every apply, and
   `{"op": "report", "id": N, "dumps": [[key, dump], ...]}` answering a report request.
+Health checks run once, in the parent, not once per worker (that would multiply the probes every
+backend receives by the number of workers, and workers could disagree): the parent follows every pushed
+Plan with its own `Registry` and a probing `probes.HealthChecker`, and whenever a verdict changes it
+sends every worker `{"op": "health", "verdicts": {key: [[backend, address, port, up], ...]}}` (also right
+after the Plans to a worker that starts), which workers apply with `Dataplane.set_verdicts`.
 Metrics are pulled on scrape: `/metrics` asks every worker for its counters and merges the answers (a
 worker that does not answer within a second contributes its previous answer), so the numbers are fresh
 and nothing is sent while nobody scrapes. EOF on the channel (the parent died) stops the worker gracefully.
@@ -33,9 +38,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from layerlb import plan
-from layerlb_dataplane import admin, config, runtime
+from layerlb_dataplane import admin, config, probes, runtime
 from layerlb_dataplane.kernel import driver
 from layerlb_dataplane.metrics import Dump, merge, render
+from layerlb_dataplane.state import Registry
 
 log = logging.getLogger("layerlb")
 
@@ -144,6 +150,9 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.reloading = asyncio.Event()
         self.watchers: set[asyncio.Task[None]] = set()
+        # The one prober: per LoadBalancer key, targets kept across Plans and their probes.
+        self.health: dict[str, tuple[Registry, probes.HealthChecker]] = {}
+        self.verdicts: dict[str, list[probes.Verdict]] = {}  # as last sent to the workers
 
     # --- the admin view ----------------------------------------------------------------------------------
 
@@ -204,11 +213,37 @@ class Supervisor:
         self.seq += 1
         for worker in self.workers.values():
             self._send_plans(worker)
+        self._follow(plans)
 
     def _send_plans(self, worker: Worker) -> None:
         worker.send(
             {"op": "plans", "seq": self.seq, "plans": [p.model_dump(mode="json") for p in self.current]}
         )
+
+    def _follow(self, plans: list[plan.Plan]) -> None:
+        """Probe the targets of `plans` here, for every worker (probes of targets that stayed go on)."""
+        keys = {p.key for p in plans}
+        for key in [key for key in self.health if key not in keys]:
+            self.health.pop(key)[1].close()
+        for p in plans:
+            entry = self.health.get(p.key)
+            if entry is None:
+                checker = probes.HealthChecker(on_change=lambda _target: self._share_verdicts())
+                entry = self.health[p.key] = (Registry(), checker)
+            registry, checker = entry
+            checker.follow(registry.snapshot(p))
+        self._share_verdicts()
+
+    def _share_verdicts(self) -> None:
+        """Send every worker the verdicts when they changed (a probe result, or a new Plan's targets)."""
+        verdicts = {key: checker.verdicts() for key, (_, checker) in self.health.items()}
+        if verdicts != self.verdicts:
+            self.verdicts = verdicts
+            for worker in self.workers.values():
+                self._send_verdicts(worker)
+
+    def _send_verdicts(self, worker: Worker) -> None:
+        worker.send({"op": "health", "verdicts": self.verdicts})
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; exit codes as `runtime.Dataplane.run`."""
@@ -313,6 +348,7 @@ class Supervisor:
         worker.on_applied = self._applied
         await worker.start()
         self._send_plans(worker)
+        self._send_verdicts(worker)
         return worker
 
     async def _watch(self, worker: Worker) -> None:
@@ -338,6 +374,7 @@ class Supervisor:
     async def _stop(self) -> None:
         """Forward SIGTERM to every worker and wait for their graceful stops (drain included)."""
         self.stopping.set()
+        await asyncio.gather(*(checker.aclose() for _, checker in self.health.values()))
         for task in self.watchers:
             task.cancel()
         processes = [w.process for w in self.workers.values() if w.process and w.process.returncode is None]
@@ -406,6 +443,7 @@ async def _worker(control_fd: int, drain_timeout: float, index: int) -> int:
         source,
         engines=engines,
         probe=False,
+        probe_health=False,  # the parent probes for every worker
         drain_timeout=drain_timeout,
         on_applied=applied,
         signals=(signal.SIGTERM,),
@@ -418,6 +456,13 @@ async def _worker(control_fd: int, drain_timeout: float, index: int) -> int:
                 source.push(_plans(message), message["seq"])
             elif message["op"] == "report":
                 send({"op": "report", "id": message["id"], "dumps": dataplane.dumps()})
+            elif message["op"] == "health":
+                dataplane.set_verdicts(
+                    {
+                        key: [(backend, address, port, up) for backend, address, port, up in verdicts]
+                        for key, verdicts in message["verdicts"].items()
+                    }
+                )
         dataplane.request_stop()  # the parent is gone
 
     task = asyncio.create_task(control())

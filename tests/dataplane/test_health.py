@@ -416,3 +416,41 @@ def test_following_a_new_snapshot_keeps_the_probes_of_targets_that_stayed() -> N
         assert all(task.cancelled() for task in [*tasks, kept])
 
     run(scenario)
+
+
+def test_a_checker_that_does_not_probe_takes_the_verdicts_of_the_one_that_does() -> None:
+    """Workers take the parent's verdicts: the same targets, the pool told, passive ejection left alone."""
+
+    async def scenario() -> None:
+        async with running_backend() as server:
+            tcp = check(HealthProtocol.TCP, healthy=1, unhealthy=1)
+            p = make_plan(server.port, (make_backend("app", (server.port, 1), tcp),))
+            prober_snapshot = state.Registry().snapshot(p)
+            prober = probes.HealthChecker()
+            prober.follow(prober_snapshot)
+            worker_snapshot = state.Registry().snapshot(p)
+            seen: list[state.Target] = []
+            worker = probes.HealthChecker(on_change=seen.append, probing=False)
+            worker.follow(worker_snapshot)
+            try:
+                assert worker.tasks == {}  # no probe from here
+                live, dead = worker_snapshot.pools["app"].targets
+                await eventually(lambda: ("app", "127.0.0.1", 1, False) in prober.verdicts(), within=3)
+                assert prober.verdicts() == [
+                    ("app", "127.0.0.1", 1, False),
+                    ("app", "127.0.0.1", server.port, True),
+                ]
+                assert worker.apply(prober.verdicts()) == 1 and seen == [dead]
+                assert not dead.health.healthy and live.health.healthy
+                assert all(worker_snapshot.pools["app"].pick(f"10.0.0.{n}") is live for n in range(8))
+                assert worker.apply(prober.verdicts()) == 0  # the same verdicts again change nothing
+                for _ in range(health.PASSIVE_THRESHOLD):
+                    live.health.record_passive(False)  # this worker's own ejection
+                assert worker.apply([("app", "127.0.0.1", 1, True), ("app", "10.9.9.9", 5, False)]) == 1
+                assert dead.health.healthy and not live.health.healthy  # unknown targets ignored
+                assert live.health.up  # ejected here, up by the prober's checks
+            finally:
+                await prober.aclose()
+                await worker.aclose()
+
+    run(scenario)
