@@ -349,7 +349,7 @@ def test_deleting_a_load_balancer_removes_its_pods_kernel_state_and_vip(world: W
     wait_for("the garbage collector to remove the pods", lambda: not pods_of(world, "gone"), timeout=60)
     wait_for(
         "the runner to stop the pod",
-        lambda: not [r for r in world.runner.running.values() if r.lb == "gone"] and world.runner.wait_idle(),
+        lambda: not world.runner.pods_of("gone") and world.runner.wait_idle(),
     )
     remaining = node.namespace.run(["nft", "list", "tables"]).stdout
     assert table not in remaining.replace("-", "_") and "layerlb_" not in remaining, remaining

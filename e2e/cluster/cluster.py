@@ -38,6 +38,8 @@ BUILD_SCRIPT = Path(__file__).resolve().with_name("build.sh")
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_FIRST_IP = "10.0.0.1"
+# The host's loopback as a QEMU guest with user networking sees it: the IPVS e2e pods run in such a guest.
+GUEST_HOST_IP = "10.0.2.2"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # Components in start order; stopped in reverse.
@@ -202,6 +204,7 @@ def _generate_pki(pki: Path) -> None:
             "DNS:kubernetes.default.svc.cluster.local",
             "IP:127.0.0.1",
             f"IP:{SERVICE_FIRST_IP}",
+            f"IP:{GUEST_HOST_IP}",
         ]
     )
     _signed_cert(

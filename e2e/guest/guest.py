@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "guest"
 
 # Bump when the way the kernel folder is prepared changes, so caches built by an older recipe are redone.
-KERNEL_RECIPE = 1
+KERNEL_RECIPE = 2
 # Modules in the initramfs, loaded by /init (with their dependencies) before the host root can be mounted.
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio-rng")
 # Loaded at boot through modprobe; anything else loads on demand.
@@ -85,7 +85,7 @@ KEEP = re.compile(
     r"^kernel/("
     r"net/(ipv4|ipv6|netfilter|bridge|8021q|core|sched|packet|xfrm|llc|802)/"
     r"|net/9p/(9pnet|9pnet_virtio)\.ko"
-    r"|drivers/net/(veth|dummy|macvlan|tun|vxlan/vxlan|geneve|ipvlan/ipvlan)\.ko"
+    r"|drivers/net/(veth|dummy|macvlan|tun|vxlan/vxlan|geneve|ipvlan/ipvlan|virtio_net)\.ko"
     r"|drivers/virtio/|drivers/char/hw_random/"
     r"|fs/9p/|fs/netfs/|fs/fscache/"
     r"|crypto/|arch/x86/crypto/|lib/"
@@ -430,6 +430,7 @@ def run_guest(
     root_cache: str = "loose",
     kernel_args: Sequence[str] = ("quiet", "loglevel=4"),
     cpu: str = "max",
+    network: bool = False,
 ) -> GuestRun:
     """Runs `command` (a shell line, or an argv) as root in `cwd` on Debian's kernel, where what this
     host's kernel lacks (IPVS, IPIP) exists: boots the guest, runs it, powers off.
@@ -441,7 +442,9 @@ def run_guest(
     `root_cache` is the 9p cache mode of the host root (`loose` for speed; `none` if host files change
     while the guest runs and it must see that). Raises GuestError when the guest does not finish the
     command within `timeout` seconds (the message carries the console's tail). `kernel_args` go on
-    the kernel command line (drop `quiet` to see the boot on the console).
+    the kernel command line (drop `quiet` to see the boot on the console). `network`: a virtio NIC on
+    QEMU's user network (`eth0`, left down: the command sets it up, e.g. 10.0.2.15/24), where 10.0.2.2
+    is the host's loopback.
     """
     image = build()
     temporary = share is None
@@ -467,7 +470,7 @@ def run_guest(
             "random.trust_cpu=on",
             f"llb.share={share}",
             f"llb.modroot={image.modules_root}",
-            f"llb.preload={','.join(preload)}",
+            f"llb.preload={','.join([*preload, *(['virtio_net'] if network else [])])}",
             f"llb.cache={root_cache}",
             *([f"llb.keep={ROOT}"] if ROOT.is_relative_to("/tmp") or ROOT.is_relative_to("/run") else []),
         ]
@@ -483,6 +486,7 @@ def run_guest(
         "-fsdev", f"local,id=share,path={share},security_model=none,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=share,mount_tag=share",
         "-device", "virtio-rng-pci",
+        *(["-nic", "user,model=virtio-net-pci"] if network else []),
     ]  # fmt: skip
     console_path = control / "console.log"
     started = time.monotonic()

@@ -43,13 +43,13 @@ def start_backends(lab: Lab, count: int = 3, group: str = "") -> list[tuple[Host
     return started
 
 
-def vip_pool(name: str, namespaces: Sequence[str]) -> dict[str, Any]:
+def vip_pool(name: str, namespaces: Sequence[str], addresses: str = VIP_RANGE) -> dict[str, Any]:
     """The lab's VIPPool: addresses the lab's router routes to whichever pods serve them."""
     return {
         "apiVersion": "layerlb.dev/v1alpha1",
         "kind": "VIPPool",
         "metadata": {"name": name},
-        "spec": {"addresses": [VIP_RANGE], "namespaces": list(namespaces), "autoAssign": True},
+        "spec": {"addresses": [addresses], "namespaces": list(namespaces), "autoAssign": True},
     }
 
 

@@ -138,6 +138,7 @@ class PodRunner:
         self.loadbalancers = _Cache()
         self.running: dict[str, Running] = {}
         self.refused: dict[str, str] = {}  # uid -> why the pod cannot run
+        self.started = 0  # pods started so far: unique pod namespace names
         self.nodes: dict[str, str | None] = {}  # node namespace name -> uid of the pod on it
         self.node_hosts: dict[str, Host] = {}
         self._stop = threading.Event()
@@ -266,7 +267,8 @@ class PodRunner:
         if host_network:
             host = self._take_node(uid)
         else:
-            host = self.lab.attach("pod", f"pod-{len(self.running)}-{name[-5:]}")
+            self.started += 1
+            host = self.lab.attach("pod", f"pod-{self.started}-{name[-5:]}")
         try:
             launch = pods.launch(
                 pod, host_ip=host.address, pod_ip=host.address, api_host=API_HOST, api_port=API_PORT
@@ -370,7 +372,7 @@ class PodRunner:
                 start_new_session=True,
             )
         running.started_at = _now()
-        running.ready = False
+        running.ready = running.ever_ready = False
         running.next_readiness = time.monotonic() + FAST_PROBE
         running.next_liveness = time.monotonic() + (
             running.launch.liveness.period if running.launch.liveness else 0
@@ -423,7 +425,9 @@ class PodRunner:
 
     def _probe_liveness(self, running: Running, now: float) -> None:
         probe = running.launch.liveness
-        if probe is None or running.process is None:
+        # Counted only once the container has been ready: a start slower than the liveness budget (as
+        # under emulation) is not a hung process; the runner stands in for a startupProbe here.
+        if probe is None or running.process is None or not running.ever_ready:
             return
         if running.probing_liveness is not None and running.probing_liveness.done():
             ok = running.probing_liveness.result()
@@ -527,6 +531,14 @@ class PodRunner:
         self._release_host(running.host, running.node)
         if running.token_dir is not None:
             shutil.rmtree(running.token_dir.parent, ignore_errors=True)
+
+    def pods_of_all(self) -> list[Running]:
+        """Every running pod (safe to call from another thread)."""
+        return list(self.running.values())
+
+    def pods_of(self, lb: str) -> list[Running]:
+        """The running pods of LoadBalancer `lb` (safe to call from another thread)."""
+        return [running for running in list(self.running.values()) if running.lb == lb]
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Whether every stop in flight has finished within `timeout` (for tests that check cleanup)."""
