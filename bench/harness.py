@@ -440,6 +440,7 @@ def run(settings: Settings, pin: bool, output_dir: Path, keep: bool) -> tuple[st
         },
         "rows": [row.to_json() for row in rows],
         "targets": [target.to_json() for target in judged],
+        "cpu_per_request_ratios": report.cpu_ratios(rows),
         "scenarios": [scenario.to_json() for scenario in scenarios],
         "table": text,
     }

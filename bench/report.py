@@ -215,6 +215,25 @@ def targets(rows: dict[str, Row], scenarios: dict[str, Scenario]) -> list[Target
     ]  # fmt: skip
 
 
+# Pairs of rows whose CPU per request is compared (layerlb's against HAProxy's in the same mode).
+CPU_PAIRS = (("layerlb_l7", "haproxy_http"), ("layerlb_l4", "haproxy_tcp"))
+
+
+def cpu_ratios(rows: list[Row]) -> dict[str, float]:
+    """CPU per request of layerlb over HAProxy's, per mode measured: with the subject the bottleneck,
+    roughly the inverse of the throughput ratio a quiet machine would show."""
+    by_key = {row.key: row for row in rows}
+    ratios = {}
+    for ours, theirs in CPU_PAIRS:
+        mine, reference = by_key.get(ours), by_key.get(theirs)
+        if mine is None or reference is None:
+            continue
+        a, b = mine.cpu_us_per_request, reference.cpu_us_per_request
+        if a is not None and b:
+            ratios[f"{ours} / {theirs}"] = round(a / b, 3)
+    return ratios
+
+
 def _ms(value: float) -> str:
     return f"{value:.2f}"
 
@@ -251,6 +270,10 @@ def table(rows: list[Row], scenarios: list[Scenario], judged: list[Target]) -> s
             f"WARNING: other work used up to {busy:.0f} % of a CPU just before a row (see background_busy_percent "
             "in the JSON): figures and ratios of this run are unreliable; run again on a quiet machine.",
         ]
+    for pair, ratio in cpu_ratios(rows).items():
+        lines.append(
+            f"\nCPU per request, {pair}: {ratio:g} (not a target; steadier than throughput on a busy machine)"
+        )
     lines += ["", "| issue | target | value | goal | verdict |", "|---|---|---|---|---|"]
     for target in judged:
         value = "-" if target.value is None else f"{target.value:g} {target.unit}".strip()

@@ -72,6 +72,18 @@ def test_a_target_missing_an_input_is_unavailable_not_missed() -> None:
     assert judged["L7 throughput, layerlb / HAProxy http"].met is True
 
 
+def test_cpu_per_request_is_the_subjects_cpu_time_over_its_requests_and_compared_per_mode() -> None:
+    measured = wrk.parse(
+        'BENCH-JSON {"requests":40000,"duration_us":1000000,"bytes":1,"connect":0,"read":0,"write":0,'
+        '"status":0,"timeout":0,"p50_us":100,"p90_us":100,"p99_us":100,"max_us":100,"mean_us":100.0}'
+    )
+    haproxy = report.Row("haproxy_http", "HAProxy", status=report.OK, c50=measured, subject_cpu_seconds=0.8)
+    layerlb = report.Row("layerlb_l7", "layerlb", status=report.OK, c50=measured, subject_cpu_seconds=1.0)
+    assert haproxy.cpu_us_per_request == 20.0 and layerlb.cpu_us_per_request == 25.0
+    assert report.cpu_ratios([haproxy, layerlb]) == {"layerlb_l7 / haproxy_http": 1.25}
+    assert report.cpu_ratios([layerlb]) == {}  # no HAProxy row: nothing to compare
+
+
 def test_hot_path_cost_drives_requests_through_the_proxy_objects() -> None:
     """`bench/hotpath.py` serves its requests through pooled upstream connections (it asserts that)."""
     result = subprocess.run(
