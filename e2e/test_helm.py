@@ -443,6 +443,19 @@ def test_a_refused_load_balancer_is_degraded_for_argo_cd(
     assert status == "Degraded" and "VIPConflict" in message and taken in message
 
 
+def test_an_upgrade_leaves_the_leaders_lease_alone(operator: Operator, helm: Helm, kubectl: Kubectl) -> None:
+    """The chart owns the Lease (so uninstall removes it) but sets no spec: an upgrade must not reset it."""
+    holder = (get(kubectl, "lease", "layerlb-operator", RELEASE_NS) or {})["spec"]["holderIdentity"]
+    assert holder
+    helm("helm", "upgrade", RELEASE, "charts/layerlb", "--namespace", RELEASE_NS, "--reuse-values",
+         "--set", "replicaCount=3")  # fmt: skip
+    assert (get(kubectl, "deployment", "layerlb", RELEASE_NS) or {})["spec"]["replicas"] == 3
+    lease = get(kubectl, "lease", "layerlb-operator", RELEASE_NS) or {}
+    assert lease["spec"]["holderIdentity"] == holder
+    assert lease["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert operator.metrics().get("layerlb_operator_leader") == 1
+
+
 def test_uninstall_leaves_no_orphans_but_keeps_the_crds(
     operator: Operator, helm: Helm, kubectl: Kubectl, installed: str
 ) -> None:
