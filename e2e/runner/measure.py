@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from e2e.cluster import cluster
+from e2e.harness import free_port
 from e2e.runner import lab
 from e2e.runner.runner import PodRunner
 
@@ -87,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             "crd/vippools.layerlb.dev",
         )
         _kubectl(env, "create", "namespace", NS)
+        metrics = f"127.0.0.1:{free_port()}"
         with (state / "operator.log").open("wb") as log:
             operator = subprocess.Popen(
-                [sys.executable, "-m", "layerlb.cli", "operator", "--namespace", NS], env=env,
+                [sys.executable, "-m", "layerlb.cli", "operator", "--namespace", NS, "--metrics", metrics], env=env,
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             )  # fmt: skip
         with PodRunner(running.kubeconfig, [NS], state / "runner") as runner:
