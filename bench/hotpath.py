@@ -58,7 +58,16 @@ class CountingTransport:
         return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.120", 28080)}.get(name, default)
 
 
-async def measure(requests: int, connections: int, passes: int) -> float:
+ROUTES = [  # for --routed: the request matches none of them and goes to the default backend
+    {
+        "match": {"hosts": ["api.example.com"], "pathPrefix": "/v1", "methods": ["GET", "HEAD"]},
+        "backend": "web",
+    },
+    {"match": {"pathPrefix": "/static", "headers": {"X-Canary": "true"}}, "backend": "web"},
+]
+
+
+async def measure(requests: int, connections: int, passes: int, routed: bool = False) -> float:
     """Seconds of process CPU per request, the best of `passes`."""
     from layerlb_dataplane import upstream
     from layerlb_dataplane.http_connection import ClientConnection
@@ -69,7 +78,10 @@ async def measure(requests: int, connections: int, passes: int) -> float:
     from bench import resources
     from layerlb import api, resolve, validation
 
-    resource = validation.validate(resources.l7_proxy("127.0.0.120", 28080, [1, 2]))
+    document = resources.l7_proxy("127.0.0.120", 28080, [1, 2])
+    if routed:
+        document["spec"]["routes"] = ROUTES
+    resource = validation.validate(document)
     assert isinstance(resource, api.LoadBalancer)
     current = resolve.resolve(resource, resolve.StaticView())
     snapshot = Registry().snapshot(current)
@@ -110,11 +122,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=100_000, help="requests per pass (default 100000)")
     parser.add_argument("--connections", type=int, default=50, help="client connections (default 50)")
     parser.add_argument("--passes", type=int, default=7, help="passes; the best counts (default 7)")
+    parser.add_argument("--routed", action="store_true", help="with routes (none matches: the default)")
     args = parser.parse_args()
     import uvloop
 
-    seconds = uvloop.run(measure(args.requests, args.connections, args.passes))
-    print(f"L7 hot path, Python only: {seconds * 1e6:.2f} µs CPU per request (best of {args.passes})")
+    seconds = uvloop.run(measure(args.requests, args.connections, args.passes, args.routed))
+    what = "with routes" if args.routed else "no routes"
+    print(f"L7 hot path, Python only, {what}: {seconds * 1e6:.2f} µs CPU per request (best of {args.passes})")
     return 0
 
 

@@ -105,6 +105,10 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.deadline_kind = 0
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
+        # The route of the last routed request: a repeated head (the same Request) routes the same way.
+        self.routed_req: http1_request.Request | None = None
+        self.routed_settings: Settings | None = None
+        self.routed_name: str | None = None
         self.fwd_key: tuple[bytes, Settings] | None = None
         self.fwd_cache = b""
         # Writes made while one read is handled, sent with one write when it is (a syscall each is dear).
@@ -249,12 +253,16 @@ class ClientConnection(Exchange, asyncio.Protocol):
             name = settings.default
             pool = settings.default_pool
         else:
-            name = settings.snapshot.router.match(
-                req.method.decode("latin-1"),
-                req.host.decode("latin-1").lower(),
-                req.path.decode("latin-1"),
-                req.header,
-            )
+            if req is self.routed_req and settings is self.routed_settings:
+                name = self.routed_name  # the same head again (parsed once): the same route
+            else:
+                name = settings.snapshot.router.match(
+                    req.method.decode("latin-1"),
+                    req.host.decode("latin-1").lower(),
+                    req.path.decode("latin-1"),
+                    req.header,
+                )
+                self.routed_req, self.routed_settings, self.routed_name = req, settings, name
             pool = settings.pools.get(name) if name is not None else None
         self.pool = pool
         if pool is None:

@@ -84,6 +84,9 @@ class Exchange:
         "req",
         "resp_chunked",
         "resp_keep_alive",
+        "routed_name",
+        "routed_req",
+        "routed_settings",
         "set_cookie",
         "settings",
         "started",
@@ -115,6 +118,9 @@ class Exchange:
     proxy_parser: proxy_protocol.HeaderParser | None
     settings: Settings
     req: http1_request.Request
+    routed_req: http1_request.Request | None
+    routed_settings: Settings | None
+    routed_name: str | None
     pool: BackendPool | None
     target: Target | None
     up: UpstreamConnection | None

@@ -522,6 +522,27 @@ def test_routing_through_the_router_and_no_route_404(backends: Backends, proxies
     assert router.calls[0] == ("GET", "api.example.com", "/api/x", "yes")
 
 
+def test_a_repeated_head_is_routed_once_per_plan(backends: Backends, proxies: Proxies) -> None:
+    """A kept-alive client repeating its head is routed once; another head, or a reload, routes anew."""
+    web, api = backends("web"), backends("api")
+    endpoints = {"web": [("127.0.0.1", web.port)], "api": [("127.0.0.1", api.port)]}
+    proxy = proxies(lb_document(endpoints, routes=[{"match": {"pathPrefix": "/api"}, "backend": "api"}]))
+    router = RecordingRouter({"/api/x": "api", "/": "web"})
+    proxy.loop_thread.call(lambda: setattr(proxy.snapshot, "router", router))
+    client = proxy.client()
+    for _ in range(3):
+        client.send(get("/api/x"))
+        assert client.response().body == b"ok api"
+    assert len(router.calls) == 1
+    client.send(get("/"))
+    assert client.response().body == b"ok web" and len(router.calls) == 2
+    proxy.reload(
+        lb_document(endpoints, routes=[{"match": {"pathPrefix": "/api"}, "backend": "web"}], generation=2)
+    )
+    client.send(get("/api/x"))  # the same head as before, under the new Plan's routes
+    assert client.response().body == b"ok web"
+
+
 def test_hash_key_from_header_or_cookie(backends: Backends, proxies: Proxies) -> None:
     backend = backends()
     options = {"app": {"algorithm": "ring-hash", "hashOn": {"type": "Header", "name": "X-User"}}}
