@@ -196,7 +196,8 @@ class HealthChecker:
             await asyncio.sleep(due - now)
 
     def _changed(self, target: state.Target) -> None:
-        log.info("health: %r is now %s", target, target.health.state)
+        if self.probing:  # the prober says it once; the processes that take its verdicts stay quiet
+            log.info("health: %r is now %s", target, target.health.state)
         pool = self._pools.get(target)
         if pool is not None:
             pool.health_changed()
