@@ -3,7 +3,9 @@
 The install and upgrade commands are the README's own. No kubelet runs, so the chart's operator pod
 stays Pending; the operator runs as a local process instead, with exactly the arguments and environment
 of the installed Deployment and a token of the chart's ServiceAccount (TokenRequest), so the chart's
-RBAC is what lets it work. The pod runner (e2e/runner) runs the forwarding pods of the watched
+RBAC is what lets it work: after the upgrade to `operator.watchNamespaces`, its narrowest form (the
+namespaced rules bound in the watched namespace only, the cluster-wide install grants the same rules
+everywhere). The pod runner (e2e/runner) runs the forwarding pods of the watched
 namespace, so the LoadBalancer of the install notes goes all the way to Ready, waited for as the notes
 say. The GitOps behaviour is checked on the way: unchanged applies cause no writes, the operator owns no
 field of a spec, and `kubectl wait` and the Argo CD health check read the status. The tests of this
@@ -244,6 +246,11 @@ def test_upgrade_with_changed_values_updates_and_removes_what_the_values_say(
          "--set", "metrics.service.enabled=false", "--set", "dataplane.image.tag=0.1.0-e2e")  # fmt: skip
     found = set(labelled(kubectl, CHART_KINDS, INSTANCE, RELEASE_NS))
     assert not {"Service/layerlb-metrics", "PodDisruptionBudget/layerlb"} & found, found
+    # Watching one namespace: the namespaced permissions move from a cluster-wide binding to that namespace.
+    assert sorted(labelled(kubectl, "clusterrole,clusterrolebinding", INSTANCE, None)) == [
+        "ClusterRole/layerlb", "ClusterRole/layerlb-cluster", "ClusterRoleBinding/layerlb-cluster",
+    ]  # fmt: skip
+    assert labelled(kubectl, "rolebinding", INSTANCE, NS) == ["RoleBinding/layerlb"]
     deployment = get(kubectl, "deployment", "layerlb", RELEASE_NS) or {}
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert deployment["spec"]["replicas"] == 2
@@ -288,14 +295,21 @@ def operator(
     kubeconfig.write_text(yaml.safe_dump(config))
     whoami = json.loads(kubectl.ok("--kubeconfig", str(kubeconfig), "auth", "whoami", "-o", "json"))
     assert whoami["status"]["userInfo"]["username"] == f"system:serviceaccount:{RELEASE_NS}:{account}"
+
+    def can(verb: str, resource: str, *where: str) -> str:
+        return kubectl(
+            "--kubeconfig", str(kubeconfig), "auth", "can-i", verb, resource, *where
+        ).stdout.strip()
+
     for verb, resource in [
         ("delete", "loadbalancers"),
         ("create", "clusterroles"),
         ("get", "secrets"),
         ("*", "*"),
     ]:
-        denied = kubectl("--kubeconfig", str(kubeconfig), "auth", "can-i", verb, resource, "-A")
-        assert denied.stdout.strip() == "no", (verb, resource, denied.stdout)
+        assert can(verb, resource, "-A") == "no", (verb, resource)
+    assert (can("list", "services", "-n", NS), can("list", "services", "-n", "default")) == ("yes", "no")
+    assert can("watch", "vippools") == "yes"
     running = Operator(deployment, kubeconfig, folder / "operator.log")
     wait_for("the operator to lead", lambda: running.metrics().get("layerlb_operator_leader") == 1)
     yield running
@@ -466,7 +480,7 @@ def test_uninstall_leaves_no_orphans_but_keeps_the_crds(
             not labelled(
                 kubectl,
                 "configmap,deployment,serviceaccount,role,rolebinding,replicaset,pod",
-                "app.kubernetes.io/name=layerlb",
+                "layerlb.dev/loadbalancer",  # the operator's objects (the chart's RoleBinding is here too)
                 NS,
             )
         ),
@@ -477,6 +491,7 @@ def test_uninstall_leaves_no_orphans_but_keeps_the_crds(
         "every object of the release to be gone",
         lambda: (
             not labelled(kubectl, f"{CHART_KINDS},replicaset,pod", INSTANCE, RELEASE_NS)
+            and not labelled(kubectl, "rolebinding", INSTANCE, NS)
             and not labelled(kubectl, "clusterrole,clusterrolebinding", INSTANCE, None)
         ),
     )

@@ -107,24 +107,62 @@ def _grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str, tuple[str, ...]
     return grants
 
 
-@pytest.mark.parametrize("variant", ["default", "namespaced"])
-def test_rbac_grants_exactly_the_verbs_the_operator_declares(variant: str) -> None:
-    values = VARIANTS[variant]
-    rendered = documents(template(*(["--values", str(values)] if values else [])))
-    by_kind = {d["kind"]: d for d in rendered if d["kind"] in ("ClusterRole", "Role")}
-    lease = yaml.safe_load((values or CHART / "values.yaml").read_text())["operator"]["leaseName"]
-    assert _grants(by_kind["ClusterRole"]["rules"]) == _grants(rbac.cluster_rules())
-    assert _grants(by_kind["Role"]["rules"]) == _grants(rbac.lease_rules(lease))
-    assert by_kind["Role"]["metadata"]["namespace"] == NAMESPACE
-    for rule in by_kind["ClusterRole"]["rules"] + by_kind["Role"]["rules"]:
+def _account(rendered: list[dict[str, Any]]) -> dict[str, str]:
+    deployment = next(d for d in rendered if d["kind"] == "Deployment")
+    name = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    return {"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}
+
+
+def _named(rendered: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in rendered if d["kind"] == kind}
+
+
+def test_rbac_grants_exactly_the_verbs_the_operator_declares_cluster_wide() -> None:
+    rendered = documents(template())
+    [cluster_role] = _named(rendered, "ClusterRole").values()
+    [lease_role] = _named(rendered, "Role").values()
+    assert _grants(cluster_role["rules"]) == _grants(rbac.cluster_rules())
+    assert _grants(lease_role["rules"]) == _grants(rbac.lease_rules("layerlb-operator"))
+    assert lease_role["metadata"]["namespace"] == NAMESPACE
+    for rule in cluster_role["rules"] + lease_role["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-    bindings = [d for d in rendered if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]
-    account = next(
-        d["spec"]["template"]["spec"]["serviceAccountName"] for d in rendered if d["kind"] == "Deployment"
-    )
-    assert len(bindings) == 2
-    for binding in bindings:
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    [binding] = _named(rendered, "ClusterRoleBinding").values()
+    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    [lease_binding] = _named(rendered, "RoleBinding").values()
+    assert lease_binding["roleRef"]["name"] == lease_role["metadata"]["name"]
+    for each in (binding, lease_binding):
+        assert each["subjects"] == [_account(rendered)]
+
+
+def test_rbac_of_a_namespaced_install_binds_namespaced_rules_in_the_watched_namespaces_only() -> None:
+    rendered = documents(template("--values", str(VARIANTS["namespaced"])))
+    roles = _named(rendered, "ClusterRole")
+    namespaced, cluster_scoped = roles["lb-operator"], roles["lb-operator-cluster"]
+    assert _grants(namespaced["rules"]) | _grants(cluster_scoped["rules"]) == _grants(rbac.cluster_rules())
+    assert not _grants(namespaced["rules"]).keys() & _grants(cluster_scoped["rules"]).keys()
+    assert {resource for _, resource, _ in _grants(cluster_scoped["rules"])} == {"vippools"}
+    [binding] = _named(rendered, "ClusterRoleBinding").values()
+    assert binding["roleRef"]["name"] == "lb-operator-cluster"
+    bindings = [d for d in rendered if d["kind"] == "RoleBinding"]
+    per_namespace = {b["metadata"]["namespace"]: b["roleRef"]["name"] for b in bindings}
+    assert per_namespace == {
+        "shop": "lb-operator",
+        "payments": "lb-operator",
+        NAMESPACE: "lb-operator-leader-election",
+    }
+    [lease_role] = _named(rendered, "Role").values()
+    assert _grants(lease_role["rules"]) == _grants(rbac.lease_rules("lb-leader"))
+    for each in [binding, *bindings]:
+        assert each["subjects"] == [_account(rendered)]
+
+
+def test_every_resource_the_operator_uses_has_a_known_scope() -> None:
+    """A permission added to rbac.py must be sorted into cluster-scoped or namespaced by charts/sync.py."""
+    sync = _sync()
+    for rule in rbac.cluster_rules() + rbac.lease_rules("x"):
+        assert sync.scope(rule) in ("cluster", "namespaced")
+    with pytest.raises(ValueError, match="say whether core/nodes is cluster-scoped"):
+        sync.scope({"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]})
 
 
 def test_the_deployment_runs_the_operator_with_the_chart_settings() -> None:

@@ -90,6 +90,99 @@
   verbs:
   - create
 {{- end }}
+{{- define "layerlb.namespacedRules" }}
+- apiGroups:
+  - layerlb.dev
+  resources:
+  - loadbalancers
+  verbs:
+  - list
+  - watch
+  - patch
+- apiGroups:
+  - layerlb.dev
+  resources:
+  - loadbalancers/status
+  verbs:
+  - patch
+- apiGroups:
+  - layerlb.dev
+  resources:
+  - loadbalancers/finalizers
+  verbs:
+  - update
+- apiGroups:
+  - ''
+  resources:
+  - services
+  - secrets
+  - pods
+  verbs:
+  - list
+  - watch
+- apiGroups:
+  - discovery.k8s.io
+  resources:
+  - endpointslices
+  verbs:
+  - list
+  - watch
+- apiGroups:
+  - ''
+  resources:
+  - configmaps
+  verbs:
+  - get
+  - list
+  - watch
+  - create
+  - patch
+- apiGroups:
+  - ''
+  resources:
+  - serviceaccounts
+  verbs:
+  - create
+  - patch
+- apiGroups:
+  - rbac.authorization.k8s.io
+  resources:
+  - roles
+  - rolebindings
+  verbs:
+  - create
+  - patch
+- apiGroups:
+  - apps
+  resources:
+  - deployments
+  verbs:
+  - list
+  - watch
+  - create
+  - patch
+- apiGroups:
+  - ''
+  resources:
+  - events
+  verbs:
+  - create
+- apiGroups:
+  - events.k8s.io
+  resources:
+  - events
+  verbs:
+  - create
+{{- end }}
+{{- define "layerlb.clusterScopedRules" }}
+- apiGroups:
+  - layerlb.dev
+  resources:
+  - vippools
+  verbs:
+  - list
+  - watch
+{{- end }}
 {{- define "layerlb.leaseRules" }}
 - apiGroups:
   - coordination.k8s.io
