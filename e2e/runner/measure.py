@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.runner.measure", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument(
+        "--verbose", action="store_true", help="the runner's log (per-pod start and ready times)"
+    )
     args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="runner: %(message)s", stream=sys.stderr)
     state = Path(tempfile.mkdtemp(prefix="layerlb-measure-"))
     running = cluster.up(state / "cluster")
     env = running.env()
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 changes.append(time.monotonic() - started)
             print(_summary("endpoint change -> new Plan served", changes), flush=True)
             print(json.dumps({"apply_to_ready": ready, "endpoint_change": changes}))
+        shutil.rmtree(state / "runner", ignore_errors=True)
     finally:
         if operator is not None:
             operator.terminate()

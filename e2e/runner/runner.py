@@ -13,7 +13,7 @@ namespaces it is given and, for each Pending one, does what the node would:
   `kube-root-ca.crt` ConfigMap, and `namespace`, at the path in-cluster clients read. The API server is
   reached at the `kubernetes` Service address through the runner's relay (kube-proxy's part).
 - **Status.** phase Running, podIP, hostIP, containerStatuses and the Ready condition following the
-  readiness probe (probed every 0.25 s until it first passes, then every `periodSeconds`), so that the
+  readiness probe (probed every 0.1 s until it first passes, then every `periodSeconds`), so that the
   ReplicaSet's and Deployment's ready counts follow. A container that exits is restarted (back-off),
   one that fails its liveness probe is killed and restarted.
 - **Deletion.** The processes of deleted pods get SIGTERM, then SIGKILL after the grace period; their
@@ -59,7 +59,7 @@ API_HOST: Final = "10.0.0.1"
 API_PORT: Final = 443
 KERNEL_ARCHITECTURES: Final = ("nat", "dsr", "tunnel")
 TOKEN_SECONDS: Final = 3600
-FAST_PROBE: Final = 0.25
+FAST_PROBE: Final = 0.1
 MAX_GRACE: Final = 30.0
 
 
@@ -95,6 +95,7 @@ class Running:
     probing_liveness: concurrent.futures.Future[bool] | None = None
     token_refresh: float = 0.0
     reported: str = ""  # the last status patched, to patch only changes
+    spawned: float = 0.0  # monotonic time of the last start, for the log's timings
     stopping: bool = False
 
 
@@ -139,6 +140,7 @@ class PodRunner:
         self.running: dict[str, Running] = {}
         self.refused: dict[str, str] = {}  # uid -> why the pod cannot run
         self.started = 0  # pods started so far: unique pod namespace names
+        self.seen: dict[str, float] = {}  # uid -> when the runner first saw the pod (monotonic)
         self.nodes: dict[str, str | None] = {}  # node namespace name -> uid of the pod on it
         self.node_hosts: dict[str, Host] = {}
         self._stop = threading.Event()
@@ -240,6 +242,7 @@ class PodRunner:
                 continue
             if ((pod.get("status") or {}).get("phase") or "Pending") != "Pending":
                 continue  # another runner's, or one that ran before a restart of this one
+            self.seen.setdefault(uid, time.monotonic())
             self._start(pod)
         now = time.monotonic()
         for running in self.running.values():
@@ -304,7 +307,15 @@ class PodRunner:
             raise
         self.running[uid] = running
         self._report(running)
-        log.info("started %s/%s in %s (%s)", namespace, name, host.name, host.address)
+        waited = running.spawned - self.seen.pop(uid, running.spawned)
+        log.info(
+            "started %s/%s in %s (%s), %.2f s after it was seen",
+            namespace,
+            name,
+            host.name,
+            host.address,
+            waited,
+        )
 
     def _take_node(self, uid: str) -> Host:
         for node, holder in self.nodes.items():
@@ -372,6 +383,7 @@ class PodRunner:
                 start_new_session=True,
             )
         running.started_at = _now()
+        running.spawned = time.monotonic()
         running.ready = running.ever_ready = False
         running.next_readiness = time.monotonic() + FAST_PROBE
         running.next_liveness = time.monotonic() + (
@@ -415,12 +427,16 @@ class PodRunner:
             ok = running.probing.result()
             running.probing = None
             if ok != running.ready:
+                if ok and not running.ever_ready:
+                    log.info("%s/%s ready %.2f s after its start", running.namespace, running.name,
+                             time.monotonic() - running.spawned)  # fmt: skip
                 running.ready = ok
                 running.ready_since = _now()
                 running.ever_ready |= ok
                 self._report(running)
         if running.probing is None and now >= running.next_readiness:
             running.probing = self.probes.submit(_http_ok, running.host.address, probe)
+            running.probing.add_done_callback(lambda _: self._wake.set())  # act on the verdict at once
             running.next_readiness = now + (probe.period if running.ever_ready else FAST_PROBE)
 
     def _probe_liveness(self, running: Running, now: float) -> None:
