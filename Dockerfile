@@ -1,6 +1,8 @@
 # One image for the operator and the forwarding pods (`layerlb operator`, `layerlb dataplane`).
 # The chart's Deployment passes `operator ...` as args; the operator gives the forwarding pods the
 # command `layerlb dataplane ...`. Build: docker build -t ghcr.io/layerlb/layerlb:0.1.0 .
+# (Not built by the tests: this machine has no container runtime. `pip wheel .` over the same files was
+# checked to hold every package, the jinja2 templates and the `layerlb` entry point.)
 FROM python:3.12-slim-bookworm
 
 # The kernel architectures (nat, dsr, tunnel) program IPVS and nftables, the transparent proxy routes
@@ -13,6 +15,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY layerlb ./layerlb
+# layerlb/templates is a symlink to the top-level templates/ (the renderers' jinja2 files): copy both.
+COPY templates ./templates
 COPY operator ./operator
 COPY dataplane ./dataplane
 RUN pip install --no-cache-dir . && rm -rf /src
