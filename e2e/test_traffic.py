@@ -142,6 +142,11 @@ def node_of(world: World, name: str) -> Host:
     return next(h for h in world.runner.node_hosts.values() if h.address == host_ip)
 
 
+def ready_replicas(world: World, deployment: str) -> int:
+    found = harness.get(world.kubectl, "deployment", deployment, NS) or {}
+    return int((found.get("status") or {}).get("readyReplicas") or 0)
+
+
 def answers(lines: list[str]) -> collections.Counter[str]:
     """`b2:9002` → how many answers came from it; failed requests count under `ERROR`."""
     return collections.Counter("ERROR" if line.startswith("ERROR") else line.split()[0] for line in lines)
@@ -171,10 +176,9 @@ def test_l7_proxy_routes_by_host_path_method_and_header(world: World) -> None:
         assert line.startswith(expected), (headers, path, line)
         pod_ips = {p["status"]["podIP"] for p in pods_of(world, lb["metadata"]["name"])}
         assert line.split("from=")[1] in pod_ips, "an L7 proxy connects from its own (pod) address"
-    # replicas: 2 → two pods, both Ready, both behind the VIP (ECMP at the router).
-    deployment = harness.get(world.kubectl, "deployment", "shop-dataplane", NS) or {}
-    assert deployment["status"].get("readyReplicas") == 2
-    assert len(world.runner.lab.routes()[vip]) == 2
+    # replicas: 2 → two pods, both Ready (Ready=True needs one), both behind the VIP (ECMP at the router).
+    wait_for("both replicas ready", lambda: ready_replicas(world, "shop-dataplane") == 2)
+    wait_for("both pods routed", lambda: len(world.runner.lab.routes().get(vip, ())) == 2)
 
 
 def test_l7_https_terminates_tls_and_balances_over_all_endpoints(world: World) -> None:

@@ -52,7 +52,12 @@ class Relay:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._serve())
+        try:
+            self.loop.run_until_complete(self._serve())
+            pending = asyncio.all_tasks(self.loop)
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            self.loop.close()
 
     async def _serve(self) -> None:
         self.server = await asyncio.start_server(self._connection, sock=self.socket)
