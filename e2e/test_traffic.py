@@ -48,6 +48,8 @@ class World:
     runner: PodRunner
     backends: list[Host]
     folder: Path
+    operator: Operator
+    operator_config: Path
     ready_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -68,11 +70,12 @@ def world(
     config = harness.operator_kubeconfig(k8s, kubectl, folder, NS, SYSTEM_NS, LEASE)
     operator = Operator(config, folder / "operator.log", NS, LEASE)
     runner = PodRunner(k8s.kubeconfig, [NS], folder / "runner")
+    shared: World | None = None
     try:
         wait_for("the operator to lead", lambda: operator.metrics().get("layerlb_operator_leader") == 1)
         started = lab_examples.start_backends(runner.lab)
         kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump(lab_examples.vip_pool(POOL, [NS])))
-        shared = World(kubectl, runner, [host for host, _ in started], folder)
+        shared = World(kubectl, runner, [host for host, _ in started], folder, operator, config)
         yield shared
         times = sorted(shared.ready_seconds.values())
         print(
@@ -81,7 +84,7 @@ def world(
     finally:
         kubectl("delete", "llb", "--all", "-n", NS, "--wait=true", "--timeout=90s", timeout=120)
         runner.close()
-        operator.stop()
+        (shared.operator if shared else operator).stop()
         kubectl("delete", "vippool", POOL, "--ignore-not-found")
         kubectl("delete", "namespace", NS, "--wait=false")
 
@@ -339,6 +342,41 @@ def test_scaling_the_services_endpoints_moves_traffic_without_a_failed_request(
     assert sum(counted.values()) > 20, counted  # the loop ran throughout
     assert counted["ERROR"] == 0 and answers(seen)["ERROR"] == 0, [x for x in background if "ERROR" in x][:5]
     assert {"b1:9001", "b2:9001", "b3:9001"} <= set(counted), counted
+
+
+def test_restarting_the_operator_leaves_serving_pods_and_their_status_alone(world: World) -> None:
+    before = {
+        p["metadata"]["uid"]
+        for p in json.loads(world.kubectl.ok("get", "pods", "-n", NS, "-o", "json"))["items"]
+    }
+    statuses = {
+        o["metadata"]["name"]: o["status"]
+        for o in json.loads(world.kubectl.ok("get", "llb", "-n", NS, "-o", "json"))["items"]
+    }
+    assert before and all(c["status"] == "True" for s in statuses.values() for c in s["conditions"]), statuses
+    assert world.operator.stop() == 0
+    world.operator = Operator(world.operator_config, world.folder / "operator-2.log", NS, LEASE)
+    wait_for("the new operator to lead", lambda: world.operator.metrics().get("layerlb_operator_leader") == 1)
+    wait_for(
+        "the new operator to resume every LoadBalancer",
+        lambda: (
+            world.operator.metrics().get('layerlb_operator_reconciles_total{result="accepted"}', 0)
+            >= len(statuses)
+        ),
+    )
+    after = {
+        p["metadata"]["uid"]
+        for p in json.loads(world.kubectl.ok("get", "pods", "-n", NS, "-o", "json"))["items"]
+    }
+    assert after == before, "pods were replaced"
+    now = {
+        o["metadata"]["name"]: o["status"]
+        for o in json.loads(world.kubectl.ok("get", "llb", "-n", NS, "-o", "json"))["items"]
+    }
+    assert now == statuses
+    vip = statuses["shop"]["vip"]
+    [line] = ask(world, client.http_get, vip, 8080, 1, "/", {"Host": "shop.example.com"})
+    assert line.startswith("b1:9001 GET /"), line
 
 
 def test_deleting_a_load_balancer_removes_its_pods_kernel_state_and_vip(world: World) -> None:
