@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # helm comes from the local cluster's Go-module build, in the same cache the e2e fixtures use.
 HELM := $(or $(LAYERLB_CACHE),$(CURDIR)/.cache)/k8s/bin/helm
 
-.PHONY: setup system-packages lint typecheck unit test demo bench crds chart goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator kind-e2e crds chart goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -55,6 +55,16 @@ demo: setup
 bench: setup
 	@bash bench/packages.sh
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Issue 5's operator targets on the local cluster (root; ~5 min): apply → Ready and endpoint change → served
+# with forwarding pods run by the pod runner, then the 1,000-LoadBalancer cold start. Tables on stdout.
+bench-operator: setup
+	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.operator_targets $(TARGETS_ARGS)
+	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) bench/operator_scale.py $(SCALE_ARGS)
+
+# Where Docker exists (a laptop, GitHub Actions): image, kind cluster, Helm chart, e2e suite. Unverified here.
+kind-e2e:
+	@bash e2e/kind/run.sh
 
 cluster: setup
 	@$(PY) e2e/cluster/cluster.py up

@@ -5,6 +5,10 @@ Service, EndpointSlice, Secret, VIPPool, Deployment or forwarding pod that it re
 read the cluster view from the watched state in memory, run the pure `reconcile`, claim the VIP,
 server-side apply the objects, and patch the status when it differs. Triggers from watched objects
 go through a debounced queue, so a burst of endpoint changes costs one re-render per LoadBalancer.
+Changes of a LoadBalancer's own forwarding pods, their serving reports and their Deployment only move
+its status (`Ready`, ready counts), so they wait `status_delay` (0.05 s), long enough to take a pod's
+status patch and the Deployment's follow-up together, instead of the full debounce: otherwise `Ready`
+would lag the pod that serves by up to half a second.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class Reconciler:
         metrics: Metrics,
         *,
         debounce: float = 0.5,
+        status_delay: float = 0.05,
         concurrency: int = 8,
         now: Callable[[], str] = rfc3339,
         cleanup_timeout: float = CLEANUP_SECONDS,
@@ -104,6 +109,7 @@ class Reconciler:
         self._pruning: set[asyncio.Task[None]] = set()
         self.ledger = vips.Ledger()
         self.queue: Debouncer[str] = Debouncer(debounce)
+        self.status_delay = status_delay
         self.sources: Sources | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # key → (uid, status last written)
@@ -227,13 +233,18 @@ class Reconciler:
             self.client.post_event(dict(document), {**body, "firstTimestamp": now, "lastTimestamp": now})
 
     def touch(self, reference: Hashable) -> None:
-        """A watched object changed: re-render the LoadBalancers that refer to it, debounced."""
+        """A watched object changed: re-render the LoadBalancers that refer to it, debounced (briefly for
+        an `("instance", ...)` reference: a forwarding pod, its report or its Deployment, which move only
+        the status)."""
         changed = self._changed.get(reference)
         if changed is not None:
             changed.set()
         if self.sources is not None:
+            delay = (
+                self.status_delay if isinstance(reference, tuple) and reference[:1] == ("instance",) else None
+            )
             for key in self.sources.references.get(reference, ()):
-                self.queue.touch(str(key))
+                self.queue.touch(str(key), delay)
 
     def pod_gone(self, instance: tuple[str, str | None, str | None], pod: str) -> None:
         """A forwarding pod was deleted: drop its entry from the serving ConfigMap so entries do not pile up.

@@ -248,3 +248,30 @@ def test_a_deleted_pods_report_is_dropped_from_the_serving_configmap() -> None:
     assert client.requests == [
         ("PATCH", "/api/v1/namespaces/shop/configmaps/a-serving", {"data": {"a-1": None}})
     ]
+
+
+def test_a_pods_change_moves_ready_at_once_while_endpoint_changes_wait_for_the_debounce() -> None:
+    worker, client, _ = _setup(_lb("a"))
+    worker.queue.delay = 30.0  # an endpoint change would wait half a minute here
+    assert worker.sources is not None
+    references = cast(dict[Any, Any], worker.sources.references)
+    references[("instance", "shop", "a")] = references[("service", "shop", "app")] = ["shop/a"]
+    _pods(worker, ("a-1", True), serving={"a-1": "1"})
+
+    async def scenario() -> float:
+        runner = asyncio.create_task(worker.run())
+        worker.touch(("service", "shop", "app"))
+        await asyncio.sleep(0.3)
+        assert client.patched == [], "the endpoint change waits for the debounce"
+        started = asyncio.get_running_loop().time()
+        worker.touch(("instance", "shop", "a"))  # the pod became Ready, or reported what it serves
+        while not client.patched and asyncio.get_running_loop().time() - started < 10:
+            await asyncio.sleep(0.01)
+        runner.cancel()
+        return asyncio.get_running_loop().time() - started
+
+    took = _run(scenario())
+    [(key, patched)] = client.patched
+    ready = next(c for c in patched["conditions"] if c["type"] == "Ready")
+    assert key == "shop/a" and ready["status"] == "True", patched
+    assert took < 5, f"Ready followed the pod after {took:.2f} s"

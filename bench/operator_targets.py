@@ -1,0 +1,350 @@
+"""Issue 5's latency targets on the local cluster, with the operator and the e2e pod runner: measured, not asserted.
+
+- apply → Ready: LoadBalancers created one after another (each waits for the previous one), every one an
+  L4 TCP proxy with its own forwarding pod started by the pod runner; the time from the create request
+  until the LoadBalancer reports `Ready=True` for its generation. Target: p95 ≤ 2 s.
+- endpoint change → new Plan served: one LoadBalancer in front of a selector-less Service whose single
+  endpoint the script moves between two backends by updating the EndpointSlice; the time from the update
+  request until a client in the lab's client namespace, connecting through the VIP over and over, first
+  gets its answer from the new backend. Target: p95 ≤ 1 s. (The pods' serving report carries the
+  LoadBalancer's generation, which an endpoint change leaves alone, so traffic is the observable here.)
+
+    python -m bench.operator_targets [--count 20] [--changes 20] [--cluster STATE_DIR]
+
+Needs root (the pod runner makes network namespaces). Requests go through the Kubernetes Python client,
+so kubectl's own start-up does not count. Figures are wall-clock on this machine: a busy machine reads
+slower, hence the load average printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMESPACE = "llb-targets"
+POOL = "llb-targets-pool"
+GROUP, VERSION, PLURAL = "layerlb.dev", "v1alpha1", "loadbalancers"
+READY_TARGET = 2.0
+CHANGE_TARGET = 1.0
+WAIT = 120.0  # seconds before one measurement counts as failed
+
+
+# ------------------------------------------------------------------------------------ in the client namespace
+
+
+def poll_backend(vip: str, port: int, seconds: float) -> None:
+    """GETs through the VIP on new connections, back to back; prints `seen NAME MONOTONIC` whenever the
+    answering backend changes (`seen ERROR ...` for a failed request). Runs in the lab's client namespace;
+    CLOCK_MONOTONIC is the same clock in every network namespace, so the times compare with the parent's."""
+    import http.client
+
+    last = ""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        connection = http.client.HTTPConnection(vip, port, timeout=2)
+        try:
+            connection.request("GET", "/", headers={"Host": "example.com"})
+            answer = connection.getresponse()
+            name = answer.read().decode(errors="replace").split(":", 1)[0] or "EMPTY"
+        except (OSError, http.client.HTTPException) as error:
+            name = f"ERROR {type(error).__name__}"
+        finally:
+            connection.close()
+        if name != last:
+            print(f"seen {name} {time.monotonic():.6f}", flush=True)
+            last = name
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (p95 of 20 values is the 19th smallest)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * fraction // 1))
+    return ordered[int(rank) - 1]
+
+
+def row(what: str, values: Sequence[float], target: float, wanted: int) -> str:
+    if len(values) < wanted:
+        return f"{what:<38} {len(values):>3}/{wanted:<3} measured (the rest timed out){'':>20}  missed"
+    p50, p95 = statistics.median(values), percentile(values, 0.95)
+    verdict = "met" if p95 <= target else "missed"
+    return f"{what:<38} {len(values):>3}  {p50:6.2f} {p95:6.2f} {max(values):6.2f}   p95 ≤ {target:.0f} s  {verdict}"
+
+
+# ----------------------------------------------------------------------------------------------- the bench
+
+
+PHASES = ("Programmed", "pod created", "pod running", "reported", "pod ready", "Ready")
+LB_LABEL = "layerlb.dev/loadbalancer"
+
+
+class Timeline:
+    """When each LoadBalancer of the namespace first reached each step on its way to Ready, from watches:
+    `Programmed` (its objects written), its first forwarding pod created, running (the runner started
+    the process), `reported` (the pod wrote a generation into `<name>-serving`), pod ready (its readiness
+    probe passed), `Ready` (for the LoadBalancer's current generation)."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        from kubernetes import client as k8s
+
+        self.namespace = namespace
+        self.marks: dict[tuple[str, str], float] = {}
+        self.changed = threading.Condition()
+        self.stop = threading.Event()
+        custom: Any = k8s.CustomObjectsApi(api)
+        core: Any = k8s.CoreV1Api(api)
+        listers = {
+            self._see_lb: lambda **kw: custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, **kw
+            ),
+            self._see_pod: lambda **kw: core.list_namespaced_pod(namespace, label_selector=LB_LABEL, **kw),
+            self._see_report: lambda **kw: core.list_namespaced_config_map(
+                namespace, label_selector="layerlb.dev/report=serving", **kw
+            ),
+        }
+        for see, lister in listers.items():
+            threading.Thread(target=self._run, args=(see, lister), daemon=True).start()
+
+    def _run(self, see: Any, lister: Any) -> None:
+        from kubernetes import watch as watch_module
+
+        watch: Any = watch_module  # untyped
+        while not self.stop.is_set():
+            try:
+                for event in watch.Watch().stream(lister, timeout_seconds=60):
+                    see(event["raw_object"], time.monotonic())
+                    if self.stop.is_set():
+                        return
+            except Exception as error:  # an expired watch, a busy API server: list and watch again
+                print(f"  (watch restarts: {error})", file=sys.stderr)
+                time.sleep(0.2)
+
+    def _mark(self, name: str, phase: str, at: float) -> None:
+        with self.changed:
+            if (name, phase) not in self.marks:
+                self.marks[(name, phase)] = at
+                self.changed.notify_all()
+
+    def _see_lb(self, lb: dict[str, Any], at: float) -> None:
+        name, generation = lb["metadata"]["name"], lb["metadata"].get("generation")
+        for condition in (lb.get("status") or {}).get("conditions") or []:
+            current = condition["status"] == "True" and condition.get("observedGeneration") == generation
+            if current and condition["type"] in ("Programmed", "Ready"):
+                self._mark(name, condition["type"], at)
+
+    def _see_pod(self, pod: dict[str, Any], at: float) -> None:
+        name = pod["metadata"]["labels"][LB_LABEL]
+        self._mark(name, "pod created", at)
+        status = pod.get("status") or {}
+        if status.get("phase") == "Running":
+            self._mark(name, "pod running", at)
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or []):
+            self._mark(name, "pod ready", at)
+
+    def _see_report(self, config_map: dict[str, Any], at: float) -> None:
+        if any(value.isdigit() for value in (config_map.get("data") or {}).values()):
+            self._mark(config_map["metadata"]["labels"][LB_LABEL], "reported", at)
+
+    def wait(self, name: str, phase: str, timeout: float) -> float | None:
+        with self.changed:
+            self.changed.wait_for(lambda: (name, phase) in self.marks, timeout)
+            return self.marks.get((name, phase))
+
+    def breakdown(self, started: dict[str, float]) -> str:
+        """The median time of each phase after the create request, over the LoadBalancers in `started`."""
+        parts = []
+        for phase in PHASES:
+            offsets = [self.marks[(n, phase)] - t for n, t in started.items() if (n, phase) in self.marks]
+            if offsets:
+                parts.append(f"{phase} {statistics.median(offsets):.2f}")
+        return "median s after create: " + ", ".join(parts)
+
+
+def endpoint_slice(addresses: list[str]) -> dict[str, Any]:
+    """The selector-less Service `app`'s one EndpointSlice (port 80 → 9001), with `addresses` ready."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "app-1",
+            "namespace": NAMESPACE,
+            "labels": {
+                "kubernetes.io/service-name": "app",
+                "endpointslice.kubernetes.io/managed-by": "bench",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 9001, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+    }
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.operator_targets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--count", type=int, default=20, help="LoadBalancers for apply → Ready (default 20)")
+    parser.add_argument("--changes", type=int, default=20, help="endpoint changes to time (default 20)")
+    parser.add_argument("--cluster", type=Path, help="state folder of a running local cluster to reuse")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("operator_targets: run as root (the pod runner makes network namespaces)")
+    sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "dataplane")]
+    import subprocess
+
+    import yaml
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config_module
+
+    from bench import operator_targets as this  # `poll_backend` by its importable name, for the namespace
+    from e2e.cluster.cluster import down, up
+    from e2e.runner import lab as lab_examples
+    from e2e.runner.runner import PodRunner
+
+    workdir = Path(tempfile.mkdtemp(prefix="llb-targets-"))
+    state = args.cluster or workdir / "cluster"
+    cluster = up(state)
+    env = cluster.env()
+
+    def kubectl(*command: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            ["kubectl", *command], input=stdin, env=env, capture_output=True, text=True, timeout=300
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"kubectl {' '.join(command)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd/loadbalancers.layerlb.dev")
+    kubectl("apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}\n")
+    k8s_config: Any = k8s_config_module  # untyped
+    api = k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    custom: Any = k8s.CustomObjectsApi(api)
+    discovery: Any = k8s.DiscoveryV1Api(api)
+    log = workdir / "operator.log"
+    command = [sys.executable, "-m", "layerlb.cli", "operator", "--namespace", NAMESPACE, "--standalone"]
+    with log.open("wb") as out:
+        operator = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    runner = PodRunner(cluster.kubeconfig, [NAMESPACE], workdir / "runner")
+    timeline = Timeline(api, NAMESPACE)
+    ready: list[float] = []
+    created: dict[str, float] = {}
+    changes: list[float] = []
+    try:
+        backends = [host for host, _ in lab_examples.start_backends(runner.lab, 2)]
+        kubectl("apply", "-f", "-", stdin=yaml.safe_dump(lab_examples.vip_pool(POOL, [NAMESPACE])))
+        addresses = [host.address for host in backends]
+        template = next(
+            d
+            for d in lab_examples.adapt("l4-proxy-tcp.yaml", NAMESPACE, addresses)
+            if d["kind"] == "LoadBalancer"
+        )
+        print(
+            f"[targets] load average {load_average()}; operator log {log}; runner logs {workdir / 'runner'}"
+        )
+
+        # (a) apply → Ready, one LoadBalancer after another.
+        for index in range(args.count):
+            body = copy.deepcopy(template)
+            body["metadata"]["name"] = name = f"ready-{index:02d}"
+            created[name] = started = time.monotonic()
+            custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+            seen = timeline.wait(name, "Ready", WAIT)
+            if seen is None:
+                print(f"  {name}: not Ready within {WAIT:.0f} s")
+                continue
+            ready.append(seen - started)
+            steps = [
+                f"{p} {timeline.marks[(name, p)] - started:.2f}"
+                for p in PHASES
+                if (name, p) in timeline.marks
+            ]
+            print(f"  {name}: Ready after {seen - started:.2f} s ({', '.join(steps[:-1])})")
+        print(f"  {timeline.breakdown(created)}")
+        kubectl("delete", "llb", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+
+        # (b) endpoint change → the new backend answers through the VIP.
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "app", "namespace": NAMESPACE},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 9001}]},
+        }
+        kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([service, endpoint_slice(addresses[:1])]))
+        body = copy.deepcopy(template)
+        body["metadata"]["name"] = "switch"
+        body["spec"]["backends"] = [
+            {"name": "app", "service": {"name": "app", "port": 80}, "algorithm": "round-robin"}
+        ]
+        custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+        if timeline.wait("switch", "Ready", WAIT) is None:
+            raise SystemExit(f"LoadBalancer switch not Ready within {WAIT:.0f} s; see {log}")
+        vip = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "switch")["status"][
+            "vip"
+        ]
+        poller = runner.lab.client.spawn(this.poll_backend, vip, 8080, WAIT * (args.changes + 2))
+        poller.wait_for_line("seen b1", timeout=WAIT)
+        for index in range(args.changes):
+            target = 1 - index % 2  # b2, b1, b2, ...
+            poller.lines.clear()
+            started = time.monotonic()
+            slice_body = endpoint_slice([addresses[target]])
+            discovery.replace_namespaced_endpoint_slice("app-1", NAMESPACE, slice_body)
+            deadline = started + WAIT
+            seen_at = None
+            while seen_at is None and time.monotonic() < deadline:
+                line = poller.wait_for_line(
+                    f"seen b{target + 1} ", timeout=max(0.1, deadline - time.monotonic())
+                )
+                at = float(line.split()[2])
+                seen_at = at if at >= started else None
+            if seen_at is None:
+                print(f"  change {index + 1}: b{target + 1} never answered")
+                continue
+            changes.append(seen_at - started)
+            print(f"  change {index + 1} → b{target + 1}: answering after {seen_at - started:.2f} s")
+        poller.stop()
+        print(f"\n[targets] load average {load_average()} (2 cores, shared)")
+        print(f"{'':<38} {'n':>3}  {'p50':>6} {'p95':>6} {'max':>6}   target      verdict")
+        print(row("apply → Ready (one after another)", ready, READY_TARGET, args.count))
+        print(row("EndpointSlice update → new backend", changes, CHANGE_TARGET, args.changes))
+        met = len(ready) == args.count and len(changes) == args.changes
+        return 0 if met else 1
+    finally:
+        timeline.stop.set()
+        subprocess.run(
+            ["kubectl", "delete", "llb", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=60s"],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        runner.close()
+        operator.terminate()
+        operator.wait(timeout=60)
+        subprocess.run(
+            ["kubectl", "delete", "vippool", POOL, "--ignore-not-found"], env=env, capture_output=True
+        )
+        if args.cluster is None:
+            down(state)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
