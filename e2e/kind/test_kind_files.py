@@ -1,0 +1,108 @@
+"""What of the kind suite can be checked without Docker: the script's syntax, the kind config, the Helm
+values it installs with, that the suite is collected in kind mode only, and the VIP routes it plumbs."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from e2e.kind import network
+from e2e.kind.network import Serving
+from e2e.runner import lab
+from tests.test_chart import helm
+
+KIND = Path(__file__).resolve().parent
+ROOT = KIND.parents[1]
+
+
+def test_run_sh_is_valid_bash() -> None:
+    done = subprocess.run(["bash", "-n", str(KIND / "run.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert os.access(KIND / "run.sh", os.X_OK)
+
+
+def test_kind_config_has_a_node_per_host_network_replica_and_keeps_clear_of_the_vips() -> None:
+    config = yaml.safe_load((KIND / "cluster.yaml").read_text())
+    assert (config["kind"], config["apiVersion"]) == ("Cluster", "kind.x-k8s.io/v1alpha4")
+    from e2e.kind.test_kind import HOST_NETWORK_EXAMPLES, VIPS
+
+    replicas = [
+        document["spec"].get("replicas", 1)
+        for file in HOST_NETWORK_EXAMPLES
+        for document in lab.documents(file)
+        if document["kind"] == "LoadBalancer"
+    ]
+    assert len(config["nodes"]) >= max(replicas), "host ports allow one forwarding pod per node"
+    first, last = (ipaddress.ip_address(a) for a in VIPS.split("-"))
+    for subnet in (config["networking"]["podSubnet"], config["networking"]["serviceSubnet"]):
+        network_ = ipaddress.ip_network(subnet)
+        assert first not in network_ and last not in network_, subnet
+
+
+def test_the_helm_values_run_the_loaded_image_for_operator_and_forwarding_pods() -> None:
+    done = helm("template", "layerlb", str(ROOT / "charts" / "layerlb"), "-f", str(KIND / "values.yaml"))
+    assert done.returncode == 0, done.stderr
+    [deployment] = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert (container["image"], container["imagePullPolicy"]) == ("layerlb:kind-e2e", "Never")
+    env = {item["name"]: item.get("value") for item in container.get("env") or []}
+    assert env["LAYERLB_DATAPLANE_IMAGE"] == "layerlb:kind-e2e"
+    assert "layerlb:kind-e2e" in (KIND / "run.sh").read_text()
+
+
+def _collected(mode: bool) -> list[str]:
+    env = {key: value for key, value in os.environ.items() if key != "LAYERLB_KIND_CLUSTER"}
+    if mode:
+        env["LAYERLB_KIND_CLUSTER"] = "layerlb-e2e"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(KIND)],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_the_kind_suite_is_collected_in_kind_mode_only() -> None:
+    normal, kind_mode = _collected(False), _collected(True)
+    assert not [t for t in normal if "test_kind.py" in t], normal
+    suite = [t for t in kind_mode if "test_kind.py" in t]
+    assert len(suite) == 4 + 5, kind_mode  # four proxy examples with traffic, five host-network ones
+
+
+def test_routes_go_to_local_pods_by_veth_else_to_the_nodes_that_hold_them() -> None:
+    nodes = {"cp": "172.18.0.2", "w1": "172.18.0.3", "w2": "172.18.0.4"}
+    serving = [
+        Serving("198.18.10.10", "w1", "10.244.1.5"),
+        Serving("198.18.10.10", "w2", "10.244.2.7"),
+        Serving("198.18.10.11", "w1", "10.244.1.6"),
+    ]
+    veths = {"10.244.1.5": "veth1", "10.244.2.7": "veth2", "10.244.1.6": "veth3"}
+    assert network.routes(serving, nodes, veths) == {
+        "cp": [
+            [
+                "route",
+                "replace",
+                "198.18.10.10/32",
+                "nexthop",
+                "via",
+                "172.18.0.3",
+                "nexthop",
+                "via",
+                "172.18.0.4",
+            ],
+            ["route", "replace", "198.18.10.11/32", "via", "172.18.0.3"],
+        ],
+        "w1": [
+            ["route", "replace", "198.18.10.10/32", "dev", "veth1"],
+            ["route", "replace", "198.18.10.11/32", "dev", "veth3"],
+        ],
+        "w2": [
+            ["route", "replace", "198.18.10.10/32", "dev", "veth2"],
+            ["route", "replace", "198.18.10.11/32", "via", "172.18.0.3"],
+        ],
+    }
