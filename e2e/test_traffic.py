@@ -379,6 +379,53 @@ def test_restarting_the_operator_leaves_serving_pods_and_their_status_alone(worl
     assert line.startswith("b1:9001 GET /"), line
 
 
+def test_broken_load_balancers_are_refused_with_a_reason_and_the_others_keep_serving(
+    world: World, tmp_path: Path
+) -> None:
+    """A missing Service and a taken VIP each get Accepted=False with their reason, no forwarding pod, and
+    nothing changes for a LoadBalancer already serving: its status stays, and its traffic never fails."""
+    shop = load_balancer(world, "shop")
+    vip = shop["status"]["vip"]
+    stop = tmp_path / "stop"
+    background: list[str] = []
+    loop = threading.Thread(
+        target=lambda: background.extend(ask(world, client.http_until, vip, 8080, str(stop))), daemon=True
+    )
+    loop.start()
+    missing = [{"name": "app", "service": {"name": "nowhere", "port": 80}}]
+    broken = {
+        "no-service": (
+            "BackendNotFound",
+            lab_examples.adapt("l4-proxy-tcp.yaml", NS, world.addresses, "no-service", backends=missing),
+        ),
+        "taken-vip": (
+            "VIPConflict",
+            lab_examples.adapt("l4-proxy-tcp.yaml", NS, world.addresses, "taken-vip", vip=vip),
+        ),
+    }
+    try:
+        for _, documents in broken.values():
+            world.kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+        for name, (reason, _) in broken.items():
+
+            def refused(name: str = name, reason: str = reason) -> bool:
+                conditions = (load_balancer(world, name).get("status") or {}).get("conditions") or []
+                accepted = next((c for c in conditions if c["type"] == "Accepted"), {})
+                return accepted.get("status") == "False" and accepted.get("reason") == reason
+
+            wait_for(f"{name}: Accepted=False {reason}", refused)
+            assert not pods_of(world, name), f"{name} got a forwarding pod"
+        # The refusals are written; a few more requests to the serving VIP after them.
+        wait_for("requests after the refusals", lambda: len(ask(world, client.http_get, vip, 8080, 3)) == 3)
+    finally:
+        stop.touch()
+        loop.join(60)
+        world.kubectl("delete", "llb", *broken, "-n", NS, "--wait=true", "--timeout=60s")
+    counted = answers(background)
+    assert sum(counted.values()) > 5 and counted["ERROR"] == 0, background[:5]
+    assert load_balancer(world, "shop")["status"] == shop["status"]
+
+
 def test_deleting_a_load_balancer_removes_its_pods_kernel_state_and_vip(world: World) -> None:
     lb = deploy(world, "l4-nat-nftables.yaml", name="gone")
     vip = vip_of(lb)
