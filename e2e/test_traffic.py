@@ -410,7 +410,7 @@ def test_broken_load_balancers_are_refused_with_a_reason_and_the_others_keep_ser
 
             def refused(name: str = name, reason: str = reason) -> bool:
                 conditions = (load_balancer(world, name).get("status") or {}).get("conditions") or []
-                accepted = next((c for c in conditions if c["type"] == "Accepted"), {})
+                accepted: dict[str, Any] = next((c for c in conditions if c["type"] == "Accepted"), {})
                 return accepted.get("status") == "False" and accepted.get("reason") == reason
 
             wait_for(f"{name}: Accepted=False {reason}", refused)
