@@ -223,12 +223,14 @@ def wrapper(launch: Launch, token_dir: Path | None) -> list[str]:
         covered = [p for p in image_paths() if os.path.commonpath([p, path]) == path and p != path]
         stash = f"{STASH}/{index}"
         if covered:
-            steps.append(f"mount --bind {shlex.quote(path)} {stash}")
+            # --rbind: what is mounted below the path comes along (in the QEMU guest a checkout under /tmp is
+            # itself a bind mount over the guest's tmpfs; a plain bind would stash an empty folder).
+            steps.append(f"mount --rbind {shlex.quote(path)} {stash}")
         steps.append(f"mount -t tmpfs -o size=16m,mode=1777 tmpfs {shlex.quote(path)}")
         for folder in covered:
             inside = shlex.quote(os.path.join(path, os.path.relpath(folder, path)))
             original = shlex.quote(os.path.join(stash, os.path.relpath(folder, path)))
-            steps.append(f"mkdir -p {inside} && mount --bind {original} {inside}")
+            steps.append(f"mkdir -p {inside} && mount --rbind {original} {inside}")
     privileges = ["setpriv", f"--reuid={launch.uid}", f"--regid={launch.gid}"]
     privileges.append(f"--groups={','.join(map(str, launch.groups))}" if launch.groups else "--clear-groups")
     if "ALL" not in launch.capabilities:
