@@ -18,12 +18,9 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +28,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from e2e import harness
 from e2e.cluster.cluster import Cluster
 from e2e.kube import ROOT, Kubectl
 from e2e.runner.runner import PodRunner
@@ -43,15 +41,8 @@ T = TypeVar("T")
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+    """`harness.wait_for` with this module's longer default (helm and the chart's operator are slower)."""
+    return harness.wait_for(what, probe, timeout)
 
 
 def readme_command(verb: str) -> list[str]:
@@ -124,14 +115,12 @@ def owned_versions(kubectl: Kubectl, name: str) -> dict[str, str]:
     return found
 
 
-class Operator:
+class Operator(harness.Operator):
     """The installed Deployment's container, run as a local process with the chart ServiceAccount's token."""
 
     def __init__(self, deployment: dict[str, Any], kubeconfig: Path, log: Path) -> None:
         [container] = deployment["spec"]["template"]["spec"]["containers"]
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = harness.free_port()
         args = list(container["args"])
         args[args.index("--metrics") + 1] = f"127.0.0.1:{self.port}"  # the pod's 0.0.0.0:8080, on a free port
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LAYERLB_DEBUG": "1"}
@@ -148,25 +137,6 @@ class Operator:
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
             )
-
-    def metrics(self) -> dict[str, float]:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as answer:
-                text = answer.read().decode()
-        except OSError:
-            return {}
-        samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        return {name: float(value) for name, value in samples}
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
 
 @pytest.fixture(scope="module")
