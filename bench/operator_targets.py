@@ -172,25 +172,6 @@ class Timeline:
         return "median s after create: " + ", ".join(parts)
 
 
-def endpoint_slice(addresses: list[str]) -> dict[str, Any]:
-    """The selector-less Service `app`'s one EndpointSlice (port 80 → 9001), with `addresses` ready."""
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "app-1",
-            "namespace": NAMESPACE,
-            "labels": {
-                "kubernetes.io/service-name": "app",
-                "endpointslice.kubernetes.io/managed-by": "bench",
-            },
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 9001, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
-    }
-
-
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -216,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import operator_targets as this  # `poll_backend` by its importable name, for the namespace
     from e2e.cluster.cluster import down, up
+    from e2e.harness import service_and_slice
     from e2e.runner import lab as lab_examples
     from e2e.runner.runner import PodRunner
 
@@ -282,13 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         kubectl("delete", "llb", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s")
 
         # (b) endpoint change → the new backend answers through the VIP.
-        service = {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "app", "namespace": NAMESPACE},
-            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 9001}]},
-        }
-        kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([service, endpoint_slice(addresses[:1])]))
+        service = service_and_slice(NAMESPACE, "app", addresses[:1], 9001)
+        kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(service))
         body = copy.deepcopy(template)
         body["metadata"]["name"] = "switch"
         body["spec"]["backends"] = [
@@ -306,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             target = 1 - index % 2  # b2, b1, b2, ...
             poller.lines.clear()
             started = time.monotonic()
-            slice_body = endpoint_slice([addresses[target]])
+            _, slice_body = service_and_slice(NAMESPACE, "app", [addresses[target]], 9001)
             discovery.replace_namespaced_endpoint_slice("app-1", NAMESPACE, slice_body)
             deadline = started + WAIT
             seen_at = None

@@ -1,4 +1,5 @@
-"""What the e2e modules share: waiting on conditions, and the operator run under its own ServiceAccount.
+"""What the e2e modules share: waiting on conditions, the operator run under its own ServiceAccount, and
+the selector-less Services whose endpoints a test (or a measurement) sets itself.
 
 The operator runs as a subprocess (`python -m layerlb.cli operator`) bound to exactly the rules of
 `layerlb_operator.rbac`, so a missing permission fails the tests. Each module gives it its own namespace
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -169,3 +170,30 @@ def fresh_namespace(kubectl: Kubectl, namespace: str) -> None:
     kubectl.ok(
         "apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"
     )
+
+
+def service_and_slice(namespace: str, name: str, addresses: Sequence[str], port: int) -> list[dict[str, Any]]:
+    """A selector-less Service `name` (port 80 → `port`) and its one EndpointSlice `NAME-1` with `addresses`
+    ready: no controller writes endpoints for such a Service, so re-applying this moves them at will."""
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port}]},
+    }
+    endpoint_slice = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-1",
+            "namespace": namespace,
+            "labels": {
+                "kubernetes.io/service-name": name,
+                "endpointslice.kubernetes.io/managed-by": "e2e.layerlb.dev",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+    }
+    return [service, endpoint_slice]

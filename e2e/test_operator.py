@@ -90,28 +90,7 @@ def pool(name: str, addresses: list[str], auto: bool = True) -> dict[str, Any]:
 
 def service_and_slice(name: str, *addresses: str) -> list[dict[str, Any]]:
     """A selector-less Service and the EndpointSlice a test controls (port 80 → 8080)."""
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-    }
-    endpoint_slice = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": NS,
-            "labels": {
-                "kubernetes.io/service-name": name,
-                "endpointslice.kubernetes.io/managed-by": "e2e.layerlb.dev",
-            },
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
-    }
-    return [service, endpoint_slice]
+    return harness.service_and_slice(NS, name, addresses, 8080)
 
 
 def plan_of(kubectl: Kubectl, name: str) -> dict[str, Any] | None:

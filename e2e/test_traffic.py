@@ -288,25 +288,7 @@ def test_l4_dsr_on_nftables_backends_answer_the_client_directly(world: World) ->
 
 def _service(addresses: list[str]) -> list[dict[str, Any]]:
     """A selector-less Service `app` and the EndpointSlice the test controls (port 80 → 9001)."""
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "app", "namespace": NS},
-        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 9001}]},
-    }
-    endpoint_slice = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "app-1",
-            "namespace": NS,
-            "labels": {"kubernetes.io/service-name": "app", "endpointslice.kubernetes.io/managed-by": "e2e"},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 9001, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
-    }
-    return [service, endpoint_slice]
+    return harness.service_and_slice(NS, "app", addresses, 9001)
 
 
 def test_scaling_the_services_endpoints_moves_traffic_without_a_failed_request(

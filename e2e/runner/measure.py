@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from e2e.cluster import cluster
-from e2e.harness import free_port
+from e2e.harness import free_port, service_and_slice
 from e2e.runner import lab
 from e2e.runner.runner import PodRunner
 
@@ -54,21 +54,8 @@ def _summary(what: str, seconds: list[float]) -> str:
 
 
 def _slice(addresses: list[str]) -> str:
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "app", "namespace": NS},
-        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 9001}]},
-    }
-    endpoint_slice = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {"name": "app-1", "namespace": NS, "labels": {"kubernetes.io/service-name": "app"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 9001, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
-    }
-    return yaml.safe_dump_all([service, endpoint_slice])
+    """The selector-less Service `app` (port 80 → 9001) with `addresses` as its endpoints."""
+    return yaml.safe_dump_all(service_and_slice(NS, "app", addresses, 9001))
 
 
 def main(argv: list[str] | None = None) -> int:
