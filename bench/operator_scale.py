@@ -52,18 +52,9 @@ def load_balancer(index: int) -> dict[str, Any]:
     }
 
 
-def kubectl(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
-    done = subprocess.run(
-        ["kubectl", *args], input=stdin, env=env, capture_output=True, text=True, timeout=600
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"kubectl {' '.join(args)} failed: {done.stderr.strip()}")
-    return done.stdout
-
-
-def programmed(env: dict[str, str]) -> int:
-    """How many LoadBalancers report Programmed=True for their current generation."""
-    listed = json.loads(kubectl(env, "get", "llb", "-n", NAMESPACE, "-o", "json"))
+def programmed(listed: dict[str, Any]) -> int:
+    """How many of the `kubectl get -o json` list's LoadBalancers report Programmed=True for their current
+    generation."""
     count = 0
     for item in listed["items"]:
         generation = item["metadata"].get("generation")
@@ -97,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from e2e.cluster.cluster import down, up
+    from e2e.kube import kubectl_or_exit as kubectl
 
     state = args.cluster or Path(tempfile.mkdtemp(prefix="llb-scale-")) / "cluster"
     cluster = up(state)
@@ -128,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = 0.0
         done = 0
         while time.monotonic() - started < args.timeout:
-            done = programmed(env)
+            done = programmed(json.loads(kubectl(env, "get", "llb", "-n", NAMESPACE, "-o", "json")))
             peak = max(peak, rss_mb(operator.pid)[1])
             elapsed = time.monotonic() - started
             print(f"  {elapsed:6.1f} s  {done}/{args.count} Programmed  peak RSS {peak:.0f} MB", flush=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import operator_targets as this  # `poll_backend` by its importable name, for the namespace
     from e2e.cluster.cluster import down, up
     from e2e.harness import service_and_slice
+    from e2e.kube import kubectl_or_exit
     from e2e.runner import lab as lab_examples
     from e2e.runner.runner import PodRunner
 
@@ -206,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = up(state)
     env = cluster.env()
 
-    def kubectl(*command: str, stdin: str | None = None) -> str:
-        done = subprocess.run(
-            ["kubectl", *command], input=stdin, env=env, capture_output=True, text=True, timeout=300
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"kubectl {' '.join(command)} failed: {done.stderr.strip()}")
-        return done.stdout
+    kubectl = functools.partial(kubectl_or_exit, env)
 
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd/loadbalancers.layerlb.dev")

@@ -1,4 +1,5 @@
-"""`kubectl` for the end-to-end tests, against the test cluster's kubeconfig."""
+"""`kubectl` for the end-to-end tests, against the test cluster's kubeconfig, and for the command-line
+measurements (`e2e/runner/measure.py`, `bench/operator_*.py`) that drive a cluster of their own."""
 
 from __future__ import annotations
 
@@ -28,3 +29,14 @@ class Kubectl:
         done = self(*args, stdin=stdin)
         assert done.returncode == 0, f"kubectl {' '.join(args)} failed: {done.stderr}"
         return done.stdout
+
+
+def kubectl_or_exit(env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 600) -> str:
+    """`kubectl` with `env` (its KUBECONFIG): the output, or SystemExit with kubectl's stderr, so a
+    measurement script stops with kubectl's own message instead of a traceback."""
+    done = subprocess.run(
+        ["kubectl", *args], input=stdin, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"kubectl {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout

@@ -28,20 +28,12 @@ import yaml
 
 from e2e.cluster import cluster
 from e2e.harness import free_port, service_and_slice
+from e2e.kube import kubectl_or_exit
 from e2e.runner import lab
 from e2e.runner.runner import PodRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "measure"
-
-
-def _kubectl(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
-    done = subprocess.run(
-        ["kubectl", *args], input=stdin, env=env, capture_output=True, text=True, timeout=300
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def _summary(what: str, seconds: list[float]) -> str:
@@ -73,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     env = running.env()
     operator = None
     try:
-        _kubectl(env, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        _kubectl(
+        kubectl_or_exit(env, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+        kubectl_or_exit(
             env,
             "wait",
             "--for=condition=Established",
             "crd/loadbalancers.layerlb.dev",
             "crd/vippools.layerlb.dev",
         )
-        _kubectl(env, "create", "namespace", NS)
+        kubectl_or_exit(env, "create", "namespace", NS)
         metrics = f"127.0.0.1:{free_port()}"
         with (state / "operator.log").open("wb") as log:
             operator = subprocess.Popen(
@@ -90,30 +82,30 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         with PodRunner(running.kubeconfig, [NS], state / "runner") as runner:
             addresses = [host.address for host, _ in lab.start_backends(runner.lab)]
-            _kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump(lab.vip_pool("measure", [NS])))
+            kubectl_or_exit(env, "apply", "-f", "-", stdin=yaml.safe_dump(lab.vip_pool("measure", [NS])))
             ready: list[float] = []
             for index in range(args.count):
                 documents = lab.adapt("l4-proxy-tcp.yaml", NS, addresses, f"m{index:02d}")
                 started = time.monotonic()
-                _kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
-                _kubectl(
+                kubectl_or_exit(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+                kubectl_or_exit(
                     env, "wait", "--for=condition=Ready", "--timeout=120s", "-n", NS, f"llb/m{index:02d}"
                 )
                 ready.append(time.monotonic() - started)
             print(_summary("apply -> Ready", ready), flush=True)
 
-            _kubectl(env, "apply", "-f", "-", stdin=_slice(addresses[:1]))
+            kubectl_or_exit(env, "apply", "-f", "-", stdin=_slice(addresses[:1]))
             backed = [{"name": "app", "service": {"name": "app", "port": 80}}]
             documents = lab.adapt("l4-proxy-tcp.yaml", NS, addresses, "svc", backends=backed)
-            _kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
-            _kubectl(env, "wait", "--for=condition=Ready", "--timeout=120s", "-n", NS, "llb/svc")
+            kubectl_or_exit(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+            kubectl_or_exit(env, "wait", "--for=condition=Ready", "--timeout=120s", "-n", NS, "llb/svc")
             [pod] = runner.pods_of("svc")
             url = f"http://{pod.host.address}:9090/config"
             changes: list[float] = []
             for index in range(args.changes):
                 wanted = addresses[: 1 + (index + 1) % 3]
                 started = time.monotonic()
-                _kubectl(env, "apply", "-f", "-", stdin=_slice(wanted))
+                kubectl_or_exit(env, "apply", "-f", "-", stdin=_slice(wanted))
                 while True:
                     served = runner.lab.router.run(["curl", "-s", url]).stdout
                     found = {a for a in addresses if f'"{a}"' in served}
