@@ -45,6 +45,8 @@ class Relay:
 
         self.socket = in_namespace(namespace, bind)
         self.loop = asyncio.new_event_loop()
+        self.stopping = asyncio.Event()  # set (on the loop) by `close`
+        self.connections: set[asyncio.Task[None]] = set()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="api-relay", daemon=True)
         self.thread.start()
@@ -54,38 +56,51 @@ class Relay:
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self._serve())
+            # Handlers of connections accepted while `_serve` was ending: they see `stopping` and return.
             pending = asyncio.all_tasks(self.loop)
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         finally:
             self.loop.close()
 
     async def _serve(self) -> None:
+        """Serves until `close`, then ends every open connection and waits for their handlers."""
         self.server = await asyncio.start_server(self._connection, sock=self.socket)
         self.ready.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.server.serve_forever()
+        await self.stopping.wait()
+        self.server.close()
+        for task in self.connections:
+            task.cancel()
+        await asyncio.gather(*self.connections, return_exceptions=True)
+        await self.server.wait_closed()
 
     async def _connection(self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        writers = [client]
         try:
-            upstream_reader, upstream = await asyncio.open_connection(*self.target)
-        except OSError:
-            client.close()
-            return
-        try:
+            if self.stopping.is_set():
+                return
+            try:
+                upstream_reader, upstream = await asyncio.open_connection(*self.target)
+            except OSError:
+                return
+            writers.append(upstream)
             await asyncio.gather(_pipe(client_reader, upstream), _pipe(upstream_reader, client))
+        except asyncio.CancelledError:
+            # `_serve` cancels open connections when the relay closes: that is how they end, not an error
+            # (Python 3.11's asyncio.streams logs a CancelledError traceback for a handler task ending cancelled).
+            # Any other cancellation goes on.
+            if not self.stopping.is_set():
+                raise
         finally:
-            for writer in (client, upstream):
+            self.connections.discard(task)
+            for writer in writers:
                 writer.close()
 
     def close(self) -> None:
-        """Stops listening (open connections are dropped with the loop)."""
-
-        def stop() -> None:
-            self.server.close()
-            for task in asyncio.all_tasks(self.loop):
-                task.cancel()
-
+        """Stops listening, ends the open connections and waits for the relay's thread."""
         if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(stop)
+            self.loop.call_soon_threadsafe(self.stopping.set)
             self.thread.join(10)
         self.socket.close()
