@@ -20,15 +20,17 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from tests.dataplane.conftest import Backend, LoopThread, RawClient, Seen, get, respond
-from tests.dataplane.helpers_runtime import (
+from tests.dataplane.conftest import (
+    Backend,
+    LoopThread,
+    RawClient,
+    Seen,
     TcpBackend,
     UdpBackend,
-    free_port,
-    http_get,
-    read_line,
-    wait_until,
+    get,
+    respond,
 )
+from tests.dataplane.helpers_runtime import free_port, http_get, read_line, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60.0

@@ -1,11 +1,14 @@
-"""Real-socket helpers for data plane tests: an event loop thread, HTTP backends, raw clients, Plans.
+"""Real-socket helpers for data plane tests: a loop thread, HTTP, TCP and UDP backends, raw clients, Plans.
 
 Tests stay synchronous and talk to loopback sockets with blocking calls and timeouts, so they control
 every byte a client sends; servers (backends, the proxy under test) run on one uvloop event loop in a
 background thread. Every wait is on a condition (a read, an event) with a generous timeout; nothing sleeps.
 
-- `loop_thread` (fixture): `LoopThread.run(coroutine)` runs on the loop and returns its result.
+- `loop_thread` (fixture): `LoopThread.run(coroutine)` runs on the loop and returns its result;
+  `ServerThread`: a server on a loop thread of its own.
 - `Backend`: an HTTP/1.1 server; `handler(request, reader, writer)` answers (default: 200 "ok <name>").
+  `TcpBackend` (`tcp`: three of them) greets and echoes, `UdpBackend` answers datagrams; all count
+  connections and can be waited on.
 - `RawClient`: a socket with `send`, `response()` (parses one response), `read_exactly`, `closed()`.
 - `lb_document(...)` and `plan_of(document)`: a LoadBalancer and its Plan with static endpoints.
 """
@@ -30,13 +33,14 @@ from layerlb import api, plan, resolve, validation
 
 T = TypeVar("T")
 TIMEOUT = 10.0
+WAIT = 20.0  # for a backend to reach a condition: generous, as the machine is shared
 
 
 class LoopThread:
-    """A uvloop event loop running in a daemon thread."""
+    """An event loop (uvloop unless `new_loop` says otherwise) running in a daemon thread."""
 
-    def __init__(self) -> None:
-        self.loop = uvloop.new_event_loop()
+    def __init__(self, new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop) -> None:
+        self.loop = new_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
@@ -67,6 +71,28 @@ def loop_thread() -> Iterator[LoopThread]:
     thread = LoopThread()
     yield thread
     thread.stop()
+
+
+class ServerThread:
+    """A stream server on 127.0.0.1 with a plain asyncio loop of its own, apart from `loop_thread`: for
+    servers that stand beside the code under test (a TLS echo server, a PROXY header sink)."""
+
+    def __init__(
+        self,
+        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        self.loop_thread = LoopThread(asyncio.new_event_loop)
+        self.server = self.loop_thread.run(asyncio.start_server(serve, "127.0.0.1", 0, ssl=ssl))
+        self.port: int = self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        self.loop_thread.run(stop())
+        self.loop_thread.stop()
 
 
 # --- backends ---------------------------------------------------------------------------------------------
@@ -146,7 +172,62 @@ def respond(status: int = 200, body: bytes = b"ok", headers: tuple[str, ...] = (
     return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
-class Backend:
+class CountedServer:
+    """What the test backends share: a server on the test's loop, its connection counts (`accepted`,
+    `open`) and a Condition notified on every change, so that a test waits for a count, never sleeps."""
+
+    def __init__(self, loop_thread: LoopThread, name: str) -> None:
+        self.loop_thread = loop_thread
+        self.name = name
+        self.accepted = 0
+        self.open = 0
+        self.changed = threading.Condition()
+        self.server: asyncio.Server | None = None
+
+    async def _listen(self, port: int) -> int:
+        self.server = await asyncio.start_server(self._counted, "127.0.0.1", port)
+        bound: int = self.server.sockets[0].getsockname()[1]
+        return bound
+
+    async def _counted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection, counted open while `_serve` handles it, then closed."""
+
+        def opened() -> None:
+            self.accepted += 1
+            self.open += 1
+
+        def closed() -> None:
+            self.open -= 1
+
+        self._note(opened)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            writer.close()
+            self._note(closed)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def _note(self, change: Callable[[], None]) -> None:
+        with self.changed:
+            change()
+            self.changed.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+        """Block until `predicate()` holds (checked on every change), or fail."""
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout), f"backend {self.name}: condition not met"
+
+    def close(self) -> None:
+        async def close() -> None:
+            assert self.server is not None
+            self.server.close()
+
+        self.loop_thread.run(close())
+
+
+class Backend(CountedServer):
     """An HTTP/1.1 keep-alive server on 127.0.0.1 that records what it receives.
 
     `read_bodies` False leaves bodies to the handler (streaming tests). A handler that closes the
@@ -156,40 +237,20 @@ class Backend:
     def __init__(
         self, loop_thread: LoopThread, name: str = "b", handler: Handler | None = None, port: int = 0
     ) -> None:
-        self.loop_thread = loop_thread
-        self.name = name
+        super().__init__(loop_thread, name)
         self.handler: Handler = handler or self.default
         self.read_bodies = True
         self.proxy_protocol = False  # connections start with a PROXY header (v1 or v2): kept in first_bytes
         self.requests: list[Seen] = []
-        self.accepted = 0
-        self.open = 0
         self.first_bytes: list[bytes] = []
-        self.server: asyncio.Server | None = None
-        self.changed = threading.Condition()
-        self.port = loop_thread.run(self._start(port))
+        self.port = loop_thread.run(self._listen(port))
 
     async def default(
         self, request: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         writer.write(respond(body=f"ok {self.name}".encode()))
 
-    async def _start(self, port: int) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
-        bound: int = self.server.sockets[0].getsockname()[1]
-        return bound
-
-    def _note(self, change: Callable[[], None]) -> None:
-        with self.changed:
-            change()
-            self.changed.notify_all()
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        def opened() -> None:
-            self.accepted += 1
-            self.open += 1
-
-        self._note(opened)
         peer = writer.get_extra_info("peername")
         try:
             if self.proxy_protocol:
@@ -209,25 +270,6 @@ class Backend:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
-        finally:
-            writer.close()
-
-            def closed() -> None:
-                self.open -= 1
-
-            self._note(closed)
-
-    def wait(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-        """Block until `predicate()` holds (checked on every change), or fail."""
-        with self.changed:
-            assert self.changed.wait_for(predicate, timeout), f"backend {self.name}: condition not met"
-
-    def close(self) -> None:
-        async def close() -> None:
-            assert self.server is not None
-            self.server.close()
-
-        self.loop_thread.run(close())
 
 
 @pytest.fixture
@@ -243,6 +285,78 @@ def backends(loop_thread: LoopThread) -> Iterator[Callable[..., Backend]]:
     yield make
     for backend in made:
         backend.close()
+
+
+class TcpBackend(CountedServer):
+    """A TCP server that greets each connection with `NAME\\n` and then echoes.
+
+    `eof_reply` is sent after the client's EOF (before closing), to show the other direction goes on.
+    """
+
+    def __init__(self, loop_thread: LoopThread, name: str, eof_reply: bytes = b"") -> None:
+        super().__init__(loop_thread, name)
+        self.eof_reply = eof_reply
+        self.received = 0
+        self.first: list[bytes] = []  # the first chunk of each connection (PROXY headers)
+        self.port: int = loop_thread.run(self._listen(0))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = True
+        try:
+            writer.write(f"{self.name}\n".encode())
+            while data := await reader.read(65536):
+                if first:
+                    self._note(lambda: self.first.append(data))
+                    first = False
+                self.received += len(data)
+                writer.write(data)
+                await writer.drain()
+            if self.eof_reply:
+                writer.write(self.eof_reply)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+
+@pytest.fixture
+def tcp(loop_thread: LoopThread) -> Iterator[list[TcpBackend]]:
+    """Three greeting echo backends: a, b, c."""
+    made = [TcpBackend(loop_thread, name) for name in "abc"]
+    yield made
+    for backend in made:
+        backend.close()
+
+
+class UdpBackend:
+    """A UDP server answering every datagram with `NAME:` + the datagram; records the peers it saw."""
+
+    def __init__(self, loop_thread: LoopThread, name: str) -> None:
+        self.loop_thread = loop_thread
+        self.name = name.encode()
+        self.peers: set[tuple[str, int]] = set()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port: int = loop_thread.run(self._start())
+
+    async def _start(self) -> int:
+        backend = self
+
+        class Echo(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+                backend.peers.add((str(addr[0]), int(addr[1])))
+                assert backend.transport is not None
+                backend.transport.sendto(backend.name + b":" + data, addr)
+
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        port: int = self.transport.get_extra_info("sockname")[1]
+        return port
+
+    def close(self) -> None:
+        async def close() -> None:
+            assert self.transport is not None
+            self.transport.close()
+
+        self.loop_thread.run(close())
 
 
 # --- clients ----------------------------------------------------------------------------------------------

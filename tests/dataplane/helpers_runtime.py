@@ -1,4 +1,4 @@
-"""Helpers of the runtime, admin and L4 proxy tests: L4 backends, Plans built directly, a Dataplane in a thread.
+"""Helpers of the runtime, admin and L4 proxy tests: Plans built directly, a Dataplane in a thread, sockets.
 
 Plans are built as `plan.Plan` objects (not through validation) so tests can use sub-second timeouts.
 Every wait is on a condition with a deadline (`wait_until`, `Condition.wait_for`), never a fixed sleep.
@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerlb_dataplane import config, runtime
 
@@ -50,105 +52,24 @@ def free_port(host: str, kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
         return port
 
 
-class TcpBackend:
-    """A TCP server that greets each connection with `NAME\\n` and then echoes; counts open connections.
-
-    `eof_reply` is sent after the client's EOF (before closing), to show the other direction goes on.
-    """
-
-    def __init__(self, loop_thread: LoopThread, name: str, eof_reply: bytes = b"") -> None:
-        self.loop_thread = loop_thread
-        self.name = name
-        self.eof_reply = eof_reply
-        self.open = 0
-        self.accepted = 0
-        self.received = 0
-        self.first: list[bytes] = []  # the first chunk of each connection (PROXY headers)
-        self.changed = threading.Condition()
-        self.server: asyncio.Server | None = None
-        self.port: int = loop_thread.run(self._start())
-
-    async def _start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    def _note(self, change: Callable[[], None]) -> None:
-        with self.changed:
-            change()
-            self.changed.notify_all()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        def opened() -> None:
-            self.open += 1
-            self.accepted += 1
-
-        self._note(opened)
-        first = True
-        try:
-            writer.write(f"{self.name}\n".encode())
-            while data := await reader.read(65536):
-                if first:
-                    self._note(lambda: self.first.append(data))
-                    first = False
-                self.received += len(data)
-                writer.write(data)
-                await writer.drain()
-            if self.eof_reply:
-                writer.write(self.eof_reply)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-            def closed() -> None:
-                self.open -= 1
-
-            self._note(closed)
-
-    def wait(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-        with self.changed:
-            assert self.changed.wait_for(predicate, timeout), f"backend {self.name}: condition not met"
-
-    def close(self) -> None:
-        async def close() -> None:
-            assert self.server is not None
-            self.server.close()
-
-        self.loop_thread.run(close())
-
-
-class UdpBackend:
-    """A UDP server answering every datagram with `NAME:` + the datagram; records the peers it saw."""
-
-    def __init__(self, loop_thread: LoopThread, name: str) -> None:
-        self.loop_thread = loop_thread
-        self.name = name.encode()
-        self.peers: set[tuple[str, int]] = set()
-        self.transport: asyncio.DatagramTransport | None = None
-        self.port: int = loop_thread.run(self._start())
-
-    async def _start(self) -> int:
-        backend = self
-
-        class Echo(asyncio.DatagramProtocol):
-            def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-                backend.peers.add((str(addr[0]), int(addr[1])))
-                assert backend.transport is not None
-                backend.transport.sendto(backend.name + b":" + data, addr)
-
-        loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
-        port: int = self.transport.get_extra_info("sockname")[1]
-        return port
-
-    def close(self) -> None:
-        async def close() -> None:
-            assert self.transport is not None
-            self.transport.close()
-
-        self.loop_thread.run(close())
+def make_certificate(directory: Path, label: str, names: list[str]) -> plan.Certificate:
+    """A self-signed P-256 certificate whose CN is `label`, so a test can tell which one was served; its
+    files stay in `directory` as `LABEL.crt` and `LABEL.key`."""
+    key, cert = directory / f"{label}.key", directory / f"{label}.crt"
+    san = ",".join(f"DNS:{name}" for name in names) or f"DNS:{label}.invalid"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-nodes", "-days", "2", "-subj", f"/CN={label}", "-addext", f"subjectAltName={san}"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return plan.Certificate(
+        source=f"test/{label}", cert_pem=cert.read_text(), key_pem=key.read_text(), names=tuple(names)
+    )
 
 
 def l4_plan(

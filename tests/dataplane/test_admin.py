@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any
 from layerlb_dataplane import admin, metrics
 
 from layerlb import api, documents, plan
-from tests.dataplane.conftest import RawClient, get, lb_document, plan_of
+from tests.dataplane.conftest import RawClient, TcpBackend, get, lb_document, plan_of
 from tests.dataplane.helpers_runtime import (
     Running,
-    TcpBackend,
     connect,
     free_port,
     http_get,

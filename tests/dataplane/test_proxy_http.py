@@ -10,7 +10,6 @@ import asyncio
 import resource
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from tests.dataplane.conftest import (
     read_body,
     respond,
 )
+from tests.dataplane.helpers_runtime import make_certificate
 
 Backends = Callable[..., Backend]
 Proxies = Callable[[dict[str, Any]], ProxyUnderTest]
@@ -1034,17 +1034,13 @@ def test_transparent_mode_connects_from_the_client_address(
 
 
 def test_https_listeners_say_so(backends: Backends, loop_thread: LoopThread, tmp_path: Path) -> None:
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    make_certificate(tmp_path, "localhost", ["localhost"])
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    context.load_cert_chain(tmp_path / "localhost.crt", tmp_path / "localhost.key")
     backend = backends()
     proxy = ProxyUnderTest(loop_thread, one(backend), ssl=context, protocol=Protocol.HTTPS)
     try:
-        client_context = ssl.create_default_context(cafile=tmp_path / "cert.pem")
+        client_context = ssl.create_default_context(cafile=tmp_path / "localhost.crt")
         raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
         with client_context.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(get())

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import socket
 import threading
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -15,10 +14,9 @@ from layerlb_dataplane import proxy_l4
 from layerlb_dataplane.runtime import Served
 
 from layerlb import api, plan
+from tests.dataplane.conftest import TcpBackend, UdpBackend
 from tests.dataplane.helpers_runtime import (
     Running,
-    TcpBackend,
-    UdpBackend,
     closed_by_peer,
     connect,
     free_port,
@@ -32,15 +30,6 @@ if TYPE_CHECKING:
     from tests.dataplane.conftest import LoopThread
 
 VIP = "127.0.0.21"
-
-
-@pytest.fixture
-def tcp(loop_thread: LoopThread) -> Iterator[list[TcpBackend]]:
-    """Three greeting echo backends: a, b, c."""
-    made = [TcpBackend(loop_thread, name) for name in "abc"]
-    yield made
-    for backend in made:
-        backend.close()
 
 
 def served(running: Running, key: str = "test/l4") -> list[Served]:

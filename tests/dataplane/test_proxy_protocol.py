@@ -13,9 +13,7 @@ import random
 import socket
 import struct
 import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,8 @@ from layerlb_dataplane.proxy_protocol import (
 )
 
 from layerlb.api import ProxyProtocolVersion
+from tests.dataplane.conftest import ServerThread
+from tests.dataplane.helpers_runtime import free_port, wait_until
 
 V1, V2 = ProxyProtocolVersion.v1, ProxyProtocolVersion.v2
 
@@ -295,34 +295,13 @@ def test_trusted(peer: str, cidrs: list[str], expected: bool) -> None:
 # ---- HAProxy as the reference -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-class Sink:
+class Sink(ServerThread):
     """A backend that reads a PROXY header with HeaderParser and answers with what it parsed (JSON)."""
 
     def __init__(self) -> None:
         self.locals: list[ProxyHeader] = []
         self.errors: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self.handle, "127.0.0.1", 0), self.loop
-        ).result(10)
-        self.port: int = self.server.sockets[0].getsockname()[1]
+        super().__init__(self.handle)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = HeaderParser()
@@ -355,16 +334,6 @@ class Sink:
         finally:
             writer.close()
 
-    def close(self) -> None:
-        async def stop() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
 
 def start_haproxy(config: str, directory: Path, ports: list[tuple[str, int]]) -> subprocess.Popen[bytes]:
     path = directory / "haproxy.cfg"
@@ -385,7 +354,7 @@ def start_haproxy(config: str, directory: Path, ports: list[tuple[str, int]]) ->
         return True
 
     try:
-        wait_for(listening, 10, "haproxy to listen")
+        wait_until(listening, 10, "haproxy to listen")
     except BaseException:
         process.kill()
         process.wait()
@@ -431,7 +400,7 @@ def exchange(
 def haproxy_sender(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sink, int, int]]:
     """HAProxy in TCP mode relaying to the Sink with send-proxy (v1) and send-proxy-v2 with TLVs."""
     sink = Sink()
-    p1, p2 = free_port(), free_port()
+    p1, p2 = free_port("127.0.0.1"), free_port("127.0.0.1")
     config = (
         DEFAULTS
         + f"""
@@ -489,14 +458,14 @@ def family_digit(family: socket.AddressFamily) -> str:
 
 def test_parser_reads_haproxy_health_check_headers(haproxy_sender: tuple[Sink, int, int]) -> None:
     sink, _, _ = haproxy_sender
-    wait_for(lambda: len(sink.locals) >= 4, 10, "HAProxy's health checks (LOCAL / UNKNOWN headers)")
+    wait_until(lambda: len(sink.locals) >= 4, 10, "HAProxy's health checks (LOCAL / UNKNOWN headers)")
     assert not sink.errors
 
 
 @pytest.fixture(scope="module")
 def haproxy_receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """HAProxy with `accept-proxy`, answering with the client address it took from the header."""
-    port = free_port()
+    port = free_port("127.0.0.1")
     config = (
         DEFAULTS
         + f"""

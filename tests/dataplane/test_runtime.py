@@ -9,7 +9,6 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +19,12 @@ from layerlb_dataplane import config, runtime
 from layerlb import api, plan, render
 from tests.dataplane.helpers_runtime import (
     Running,
-    TcpBackend,
     closed_by_peer,
     connect,
     free_port,
     l4_plan,
     listening_inodes,
+    make_certificate,
     read_exactly,
     read_line,
     wait_until,
@@ -34,17 +33,9 @@ from tests.dataplane.helpers_runtime import (
 if TYPE_CHECKING:
     from tests.dataplane.conftest import Backend, LoopThread, Seen
 
-from tests.dataplane.conftest import RawClient, get, lb_document, plan_of, respond
+from tests.dataplane.conftest import RawClient, TcpBackend, get, lb_document, plan_of, respond
 
 VIP = "127.0.0.22"
-
-
-@pytest.fixture
-def tcp(loop_thread: LoopThread) -> Iterator[list[TcpBackend]]:
-    made = [TcpBackend(loop_thread, name) for name in "abc"]
-    yield made
-    for backend in made:
-        backend.close()
 
 
 def echo(sock: socket.socket, data: bytes = b"ping") -> bytes:
@@ -371,29 +362,6 @@ def test_file_sources_reload_on_content_change_only(tmp_path: Path) -> None:
     assert source.load()[0].generation == 7
 
 
-def _certificate(directory: Path, label: str) -> plan.Certificate:
-    key, cert = directory / f"{label}.key", directory / f"{label}.crt"
-    subprocess.run(
-        [
-            *(
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ),
-            *("-days", "2", "-subj", f"/CN={label}", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return plan.Certificate(source=label, cert_pem=cert.read_text(), key_pem=key.read_text(), names=())
-
-
 def _served_name(port: int) -> str:
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -426,10 +394,10 @@ def test_a_reload_swaps_certificates_without_closing_the_https_listener(
         )
         return base.model_copy(update={"listeners": (listener,), "generation": generation})
 
-    running = Running(loop_thread, [https(_certificate(tmp_path, "one"), 1)])
+    running = Running(loop_thread, [https(make_certificate(tmp_path, "one", []), 1)])
     inodes = listening_inodes(VIP, port)
     assert _served_name(port) == "one"
-    running.set([https(_certificate(tmp_path, "two"), 2)])
+    running.set([https(make_certificate(tmp_path, "two", []), 2)])
     assert _served_name(port) == "two"
     assert listening_inodes(VIP, port) == inodes
     running.stop()

@@ -13,7 +13,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,25 +20,8 @@ import pytest
 from layerlb_dataplane import tls
 
 from layerlb import plan
-
-
-def make_certificate(directory: Path, label: str, names: list[str]) -> plan.Certificate:
-    """A self-signed P-256 certificate whose CN is `label`, so a test can tell which one was served."""
-    key, cert = directory / f"{label}.key", directory / f"{label}.crt"
-    san = ",".join(f"DNS:{name}" for name in names) or f"DNS:{label}.invalid"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-            *("-nodes", "-days", "2", "-subj", f"/CN={label}", "-addext", f"subjectAltName={san}"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return plan.Certificate(
-        source=f"test/{label}", cert_pem=cert.read_text(), key_pem=key.read_text(), names=tuple(names)
-    )
+from tests.dataplane.conftest import ServerThread
+from tests.dataplane.helpers_runtime import make_certificate
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +44,11 @@ def cafile(certs: dict[str, plan.Certificate], tmp_path_factory: pytest.TempPath
     return str(path)
 
 
-class EchoServer:
+class EchoServer(ServerThread):
     """An asyncio TLS echo server on its own thread, so the test thread can use blocking clients."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self.handle, "127.0.0.1", 0, ssl=context), self.loop
-        ).result(10)
-        self.port: int = self.server.sockets[0].getsockname()[1]
+        super().__init__(self.handle, ssl=context)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -83,16 +59,6 @@ class EchoServer:
             pass
         finally:
             writer.close()
-
-    def close(self) -> None:
-        async def stop() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture
