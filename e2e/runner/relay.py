@@ -89,7 +89,7 @@ class Relay:
             await asyncio.gather(_pipe(client_reader, upstream), _pipe(upstream_reader, client))
         except asyncio.CancelledError:
             # `_serve` cancels open connections when the relay closes: that is how they end, not an error
-            # (Python 3.11's asyncio.streams logs a CancelledError traceback for a handler task ending cancelled).
+            # (Python 3.11's asyncio.streams logs a traceback for a handler task that ends cancelled).
             # Any other cancellation goes on.
             if not self.stopping.is_set():
                 raise
