@@ -7,6 +7,7 @@ FROM python:3.12-slim-bookworm
 
 # The kernel architectures (nat, dsr, tunnel) program IPVS and nftables, the transparent proxy routes
 # with `ip`; the pods that do so run as root with NET_ADMIN, everything else as the non-root user below.
+# The IPVS engine speaks netlink itself; ipvsadm is there for people inspecting a node (`ipvsadm -Ln`).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iproute2 nftables ipvsadm \
  && rm -rf /var/lib/apt/lists/*

@@ -18,7 +18,7 @@ import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import jinja2
 
@@ -137,8 +137,10 @@ def serving_backend(p: plan.Plan) -> plan.Backend:
     return p.backend(p.default_backend or p.backends[0].name)
 
 
+@lru_cache(maxsize=65536)
 def is_ipv6(address: str) -> bool:
-    """Whether an address is IPv6: the family decides brackets, nftables families and match keywords."""
+    """Whether an address is IPv6: the family decides brackets, nftables families and match keywords.
+    Cached: a Plan of 1,000 listeners x 10 endpoints asks 11,000 times, and parsing is most of the cost."""
     return ipaddress.ip_address(address).version == 6
 
 

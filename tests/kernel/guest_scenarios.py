@@ -8,7 +8,8 @@ Run from the repository root, as root, in a kernel with IPVS (the host test boot
 Everything runs in this one process, because starting Python under emulation costs seconds: servers are
 threads whose sockets were created inside their namespace (`setns` moves only the calling thread, and a
 socket keeps the namespace it was created in), and the engine is called from the main thread switched
-into the LB's namespace, so its `ipvsadm` and `ip` children run there too.
+into the LB's namespace, so its netlink socket and its `ip` children are there too. The tests look at
+the kernel through `ipvsadm`, independently of the engine's own netlink read.
 
 Findings are plain values (counts, lists, booleans); the scenario asserts nothing itself, so a failing
 host test shows everything the guest saw. An exception is reported as `{"error": traceback}`.
@@ -30,6 +31,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from layerlb_dataplane import probes
@@ -304,10 +306,58 @@ def targets_of(p: plan.Plan) -> dict[str, list[Target]]:
     return {backend.name: [Target(backend.name, e.address, e.port, e.weight) for e in backend.endpoints]}
 
 
+def parse_listing(text: str) -> dict[ipvs.ServiceKey, ipvs.VirtualService]:
+    """The TCP and UDP services of `ipvsadm -Ln --exact` output, with real servers and connection counts:
+    the tests' own view of the kernel's table, independent of the engine's netlink read.
+
+    fwmark and SCTP services (and their servers) are skipped: layerlb never creates them.
+    """
+    services: dict[ipvs.ServiceKey, ipvs.VirtualService] = {}
+    current: ipvs.VirtualService | None = None
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] in ("TCP", "UDP") and len(words) >= 3:
+            address, port = ipvs.split_host_port(words[1])
+            persistence: int | None = None
+            flags: str | None = None
+            extra: list[str] = []
+            rest = iter(words[3:])
+            for word in rest:
+                if word == "persistent":
+                    persistence = int(next(rest))
+                elif word.startswith("(") and word.endswith(")"):
+                    flags = word[1:-1]  # `mh (mh-fallback,mh-port)`
+                else:
+                    extra.append(word)
+            key = ipvs.ServiceKey(words[0], address, port)
+            current = services[key] = ipvs.VirtualService(key, words[2], persistence, flags, tuple(extra))
+        elif words[0] == "->" and len(words) >= 6 and words[1] != "RemoteAddress:Port":
+            if current is None:
+                continue
+            address, port = ipvs.split_host_port(words[1])
+            forward = ipvs.FORWARD_FLAGS.get(words[2], words[2])
+            server = ipvs.RealServer(address, port, forward, int(words[3]), int(words[4]), int(words[5]))
+            current.servers[server.key] = server
+        elif words[0] != "->":
+            current = None  # a header, or a service of a kind layerlb does not own
+    return services
+
+
 def table(ns: str, vip: str | None = None) -> dict[str, Any]:
-    """The kernel's IPVS services (of `vip`, or all), in a JSON-friendly form keyed `TCP 10.0.0.1:80`."""
+    """The kernel's IPVS services (of `vip`, or all) as `ipvsadm` lists them, in a JSON-friendly form keyed
+    `TCP 10.0.0.1:80`."""
+    return as_json(parse_listing(run(["ipvsadm", "-Ln", "--exact"], ns)), vip)
+
+
+def engine_table(ns: str, vip: str) -> dict[str, Any]:
+    """`table`, as the engine reads it (netlink dump + /proc), to compare with ipvsadm's view."""
     with netns(ns):
-        services = ipvs.IpvsEngine().read()
+        return as_json(ipvs.IpvsEngine().read(vip), vip)
+
+
+def as_json(services: Mapping[ipvs.ServiceKey, ipvs.VirtualService], vip: str | None) -> dict[str, Any]:
     return {
         f"{key.protocol} {render.host_port(key.address, key.port)}": {
             "scheduler": service.scheduler,
@@ -402,7 +452,7 @@ def probe_until(
 
 # --- nat ---------------------------------------------------------------------------------------------
 
-NAT_VIP, NAT_VIP2, FOREIGN_VIP = "10.0.100.1", "10.0.100.2", "10.0.9.9"
+NAT_VIP, NAT_VIP2, FOREIGN_VIP, SCRATCH_VIP = "10.0.100.1", "10.0.100.2", "10.0.9.9", "10.0.9.10"
 NAT_CLIENT = "10.0.1.2"
 NAT_BACKENDS = {"be1": "10.0.2.11", "be2": "10.0.2.12", "be3": "10.0.2.13"}
 NAT_PORT, UDP_PORT, BACKEND_PORT = 80, 5353, 8080
@@ -477,6 +527,7 @@ def scenario_nat() -> Findings:
     lb = LB("lb", ipvs.IpvsEngine(drain_seconds=30))
     found["first_sync"] = lb.sync(p1, targets)
     found["table_first"] = table("lb", NAT_VIP)
+    found["engine_view_first"] = engine_table("lb", NAT_VIP)
     found["kernel_lines"] = saved("lb", NAT_VIP)
     found["render_lines"] = rendered(p1)
     found["vip_on_lo"] = [a for a in addresses("lb", "lo") if a["local"] == NAT_VIP]
@@ -576,9 +627,18 @@ def scenario_nat() -> Findings:
         algorithm=api.Algorithm.maglev,
         affinity=api.AffinityType.ClientIP,
     )
-    sticky = LB("lb", ipvs.IpvsEngine(drain_seconds=4))
+    sticky = LB("lb", ipvs.IpvsEngine(drain_seconds=4, full_check_seconds=0))
     found["sticky_sync"] = sticky.sync(p3, targets_of(p3))
     found["sticky_table"] = table("lb", NAT_VIP2)
+    found["engine_view_sticky"] = engine_table("lb", NAT_VIP2)
+    # A hand edit that /proc does not show (the scheduler flag): the settings check (here at every sync)
+    # sees it, and the sync puts the flag back.
+    sticky_service = f"{NAT_VIP2}:{NAT_PORT}"
+    run(["ipvsadm", "-E", "-t", sticky_service, "-s", "mh", "-p", "600"], "lb")
+    found["sticky_flag_edited"] = table("lb", NAT_VIP2)[f"TCP {sticky_service}"]["flags"]
+    found["sticky_flag_sync"] = sticky.sync(p3, targets_of(p3))
+    found["sticky_flag_resync"] = sticky.sync(p3, targets_of(p3))
+    found["sticky_flag_restored"] = table("lb", NAT_VIP2)[f"TCP {sticky_service}"]["flags"]
     found["sticky_kernel_lines"] = saved("lb", NAT_VIP2)
     found["sticky_render_lines"] = rendered(p3)
     found["expire_quiescent_template"] = read_sysctl("lb", "net.ipv4.vs.expire_quiescent_template")
@@ -610,12 +670,37 @@ def scenario_nat() -> Findings:
     pinned.close()
 
     found["foreign_after_syncs"] = saved("lb", FOREIGN_VIP) + saved("lb", "-f 7")
+    found["refused"] = refused_changes("lb")
     restarted.remove(p2)
     sticky.remove(p4)
     found["table_after_remove"] = table("lb")
     found["vips_on_lo_after_remove"] = [a for a in addresses("lb", "lo") if a["local"] in (NAT_VIP, NAT_VIP2)]
     found["foreign_after_remove"] = saved("lb", FOREIGN_VIP) + saved("lb", "-f 7")
     found["nftables"] = nftables_parity()
+    return found
+
+
+def refused_changes(ns: str) -> Findings:
+    """Changes the kernel refuses (a service that exists, a real server that does not) among ones it
+    accepts: the error names each refused change and why, and the accepted ones are in place."""
+    found: Findings = {}
+    key = ipvs.ServiceKey("TCP", SCRATCH_VIP, 80)
+    service = ipvs.VirtualService(key, "rr", None)
+    server = ipvs.RealServer("10.0.2.11", 8080, "-m", 1)
+    changes = [
+        ipvs.Change("-A", key, service),
+        ipvs.Change("-A", key, service),
+        ipvs.Change("-a", key, server=server),
+        ipvs.Change("-d", key, server=ipvs.RealServer("10.0.2.99", 8080, "-m", 1)),
+    ]
+    with netns(ns):
+        try:
+            ipvs.IpvsEngine()._apply(changes)
+            found["error"] = None
+        except ipvs.IpvsError as error:
+            found["error"] = str(error)
+    found["table"] = table(ns, SCRATCH_VIP)
+    run(["ipvsadm", "-D", "-t", f"{SCRATCH_VIP}:80"], ns)
     return found
 
 
@@ -820,6 +905,16 @@ def _emulation_probe() -> float:
     return time.perf_counter() - started
 
 
+def _timed(work: Callable[[], object], rounds: int = 3) -> float:
+    """The median seconds of `rounds` runs of `work`."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def scenario_bench() -> Findings:
     """A sync of 1,000 virtual services x 10 real servers, then no-op re-syncs, timed inside the guest."""
     found: Findings = {}
@@ -834,25 +929,26 @@ def scenario_bench() -> Findings:
     found["first_sync"] = lb.sync(p, targets)
     found["noop_syncs"] = [lb.sync(p, targets) for _ in range(5)]
     found["noop_median_seconds"] = statistics.median(s["seconds"] for s in found["noop_syncs"])
-    # The full path (as after a restart, or at the periodic full check): ipvsadm lists everything.
-    full = LB("bench", ipvs.IpvsEngine(full_check_seconds=0))
-    found["full_noop_syncs"] = [full.sync(p, targets) for _ in range(3)]
+    # The full path: a new engine's first sync (as after a restart: the desired state computed, the table
+    # read and compared), then the periodic full check (desired state cached, the table read again).
+    restarted = [LB("bench", ipvs.IpvsEngine(full_check_seconds=0)) for _ in range(3)]
+    found["restart_syncs"] = [engine.sync(p, targets) for engine in restarted]
+    found["restart_median_seconds"] = statistics.median(s["seconds"] for s in found["restart_syncs"])
+    found["full_noop_syncs"] = [restarted[0].sync(p, targets) for _ in range(3)]
     found["full_noop_median_seconds"] = statistics.median(s["seconds"] for s in found["full_noop_syncs"])
+    vip = "10.0.200.1"
     with netns("bench"):
+        found["read_netlink_seconds"] = _timed(lambda: ipvs.IpvsEngine().read(vip))
+        found["read_proc_seconds"] = _timed(
+            lambda: ipvs.proc_servers(Path("/proc/thread-self/net/ip_vs").read_text(), vip)
+        )
+        found["desired_seconds"] = _timed(lambda: lb.engine.desired(p, targets))
         started = time.perf_counter()
         listing = subprocess.run(
             ["ipvsadm", "-Ln", "--exact"], capture_output=True, text=True, check=True
         ).stdout
         found["read_ipvsadm_seconds"] = time.perf_counter() - started
-        started = time.perf_counter()
-        parsed = ipvs.parse_listing(listing)
-        found["read_parse_seconds"] = time.perf_counter() - started
-        started = time.perf_counter()
-        lb.engine.desired(p, targets)
-        found["desired_seconds"] = time.perf_counter() - started
-        started = time.perf_counter()
-        subprocess.run(["true"], check=True)
-        found["process_start_seconds"] = time.perf_counter() - started
+    parsed = parse_listing(listing)  # what ipvsadm sees: the whole table is there
     found["kernel_services"] = len(parsed)
     found["kernel_servers"] = sum(len(s.servers) for s in parsed.values())
     targets["app"][0].health.healthy = False

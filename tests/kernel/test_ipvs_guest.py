@@ -14,12 +14,14 @@ The first run builds the guest (kernel and modules from `apt-get download`, a bu
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from layerlb_dataplane.kernel.ipvs import DEFAULT_FULL_CHECK_SECONDS
 
 from e2e.guest.guest import ROOT, run_guest
 from tests.kernel import guest_scenarios as scenarios
@@ -37,7 +39,8 @@ def findings(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
             [sys.executable, "-m", "tests.kernel.guest_scenarios", name, str(result)],
             share=share,
             timeout=BOOT_TIMEOUT,
-            env={"PYTHONPATH": str(ROOT)},
+            # the checkout's own sources, also when an editable install points at another checkout
+            env={"PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("", "dataplane", "operator"))},
         )
         context = f"guest output:\n{run.output[-4000:]}\nconsole tail:\n{run.console[-2000:]}"
         assert result.exists(), f"scenario {name} wrote no result (exit {run.exit_code})\n{context}"
@@ -184,6 +187,39 @@ def test_nat_drain_ends_by_timeout_and_affinity_moves(nat: dict[str, Any]) -> No
     assert nat["sticky_deleted_after"] is not None
 
 
+def test_the_engine_reads_the_table_as_ipvsadm_lists_it(nat: dict[str, Any]) -> None:
+    """The engine's own read (netlink service dump + /proc real servers) agrees with `ipvsadm -Ln`, for
+    plain services and for persistence with a scheduler flag."""
+    assert nat["engine_view_first"] == nat["table_first"]
+    assert nat["engine_view_sticky"] == nat["sticky_table"]
+
+
+def test_the_settings_check_restores_a_scheduler_flag_removed_by_hand(nat: dict[str, Any]) -> None:
+    """/proc does not show scheduler flags, so the fingerprint cannot see this edit; the netlink settings
+    check does, and the sync puts the flag back (once)."""
+    assert nat["sticky_flag_edited"] is None
+    assert nat["sticky_flag_sync"]["changes"] == 1
+    assert nat["sticky_flag_restored"] == "mh-fallback"
+    assert nat["sticky_flag_resync"]["changes"] == 0
+
+
+def test_refused_changes_are_named_and_the_others_are_applied(nat: dict[str, Any]) -> None:
+    refused = nat["refused"]
+    scratch = f"{scenarios.SCRATCH_VIP}:80"
+    assert refused["error"] == (
+        f"IPVS refused 2 of 4 change(s): `-A -t {scratch} -s rr`: already exists; "
+        f"`-d -t {scratch} -r 10.0.2.99:8080`: no such destination, or scheduler/persistence engine not found"
+    )
+    assert refused["table"] == {
+        f"TCP {scratch}": {
+            "scheduler": "rr",
+            "flags": None,
+            "persistence": None,
+            "servers": {"10.0.2.11:8080": {"forward": "-m", "weight": 1, "active": 0, "inactive": 0}},
+        }
+    }
+
+
 def test_nat_restart_adopts_without_disturbing(nat: dict[str, Any]) -> None:
     """A new engine instance over the same kernel state writes nothing, and an open connection goes on."""
     assert nat["restart_sync"]["changes"] == 0
@@ -255,25 +291,35 @@ def test_bench_sync_of_1000_services(bench: dict[str, Any], capsys: pytest.Captu
     real servers, and a no-op re-sync. Printed with the emulation factor against this host."""
     assert bench["kernel_services"] == scenarios.BENCH_SERVICES
     assert bench["kernel_servers"] == scenarios.BENCH_SERVICES * scenarios.BENCH_SERVERS
-    assert all(sync["changes"] == 0 for sync in bench["noop_syncs"] + bench["full_noop_syncs"])
+    noops = bench["noop_syncs"] + bench["restart_syncs"] + bench["full_noop_syncs"]
+    assert all(sync["changes"] == 0 for sync in noops)
+    # every service and real server, plus the VIP address and ip_forward
+    assert bench["first_sync"]["changes"] == scenarios.BENCH_SERVICES * (1 + scenarios.BENCH_SERVERS) + 2
     assert bench["health_change_sync"]["changes"] == scenarios.BENCH_SERVICES
     started = time.perf_counter()
     host_probe = scenarios._emulation_probe()
     host_probe = min(host_probe, time.perf_counter() - started)
     guest_probe = min(bench["emulation_probe_seconds"], bench["emulation_probe_seconds_after"])
     factor = guest_probe / host_probe
+
+    def figure(key: str) -> str:
+        """Guest seconds, and the native estimate (divided by the emulation factor), in ms."""
+        seconds = float(bench[key] if key.endswith("seconds") else bench[key]["seconds"])
+        return f"{seconds * 1000:.0f} ms (native est. {seconds / factor * 1000:.1f} ms)"
+
     lines = [
-        "IPVS engine bench (inside the QEMU/TCG guest):",
-        f"  first sync of {scenarios.BENCH_SERVICES} services x {scenarios.BENCH_SERVERS} servers: "
-        f"{bench['first_sync']['seconds']:.2f} s ({bench['first_sync']['changes']} changes)",
-        f"  no-op re-sync (fast path, /proc fingerprint): median {bench['noop_median_seconds'] * 1000:.0f} ms",
-        f"  no-op re-sync (full path, as after a restart): median {bench['full_noop_median_seconds']:.2f} s "
-        f"(ipvsadm -Ln {bench['read_ipvsadm_seconds'] * 1000:.0f} ms, parse {bench['read_parse_seconds'] * 1000:.0f} ms, "
-        f"desired state {bench['desired_seconds'] * 1000:.0f} ms, one process start {bench['process_start_seconds'] * 1000:.0f} ms)",
-        f"  health change (1,000 weights): {bench['health_change_sync']['seconds']:.2f} s",
-        f"  emulation factor (pure Python loop, guest/host): {factor:.1f}x -> native estimate: first sync "
-        f"{bench['first_sync']['seconds'] / factor:.2f} s, no-op {bench['noop_median_seconds'] / factor * 1000:.0f} ms "
-        f"(full path {bench['full_noop_median_seconds'] / factor * 1000:.0f} ms)",
+        f"IPVS engine bench (inside the QEMU/TCG guest; emulation factor {factor:.1f}x, a pure Python loop "
+        "guest/host):",
+        f"  first sync of {scenarios.BENCH_SERVICES} services x {scenarios.BENCH_SERVERS} servers "
+        f"({bench['first_sync']['changes']} changes): {figure('first_sync')}",
+        f"  no-op re-sync, fast path (/proc fingerprint): median {figure('noop_median_seconds')}",
+        f"  no-op re-sync with the settings check (fingerprint + netlink service dump, every "
+        f"{DEFAULT_FULL_CHECK_SECONDS:.0f} s): median {figure('full_noop_median_seconds')}",
+        f"  no-op sync of a restarted engine (desired state, full read, compare): median "
+        f"{figure('restart_median_seconds')}",
+        f"    parts: netlink read {figure('read_netlink_seconds')}, of it /proc parse {figure('read_proc_seconds')}; "
+        f"desired state {figure('desired_seconds')}; `ipvsadm -Ln` for comparison {figure('read_ipvsadm_seconds')}",
+        f"  health change (1,000 weights): {figure('health_change_sync')}",
         f"  guest boot to command {bench['boot_seconds']:.1f} s, whole boot {bench['wall_seconds']:.1f} s",
     ]
     report = "\n".join(lines)
@@ -314,7 +360,7 @@ def test_parse_listing() -> None:
     """`ipvsadm -Ln --exact`: flags, persistence, extra settings, IPv6; fwmark services are skipped."""
     from layerlb_dataplane.kernel import ipvs
 
-    services = ipvs.parse_listing(LISTING)
+    services = scenarios.parse_listing(LISTING)
     assert set(services) == {
         ipvs.ServiceKey("TCP", "1.2.3.4", 80),
         ipvs.ServiceKey("TCP", "1.2.3.6", 80),

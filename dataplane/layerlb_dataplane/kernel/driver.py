@@ -1,6 +1,6 @@
 """Drives a kernel engine from the runtime: sync on every Plan and health change, and keep re-syncing.
 
-The engines are synchronous (netlink/`nft`/`ipvsadm` calls); the driver runs them in a thread so the event
+The engines are synchronous (netlink, `nft` and `ip` calls); the driver runs them in a thread so the event
 loop keeps serving, serialises syncs, and re-syncs periodically so that drained real servers are deleted
 once idle and hand edits of layerlb's own rules are repaired.
 
