@@ -915,14 +915,44 @@ def _timed(work: Callable[[], object], rounds: int = 3) -> float:
     return statistics.median(times)
 
 
+def bench_plan(vip: str, engine: api.Engine = api.Engine.ipvs) -> plan.Plan:
+    """One LoadBalancer of BENCH_SERVICES listeners, each to the same BENCH_SERVERS weighted endpoints."""
+    endpoints = [(f"10.9.0.{n}", 8080, 1 + n % 3) for n in range(1, BENCH_SERVERS + 1)]
+    listeners = [(f"l{n}", 20000 + n, "TCP") for n in range(BENCH_SERVICES)]
+    return make_plan("bench", vip, api.Architecture.nat, endpoints, listeners=listeners, engine=engine)
+
+
+def nftables_bench(namespace: str) -> Findings:
+    """The bench Plan synced by the nftables engine, in a namespace of its own. The host test runs this
+    too: guest time / host time is an emulation factor for kernel-heavy work (netlink, the kernel
+    building and checking rules), to set beside the pure-Python one when estimating native IPVS figures."""
+    from layerlb_dataplane.kernel import nftables
+
+    ip_batch([f"netns add {namespace}"])
+    try:
+        ip_batch(["link set lo up"], namespace)
+        p = bench_plan("10.0.201.1", api.Engine.nftables)
+        with netns(namespace):
+            engine = nftables.NftablesEngine()  # libnftables binds its socket where it is made
+            first = engine.sync(p, {})
+            noops = [engine.sync(p, {}) for _ in range(3)]
+            engine.remove(p)
+    finally:
+        ip_batch([f"netns del {namespace}"])
+    return {
+        "first_seconds": first.seconds,
+        "first_changes": first.changes,
+        "noop_seconds": statistics.median(s.seconds for s in noops),
+        "noop_changes": [s.changes for s in noops],
+    }
+
+
 def scenario_bench() -> Findings:
     """A sync of 1,000 virtual services x 10 real servers, then no-op re-syncs, timed inside the guest."""
     found: Findings = {}
     ip_batch(["netns add bench"])
     ip_batch(["link set lo up"], "bench")
-    endpoints = [(f"10.9.0.{n}", 8080, 1 + n % 3) for n in range(1, BENCH_SERVERS + 1)]
-    listeners = [(f"l{n}", 20000 + n, "TCP") for n in range(BENCH_SERVICES)]
-    p = make_plan("bench", "10.0.200.1", api.Architecture.nat, endpoints, listeners=listeners)
+    p = bench_plan("10.0.200.1")
     targets = targets_of(p)
     lb = LB("bench", ipvs.IpvsEngine())
     found["emulation_probe_seconds"] = _emulation_probe()
@@ -955,6 +985,7 @@ def scenario_bench() -> Findings:
     found["health_change_sync"] = lb.sync(p, targets)
     found["emulation_probe_seconds_after"] = _emulation_probe()
     lb.remove(p)
+    found["nftables"] = nftables_bench("nftbench")
     return found
 
 
