@@ -797,18 +797,18 @@ def _connect() -> netlink.IpvsNetlink:
 
 def _read_service_table() -> str:
     """/proc/net/ip_vs of the calling thread's network namespace ("" without IPVS)."""
-    for path in SERVICE_TABLES:
-        try:
-            with open(path) as file:
-                return file.read()
-        except FileNotFoundError:
-            continue
-    return ""
+    return _read_first(SERVICE_TABLES)
 
 
 def _read_connection_table() -> str:
     """IPVS' connection entries of the calling thread's network namespace."""
-    for path in CONNECTION_TABLES:
+    return _read_first(CONNECTION_TABLES)
+
+
+def _read_first(paths: Sequence[str]) -> str:
+    """The first of `paths` that exists (/proc/thread-self/net follows the thread's namespace; older
+    kernels only have /proc/net)."""
+    for path in paths:
         try:
             with open(path) as file:
                 return file.read()
