@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -341,29 +341,44 @@ def ask_again(held: Spawned) -> dict[str, str]:
     return answer
 
 
+def routed_topology(
+    topo: Topology, client_address: str, lb_front: str, backends: Mapping[str, str], lb_back: str
+) -> dict[str, Namespace]:
+    """client -- lb -- (bridge) -- backends, each backend routing back through the LB (the nat layout,
+    also what `layerlb serve` drives in test_serve_kernel)."""
+    client, lb = topo.namespace("client"), topo.namespace("lb")
+    topo.link(client, "eth0", lb, "eth0")
+    client.addr("eth0", f"{client_address}/24")
+    lb.addr("eth0", f"{lb_front}/24")
+    client.route(f"default via {lb_front}")
+    nodes = {"client": client, "lb": lb}
+    ports = []
+    for index, (name, address) in enumerate(backends.items(), start=1):
+        backend = topo.namespace(name)
+        topo.link(lb, f"b{index}", backend, "eth0")
+        backend.addr("eth0", f"{address}/24")
+        backend.route(f"default via {lb_back}")
+        ports.append(f"b{index}")
+        nodes[name] = backend
+    topo.bridge(lb, "br0", ports, f"{lb_back}/24")
+    return nodes
+
+
+def start_backends(nodes: Mapping[str, Namespace], names: Iterable[str]) -> dict[str, Spawned]:
+    """An HTTP backend in each named namespace, ready."""
+    servers = {name: nodes[name].spawn(http_backend, name, BACKEND_PORT) for name in names}
+    for server in servers.values():
+        server.wait_for_line("ready", timeout=30)
+    return servers
+
+
 @pytest.fixture(scope="module")
 def nat() -> Iterator[dict[str, Namespace]]:
     """The nat topology with HTTP backends running and a foreign table in the LB."""
     with Topology("nftnat", timeout=60) as topo:
-        client, lb = topo.namespace("client"), topo.namespace("lb")
-        topo.link(client, "eth0", lb, "eth0")
-        client.addr("eth0", f"{CLIENT_NAT}/24")
-        lb.addr("eth0", "10.0.1.1/24")
-        client.route("default via 10.0.1.1")
-        nodes = {"client": client, "lb": lb}
-        ports = []
-        for index, (name, address) in enumerate(NAT_BACKENDS.items(), start=1):
-            backend = topo.namespace(name)
-            topo.link(lb, f"b{index}", backend, "eth0")
-            backend.addr("eth0", f"{address}/24")
-            backend.route(f"default via {LB_BACK}")
-            ports.append(f"b{index}")
-            nodes[name] = backend
-        topo.bridge(lb, "br0", ports, f"{LB_BACK}/24")
-        lb.run(["nft", "-f", "-"], input=FOREIGN)
-        servers = [nodes[name].spawn(http_backend, name, BACKEND_PORT) for name in NAT_BACKENDS]
-        for server in servers:
-            server.wait_for_line("ready", timeout=30)
+        nodes = routed_topology(topo, CLIENT_NAT, "10.0.1.1", NAT_BACKENDS, LB_BACK)
+        nodes["lb"].run(["nft", "-f", "-"], input=FOREIGN)
+        start_backends(nodes, NAT_BACKENDS)
         yield nodes
 
 

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.test_nftables_netns import BACKEND_PORT, backends_of, fetch_many, http_backend
+from tests.kernel.test_nftables_netns import (
+    BACKEND_PORT,
+    backends_of,
+    fetch_many,
+    routed_topology,
+    start_backends,
+)
 from tests.netns import Namespace, Spawned, Topology
 
 VIP = "10.0.110.1"
@@ -80,25 +86,8 @@ def _serves(client: Namespace) -> bool:
 @pytest.fixture(scope="module")
 def topology() -> Iterator[tuple[dict[str, Namespace], dict[str, Spawned]]]:
     with Topology("servekernel", timeout=90) as topo:
-        client, lb = topo.namespace("client"), topo.namespace("lb")
-        topo.link(client, "eth0", lb, "eth0")
-        client.addr("eth0", f"{CLIENT}/24")
-        lb.addr("eth0", f"{LB_FRONT}/24")
-        client.route(f"default via {LB_FRONT}")
-        nodes = {"client": client, "lb": lb}
-        ports = []
-        for index, (name, address) in enumerate(BACKENDS.items(), start=1):
-            backend = topo.namespace(name)
-            topo.link(lb, f"b{index}", backend, "eth0")
-            backend.addr("eth0", f"{address}/24")
-            backend.route(f"default via {LB_BACK}")
-            ports.append(f"b{index}")
-            nodes[name] = backend
-        topo.bridge(lb, "br0", ports, f"{LB_BACK}/24")
-        servers = {name: nodes[name].spawn(http_backend, name, BACKEND_PORT) for name in BACKENDS}
-        for server in servers.values():
-            server.wait_for_line("ready", timeout=30)
-        yield nodes, servers
+        nodes = routed_topology(topo, CLIENT, LB_FRONT, BACKENDS, LB_BACK)
+        yield nodes, start_backends(nodes, BACKENDS)
 
 
 def _serve(lb: Namespace, config: Path) -> Spawned:
