@@ -671,6 +671,7 @@ def scenario_nat() -> Findings:
 
     found["foreign_after_syncs"] = saved("lb", FOREIGN_VIP) + saved("lb", "-f 7")
     found["refused"] = refused_changes("lb")
+    found["ipv6"] = ipv6_programming("lb")
     restarted.remove(p2)
     sticky.remove(p4)
     found["table_after_remove"] = table("lb")
@@ -701,6 +702,32 @@ def refused_changes(ns: str) -> Findings:
             found["error"] = str(error)
     found["table"] = table(ns, SCRATCH_VIP)
     run(["ipvsadm", "-D", "-t", f"{SCRATCH_VIP}:80"], ns)
+    return found
+
+
+def ipv6_programming(ns: str) -> Findings:
+    """An IPv6 VIP with TCP and UDP listeners and persistence: what the kernel holds (by ipvsadm) and
+    what the engine reads, a no-op re-sync, and removal. No traffic: the packets are the IPv4 tests';
+    this proves the IPv6 encoding of services, real servers and the persistence netmask."""
+    vip = "fd00:100::1"
+    p = make_plan(
+        "v6",
+        vip,
+        api.Architecture.nat,
+        [("fd00:2::11", 8080, 1), ("fd00:2::12", 8080, 3)],
+        listeners=(("tcp", 443, "TCP"), ("dns", 53, "UDP")),
+        algorithm=api.Algorithm.source_hash,
+        affinity=api.AffinityType.ClientIP,
+    )
+    lb = LB(ns, ipvs.IpvsEngine())
+    found: Findings = {"sync": lb.sync(p, targets_of(p))}
+    found["table"] = table(ns, vip)
+    found["engine_view"] = engine_table(ns, vip)
+    found["kernel_lines"] = saved(ns, "fd00:100::1")
+    found["render_lines"] = rendered(p)
+    found["resync"] = lb.sync(p, targets_of(p))
+    lb.remove(p)
+    found["table_after_remove"] = table(ns, vip)
     return found
 
 

@@ -220,6 +220,18 @@ def test_refused_changes_are_named_and_the_others_are_applied(nat: dict[str, Any
     }
 
 
+def test_an_ipv6_vip_is_programmed_read_and_removed(nat: dict[str, Any]) -> None:
+    v6 = nat["ipv6"]
+    assert v6["kernel_lines"] == v6["render_lines"]
+    assert v6["engine_view"] == v6["table"]
+    assert set(v6["table"]) == {"TCP [fd00:100::1]:443", "UDP [fd00:100::1]:53"}
+    tcp = v6["table"]["TCP [fd00:100::1]:443"]
+    assert (tcp["scheduler"], tcp["flags"], tcp["persistence"]) == ("sh", "sh-fallback", 600)
+    assert tcp["servers"]["[fd00:2::12]:8080"]["weight"] == 3
+    assert v6["resync"]["changes"] == 0
+    assert v6["table_after_remove"] == {}
+
+
 def test_nat_restart_adopts_without_disturbing(nat: dict[str, Any]) -> None:
     """A new engine instance over the same kernel state writes nothing, and an open connection goes on."""
     assert nat["restart_sync"]["changes"] == 0
