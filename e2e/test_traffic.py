@@ -6,7 +6,9 @@ the lab's VIPPool, endpoints on the lab's three backends b1-b3: see `e2e/runner/
 Ready (`kubectl wait --for=condition=Ready`), and then carries real requests from the lab's client
 namespace, across its router, to the backends, balanced the way the example declares.
 
-The kernel examples run on the nftables engine: this kernel has no IPVS and no IPIP.
+The kernel examples run on the nftables engine: this kernel has no IPVS and no IPIP. Their host-network
+pods all share one node (the runner's `max_nodes=1`, placing as the scheduler's host-port check would),
+as many LoadBalancers share the nodes of a real cluster.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def world(
     folder = tmp_path_factory.mktemp("traffic")
     config = harness.operator_kubeconfig(k8s, kubectl, folder, NS, SYSTEM_NS, LEASE)
     operator = Operator(config, folder / "operator.log", NS, LEASE)
-    runner = PodRunner(k8s.kubeconfig, [NS], folder / "runner")
+    runner = PodRunner(k8s.kubeconfig, [NS], folder / "runner", max_nodes=1)
     shared: World | None = None
     try:
         wait_for("the operator to lead", lambda: operator.metrics().get("layerlb_operator_leader") == 1)
@@ -283,6 +285,55 @@ def test_l4_dsr_on_nftables_backends_answer_the_client_directly(world: World) ->
     assert "table netdev layerlb_" in node.namespace.run(["nft", "list", "tables"]).stdout
 
 
+def admin_port_of(world: World, name: str) -> int:
+    [pod] = pods_of(world, name)
+    [port] = [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"] if p.get("name") == "admin"]
+    return int(port)
+
+
+def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(world: World) -> None:
+    """Host-network forwarding pods take a node port for their admin server; with one fixed port a second
+    kernel LoadBalancer could never run on the same node (its pod stays Pending: checked by pinning the
+    port). Two share the node with the others, both carry traffic, and deleting one leaves the other."""
+
+    def dsr_on_nftables(document: dict[str, Any]) -> None:
+        document["spec"].update(engine="nftables")
+        for backend in document["spec"]["backends"]:
+            backend["algorithm"] = "round-robin"
+
+    nat = deploy(world, "l4-nat-nftables.yaml", name="shared-nat")
+    dsr = deploy(world, "l4-dsr.yaml", name="shared-dsr", edit=dsr_on_nftables)
+    node = node_of(world, "shared-nat")
+    assert node_of(world, "shared-dsr").name == node.name
+    assert admin_port_of(world, "shared-nat") != admin_port_of(world, "shared-dsr")
+    tables = node.namespace.run(["nft", "list", "tables"]).stdout.replace("-", "_")
+    assert "layerlb_llb_traffic_shared_nat" in tables and "layerlb_llb_traffic_shared_dsr" in tables, tables
+
+    def both_serve() -> None:
+        lab_examples.route_replies_through(world.backends, node.address)
+        try:
+            over_udp = ask(world, client.udp_ask, vip_of(nat), 53, 3)
+        finally:
+            lab_examples.route_replies_through(world.backends, None)
+        lab_examples.accept_vip_directly(world.backends, vip_of(dsr))
+        over_dsr = ask(world, client.http_get, vip_of(dsr), 80, 6)
+        assert "ERROR" not in answers(over_udp), over_udp
+        assert "ERROR" not in answers(over_dsr), over_dsr
+
+    both_serve()
+    world.kubectl.ok("delete", "llb", "shared-nat", "-n", NS, "--wait=true", "--timeout=60s")
+    wait_for(
+        "the shared-nat pod to stop",
+        lambda: not world.runner.pods_of("shared-nat") and world.runner.wait_idle(),
+    )
+    tables = node.namespace.run(["nft", "list", "tables"]).stdout.replace("-", "_")
+    assert "shared_nat" not in tables and "layerlb_llb_traffic_shared_dsr" in tables, tables
+    lab_examples.accept_vip_directly(world.backends, vip_of(dsr))
+    after = ask(world, client.http_get, vip_of(dsr), 80, 6)
+    assert "ERROR" not in answers(after), after
+    world.kubectl.ok("delete", "llb", "shared-dsr", "-n", NS, "--wait=true", "--timeout=60s")
+
+
 # --------------------------------------------------------------------------------------- endpoints and deletion
 
 
@@ -423,7 +474,7 @@ def test_deleting_a_load_balancer_removes_its_pods_kernel_state_and_vip(world: W
         lambda: not world.runner.pods_of("gone") and world.runner.wait_idle(),
     )
     remaining = node.namespace.run(["nft", "list", "tables"]).stdout
-    assert table not in remaining.replace("-", "_") and "layerlb_" not in remaining, remaining
+    assert table not in remaining.replace("-", "_"), remaining  # the node's other LoadBalancers keep theirs
     assert vip not in node.namespace.ip("-br", "addr", "show", "dev", "lo")
     assert vip not in world.runner.lab.routes()
     # The VIP is free again: another LoadBalancer may ask for exactly it.

@@ -206,6 +206,10 @@ def test_the_dataplane_image_defaults_to_the_operator_image() -> None:
         ),
         ("podDisruptionBudget.maxUnavailable=half", "at '/podDisruptionBudget/maxUnavailable'"),
         ("metrics.serviceMonitor.interval=often", "at '/metrics/serviceMonitor/interval'"),
+        (
+            "dataplane.hostAdminPorts=90-100",
+            "at '/dataplane/hostAdminPorts': '90-100' does not match pattern",
+        ),
         ("serviceAccount.create=false", "serviceAccount.name: name an existing ServiceAccount"),
         (
             "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false",

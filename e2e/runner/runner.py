@@ -4,7 +4,9 @@ It watches the forwarding pods (label `app.kubernetes.io/name=layerlb`, componen
 namespaces it is given and, for each Pending one, does what the node would:
 
 - **Placement (CNI).** A host-network pod gets a node namespace of its own (nodes are kept and reused
-  after the pod goes, so that kernel state a pod leaves behind stays visible); any other pod gets its
+  after the pod goes, so that kernel state a pod leaves behind stays visible); with `max_nodes`, host
+  pods share at most that many nodes, placed as the scheduler's host-port check would (never two pods
+  with the same container port on one node; none fits: the pod stays Pending); any other pod gets its
   own pod namespace. The LoadBalancer's VIP (from its `status.vip`) is put on a non-host pod's loopback
   before it starts, and routed at the lab's router to every pod that passes its readiness probe.
 - **The container (kubelet).** Exactly the pod's command, args and env (fieldRefs resolved), as the
@@ -119,8 +121,14 @@ class PodRunner:
     """
 
     def __init__(
-        self, kubeconfig: Path, namespaces: list[str], workdir: Path, lab: Lab | None = None
+        self,
+        kubeconfig: Path,
+        namespaces: list[str],
+        workdir: Path,
+        lab: Lab | None = None,
+        max_nodes: int | None = None,
     ) -> None:
+        self.max_nodes = max_nodes
         self.namespaces = namespaces
         self.workdir = workdir
         self.kubeconfig = kubeconfig
@@ -141,7 +149,7 @@ class PodRunner:
         self.refused: dict[str, str] = {}  # uid -> why the pod cannot run
         self.started = 0  # pods started so far: unique pod namespace names
         self.seen: dict[str, float] = {}  # uid -> when the runner first saw the pod (monotonic)
-        self.nodes: dict[str, str | None] = {}  # node namespace name -> uid of the pod on it
+        self.nodes: dict[str, dict[str, set[int]]] = {}  # node namespace name -> {pod uid: its host ports}
         self.node_hosts: dict[str, Host] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -268,7 +276,10 @@ class PodRunner:
         if not vip and architecture not in KERNEL_ARCHITECTURES:
             return  # a VIP to put on the pod comes with the LoadBalancer's status
         if host_network:
-            host = self._take_node(uid)
+            placed = self._take_node(uid, _host_ports(pod))
+            if placed is None:
+                return  # no node without a clash of host ports: Pending, like the scheduler leaves it
+            host = placed
         else:
             self.started += 1
             host = self.lab.attach("pod", f"pod-{self.started}-{name[-5:]}")
@@ -277,7 +288,7 @@ class PodRunner:
                 pod, host_ip=host.address, pod_ip=host.address, api_host=API_HOST, api_port=API_PORT
             )
         except pods.PodError as error:
-            self._release_host(host, host_network)
+            self._release_host(host, host_network, uid)
             self.refused[uid] = str(error)
             self._patch_status(namespace, name, {"status": {"message": str(error), "reason": "RunnerError"}})
             log.error("pod %s/%s cannot run: %s", namespace, name, error)
@@ -317,19 +328,24 @@ class PodRunner:
             waited,
         )
 
-    def _take_node(self, uid: str) -> Host:
-        for node, holder in self.nodes.items():
-            if holder is None:
-                self.nodes[node] = uid
+    def _take_node(self, uid: str, ports: set[int]) -> Host | None:
+        """A node for a host-network pod: an empty one (or, with `max_nodes`, one where none of its
+        host ports is in use), else a new node while there may be more; None: none fits."""
+        for node, held in self.nodes.items():
+            in_use = {port for others in held.values() for port in others}
+            if (not held) if self.max_nodes is None else not (ports & in_use):
+                held[uid] = ports
                 return self.node_hosts[node]
+        if self.max_nodes is not None and len(self.nodes) >= self.max_nodes:
+            return None
         host = self.lab.attach("node", f"node-{len(self.nodes) + 1}")
-        self.nodes[host.name] = uid
+        self.nodes[host.name] = {uid: ports}
         self.node_hosts[host.name] = host
         return host
 
-    def _release_host(self, host: Host, node: bool) -> None:
+    def _release_host(self, host: Host, node: bool, uid: str) -> None:
         if node:
-            self.nodes[host.name] = None
+            self.nodes[host.name].pop(uid, None)
         else:
             self.lab.detach(host, "pod")
 
@@ -544,7 +560,7 @@ class PodRunner:
         if running.vip_on_host and running.node:
             with contextlib.suppress(Exception):
                 running.host.namespace.ip("addr", "del", f"{running.vip_on_host}/32", "dev", "lo")
-        self._release_host(running.host, running.node)
+        self._release_host(running.host, running.node, running.uid)
         if running.token_dir is not None:
             shutil.rmtree(running.token_dir.parent, ignore_errors=True)
 
@@ -615,3 +631,14 @@ def token_subject(token: str) -> dict[str, Any]:
     payload = token.split(".")[1]
     claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     return claims
+
+
+def _host_ports(pod: dict[str, Any]) -> set[int]:
+    """The node ports a host-network pod takes: its containers' ports (hostPort defaults to them)."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    return {
+        int(port.get("hostPort") or port["containerPort"])
+        for container in containers
+        for port in container.get("ports") or []
+        if isinstance(port.get("containerPort"), int)
+    }

@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from layerlb_operator import cluster_view, objects, reconciler, status
+from layerlb_operator import admin_ports, cluster_view, objects, reconciler, status
 
 LOADBALANCERS = ("layerlb.dev", "v1alpha1", "loadbalancers")
 VIPPOOLS = ("layerlb.dev", "v1alpha1", "vippools")
@@ -22,6 +22,7 @@ DATAPLANE = {objects.NAME_LABEL: "layerlb", objects.COMPONENT_LABEL: "dataplane"
 SERVING = {objects.NAME_LABEL: "layerlb", objects.REPORT_LABEL: "serving"}
 INDEXES = (
     "loadbalancers", "references", "services", "slices", "secrets", "pools", "deployments", "pods", "serving",
+    "admin_ports",
 )  # fmt: skip
 
 _reconciler: reconciler.Reconciler | None = None
@@ -126,6 +127,13 @@ def index_pool(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
 @kopf.index("apps", "v1", "deployments", labels=DATAPLANE, id="deployments")
 def index_deployment(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels.get(objects.LOADBALANCER_LABEL)): dict(body.get("status") or {})}
+
+
+@kopf.index("apps", "v1", "deployments", labels=DATAPLANE, id="admin_ports")
+def index_admin_port(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    """The node ports of host-network forwarding pods, so each LoadBalancer keeps its own (admin_ports)."""
+    port = admin_ports.port_of(body)
+    return {} if port is None else {(namespace, labels.get(objects.LOADBALANCER_LABEL)): port}
 
 
 @kopf.index("v1", "pods", labels=DATAPLANE, id="pods")

@@ -71,10 +71,11 @@ async def run(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("layerlb.operator")
     host, port = metrics.parse_address(args.metrics)
+    settings = objects.Settings.from_environment()  # before any connection: a bad setting exits 2
     client = apiserver.Client(apiserver.load_configuration())
     counters = metrics.Metrics()
     client.writes = counters.writes  # one counter: the metrics show every write the client makes
-    worker = reconciler.Reconciler(client, objects.Settings.from_environment(), counters)
+    worker = reconciler.Reconciler(client, settings, counters)
     handlers.install(worker)
     login.install(args.namespace or [])
     essential: list[asyncio.Task[Any]] = []  # healthy while none of these has ended
@@ -138,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("kopf").setLevel(logging.WARNING)
     try:
         return asyncio.run(run(args))
-    except ValueError as error:  # a bad --metrics address
+    except ValueError as error:  # a bad --metrics address or LAYERLB_HOST_ADMIN_PORTS
         print(f"layerlb operator: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # the metrics port is taken, or the kubeconfig cannot be read

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from layerlb import api
+from layerlb_operator import admin_ports
 
 DEFAULT_IMAGE: Final = "ghcr.io/layerlb/layerlb:0.1.0"
 IMAGE_ENV: Final = "LAYERLB_DATAPLANE_IMAGE"
@@ -55,13 +56,19 @@ class Settings:
     """What the operator's deployment decides about the forwarding pods."""
 
     image: str = DEFAULT_IMAGE
-    admin_port: int = ADMIN_PORT
+    admin_port: int = ADMIN_PORT  # of pod-network forwarding pods
+    host_admin_ports: range = admin_ports.DEFAULT  # host-network ones: one port each (admin_ports.py)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from `LAYERLB_DATAPLANE_IMAGE` (the image the operator's chart pins)."""
+        """Settings from `LAYERLB_DATAPLANE_IMAGE` (the image the operator's chart pins) and
+        `LAYERLB_HOST_ADMIN_PORTS`; ValueError for a malformed port range."""
         env = os.environ if environ is None else environ
-        return cls(image=env.get(IMAGE_ENV) or DEFAULT_IMAGE)
+        ports = env.get(admin_ports.ENV)
+        return cls(
+            image=env.get(IMAGE_ENV) or DEFAULT_IMAGE,
+            host_admin_ports=admin_ports.parse_range(ports) if ports else admin_ports.DEFAULT,
+        )
 
 
 def _shortened(text: str, limit: int) -> str:
@@ -240,23 +247,30 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def deployment(
-    namespace: str, name: str, uid: str, spec: api.LoadBalancerSpec, settings: Settings
+    namespace: str,
+    name: str,
+    uid: str,
+    spec: api.LoadBalancerSpec,
+    settings: Settings,
+    admin_port: int | None = None,
 ) -> dict[str, Any]:
-    """The forwarding pods: `spec.replicas` of them, spread over nodes, probed on the admin server."""
+    """The forwarding pods: `spec.replicas` of them, spread over nodes, probed on the admin server
+    (`admin_port`, this LoadBalancer's own when its pods use the node's network; else the setting)."""
     pod_security, container_security = _security(spec)
     host = privileged(spec)
-    ports: list[dict[str, Any]] = [{"name": "admin", "containerPort": settings.admin_port, "protocol": "TCP"}]
+    admin = settings.admin_port if admin_port is None else admin_port
+    ports: list[dict[str, Any]] = [{"name": "admin", "containerPort": admin, "protocol": "TCP"}]
     if not host:
         ports += [
             {"containerPort": listener.port, "protocol": api.transport(listener.protocol)}
             for listener in spec.listeners
-            if listener.port != settings.admin_port
+            if listener.port != admin
         ]
     container: dict[str, Any] = {
         "name": "dataplane",
         "image": settings.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": dataplane_command(namespace, name, settings.admin_port),
+        "command": dataplane_command(namespace, name, admin),
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -308,7 +322,9 @@ def deployment(
     }
 
 
-def desired(resource: api.LoadBalancer, uid: str, plan_json: str, settings: Settings) -> list[dict[str, Any]]:
+def desired(
+    resource: api.LoadBalancer, uid: str, plan_json: str, settings: Settings, admin_port: int | None = None
+) -> list[dict[str, Any]]:
     """Every object of one LoadBalancer, in the order they are applied (identity and RBAC first)."""
     namespace = resource.metadata.namespace or "default"
     name = resource.metadata.name
@@ -318,5 +334,5 @@ def desired(resource: api.LoadBalancer, uid: str, plan_json: str, settings: Sett
         role_binding(namespace, name, uid),
         config_map(namespace, name, uid, plan_json),
         serving_config_map(namespace, name, uid),
-        deployment(namespace, name, uid, resource.spec, settings),
+        deployment(namespace, name, uid, resource.spec, settings, admin_port),
     ]

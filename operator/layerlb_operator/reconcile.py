@@ -2,19 +2,19 @@
 
 `reconcile` decides acceptance: invalid input (`InvalidSpec`, permanent: nothing to retry until the spec
 changes) or a reference that cannot be met yet (`BackendNotFound`, `SecretNotFound`,
-`InvalidCertificate`, `VIPConflict`, `NoVIPAvailable`: transient, retried and re-triggered by the
+`InvalidCertificate`, `VIPConflict`, `NoVIPAvailable`, `NoAdminPortAvailable`: transient, retried and re-triggered by the
 watched objects). `status_for` then assembles the status once the caller knows whether the objects
 were written. Neither reads the clock, the API server or kopf.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from layerlb import api, plan, render, resolve, validation
-from layerlb_operator import objects, status
+from layerlb_operator import admin_ports, objects, status
 from layerlb_operator.cluster_view import ClusterView
 
 Verdict = Literal["accepted", "invalid", "unresolvable"]
@@ -31,6 +31,7 @@ class Outcome:
     objects: list[dict[str, Any]] = field(default_factory=list)  # to apply; empty unless accepted
     plan: plan.Plan | None = None
     vip: str | None = None  # the VIP allocated now (None: none could be)
+    admin_port: int | None = None  # the node port of host-network forwarding pods (None: pod network)
     backends: list[dict[str, Any]] | None = None  # status.backends; None: keep what the status says
 
     @property
@@ -68,8 +69,16 @@ def _backend_counts(resource: api.LoadBalancer, view: ClusterView) -> list[dict[
     return counts
 
 
-def reconcile(document: Mapping[str, Any], view: ClusterView, settings: objects.Settings) -> Outcome:
-    """Validate, resolve and render one LoadBalancer; never raises for bad or unresolvable input."""
+def reconcile(
+    document: Mapping[str, Any],
+    view: ClusterView,
+    settings: objects.Settings,
+    host_admin_port: Callable[[], int | None] | None = None,
+) -> Outcome:
+    """Validate, resolve and render one LoadBalancer; never raises for bad or unresolvable input.
+
+    `host_admin_port` picks the admin port of host-network forwarding pods (`admin_ports.choose` over
+    what is held); without it they get the pod-network port, as for a single LoadBalancer."""
     meta = document.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
     try:
@@ -83,8 +92,20 @@ def reconcile(document: Mapping[str, Any], view: ClusterView, settings: objects.
         )
     assert isinstance(resource, api.LoadBalancer)
     replicas = resource.spec.replicas
+    admin_port: int | None = None
     try:
         resolved = resolve.resolve(resource, view)
+        if objects.privileged(resource.spec):
+            admin_port = host_admin_port() if host_admin_port is not None else settings.admin_port
+            if admin_port is None:
+                ports = admin_ports.describe(settings.host_admin_ports)
+                message = (
+                    f"every host admin port ({ports}) is held by another host-network LoadBalancer "
+                    f"(architectures nat, dsr, tunnel); widen {admin_ports.ENV} or delete one"
+                )
+                raise resolve.Unresolvable(
+                    admin_ports.REASON, [validation.Problem("spec.architecture", message)]
+                )
     except resolve.Unresolvable as error:
         message = "; ".join(str(problem) for problem in error.problems)
         accepted = status.condition(status.ACCEPTED, False, error.reason, message, generation)
@@ -100,7 +121,9 @@ def reconcile(document: Mapping[str, Any], view: ClusterView, settings: objects.
     if problem is not None:
         accepted = status.condition(status.ACCEPTED, False, "InvalidSpec", problem, generation)
         return Outcome("invalid", accepted, generation, replicas, vip=view.allocated)
-    desired = objects.desired(resource, str(meta.get("uid", "")), render.dataplane(resolved), settings)
+    desired = objects.desired(
+        resource, str(meta.get("uid", "")), render.dataplane(resolved), settings, admin_port
+    )
     accepted = status.condition(
         status.ACCEPTED, True, "Valid", "the spec is valid and every reference resolves", generation
     )
@@ -112,6 +135,7 @@ def reconcile(document: Mapping[str, Any], view: ClusterView, settings: objects.
         objects=desired,
         plan=resolved,
         vip=view.allocated,
+        admin_port=admin_port,
         backends=_backend_counts(resource, view),
     )
 

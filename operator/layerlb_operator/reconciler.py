@@ -19,11 +19,11 @@ import datetime
 import logging
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from layerlb import validation
-from layerlb_operator import apiserver, objects, reconcile, status, vips
+from layerlb_operator import admin_ports, apiserver, objects, reconcile, status, vips
 from layerlb_operator.cluster_view import ClusterView, Store
 from layerlb_operator.debounce import Debouncer
 from layerlb_operator.metrics import Metrics
@@ -33,8 +33,8 @@ log = logging.getLogger("layerlb.operator")
 # How long a deletion waits for the forwarding pods to confirm their kernel state is gone.
 CLEANUP_SECONDS = 60.0
 
-# Accepted reasons that a VIP released elsewhere may cure.
-WAITING_FOR_VIP = ("VIPConflict", "NoVIPAvailable")
+# Accepted reasons that a VIP (or host admin port) released elsewhere may cure.
+WAITING_FOR_VIP = ("VIPConflict", "NoVIPAvailable", admin_ports.REASON)
 
 
 def backoff(attempt: int) -> float:
@@ -49,6 +49,11 @@ def rfc3339(moment: datetime.datetime | None = None) -> str:
 
 def _first(store: Store, key: Any) -> Any:
     return next(iter(store.get(key, ())), None)
+
+
+def _port_owner(meta: Mapping[str, Any]) -> str:
+    """Who holds a host admin port: the LoadBalancer as its Deployment's labels name it."""
+    return f"{meta.get('namespace') or 'default'}/{objects.label_value(str(meta.get('name')))}"
 
 
 def _comparable(value: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,6 +74,7 @@ class Sources:
     deployments: Store  # (namespace, instance label) → the Deployment's status
     pods: Store  # (namespace, instance label) → (pod name, status.PodState)
     serving: Store  # (namespace, instance label) → the serving ConfigMap's data (pod name → report)
+    admin_ports: Store = field(default_factory=dict)  # (namespace, instance label) → host admin port
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Reconciler:
         self._changed: dict[Hashable, asyncio.Event] = {}  # instance → set when its pods or reports change
         self._pruning: set[asyncio.Task[None]] = set()
         self.ledger = vips.Ledger()
+        self.port_ledger = vips.Ledger()  # host admin ports claimed, owner "namespace/instance label"
         self.queue: Debouncer[str] = Debouncer(debounce)
         self.status_delay = status_delay
         self.sources: Sources | None = None
@@ -180,9 +187,26 @@ class Reconciler:
                 current_vip=previous.get("vip"),
                 broken_pools=broken,
             )
-            outcome = reconcile.reconcile(document, view, self.settings)
+            owner = _port_owner(meta)
+            held = self.port_ledger.holders(
+                {
+                    f"{ns}/{label}": str(port)
+                    for (ns, label), ports in sources.admin_ports.items()
+                    for port in ports
+                }
+            )
+            outcome = reconcile.reconcile(
+                document,
+                view,
+                self.settings,
+                lambda: admin_ports.choose(owner, held, self.settings.host_admin_ports),
+            )
             if outcome.verdict != "invalid":
                 self.ledger.claim(key, outcome.vip)  # before any await: allocations never interleave
+            if outcome.admin_port is not None:
+                self.port_ledger.claim(owner, str(outcome.admin_port))
+            elif outcome.verdict == "accepted":
+                self.port_ledger.claim(owner, None)  # pod network: it holds no node port
             apply_error = None
             if outcome.objects:
                 try:
@@ -340,6 +364,7 @@ class Reconciler:
         async with self._locks.setdefault(key, asyncio.Lock()):
             await self.before_delete(document)
             self.ledger.release(key)
+            self.port_ledger.release(_port_owner(document.get("metadata") or {}))
             self.queue.discard(key)
             self._written.pop(key, None)
             self._attempts.pop(key, None)
