@@ -14,8 +14,10 @@ as many LoadBalancers share the nodes of a real cluster.
 from __future__ import annotations
 
 import collections
+import hashlib
 import ipaddress
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from layerlb_operator import objects
 
 from e2e import harness
 from e2e.cluster.cluster import Cluster
@@ -193,6 +196,82 @@ def test_l7_https_terminates_tls_and_balances_over_all_endpoints(world: World) -
     assert all("host=shop.example.com" in line for line in over_tls)
     plain = ask(world, client.http_get, vip, 8080, 3)
     assert "ERROR" not in answers(plain), plain
+
+
+def test_tls_keys_stay_in_secrets_and_a_renewed_certificate_is_served(world: World, tmp_path: Path) -> None:
+    """The Plan ConfigMap carries no private key (ConfigMaps are readable by far more roles than Secrets);
+    the pod reads the key from the Secret, which its Role allows by name and no other; renewing the Secret
+    (as cert-manager does) changes the served certificate."""
+    vip = vip_of(deploy(world, "l7-https.yaml"))
+    stored = world.kubectl.ok(
+        "get", "configmap", objects.plan_configmap_name("shop-tls"), "-n", NS, "-o", "json"
+    )
+    assert "BEGIN CERTIFICATE" in stored and "PRIVATE KEY" not in stored
+    account = f"system:serviceaccount:{NS}:{objects.dataplane_name('shop-tls')}"
+    for secret, allowed in (("shop-tls", "yes"), ("some-other-secret", "no")):
+        answer = world.kubectl("auth", "can-i", "get", f"secret/{secret}", "-n", NS, "--as", account)
+        assert answer.stdout.strip() == allowed, (secret, answer.stdout, answer.stderr)
+
+    key, cert = tmp_path / "renewed.key", tmp_path / "renewed.crt"
+    subprocess.run(
+        [
+            *(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ),
+            *(
+                "-days",
+                "2",
+                "-subj",
+                "/CN=shop.example.com",
+                "-addext",
+                "subjectAltName=DNS:shop.example.com",
+            ),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    der = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-outform", "DER"], check=True, capture_output=True
+    )
+    renewed = hashlib.sha256(der.stdout).hexdigest()
+
+    def served() -> str:
+        fingerprint: str = world.runner.lab.client.call(
+            client.served_certificate, vip, 8443, "shop.example.com"
+        )
+        return fingerprint
+
+    before = served()
+    assert not before.startswith("ERROR") and before != renewed, before
+    secret = world.kubectl.ok(
+        "create",
+        "secret",
+        "tls",
+        "shop-tls",
+        f"--cert={cert}",
+        f"--key={key}",
+        "-n",
+        NS,
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    )
+    world.kubectl.ok("apply", "-f", "-", stdin=secret)
+    wait_for(
+        "the renewed certificate to be served",
+        lambda: served() == renewed,
+        timeout=90,
+    )
+    over_tls = ask(world, client.http_get, vip, 8443, 3, tls_name="shop.example.com")
+    assert "ERROR" not in answers(over_tls), over_tls
 
 
 def test_l4_proxy_tcp_least_connections_spreads_open_connections(world: World) -> None:

@@ -13,6 +13,12 @@ The contract with the operator (`layerlb_operator.objects`):
   sync succeeded), or `removed` once the empty list is applied. The pod's Role may patch that one object
   and nothing else, so a compromised data plane cannot touch pods or other ConfigMaps.
 
+- TLS private keys are not in the ConfigMap: a certificate whose `key_pem` is empty and whose `source`
+  is `Secret/NAME` takes its chain and key from that `kubernetes.io/tls` Secret of the pod's namespace
+  (the pod's Role may `get` exactly those Secrets). They are fetched before a Plan naming them is
+  loaded and every `secret_poll` seconds after (a renewed certificate is served without a new Plan, on
+  the same sockets); a Secret that cannot be read or turns invalid keeps the last good pair serving.
+
 The kubernetes client blocks, so list and watch run in a daemon thread that hands every ConfigMap it
 sees to the event loop with `call_soon_threadsafe`; reports are PATCHed from `asyncio.to_thread`. Neither
 ever gives up: a watch that expires (410 Gone) relists at once, other failures retry with backoff.
@@ -22,6 +28,8 @@ The Role allows list/watch only by name, hence the `metadata.name` field selecto
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +51,8 @@ WATCH_SECONDS: Final = 240  # the API server ends each watch after this; the nex
 REQUEST_SECONDS: Final = 30.0
 BACKOFF_FIRST: Final = 0.5
 BACKOFF_MAX: Final = 30.0
+SECRET_POLL_SECONDS: Final = 10.0
+SECRET_SOURCE: Final = "Secret/"
 _LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a namespace name
 _SUBDOMAIN: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a ConfigMap name
 
@@ -56,7 +66,7 @@ class ApiFailure(Exception):
 
 
 class ConfigMapApi(Protocol):
-    """The three requests the source makes; `KubeApi` sends them, tests fake them."""
+    """The four requests the source makes; `KubeApi` sends them, tests fake them."""
 
     def list(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
         """The ConfigMap (None when absent) and the list's resourceVersion to watch from."""
@@ -70,6 +80,10 @@ class ConfigMapApi(Protocol):
 
     def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         """JSON merge-patch a ConfigMap."""
+        ...
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Secret (None when absent)."""
         ...
 
 
@@ -175,6 +189,16 @@ class KubeApi:
             stream.close()
             stream.release_conn()
 
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            response = self._send("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}", [])
+        except ApiFailure as error:
+            if error.status == 404:
+                return None
+            raise
+        found: dict[str, Any] = json.loads(response.read() or b"{}")
+        return found
+
     def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         self._send(
             "PATCH", self._path(namespace, name), [], body, content_type="application/merge-patch+json"
@@ -195,8 +219,19 @@ def _event(line: bytes) -> tuple[str, dict[str, Any]]:
 class ConfigMapSource(config.PlanSource):
     """Plans from the ConfigMap `namespace/name`, watched; what is served is reported for pod `pod`."""
 
-    def __init__(self, namespace: str, name: str, api: ConfigMapApi, pod: str | None) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        api: ConfigMapApi,
+        pod: str | None,
+        secret_poll: float = SECRET_POLL_SECONDS,
+    ) -> None:
         self.namespace, self.name, self.api, self.pod = namespace, name, api, pod
+        self.secret_poll = secret_poll
+        self.pairs: dict[str, tuple[str, str]] = {}  # Secret name -> (tls.crt, tls.key), last good
+        self.wanted: set[str] = set()  # the Secrets the received plan.json names
+        self.fetch = asyncio.Event()  # fetch the Secrets now (plan.json changed)
         self.description = f"ConfigMap {namespace}/{name}"
         self.text: str | None = None  # plan.json as last received
         self.target: str | None = None  # the ConfigMap to report to
@@ -219,13 +254,16 @@ class ConfigMapSource(config.PlanSource):
             self.thread = threading.Thread(target=self._watch, name=f"watch {self.description}", daemon=True)
             self.thread.start()
             self.tasks.append(asyncio.create_task(self._report()))
+            self.tasks.append(asyncio.create_task(self._poll_secrets()))
         await self.valid.wait()
 
     def load(self) -> list[plan.Plan]:
         self.event.clear()
         if self.text is None:
             raise config.InvalidConfig([f"{self.description}: {PLAN_KEY}: no Plan received yet"])
-        self.loaded = config.parse_plans(f"{self.description}: {PLAN_KEY}", self.text, allow_empty=True)
+        self.loaded = config.parse_plans(
+            f"{self.description}: {PLAN_KEY}", self._with_keys(self.text), allow_empty=True
+        )
         return self.loaded
 
     async def changed(self) -> None:
@@ -313,9 +351,17 @@ class ConfigMapSource(config.PlanSource):
         if text == self.text:
             return  # labels, annotations or other keys changed: nothing to reload
         self.text = text
+        self.wanted = _secret_names(text)
+        if self.wanted:
+            self.fetch.set()  # the Secrets first (a renewed chain comes with its key), then the reload
+            return
+        self._ready()
+
+    def _ready(self) -> None:
+        """plan.json, with the keys it needs, is here: reload (and let start() return once it is valid)."""
         if not self.valid.is_set():
             try:
-                config.parse_plans(self.description, text, allow_empty=True)
+                config.parse_plans(self.description, self._with_keys(self.text or ""), allow_empty=True)
             except config.InvalidConfig as error:
                 log.error("%s: no valid Plan yet, waiting for one:", self.description)
                 for line in error.lines:
@@ -323,6 +369,80 @@ class ConfigMapSource(config.PlanSource):
                 return
             self.valid.set()
         self.event.set()
+
+    def _with_keys(self, text: str) -> str:
+        """plan.json with each Secret certificate's chain and key filled in from the last good pair;
+        InvalidConfig naming the Secret when none was read yet."""
+        if not self.wanted:
+            return text
+        missing = sorted(self.wanted - set(self.pairs))
+        if missing:
+            raise config.InvalidConfig(
+                [
+                    f"{self.description}: waiting for Secret {self.namespace}/{name} (tls.crt, tls.key)"
+                    for name in missing
+                ]
+            )
+
+        def fill(value: Any) -> Any:
+            if isinstance(value, dict):
+                if _keyless(value):
+                    cert, key = self.pairs[str(value["source"]).removeprefix(SECRET_SOURCE)]
+                    return {**value, "cert_pem": cert, "key_pem": key}
+                return {k: fill(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [fill(v) for v in value]
+            return value
+
+        return json.dumps(fill(json.loads(text)))
+
+    async def _poll_secrets(self) -> None:
+        """Reads the wanted Secrets when plan.json names new ones and every `secret_poll` seconds."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.fetch.wait(), self.secret_poll)
+            requested = self.fetch.is_set()
+            self.fetch.clear()
+            changed = False
+            for name in sorted(self.wanted):
+                pair = await self._read_secret(name)
+                if pair is not None and pair != self.pairs.get(name):
+                    self.pairs[name] = pair
+                    changed = True
+                    log.info("%s: Secret %s/%s read", self.description, self.namespace, name)
+            if self.text is not None and (changed or requested) and self.wanted <= set(self.pairs):
+                self._ready()
+
+    async def _read_secret(self, name: str) -> tuple[str, str] | None:
+        """(tls.crt, tls.key) of a Secret, or None (logged) when it cannot be read or is not TLS."""
+        try:
+            secret = await asyncio.to_thread(self.api.get_secret, self.namespace, name)
+        except ApiFailure as error:
+            log.warning(
+                "%s: Secret %s/%s: %s; the last good key keeps serving",
+                self.description,
+                self.namespace,
+                name,
+                _why(error),
+            )
+            return None
+        data = (secret or {}).get("data") or {}
+        try:
+            cert = base64.b64decode(str(data.get("tls.crt", ""))).decode()
+            key = base64.b64decode(str(data.get("tls.key", ""))).decode()
+        except ValueError:
+            cert = key = ""
+        if "BEGIN CERTIFICATE" not in cert or "PRIVATE KEY" not in key:
+            why = "does not exist" if secret is None else "has no PEM tls.crt and tls.key"
+            log.warning(
+                "%s: Secret %s/%s %s; the last good key keeps serving",
+                self.description,
+                self.namespace,
+                name,
+                why,
+            )
+            return None
+        return cert, key
 
     async def _report(self) -> None:
         delay = BACKOFF_FIRST
@@ -364,6 +484,30 @@ class ConfigMapSource(config.PlanSource):
             delay = BACKOFF_FIRST
             self.reported = wanted
             log.info("reported serving %s to ConfigMap %s/%s", wanted[1], self.namespace, wanted[0])
+
+
+def _keyless(value: Mapping[str, Any]) -> bool:
+    """A certificate of plan.json whose key is in a Secret: `key_pem` empty, `source` `Secret/NAME`."""
+    return value.get("key_pem") == "" and str(value.get("source", "")).startswith(SECRET_SOURCE)
+
+
+def _secret_names(text: str) -> set[str]:
+    """The Secrets whose keys plan.json leaves out ({} for text that is not JSON: parsing will say why)."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if _keyless(value):
+                found.add(str(value["source"]).removeprefix(SECRET_SOURCE))
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    with contextlib.suppress(ValueError):
+        walk(json.loads(text))
+    return found
 
 
 def _why(error: ApiFailure) -> str:

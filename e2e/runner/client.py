@@ -90,3 +90,21 @@ def http_until(vip: str, port: int, stop_file: str, timeout: float = 5.0) -> lis
     while not os.path.exists(stop_file) and time.monotonic() < deadline:
         lines.extend(http_get(vip, port, 1, timeout=timeout))
     return lines
+
+
+def served_certificate(vip: str, port: int, tls_name: str, timeout: float = 5.0) -> str:
+    """The SHA-256 of the certificate the VIP presents for SNI `tls_name` (hex), or `ERROR <reason>`."""
+    import hashlib
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((vip, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=tls_name) as wrapped,
+        ):
+            der = wrapped.getpeercert(binary_form=True) or b""
+    except OSError as error:
+        return f"ERROR {error}"
+    return hashlib.sha256(der).hexdigest()

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from layerlb import api
+from layerlb import api, plan
 from layerlb_operator import admin_ports
 
 DEFAULT_IMAGE: Final = "ghcr.io/layerlb/layerlb:0.1.0"
@@ -179,8 +179,14 @@ def service_account(namespace: str, name: str, uid: str) -> dict[str, Any]:
     }
 
 
-def role(namespace: str, name: str, uid: str) -> dict[str, Any]:
-    """Read this LoadBalancer's Plan ConfigMap (list/watch narrowed by resourceNames too), patch its report."""
+def role(namespace: str, name: str, uid: str, secrets: Sequence[str] = ()) -> dict[str, Any]:
+    """Read this LoadBalancer's Plan ConfigMap (list/watch narrowed by resourceNames too), patch its report,
+    and get exactly the TLS `secrets` its listeners name (the private keys are read there)."""
+    secret_rules = (
+        [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": sorted(secrets), "verbs": ["get"]}]
+        if secrets
+        else []
+    )
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -198,6 +204,7 @@ def role(namespace: str, name: str, uid: str) -> dict[str, Any]:
                 "resourceNames": [serving_configmap_name(name)],
                 "verbs": ["patch"],
             },
+            *secret_rules,
         ],
     }
 
@@ -322,15 +329,40 @@ def deployment(
     }
 
 
+SECRET_SOURCE: Final = "Secret/"  # how resolve names a certificate's source: Secret/<name>
+
+
+def without_keys(resolved: plan.Plan) -> tuple[plan.Plan, list[str]]:
+    """The Plan as its ConfigMap carries it: the private keys of Secret certificates left out (`key_pem`
+    empty; the pods read them from the Secret named in `source`), and those Secrets' names. ConfigMaps
+    are readable by far more roles than Secrets (the built-in `view` role reads ConfigMaps, not Secrets)."""
+    names: set[str] = set()
+    listeners = []
+    for listener in resolved.listeners:
+        certificates = []
+        for certificate in listener.certificates:
+            if certificate.source.startswith(SECRET_SOURCE):
+                names.add(certificate.source.removeprefix(SECRET_SOURCE))
+                certificate = certificate.model_copy(update={"key_pem": ""})
+            certificates.append(certificate)
+        listeners.append(listener.model_copy(update={"certificates": tuple(certificates)}))
+    return resolved.model_copy(update={"listeners": tuple(listeners)}), sorted(names)
+
+
 def desired(
-    resource: api.LoadBalancer, uid: str, plan_json: str, settings: Settings, admin_port: int | None = None
+    resource: api.LoadBalancer,
+    uid: str,
+    plan_json: str,
+    settings: Settings,
+    admin_port: int | None = None,
+    secrets: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Every object of one LoadBalancer, in the order they are applied (identity and RBAC first)."""
     namespace = resource.metadata.namespace or "default"
     name = resource.metadata.name
     return [
         service_account(namespace, name, uid),
-        role(namespace, name, uid),
+        role(namespace, name, uid, secrets),
         role_binding(namespace, name, uid),
         config_map(namespace, name, uid, plan_json),
         serving_config_map(namespace, name, uid),

@@ -6,9 +6,10 @@ Least privilege, verb by verb:
   (TLS material), and its forwarding pods and their Deployments (for `Ready`);
 - it writes its owned objects by server-side apply, which is a PATCH that creates a missing object, so
   `create` + `patch` on each kind; it never deletes them (the garbage collector does);
-- Roles it creates grant get/list/watch on the Plan ConfigMap and patch on the serving-report one, and
-  Kubernetes lets nobody grant what they do not hold (no `escalate` verb here), so it holds those verbs
-  on ConfigMaps too; it also watches the report ConfigMaps (for `Ready` and the deletion wait);
+- Roles it creates grant get/list/watch on the Plan ConfigMap, patch on the serving-report one and get
+  on the TLS Secrets the LoadBalancer names (its pods read the private keys there: keys never go into a
+  ConfigMap), and Kubernetes lets nobody grant what they do not hold (no `escalate` verb here), so it
+  holds those verbs on ConfigMaps and `get` on Secrets too; it also watches the report ConfigMaps (for `Ready` and the deletion wait);
 - kopf patches LoadBalancers (its finalizer and progress annotations), the operator patches their status,
   and setting `blockOwnerDeletion` on owner references needs `update` on `loadbalancers/finalizers`;
 - kopf posts Events; the Lease of leader election is read and updated by name only.
@@ -38,7 +39,8 @@ def cluster_rules() -> list[dict[str, Any]]:
         _rule("layerlb.dev", ["loadbalancers/status"], ["patch"]),
         _rule("layerlb.dev", ["loadbalancers/finalizers"], ["update"]),
         _rule("layerlb.dev", ["vippools"], READ),
-        _rule("", ["services", "secrets", "pods"], READ),
+        _rule("", ["services", "pods"], READ),
+        _rule("", ["secrets"], ["get", *READ]),
         _rule("discovery.k8s.io", ["endpointslices"], READ),
         _rule("", ["configmaps"], ["get", *READ, *APPLY]),
         _rule("", ["serviceaccounts"], APPLY),

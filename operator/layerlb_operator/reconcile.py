@@ -121,8 +121,9 @@ def reconcile(
     if problem is not None:
         accepted = status.condition(status.ACCEPTED, False, "InvalidSpec", problem, generation)
         return Outcome("invalid", accepted, generation, replicas, vip=view.allocated)
+    stored, secrets = objects.without_keys(resolved)
     desired = objects.desired(
-        resource, str(meta.get("uid", "")), render.dataplane(resolved), settings, admin_port
+        resource, str(meta.get("uid", "")), render.dataplane(stored), settings, admin_port, secrets
     )
     accepted = status.condition(
         status.ACCEPTED, True, "Valid", "the spec is valid and every reference resolves", generation

@@ -8,6 +8,7 @@ the hand-over to the event loop, parsing and reporting are the real ones. The e2
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import queue
@@ -53,6 +54,7 @@ class FakeApi:
         self.list_failures: list[Exception] = []
         self.patches: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.patch_failures: list[Exception] = []
+        self.secrets: dict[str, dict[str, Any]] = {}
 
     def list(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
         self.lists.append(f"{namespace}/{name}")
@@ -71,6 +73,9 @@ class FakeApi:
             if isinstance(item, Exception):
                 raise item
             yield item
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.secrets.get(name)
 
     def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         if self.patch_failures:
@@ -311,3 +316,49 @@ def test_with_workers_the_parent_reports_once_every_worker_applied_the_plans() -
         return report, await running
 
     assert run(scenario()) == ({"test/web": 6}, 0)
+
+
+def keyless_plan_json(generation: int) -> str:
+    """A Plan as the operator stores it: the certificate's key left out, its Secret named in `source`."""
+    document = json.loads(plan_json(generation))
+    document["listeners"][0]["certificates"] = [
+        {"source": "Secret/web-tls", "cert_pem": "public chain", "key_pem": "", "names": ["web.example"]}
+    ]
+    return json.dumps(document)
+
+
+def tls_secret(label: str) -> dict[str, Any]:
+    cert = f"-----BEGIN CERTIFICATE-----\n{label}\n-----END CERTIFICATE-----\n"
+    key = f"-----BEGIN PRIVATE KEY-----\n{label}\n-----END PRIVATE KEY-----\n"
+    data = {
+        field: base64.b64encode(text.encode()).decode()
+        for field, text in (("tls.crt", cert), ("tls.key", key))
+    }
+    return {"metadata": {"name": "web-tls"}, "data": data}
+
+
+def test_keys_come_from_the_named_secret_and_a_renewed_one_is_loaded_without_a_new_plan() -> None:
+    api = FakeApi(configmap(keyless_plan_json(1)))
+
+    async def scenario() -> tuple[bool, str, str, str, str]:
+        source = kube_source.ConfigMapSource("shop", "web-plan", api, "web-1", secret_poll=0.05)
+        starting = asyncio.create_task(source.start())
+        await asyncio.sleep(0.3)
+        waited = not starting.done()  # no key yet: not a valid Plan to serve
+        api.secrets["web-tls"] = tls_secret("first")
+        await starting
+        first = source.load()[0].listeners[0].certificates[0]
+        api.secrets["web-tls"] = tls_secret("renewed")
+        await source.changed()
+        renewed = source.load()[0].listeners[0].certificates[0]
+        del api.secrets["web-tls"]  # gone: the last good pair keeps serving
+        await asyncio.sleep(0.3)
+        kept = source.load()[0].listeners[0].certificates[0]
+        await stopped(source, api)
+        return waited, first.key_pem, renewed.cert_pem, renewed.key_pem, kept.key_pem
+
+    waited, first_key, renewed_cert, renewed_key, kept_key = run(scenario())
+    assert waited
+    assert "first" in first_key and "PRIVATE KEY" in first_key
+    assert "renewed" in renewed_cert and "renewed" in renewed_key
+    assert kept_key == renewed_key

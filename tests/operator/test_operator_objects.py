@@ -186,3 +186,28 @@ def test_long_names_stay_valid_and_distinct() -> None:
     long_name = "x" * 253
     assert len(objects.plan_configmap_name(long_name)) <= 253
     assert objects.plan_configmap_name(long_name) != objects.dataplane_name(long_name)
+
+
+def test_the_plan_configmap_leaves_secret_keys_out_and_the_role_gets_exactly_those_secrets() -> None:
+    from layerlb import plan
+
+    certificate = plan.Certificate(source="Secret/shop-tls", cert_pem="CHAIN", key_pem="KEY", names=("a",))
+    inline = plan.Certificate(source="file", cert_pem="CHAIN2", key_pem="KEY2")
+    from tests.dataplane.helpers_runtime import l4_plan
+
+    base = l4_plan("192.0.2.1", [("https", 443, "TCP")], [9000], name="shop", generation=1)
+    listener = base.listeners[0].model_copy(update={"certificates": (certificate, inline)})
+    resolved = base.model_copy(update={"listeners": (listener,)})
+    stored, secrets = objects.without_keys(resolved)
+    kept = stored.listeners[0].certificates
+    assert (kept[0].key_pem, kept[0].cert_pem, kept[0].names) == ("", "CHAIN", ("a",))
+    assert kept[1] == inline  # not from a Secret: nothing to read it from
+    assert secrets == ["shop-tls"]
+    rules = objects.role("demo", "shop", "uid", secrets)["rules"]
+    assert rules[-1] == {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "resourceNames": ["shop-tls"],
+        "verbs": ["get"],
+    }
+    assert all(rule["resources"] != ["secrets"] for rule in objects.role("demo", "shop", "uid")["rules"])

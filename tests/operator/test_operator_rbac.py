@@ -22,7 +22,7 @@ def test_the_operator_reads_what_it_watches_and_writes_only_what_it_owns() -> No
         ("layerlb.dev", "loadbalancers/finalizers"): {"update"},
         ("layerlb.dev", "vippools"): {"list", "watch"},
         ("", "services"): {"list", "watch"},
-        ("", "secrets"): {"list", "watch"},
+        ("", "secrets"): {"get", "list", "watch"},  # get: to grant its pods get on their TLS Secrets
         ("", "pods"): {"list", "watch"},
         ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
         ("", "configmaps"): {"get", "list", "watch", "create", "patch"},

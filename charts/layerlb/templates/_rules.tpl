@@ -31,9 +31,16 @@
   - ''
   resources:
   - services
-  - secrets
   - pods
   verbs:
+  - list
+  - watch
+- apiGroups:
+  - ''
+  resources:
+  - secrets
+  verbs:
+  - get
   - list
   - watch
 - apiGroups:
@@ -115,9 +122,16 @@
   - ''
   resources:
   - services
-  - secrets
   - pods
   verbs:
+  - list
+  - watch
+- apiGroups:
+  - ''
+  resources:
+  - secrets
+  verbs:
+  - get
   - list
   - watch
 - apiGroups:
