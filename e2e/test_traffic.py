@@ -400,6 +400,9 @@ def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(world: Wo
         assert "ERROR" not in answers(over_dsr), over_dsr
 
     both_serve()
+    [survivor] = world.runner.pods_of("shared-dsr")
+    assert survivor.process is not None
+    survivor_pid = survivor.process.pid
     world.kubectl.ok("delete", "llb", "shared-nat", "-n", NS, "--wait=true", "--timeout=60s")
     wait_for(
         "the shared-nat pod to stop",
@@ -410,6 +413,8 @@ def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(world: Wo
     lab_examples.accept_vip_directly(world.backends, vip_of(dsr))
     after = ask(world, client.http_get, vip_of(dsr), 80, 6)
     assert "ERROR" not in answers(after), after
+    [still] = world.runner.pods_of("shared-dsr")  # the other LoadBalancer's pod was never disturbed
+    assert still.process is not None and (still.process.pid, still.restarts) == (survivor_pid, 0)
     world.kubectl.ok("delete", "llb", "shared-dsr", "-n", NS, "--wait=true", "--timeout=60s")
 
 
