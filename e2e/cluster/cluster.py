@@ -1,12 +1,14 @@
-"""A local Kubernetes control plane on loopback: etcd, kube-apiserver and kube-controller-manager.
+"""A local Kubernetes cluster: etcd, kube-apiserver and kube-controller-manager on loopback, and, when
+asked for, kube-scheduler and real nodes (kubelet + containerd + kube-proxy in network namespaces,
+``nodes.py``).
 
 The binaries come from ``e2e/cluster/build.sh`` (built once from Go modules into ``.cache/k8s/bin``).
-No kubelet runs, so pods stay ``Pending``; everything else (CRDs, RBAC, Deployments → ReplicaSets →
-Pods, garbage collection, service accounts) behaves as in a real cluster.
+Without nodes, pods stay ``Pending`` (the e2e pod runner plays the node); everything else (CRDs, RBAC,
+Deployments → ReplicaSets → Pods, garbage collection, service accounts) behaves as in a real cluster.
 
 As a script::
 
-    python e2e/cluster/cluster.py up [--state-dir DIR]     # last line: export KUBECONFIG=...
+    python e2e/cluster/cluster.py up [--state-dir DIR] [--nodes N]   # last line: export KUBECONFIG=...
     python e2e/cluster/cluster.py status [--state-dir DIR]
     python e2e/cluster/cluster.py down [--state-dir DIR]
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -29,9 +32,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+# Imported as `e2e.cluster.cluster` by the tests and run as a script (`python e2e/cluster/cluster.py`).
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from e2e.cluster import nodes as node_kit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = Path(__file__).resolve().with_name("build.sh")
@@ -45,6 +53,11 @@ SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Components in start order; stopped in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 BINARIES = COMPONENTS
+# With nodes: the scheduler joins the control plane, and each node's processes (``nodes.py``).
+NODE_BINARIES = ("kube-scheduler", "kubelet", "kube-proxy")
+# Registry of clusters with nodes (their network namespaces, cgroups and mounts are host-wide): lets a
+# later run remove what a killed run left behind (`remove_stale`).
+REGISTRY = Path("/run/layerlb-e2e")
 
 # Files and folders that `up` creates in the state folder; `down` removes only these.
 _STATE_ENTRIES = (
@@ -55,6 +68,10 @@ _STATE_ENTRIES = (
     "flexvolume",
     "kubeconfig",
     "kcm.kubeconfig",
+    "scheduler.kubeconfig",
+    "egress-selector.yaml",
+    "kube-scheduler.pid",
+    "kube-scheduler.log",
     "cluster.json",
     *(f"{c}.pid" for c in COMPONENTS),
     *(f"{c}.log" for c in COMPONENTS),
@@ -86,6 +103,12 @@ class Cluster:
     bin_dir: Path
     pids: dict[str, int] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
+    # Real nodes (names node1..nodeN) and the tag naming their host-wide resources; none: pod runner only.
+    nodes: tuple[str, ...] = ()
+    tag: str = ""
+
+    def node_list(self) -> list[node_kit.Node]:
+        return node_kit.node_layout(self.tag, self.state_dir, len(self.nodes))
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """An environment for subprocesses: KUBECONFIG set, the cache bin folder (helm) on PATH."""
@@ -109,6 +132,8 @@ class Cluster:
             bin_dir=Path(data["bin_dir"]),
             pids={str(k): int(v) for k, v in data["pids"].items()},
             logs={str(k): Path(v) for k, v in data["logs"].items()},
+            nodes=tuple(str(n) for n in data.get("nodes", ())),
+            tag=str(data.get("tag", "")),
         )
 
 
@@ -129,22 +154,25 @@ def default_state_dir() -> Path:
     return cache_root() / "cluster"
 
 
-def binaries_present(bin_dir: Path | None = None) -> bool:
+def binaries_present(bin_dir: Path | None = None, with_nodes: bool = False) -> bool:
     bdir = bin_dir or default_bin_dir()
-    return all(os.access(bdir / b, os.X_OK) for b in BINARIES)
+    wanted = BINARIES + (NODE_BINARIES if with_nodes else ())
+    return all(os.access(bdir / b, os.X_OK) for b in wanted)
 
 
-def ensure_binaries(bin_dir: Path | None = None, progress: Progress = _stderr_progress) -> Path:
-    """Run build.sh when a control-plane binary is missing (the first build takes many minutes)."""
+def ensure_binaries(
+    bin_dir: Path | None = None, progress: Progress = _stderr_progress, with_nodes: bool = True
+) -> Path:
+    """Run build.sh when a binary is missing (the first build takes many minutes)."""
     bdir = bin_dir or default_bin_dir()
-    if binaries_present(bdir):
+    if binaries_present(bdir, with_nodes):
         return bdir
     if bin_dir is not None and bdir != default_bin_dir():
         raise ClusterError(f"control-plane binaries missing in {bdir}")
     progress(f"binaries missing in {bdir}; running {BUILD_SCRIPT} (first build: about 7-20 min)")
     # build.sh writes its [build] progress lines to stderr, which we pass through.
     result = subprocess.run(["bash", str(BUILD_SCRIPT)], stdin=subprocess.DEVNULL, check=False)
-    if result.returncode != 0 or not binaries_present(bdir):
+    if result.returncode != 0 or not binaries_present(bdir, with_nodes):
         raise ClusterError(f"{BUILD_SCRIPT} failed (exit {result.returncode})")
     return bdir
 
@@ -178,7 +206,7 @@ def _signed_cert(pki: Path, name: str, subject: str, extensions: list[str]) -> N
     )  # fmt: skip
 
 
-def _generate_pki(pki: Path) -> None:
+def _generate_pki(pki: Path, nodes: int = 0) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     # CA, with an explicit minimal config so the extensions are exactly these.
     (pki / "ca.cnf").write_text(
@@ -218,6 +246,14 @@ def _generate_pki(pki: Path) -> None:
     _signed_cert(pki, "kcm", "/CN=system:kube-controller-manager", client)
     # The API server's front-proxy (request-header) client, which controllers' delegated authn expects.
     _signed_cert(pki, "front-proxy-client", "/CN=front-proxy-client", client)
+    # The scheduler, and what nodes need: the API server's client certificate towards kubelets, each
+    # kubelet's (group system:nodes, bound to the system:node role) and kube-proxy's (system:node-proxier).
+    _signed_cert(pki, "scheduler", "/CN=system:kube-scheduler", client)
+    if nodes:
+        _signed_cert(pki, "kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", client)
+        _signed_cert(pki, "kube-proxy", "/CN=system:kube-proxy", client)
+        for i in range(1, nodes + 1):
+            _signed_cert(pki, f"node{i}", f"/O=system:nodes/CN=system:node:node{i}", client)
     # Service-account token signing key pair (RSA: the most widely accepted for bound tokens).
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key", cwd=pki)
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
@@ -421,10 +457,18 @@ def _load(state_dir: Path) -> Cluster | None:
         return None
 
 
+def _process_alive(pid: int, name: str) -> bool:
+    """Control-plane processes are checked by binary name too; node processes start under `nsenter`
+    (whose name they keep until it execs), so for them being alive is enough."""
+    if name in COMPONENTS or name == "kube-scheduler":
+        return _is_alive(pid, name)
+    return node_kit._alive(pid)
+
+
 def _healthy(cluster: Cluster) -> bool:
-    if set(cluster.pids) != set(COMPONENTS):
+    if not set(COMPONENTS) <= set(cluster.pids):
         return False
-    if not all(_is_alive(pid, name) for name, pid in cluster.pids.items()):
+    if not all(_process_alive(pid, name) for name, pid in cluster.pids.items()):
         return False
     return _api_ok(cluster, "/readyz")
 
@@ -436,6 +480,11 @@ def status(state_dir: Path | None = None) -> Cluster | None:
     return cluster if cluster is not None and _healthy(cluster) else None
 
 
+def tag_of(state_dir: Path) -> str:
+    """A short name for the host-wide resources of the cluster kept in ``state_dir``."""
+    return hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
+
+
 def up(
     state_dir: Path | None = None,
     *,
@@ -443,30 +492,41 @@ def up(
     timeout: float = 300.0,
     build: bool = True,
     progress: Progress = _quiet,
+    nodes: int = 0,
+    images: Sequence[Path] = (),
+    owner: int | None = None,
 ) -> Cluster:
-    """Start the control plane with its state in ``state_dir``, or return the one already running there.
+    """Start the cluster with its state in ``state_dir``, or return the one already running there.
 
     Waits until the API server's /readyz passes and the controller manager has created the ``default``
-    service account (so pods can be created at once). ``timeout`` bounds each wait.
+    service account (so pods can be created at once). With ``nodes``, also starts the scheduler and that
+    many nodes, imports ``images`` (docker-archive tarballs; the pause image among them) into each, and
+    waits until every node is Ready. ``owner``: the pid whose death makes the cluster stale (a test
+    session's); None for a cluster that lives until `down`. ``timeout`` bounds each wait.
     """
     sdir = (state_dir or default_state_dir()).resolve()
     running = status(sdir)
-    if running is not None:
+    if running is not None and len(running.nodes) == nodes:
         progress(f"already running: {running.server} (pids {running.pids})")
         return running
     if _load(sdir) is not None or any((sdir / f"{c}.pid").exists() for c in COMPONENTS):
-        progress("stale or partial cluster state found; cleaning it up")
+        progress("stale, partial or differently sized cluster state found; cleaning it up")
         down(sdir)
 
-    bdir = ensure_binaries(bin_dir, progress) if build else (bin_dir or default_bin_dir()).resolve()
-    if not binaries_present(bdir):
-        raise ClusterError(f"control-plane binaries missing in {bdir}; run {BUILD_SCRIPT}")
+    bdir = (
+        ensure_binaries(bin_dir, progress, nodes > 0) if build else (bin_dir or default_bin_dir()).resolve()
+    )
+    if not binaries_present(bdir, nodes > 0):
+        raise ClusterError(f"cluster binaries missing in {bdir}; run {BUILD_SCRIPT}")
     sdir.mkdir(parents=True, exist_ok=True)
     pki = sdir / "pki"
     progress(f"generating certificates in {pki}")
-    _generate_pki(pki)
+    _generate_pki(pki, nodes)
+    tag = tag_of(sdir) if nodes else ""
+    if nodes:
+        _register(tag, sdir, nodes, owner)
 
-    etcd_port, etcd_peer_port, api_port, kcm_port = _free_ports(4)
+    etcd_port, etcd_peer_port, api_port, kcm_port, scheduler_port = _free_ports(5)
     server = f"https://127.0.0.1:{api_port}"
     etcd_url = f"http://127.0.0.1:{etcd_port}"
     kubeconfig = sdir / "kubeconfig"
@@ -476,7 +536,23 @@ def up(
 
     pids: dict[str, int] = {}
     logs = {c: sdir / f"{c}.log" for c in COMPONENTS}
-    cluster = Cluster(sdir, kubeconfig, server, etcd_url, bdir, pids, logs)
+    node_names = tuple(f"node{i}" for i in range(1, nodes + 1))
+    cluster = Cluster(sdir, kubeconfig, server, etcd_url, bdir, pids, logs, node_names, tag)
+    node_flags: list[str] = []
+    if nodes:
+        # The API server reaches kubelets (logs, exec) through a CONNECT proxy in the nodes' network.
+        egress = sdir / "egress-selector.yaml"
+        egress.write_text(
+            "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n"
+            "- name: cluster\n  connection:\n    proxyProtocol: HTTPConnect\n"
+            f"    transport:\n      uds:\n        udsName: {sdir / 'egress.sock'}\n"
+        )
+        node_flags = [
+            f"--egress-selector-config-file={egress}",
+            f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
     try:
         progress(f"starting etcd on {etcd_url}")
         peer = f"http://127.0.0.1:{etcd_peer_port}"
@@ -535,6 +611,7 @@ def up(
                 f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
                 f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--profiling=false",
+                *node_flags,
             ],
             sdir,
         )
@@ -578,11 +655,176 @@ def up(
             COMPONENTS,
             timeout,
         )
+        if nodes:
+            _start_nodes(cluster, api_port, scheduler_port, images, timeout, progress)
     except BaseException:
         down(sdir)
         raise
     progress(f"ready: {server} (kubeconfig {kubeconfig})")
     return cluster
+
+
+def _start_nodes(
+    cluster: Cluster,
+    api_port: int,
+    scheduler_port: int,
+    images: Sequence[Path],
+    timeout: float,
+    progress: Progress,
+) -> None:
+    """kube-scheduler, the nodes' network, each node's processes and images; returns once all are Ready."""
+    sdir, pki, bdir, pids = cluster.state_dir, cluster.state_dir / "pki", cluster.bin_dir, cluster.pids
+    started = time.monotonic()
+    scheduler_kubeconfig = sdir / "scheduler.kubeconfig"
+    _write_kubeconfig(scheduler_kubeconfig, cluster.server, pki, "system:kube-scheduler", "scheduler")
+    pids["kube-scheduler"] = _spawn(
+        "kube-scheduler",
+        [
+            str(bdir / "kube-scheduler"),
+            f"--kubeconfig={scheduler_kubeconfig}",
+            f"--authentication-kubeconfig={scheduler_kubeconfig}",
+            f"--authorization-kubeconfig={scheduler_kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={scheduler_port}",
+            "--leader-elect=false",
+        ],
+        sdir,
+    )
+    cluster.logs["kube-scheduler"] = sdir / "kube-scheduler.log"
+    # Without the Node authorizer, kubelets get their rights from the system:node role by group.
+    _kubectl(cluster, "apply", "-f", "-", stdin=_NODE_RBAC + _api_endpoint_slice(cluster))
+    node_list = cluster.node_list()
+    progress(f"creating the network of {len(node_list)} nodes ({node_kit.NODE_SUBNET})")
+    node_kit.create_network(cluster.tag, node_list, SERVICE_CIDR)
+    node_kit.record_sysctls(sdir)
+    pids.update(node_kit.start_network_services(cluster.tag, sdir, api_port))
+    _write_state(cluster)
+    binaries = node_kit.Binaries(kubelet=bdir / "kubelet", kube_proxy=bdir / "kube-proxy")
+    local_server = f"https://127.0.0.1:{node_kit.API_RELAY_PORT}"
+    for node in node_list:
+        node.folder.mkdir(parents=True, exist_ok=True)
+        _write_kubeconfig(
+            node.folder / "kubelet.kubeconfig", local_server, pki, f"system:node:{node.name}", node.name
+        )
+        _write_kubeconfig(
+            node.folder / "kube-proxy.kubeconfig", local_server, pki, "system:kube-proxy", "kube-proxy"
+        )
+        for name, pid in node_kit.start_node(
+            node, cluster.tag, sdir, binaries, pki / "ca.crt", SERVICE_CIDR, progress
+        ).items():
+            pids[f"{node.name}/{name}"] = pid
+        _write_state(cluster)
+    for node in node_list:
+        t = time.monotonic()
+        node_kit.import_images(node, images)
+        progress(f"{node.name}: {len(images)} images imported in {time.monotonic() - t:.1f} s")
+        for name, pid in node_kit.start_kubelet(node, binaries, pki / "ca.crt").items():
+            pids[f"{node.name}/{name}"] = pid
+        for name, pid in node_kit.start_kube_proxy(node, binaries, node_kit.POD_CIDR).items():
+            pids[f"{node.name}/{name}"] = pid
+        _write_state(cluster)
+    names = set(cluster.nodes)
+
+    def all_ready() -> bool:
+        for key, pid in pids.items():
+            if not _process_alive(pid, key):
+                raise ClusterError(f"{key} exited; log:\n{_log_tail(_process_log(cluster, key))}")
+        status, body = _http_get(f"{cluster.server}/api/v1/nodes", _admin_ssl_context(pki))
+        if status != 200:
+            return False
+        ready = {
+            item["metadata"]["name"]
+            for item in json.loads(body)["items"]
+            if any(
+                c["type"] == "Ready" and c["status"] == "True" for c in item["status"].get("conditions", [])
+            )
+        }
+        return names <= ready
+
+    if not _wait_for(all_ready, timeout, interval=0.2):
+        raise ClusterError(
+            f"nodes not Ready after {timeout:.0f} s; kubelet log of node1:\n"
+            + _log_tail(node_list[0].folder / "kubelet.log")
+        )
+    progress(f"{len(node_list)} nodes Ready {time.monotonic() - started:.1f} s after the scheduler started")
+
+
+def _process_log(cluster: Cluster, key: str) -> Path:
+    if "/" in key:
+        node, name = key.split("/", 1)
+        return cluster.state_dir / "nodes" / node / f"{name}.log"
+    if key in ("api-relay", "egress"):
+        return cluster.state_dir / "network" / f"{key}.log"
+    return cluster.state_dir / f"{key}.log"
+
+
+_NODE_RBAC = """apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: layerlb-e2e-nodes}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:node"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:nodes"}]
+---
+"""
+
+
+def _api_endpoint_slice(cluster: Cluster) -> str:
+    """The `kubernetes` Service's endpoints: every node's relay to the API server (the API server runs
+    with --endpoint-reconciler-type=none, its own address being loopback)."""
+    endpoints = "".join(
+        f"- addresses: [{node.ip}]\n  conditions: {{ready: true}}\n" for node in cluster.node_list()
+    )
+    return (
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n"
+        "metadata:\n  name: kubernetes\n  namespace: default\n"
+        "  labels: {kubernetes.io/service-name: kubernetes, endpointslice.kubernetes.io/managed-by: e2e.layerlb.dev}\n"
+        f"addressType: IPv4\nports: [{{name: https, port: {node_kit.API_RELAY_PORT}, protocol: TCP}}]\n"
+        f"endpoints:\n{endpoints}"
+    )
+
+
+def _kubectl(cluster: Cluster, *args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        ["kubectl", *args], input=stdin, env=cluster.env(), capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise ClusterError(f"kubectl {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _register(tag: str, state_dir: Path, nodes: int, owner: int | None) -> None:
+    REGISTRY.mkdir(parents=True, exist_ok=True)
+    entry = {"state_dir": str(state_dir), "nodes": nodes, "owner": owner}
+    (REGISTRY / f"{tag}.json").write_text(json.dumps(entry))
+
+
+def remove_stale(progress: Progress = _quiet) -> list[str]:
+    """Tear down clusters with nodes whose owner (a test session) is gone: a killed run leaves its
+    processes, namespaces, cgroups and mounts behind. Returns the state folders cleaned."""
+    cleaned: list[str] = []
+    if not REGISTRY.exists():
+        return cleaned
+    for entry in REGISTRY.glob("*.json"):
+        try:
+            data = json.loads(entry.read_text())
+        except (OSError, ValueError):
+            continue
+        owner = data.get("owner")
+        if owner is None or node_kit._alive(int(owner)):
+            continue
+        state_dir = Path(data["state_dir"])
+        progress(f"removing the cluster a dead session ({owner}) left in {state_dir}")
+        _teardown(entry.stem, state_dir, int(data["nodes"]))
+        cleaned.append(str(state_dir))
+    return cleaned
+
+
+def _teardown(tag: str, state_dir: Path, nodes: int) -> list[str]:
+    problems = node_kit.remove_nodes(tag, state_dir, node_kit.node_layout(tag, state_dir, nodes), _quiet)
+    # Control-plane processes whose pid files may be gone: every argv names the state folder.
+    node_kit._kill(node_kit._pids_with_arg(str(state_dir)))
+    with contextlib.suppress(OSError):
+        (REGISTRY / f"{tag}.json").unlink()
+    return problems
 
 
 def _write_state(cluster: Cluster) -> None:
@@ -598,7 +840,12 @@ def down(state_dir: Path | None = None, *, timeout: float = 20.0, progress: Prog
     Only the files ``up`` creates are removed; the folder itself goes when it is left empty.
     """
     sdir = (state_dir or default_state_dir()).resolve()
-    for name in reversed(COMPONENTS):
+    recorded = _load(sdir)
+    problems: list[str] = []
+    if recorded is not None and recorded.nodes:
+        progress(f"removing {len(recorded.nodes)} nodes")
+        problems = _teardown(recorded.tag, sdir, len(recorded.nodes))
+    for name in ("kube-scheduler", *reversed(COMPONENTS)):
         pid = _read_pid(sdir, name)
         if pid is not None and _is_alive(pid, name):
             progress(f"stopping {name} (pid {pid})")
@@ -609,6 +856,8 @@ def down(state_dir: Path | None = None, *, timeout: float = 20.0, progress: Prog
         _remove(sdir / entry)
     with contextlib.suppress(OSError):
         sdir.rmdir()
+    if problems:
+        raise ClusterError("teardown left: " + "; ".join(problems))
 
 
 def _remove(path: Path) -> None:
@@ -646,12 +895,28 @@ def main(argv: list[str] | None = None) -> int:
         "--state-dir", type=Path, default=None, help=f"state folder (default {default_state_dir()})"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each component")
+    parser.add_argument(
+        "--nodes", type=int, default=0, help="real nodes (kubelet, containerd, kube-proxy) to start"
+    )
+    parser.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        default=[],
+        help="docker-archive tarball to import into every node",
+    )
     args = parser.parse_args(argv)
     state_dir: Path = (args.state_dir or default_state_dir()).resolve()
 
     try:
         if args.command == "up":
-            cluster = up(state_dir, timeout=args.timeout, progress=_stderr_progress)
+            cluster = up(
+                state_dir,
+                timeout=args.timeout,
+                progress=_stderr_progress,
+                nodes=args.nodes,
+                images=args.image,
+            )
             print(f"# server {cluster.server}; pids {cluster.pids}; logs in {state_dir}", file=sys.stderr)
             sys.stderr.flush()
             print(f"export KUBECONFIG={cluster.kubeconfig}", flush=True)
