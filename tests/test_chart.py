@@ -175,6 +175,11 @@ def test_the_deployment_runs_the_operator_with_the_chart_settings() -> None:
     ]  # fmt: skip
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LAYERLB_DATAPLANE_IMAGE"] == "registry.example.com/layerlb/layerlb-dataplane:0.1.0"
+    # The downward API names the Lease holder (and kopf): runAsUser has no passwd entry to name it by.
+    fields = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e
+    }
+    assert fields == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert container["image"] == "registry.example.com/layerlb/layerlb:0.1.0-rc1"
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "platform-lb"
     kinds = {d["kind"] for d in rendered}

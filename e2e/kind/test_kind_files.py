@@ -1,13 +1,17 @@
 """What of the kind suite can be checked without Docker: the script's syntax, the kind config, the Helm
-values it installs with, that the suite is collected in kind mode only, and the VIP routes it plumbs."""
+values it installs with, that the suite is collected in kind mode only, the VIP routes it plumbs, and the
+GitHub Actions workflow that runs it."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -18,6 +22,8 @@ from tests.test_chart import helm
 
 KIND = Path(__file__).resolve().parent
 ROOT = KIND.parents[1]
+WORKFLOW = ROOT / ".github" / "workflows" / "kind-e2e.yml"
+PINNED = re.compile(r"v\d+\.\d+\.\d+")
 
 
 def test_run_sh_is_valid_bash() -> None:
@@ -107,3 +113,42 @@ def test_routes_go_to_local_pods_by_veth_else_to_the_nodes_that_hold_them() -> N
             ["route", "replace", "198.18.10.11/32", "via", "172.18.0.3"],
         ],
     }
+
+
+def _uses(steps: list[dict[str, Any]], action: str) -> dict[str, Any]:
+    found = [step for step in steps if str(step.get("uses", "")).split("@")[0] == action]
+    assert found, f"no step uses {action} before `make kind-e2e`"
+    return dict(found[0].get("with") or {})
+
+
+def test_the_workflow_runs_make_kind_e2e_on_push_and_pull_requests_with_pinned_tools() -> None:
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 (PyYAML) reads a bare `on` as true
+    assert {"push", "pull_request"} <= set(triggers), triggers
+    jobs = workflow["jobs"]
+    running = [
+        job for job in jobs.values() if any("make kind-e2e" in str(s.get("run")) for s in job["steps"])
+    ]
+    assert len(running) == 1, "exactly one job runs `make kind-e2e`"
+    [job] = running
+    assert str(job["runs-on"]).startswith("ubuntu"), "run.sh needs Docker on a Linux runner"
+    steps = job["steps"]
+    at = next(i for i, step in enumerate(steps) if "make kind-e2e" in str(step.get("run")))
+    before = steps[:at]
+    # run.sh's tools (docker comes with the runner): Python (its .venv), kind and kubectl, helm.
+    python = _uses(before, "actions/setup-python")["python-version"]
+    assert isinstance(python, str), "quote python-version (an unquoted 3.10 reads as 3.1)"
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    minimum = re.fullmatch(r">=\s*3\.(\d+)", requires)
+    assert minimum and int(python.split(".")[1]) >= int(minimum[1]), (python, requires)
+    assert any(".venv/.installed" in str(s.get("run")) or "make setup" in str(s.get("run")) for s in before)
+    kind = _uses(before, "helm/kind-action")
+    assert kind.get("install_only") is True, "run.sh creates the cluster from e2e/kind/cluster.yaml itself"
+    helm_version = _uses(before, "azure/setup-helm").get("version", "")
+    for version in (kind.get("version", ""), kind.get("kubectl_version", ""), helm_version):
+        assert PINNED.fullmatch(str(version)), f"pin kind, kubectl and helm to a release, not {version!r}"
+    for each in jobs.values():
+        for step in each["steps"]:
+            if "uses" in step:
+                ref = step["uses"].partition("@")[2]
+                assert ref and ref not in ("main", "master"), f"pin {step['uses']} to a release"

@@ -16,8 +16,12 @@ import signal
 import socket
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from kopf._core.engines.peering import Identity
 
 DEFAULT_LEASE = "layerlb-operator"
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -57,6 +61,22 @@ def _own_namespace() -> str:
     return "default"
 
 
+def identity(environ: Mapping[str, str] | None = None) -> str:
+    """This process's name, as the Lease's holder and for kopf: the pod's name, a per-process suffix.
+
+    The pod's name comes from the downward API (`POD_NAME`, set by the chart), so `kubectl get lease`
+    shows which pod leads; without it (a dev box), the hostname, which is also a pod's default hostname.
+    The suffix (pid, random) keeps two processes on one host, or a restarted container, apart.
+
+    Never from the user: kopf's own default (`getpass.getuser()` in `peering.detect_own_id`) raises
+    KeyError (OSError on Python 3.13) when the uid has no passwd entry and USER/LOGNAME are unset,
+    which is how the chart runs the image (uid 65532); hence `run` always hands kopf this identity.
+    """
+    env = os.environ if environ is None else environ
+    base = env.get("POD_NAME") or socket.gethostname() or "layerlb-operator"
+    return f"{base}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 def lease_location(peering: str) -> tuple[str, str]:
     """(namespace, name) of the Lease from `--peering`."""
     namespace, _, name = peering.rpartition("/")
@@ -87,11 +107,11 @@ async def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    own_identity = identity()
     elector = None
     if not args.standalone:
         namespace, name = lease_location(args.peering)
-        identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        elector = lease.Elector(client, namespace, name, identity)
+        elector = lease.Elector(client, namespace, name, own_identity)
         acquiring = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -103,9 +123,16 @@ async def run(args: argparse.Namespace) -> int:
 
     counters.leader = True
     namespaces = args.namespace or []
-    # kopf takes SIGTERM/SIGINT over from here on; it ends `operator`, or `stop` ends it.
+    # kopf takes SIGTERM/SIGINT over from here on; it ends `operator`, or `stop` ends it. The identity is
+    # passed so that kopf never computes its default one (see `identity`); standalone, it only names us.
     operator = asyncio.create_task(
-        kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True, stop_flag=stop)
+        kopf.operator(
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=True,
+            identity=cast("Identity", own_identity),
+            stop_flag=stop,
+        )
     )
     queue = asyncio.create_task(worker.run())
     holding = asyncio.create_task(elector.hold() if elector else stop.wait())
