@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -44,6 +45,13 @@ log = logging.getLogger("layerlb")
 
 DRAIN_SECONDS = 20.0
 BACKLOG = 4096
+# In a forwarding pod the VIP reaches the pod's network from outside (an announcement, the network's
+# route) and may arrive after the data plane starts: the operator sets LAYERLB_FREEBIND=1 there, and
+# listeners bind the VIP before it is local (IP_FREEBIND, HAProxy's `freebind`), serving once it arrives.
+# Standalone (`layerlb serve`), an address that is not on the host stays an error.
+FREEBIND_ENV = "LAYERLB_FREEBIND"
+_IP_FREEBIND = 15  # linux/in.h; Python 3.11's socket module does not name it
+_IPV6_FREEBIND = 78  # linux/in6.h
 HOUSEKEEPING_SECONDS = 1.0
 
 ListenerKey = tuple[str, int, str]  # (vip, port, protocol)
@@ -92,6 +100,11 @@ def bind(p: plan.Plan, listener: plan.Listener, *, reuse_port: bool = True) -> s
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if os.environ.get(FREEBIND_ENV) == "1":
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
         sock.bind((p.vip, listener.port))
         if tcp and reuse_port:
             sock.listen(BACKLOG)

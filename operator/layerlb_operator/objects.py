@@ -314,6 +314,9 @@ def deployment(
         "selector": {"matchLabels": selector(name)},
         "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
     }
+    if not host:
+        # The pod's VIP arrives from the network, possibly after the data plane starts: bind it anyway.
+        container["env"].append({"name": "LAYERLB_FREEBIND", "value": "1"})
     if host:
         pod_spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
         # Host ports cannot surge on the same node: replace pods one at a time instead.

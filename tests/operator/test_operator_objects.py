@@ -70,6 +70,16 @@ def test_proxy_architectures_run_unprivileged(mode: str, architecture: str) -> N
     }
 
 
+@pytest.mark.parametrize(("mode", "architecture"), UNPRIVILEGED + KERNEL_OR_TRANSPARENT)
+def test_pod_network_forwarding_pods_bind_their_vip_before_the_network_delivers_it(
+    mode: str, architecture: str
+) -> None:
+    pod = _pod(_lb(mode, architecture))
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    # Host-network pods put the VIP on their node themselves; the others get it from the network.
+    assert env.get("LAYERLB_FREEBIND") == (None if pod.get("hostNetwork") else "1")
+
+
 @pytest.mark.parametrize(("mode", "architecture"), KERNEL_OR_TRANSPARENT)
 def test_kernel_and_transparent_architectures_get_the_host_network_and_net_admin_only(
     mode: str, architecture: str
