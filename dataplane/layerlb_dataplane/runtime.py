@@ -36,6 +36,7 @@ from typing import Protocol
 
 from layerlb import api, plan
 from layerlb_dataplane import admin, config, probes, tls, transparent
+from layerlb_dataplane.kernel import addresses
 from layerlb_dataplane.metrics import Dump, Metrics, render
 from layerlb_dataplane.proxy_http import HttpListener
 from layerlb_dataplane.proxy_l4 import TcpListener, UdpListener
@@ -179,6 +180,7 @@ class Instance:
     problem: str | None = None  # why `desired` is not (fully) what is served
     engine: KernelEngine | None = None
     health: probes.HealthChecker = field(default_factory=probes.HealthChecker)
+    loopback_vip: str | None = None  # a transparent Plan's VIP this process put on the node's loopback
 
     def current(self) -> Snapshot:
         """The Snapshot new requests and connections are served from."""
@@ -367,6 +369,7 @@ class Dataplane:
             await inst.health.aclose()
             if inst.engine is not None:
                 await inst.engine.close(remove=True)
+            await self._release_loopback(inst)
         fatal = None
         for key, p in wanted.items():
             inst = self.instances.get(key) or self._instance(key)
@@ -421,6 +424,18 @@ class Dataplane:
                 inst.problem = f"{inst.key}: transparent proxying needs policy routing: {_message(error)}"
                 return inst.problem
             self.transparent_routing = True
+        if new.architecture is api.Architecture.transparent and inst.loopback_vip != new.vip:
+            # The transparent proxy runs on the node's network, where its VIP's packets arrive: the VIP must
+            # be local there (as the kernel engines make it), or the node forwards them instead.
+            await self._release_loopback(inst)
+            try:
+                if await asyncio.to_thread(addresses.add_to_loopback, new.vip):
+                    inst.loopback_vip = new.vip
+            except OSError as error:
+                inst.problem = f"{inst.key}: {_message(error)}"
+                return inst.problem
+        elif new.architecture is not api.Architecture.transparent:
+            await self._release_loopback(inst)
         wanted = {listener_key(new, listener): listener for listener in new.listeners}
         ours = {
             _address(i.current().plan, s.listener) for i in self.instances.values() for s in i.served.values()
@@ -499,6 +514,11 @@ class Dataplane:
             return inst.problem
         inst.problem = None
         return None
+
+    async def _release_loopback(self, inst: Instance) -> None:
+        if inst.loopback_vip is not None:
+            await asyncio.to_thread(addresses.remove_from_loopback, inst.loopback_vip)
+            inst.loopback_vip = None
 
     async def _serve(self, inst: Instance, listener: plan.Listener, sock: socket.socket) -> Served:
         loop = asyncio.get_running_loop()

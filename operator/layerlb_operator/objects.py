@@ -314,8 +314,9 @@ def deployment(
         "selector": {"matchLabels": selector(name)},
         "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
     }
-    if not host:
-        # The pod's VIP arrives from the network, possibly after the data plane starts: bind it anyway.
+    if not host or spec.architecture is api.Architecture.transparent:
+        # The pod's VIP arrives from the network (or, for the transparent proxy, is put on the node's
+        # loopback by the data plane itself after its listeners are checked): bind it before it is local.
         container["env"].append({"name": "LAYERLB_FREEBIND", "value": "1"})
     if host:
         pod_spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from layerlb_dataplane import runtime
@@ -61,3 +63,50 @@ def test_without_freebind_an_absent_vip_is_refused_with_one_line(topology: Topol
     assert pod.call(bind_then_receive, VIP, False) == (
         f"refused: cannot listen on {VIP}:8080/TCP (test/l4 listener t): the address is not on this host"
     )
+
+
+def transparent_vip_on_loopback(example: str, vip: str) -> list[str]:
+    """In the namespace: the transparent example's Plan applied (its VIP not yet local), then removed; the
+    loopback's addresses after each step."""
+    import asyncio
+    import json
+
+    from layerlb_dataplane import config
+
+    from layerlb import plan as plan_model
+
+    os.environ[runtime.FREEBIND_ENV] = "1"
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    rendered = subprocess.run(
+        [sys.executable, "-m", "layerlb.cli", "render", "--format", "dataplane", example],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    p = plan_model.Plan.model_validate(json.loads(rendered.stdout)).model_copy(update={"vip": vip})
+
+    def loopback() -> str:
+        return subprocess.run(
+            ["ip", "-4", "-br", "addr", "show", "dev", "lo"], capture_output=True, text=True
+        ).stdout
+
+    async def steps() -> list[str]:
+        dataplane = runtime.Dataplane(config.StaticSource([p]), signals=(), probe_health=False)
+        seen = [loopback()]
+        problem = await dataplane.apply([p], initial=True)
+        seen.append(problem or loopback())
+        await dataplane.apply([])
+        seen.append(loopback())
+        await dataplane.stop(1)
+        return seen
+
+    return asyncio.run(steps())
+
+
+def test_the_transparent_proxy_puts_its_vip_on_the_nodes_loopback_and_takes_it_off_with_the_plan(
+    topology: Topology,
+) -> None:
+    example = str(Path(__file__).resolve().parents[2] / "examples" / "l7-transparent.yaml")
+    vip = "192.0.2.77"  # not local: a loopback-range address (the example's) would be already
+    before, applied, removed = topology.namespace("node").call(transparent_vip_on_loopback, example, vip)
+    assert vip not in before
+    assert f"{vip}/32" in applied, applied
+    assert vip not in removed, removed

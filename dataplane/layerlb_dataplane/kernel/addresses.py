@@ -54,3 +54,30 @@ def is_local(vip: str) -> bool:
                 return False
             raise
     return True
+
+
+# The label layerlb's own loopback VIPs carry (IPv4), so that removal takes only an address layerlb added.
+LOOPBACK_LABEL = "lo:llb"
+
+
+def add_to_loopback(vip: str) -> bool:
+    """Put `vip` on this node's loopback (so packets for it are delivered here), unless it is local already;
+    True when it was added. Raises OSError with `ip`'s message when the kernel refuses."""
+    if is_local(vip):
+        return False
+    if render.is_ipv6(vip):
+        done = ip("-6", "addr", "add", f"{vip}/128", "dev", "lo", "nodad")
+    else:
+        done = ip("addr", "add", f"{vip}/32", "dev", "lo", "label", LOOPBACK_LABEL)
+    if done.returncode != 0 and "File exists" not in done.stderr:
+        raise OSError(f"adding the VIP {vip} to lo: {done.stderr.strip()}")
+    ip("link", "set", "lo", "up")
+    return True
+
+
+def remove_from_loopback(vip: str) -> None:
+    """Take `vip` off the loopback again (an IPv4 address only when it carries layerlb's label)."""
+    if render.is_ipv6(vip):
+        ip("-6", "addr", "del", f"{vip}/128", "dev", "lo")
+    else:
+        ip("addr", "del", f"{vip}/32", "dev", "lo", "label", LOOPBACK_LABEL)

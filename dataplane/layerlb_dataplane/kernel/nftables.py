@@ -74,7 +74,6 @@ from layerlb_dataplane.state import Target
 log = logging.getLogger("layerlb.kernel.nftables")
 
 COMMENT_PREFIX: Final = "layerlb sha256:"
-VIP_LABEL: Final = "lo:llb"
 DISCARD_PORT: Final = 9
 DEFAULT_DRAIN_SECONDS: Final = 60.0
 DEFAULT_NEIGHBOUR_TIMEOUT: Final = 3.0
@@ -541,22 +540,10 @@ class NftablesEngine:
     # --- the node ------------------------------------------------------------------------------------
 
     def _ensure_vip(self, vip: str) -> int:
-        if addresses.is_local(vip):
-            return 0
-        if render.is_ipv6(vip):
-            done = _ip("-6", "addr", "add", f"{vip}/128", "dev", "lo", "nodad")
-        else:
-            done = _ip("addr", "add", f"{vip}/32", "dev", "lo", "label", VIP_LABEL)
-        if done.returncode != 0 and "File exists" not in done.stderr:
-            raise OSError(f"adding the VIP {vip} to lo: {done.stderr.strip()}")
-        _ip("link", "set", "lo", "up")
-        return 1
+        return 1 if addresses.add_to_loopback(vip) else 0
 
     def _remove_vip(self, vip: str) -> None:
-        if render.is_ipv6(vip):
-            _ip("-6", "addr", "del", f"{vip}/128", "dev", "lo")
-        else:
-            _ip("addr", "del", f"{vip}/32", "dev", "lo", "label", VIP_LABEL)
+        addresses.remove_from_loopback(vip)
 
     @staticmethod
     def _ensure_forwarding(vip: str) -> int:
