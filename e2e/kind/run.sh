@@ -3,7 +3,7 @@
 # Builds the image from the Dockerfile, creates the kind cluster of e2e/kind/cluster.yaml (or reuses it),
 # loads the image, installs the CRDs and the operator with the Helm chart (image overridden by
 # e2e/kind/values.yaml), then runs
-# e2e/kind/test_kind.py against it. UNVERIFIED on layerlb's development machines (no Docker engine there).
+# the real-node suite (e2e/nodes, the same tests `make test` runs on local nodes) against it.
 #
 # Needs docker, kind, kubectl, helm on PATH (helm falls back to the local cluster's build in .cache) and
 # `make setup` done. The IPVS and IP-in-IP examples need the host's ip_vs* and ipip modules: loaded below
@@ -65,4 +65,4 @@ kubectl rollout status deployment -n layerlb-system --timeout=180s
 say "the e2e suite on kind"
 LAYERLB_KIND_CLUSTER="$CLUSTER" LAYERLB_KIND_IMAGE="$IMAGE" LAYERLB_KIND_NAMESPACE="$NAMESPACE" \
     PYTHONPATH="$PWD:$PWD/operator:$PWD/dataplane${PYTHONPATH:+:$PYTHONPATH}" \
-    "$PY" -m pytest -q -p no:cacheprovider e2e/kind "$@"
+    "$PY" -m pytest -q -p no:cacheprovider e2e/nodes "$@"

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from e2e.kind import network
-from e2e.kind.network import Serving
+from e2e.nodes import network
+from e2e.nodes.network import Serving
 from e2e.runner import lab
 from tests.test_chart import helm
 
@@ -35,11 +35,13 @@ def test_run_sh_is_valid_bash() -> None:
 def test_kind_config_has_a_node_per_host_network_replica_and_keeps_clear_of_the_vips() -> None:
     config = yaml.safe_load((KIND / "cluster.yaml").read_text())
     assert (config["kind"], config["apiVersion"]) == ("Cluster", "kind.x-k8s.io/v1alpha4")
-    from e2e.kind.test_kind import HOST_NETWORK_EXAMPLES, VIPS
+    from e2e.nodes.platform import Kind
+    from e2e.nodes.test_examples import HOST_NETWORK_EXAMPLES
 
+    VIPS = Kind(env={}, image="", namespace="").vips
     replicas = [
         document["spec"].get("replicas", 1)
-        for file in HOST_NETWORK_EXAMPLES
+        for file in HOST_NETWORK_EXAMPLES["kind"]
         for document in lab.documents(file)
         if document["kind"] == "LoadBalancer"
     ]
@@ -67,49 +69,47 @@ def _collected(mode: bool) -> list[str]:
     if mode:
         env["LAYERLB_KIND_CLUSTER"] = "layerlb-e2e"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(KIND)],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(ROOT / "e2e" / "nodes")],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     return [line for line in done.stdout.splitlines() if "::" in line]
 
 
-def test_the_kind_suite_is_collected_in_kind_mode_only() -> None:
-    normal, kind_mode = _collected(False), _collected(True)
-    assert not [t for t in normal if "test_kind.py" in t], normal
-    suite = [t for t in kind_mode if "test_kind.py" in t]
-    assert len(suite) == 4 + 5, kind_mode  # four proxy examples with traffic, five host-network ones
+def test_the_real_node_suite_runs_every_example_on_kind_and_what_this_kernel_can_locally() -> None:
+    local, kind_mode = _collected(False), _collected(True)
+    assert not [t for t in kind_mode if "test_local_nodes.py" in t], (
+        "the local platform's checks need its nodes"
+    )
+    examples = [t for t in kind_mode if "test_examples.py" in t]
+    assert len(examples) == 4 + 5, kind_mode  # four proxy examples with traffic, five host-network ones
+    assert len([t for t in local if "test_examples.py" in t]) == 4 + 2, local  # no IPVS, no IP-in-IP here
+    assert "run.sh" not in " ".join(kind_mode)
+    assert "e2e/nodes" in (KIND / "run.sh").read_text()
 
 
-def test_routes_go_to_local_pods_by_veth_else_to_the_nodes_that_hold_them() -> None:
+def test_routes_go_to_local_pods_else_to_the_nodes_that_hold_them() -> None:
     nodes = {"cp": "172.18.0.2", "w1": "172.18.0.3", "w2": "172.18.0.4"}
     serving = [
         Serving("198.18.10.10", "w1", "10.244.1.5"),
         Serving("198.18.10.10", "w2", "10.244.2.7"),
         Serving("198.18.10.11", "w1", "10.244.1.6"),
+        Serving("198.18.10.12", "w2", "172.18.0.4", host_network=True),
     ]
-    veths = {"10.244.1.5": "veth1", "10.244.2.7": "veth2", "10.244.1.6": "veth3"}
-    assert network.routes(serving, nodes, veths) == {
+    via = ["nexthop", "via"]
+    assert network.routes(serving, nodes) == {
         "cp": [
-            [
-                "route",
-                "replace",
-                "198.18.10.10/32",
-                "nexthop",
-                "via",
-                "172.18.0.3",
-                "nexthop",
-                "via",
-                "172.18.0.4",
-            ],
+            ["route", "replace", "198.18.10.10/32", *via, "172.18.0.3", *via, "172.18.0.4"],
             ["route", "replace", "198.18.10.11/32", "via", "172.18.0.3"],
+            ["route", "replace", "198.18.10.12/32", "via", "172.18.0.4"],
         ],
         "w1": [
-            ["route", "replace", "198.18.10.10/32", "dev", "veth1"],
-            ["route", "replace", "198.18.10.11/32", "dev", "veth3"],
+            ["route", "replace", "198.18.10.10/32", "via", "10.244.1.5"],
+            ["route", "replace", "198.18.10.11/32", "via", "10.244.1.6"],
+            ["route", "replace", "198.18.10.12/32", "via", "172.18.0.4"],
         ],
-        "w2": [
-            ["route", "replace", "198.18.10.10/32", "dev", "veth2"],
+        "w2": [  # its own pod holds 198.18.10.12 on the node itself: no route
+            ["route", "replace", "198.18.10.10/32", "via", "10.244.2.7"],
             ["route", "replace", "198.18.10.11/32", "via", "172.18.0.3"],
         ],
     }

@@ -1,0 +1,69 @@
+"""The real-node suite's platform: kind when `e2e/kind/run.sh` set LAYERLB_KIND_CLUSTER (it built the image,
+created the cluster and installed the chart), else the local cluster with real nodes, started here.
+
+Locally: the images are built from the project's files (`e2e/images/build.py`) and imported into every
+node's containerd, a cluster with two nodes comes up (`e2e/cluster`), and the chart is installed with
+Helm (`values.yaml` beside this file: the local image, never pulled, watching the suite's namespace), as
+a user would: the operator and every forwarding pod are real pods run by a kubelet with the chart's own
+securityContext. The operator pod must be Ready before any test runs; if it is not, the fixture fails
+with the pod's events and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.cluster import cluster as local_cluster
+from e2e.nodes import pods
+from e2e.nodes.platform import KIND_ENV, Kind, LocalNodes, Platform
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RELEASE, RELEASE_NAMESPACE = "layerlb", "layerlb-system"
+LOCAL_NAMESPACE = "llb-nodes"  # as in values.yaml
+LOCAL_NODES = 2
+OPERATOR = f"app.kubernetes.io/instance={RELEASE}"
+
+# Only the platform-neutral suite runs on kind; the local platform's own checks need its nodes.
+collect_ignore = ["test_local_nodes.py"] if os.environ.get(KIND_ENV) else []
+
+
+def _local(tmp: Path) -> Iterator[LocalNodes]:
+    from e2e.images import build
+
+    local_cluster.remove_stale()
+    images = build.build_all()
+    cluster = local_cluster.up(
+        tmp / "cluster",
+        nodes=LOCAL_NODES,
+        images=[archive.path for archive in images.values()],
+        owner=os.getpid(),
+    )
+    try:
+        platform = LocalNodes(cluster, image=images["layerlb"].reference, namespace=LOCAL_NAMESPACE)
+        pods.kubectl(platform.env, "create", "namespace", LOCAL_NAMESPACE)
+        pods.helm(
+            platform.env, "install", RELEASE, str(ROOT / "charts" / "layerlb"), "--namespace", RELEASE_NAMESPACE,
+            "--create-namespace", "-f", str(HERE / "values.yaml"),
+        )  # fmt: skip
+        pods.wait_ready(platform.env, RELEASE_NAMESPACE, OPERATOR, timeout=180)
+        yield platform
+    finally:
+        local_cluster.down(cluster.state_dir)
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """The cluster with the chart installed and its operator Ready."""
+    if os.environ.get(KIND_ENV):
+        yield Kind(
+            env=dict(os.environ),
+            image=os.environ.get("LAYERLB_KIND_IMAGE", "layerlb:kind-e2e"),
+            namespace=os.environ.get("LAYERLB_KIND_NAMESPACE", "llb-kind"),
+        )
+        return
+    yield from _local(tmp_path_factory.mktemp("nodes"))
