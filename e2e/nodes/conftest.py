@@ -36,6 +36,8 @@ def _local(tmp: Path) -> Iterator[LocalNodes]:
     from e2e.images import build
 
     local_cluster.remove_stale()
+    # The binaries first: the pause image is compiled from the Kubernetes module their build downloads.
+    local_cluster.ensure_binaries(with_nodes=True)
     images = build.build_all()
     cluster = local_cluster.up(
         tmp / "cluster",
@@ -56,7 +58,7 @@ def _local(tmp: Path) -> Iterator[LocalNodes]:
         local_cluster.down(cluster.state_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     """The cluster with the chart installed and its operator Ready."""
     if os.environ.get(KIND_ENV):
