@@ -68,8 +68,10 @@ def test_a_kernel_pod_is_root_on_the_host_network_with_only_net_admin_and_net_ra
 
 def test_what_the_runner_cannot_honour_is_refused_with_the_field() -> None:
     pod = _pod("l4-proxy-tcp.yaml")
-    pod["spec"]["containers"][0]["env"].append({"name": "X", "valueFrom": {"secretKeyRef": {"name": "s"}}})
-    with pytest.raises(pods.PodError, match=r"containers\[0\]\.env\[2\] \(X\): only value and fieldRef"):
+    env = pod["spec"]["containers"][0]["env"]
+    env.append({"name": "X", "valueFrom": {"secretKeyRef": {"name": "s"}}})
+    where = rf"containers\[0\]\.env\[{len(env) - 1}\] \(X\)"
+    with pytest.raises(pods.PodError, match=where + ": only value and fieldRef"):
         _launch(pod)
     pod = _pod("l4-proxy-tcp.yaml")
     pod["spec"]["securityContext"]["runAsUser"] = 0

@@ -91,6 +91,7 @@ class Plumber:
         self.client = client
         self.done: set[str] = set()  # pod uids whose namespace holds the VIP
         self.errors: list[str] = []
+        self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="plumber", daemon=True)
         self.thread.start()
@@ -115,6 +116,12 @@ class Plumber:
                 self.errors = [*self.errors[-9:], str(error)]
 
     def once(self) -> None:
+        """One pass: every ready-to-be forwarding pod's VIP placed and routed. Callable from a test too (a
+        LoadBalancer just turned Ready is served only once a pass has seen its pods)."""
+        with self.lock:
+            self._once()
+
+    def _once(self) -> None:
         namespace = self.platform.namespace
         lbs = self._kubectl_json("get", "llb", "-n", namespace)["items"]
         vips = {lb["metadata"]["name"]: (lb.get("status") or {}).get("vip") for lb in lbs}

@@ -1,0 +1,147 @@
+"""The real-node suite's parts, shared by its tests and the demo: backend and client pods of the project's
+image, the examples moved onto them, and calls made from the client pod."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2e.nodes import pods
+from e2e.nodes.platform import Platform
+from e2e.runner import lab
+
+ROOT = Path(__file__).resolve().parents[2]
+POOL = "llb-nodes-pool"
+READY = "300s"
+BACKENDS = "app in (suite-backend, suite-client)"
+
+
+def kubectl(platform: Platform, *args: str, stdin: str | None = None) -> str:
+    return pods.kubectl(platform.env, *args, stdin=stdin, timeout=400)
+
+
+def pod(
+    platform: Platform, name: str, command: list[str], labels: dict[str, str], ready_port: int | None = None
+) -> dict[str, Any]:
+    """A pod of the layerlb image running `command`, with the suite's scripts under /scripts."""
+    container: dict[str, Any] = {
+        "name": name,
+        "image": platform.image,
+        "imagePullPolicy": "Never",
+        "command": command,
+        "stdin": True,  # examples/backends.py serves until its stdin closes
+        "volumeMounts": [{"name": "scripts", "mountPath": "/scripts"}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if ready_port is not None:
+        container["readinessProbe"] = {"tcpSocket": {"port": ready_port}, "periodSeconds": 1}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": platform.namespace, "labels": labels},
+        "spec": {
+            "securityContext": {
+                "runAsNonRoot": True,
+                "seccompProfile": {"type": "RuntimeDefault"},
+                "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
+            },
+            "containers": [container],
+            "volumes": [{"name": "scripts", "configMap": {"name": "suite-scripts"}}],
+        },
+    }
+
+
+def start_backends(platform: Platform) -> list[str]:
+    """Three backend pods b1-b3 (every port the examples use), a client pod and the VIPPool; returns the
+    backends' addresses once all four pods are Ready."""
+    scripts = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "suite-scripts", "namespace": platform.namespace},
+        "data": {
+            "backends.py": (ROOT / "examples" / "backends.py").read_text(),
+            "client.py": (ROOT / "e2e" / "runner" / "client.py").read_text(),
+        },
+    }
+    manifests = [scripts]
+    for index in (1, 2, 3):
+        command = ["python3", "/scripts/backends.py", "--name", f"b{index}", "--host", "0.0.0.0"]
+        command += [f"--http={port}" for port in lab.HTTP_PORTS] + [f"--udp={port}" for port in lab.UDP_PORTS]
+        manifests.append(pod(platform, f"b{index}", command, {"app": "suite-backend"}, ready_port=9001))
+    client = pod(
+        platform, "client", ["python3", "-c", "import time; time.sleep(86400)"], {"app": "suite-client"}
+    )
+    manifests.append(client)
+    pool = lab.vip_pool(POOL, [platform.namespace])
+    pool["spec"]["addresses"] = [platform.vips]  # the lab's range is the pod runner's
+    kubectl(platform, "apply", "-f", "-", stdin=yaml.safe_dump_all([*manifests, pool]))
+    found = pods.wait_ready(platform.env, platform.namespace, BACKENDS, count=4)
+    return [address for _, address in sorted(
+        (p["metadata"]["name"], p["status"]["podIP"]) for p in found if p["metadata"]["name"] != "client"
+    )]  # fmt: skip
+
+
+def apply_example(platform: Platform, file: str, addresses: list[str]) -> str:
+    """The example moved onto the backends and applied; returns the LoadBalancer's name."""
+    documents = lab.adapt(file, platform.namespace, addresses)
+    name: str = next(d for d in documents if d["kind"] == "LoadBalancer")["metadata"]["name"]
+    kubectl(platform, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+    return name
+
+
+def deploy(
+    platform: Platform, file: str, addresses: list[str], plumbing: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """The example moved onto the backends, applied, Ready (`kubectl wait`); returns the LoadBalancer.
+
+    If it is not Ready in time, the failure carries its forwarding pods' events and logs."""
+    name = apply_example(platform, file, addresses)
+    selector = f"layerlb.dev/loadbalancer={name}"
+    pods.wait_ready(platform.env, platform.namespace, selector, timeout=float(READY.rstrip("s")))
+    kubectl(
+        platform,
+        "wait",
+        "--for=condition=Ready",
+        f"--timeout={READY}",
+        "-n",
+        platform.namespace,
+        f"llb/{name}",
+    )
+    if plumbing is not None:
+        plumbing()  # the network delivers the VIP to the pods that just turned Ready
+    found: dict[str, Any] = json.loads(
+        kubectl(platform, "get", "llb", name, "-n", platform.namespace, "-o", "json")
+    )
+    return found
+
+
+def ask(platform: Platform, function: str, *args: Any, **kwargs: Any) -> Counter[str]:
+    """`e2e/runner/client.FUNCTION(*args)` run in the client pod; the answering backends, counted."""
+    code = (
+        "import json, sys; sys.path.insert(0, '/scripts'); import client; "
+        f"print(json.dumps(client.{function}(*json.loads(sys.argv[1]), **json.loads(sys.argv[2]))))"
+    )
+    out = kubectl(
+        platform,
+        "exec",
+        "-n",
+        platform.namespace,
+        "client",
+        "--",
+        "python3",
+        "-c",
+        code,
+        json.dumps(args),
+        json.dumps(kwargs),
+    )
+    lines: list[str] = json.loads(out)
+    return Counter("ERROR" if line.startswith("ERROR") else line.split()[0] for line in lines)
