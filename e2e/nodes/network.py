@@ -148,7 +148,7 @@ class Plumber:
                 self.platform.node_exec(node, "ip", *command)
         if self.client is not None:
             for command in client_routes(serving, nodes):
-                self.client("ip", *command)
+                self.client(*command)
 
     def close(self) -> None:
         self.stop.set()

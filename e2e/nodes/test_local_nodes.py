@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from datetime import datetime
+import time
 from typing import Any
 
 import pytest
@@ -87,10 +87,6 @@ def web_deployment(replicas: int) -> dict[str, Any]:
     }
 
 
-def _time(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
 def test_every_node_registers_and_is_ready(local: LocalNodes) -> None:
     nodes = json.loads(kubectl(local, "get", "nodes", "-o", "json"))["items"]
     assert sorted(n["metadata"]["name"] for n in nodes) == [f"node{i}" for i in range(1, LOCAL_NODES + 1)]
@@ -106,15 +102,40 @@ def test_pods_spread_over_the_nodes_and_become_ready(local: LocalNodes) -> None:
     kubectl(local, "apply", "-f", "-", stdin=json.dumps(web_deployment(4)))
     found = pods.wait_ready(local.env, NAMESPACE, "app=web", count=4, timeout=120)
     assert {p["spec"]["nodeName"] for p in found} == {f"node{i}" for i in range(1, LOCAL_NODES + 1)}
-    # Created → Ready, as the API server recorded it (seconds resolution): reported, not asserted.
-    delays = []
-    for p in found:
-        ready = next(c for c in p["status"]["conditions"] if c["type"] == "Ready")
-        delays.append(
-            (_time(ready["lastTransitionTime"]) - _time(p["metadata"]["creationTimestamp"])).total_seconds()
+
+
+def test_pod_created_to_ready_is_measured(local: LocalNodes) -> None:
+    """Twelve pods, one after another: `kubectl apply` → Ready (`kubectl wait` watches). Reported (the
+    issue's target: p95 ≤ 2 s), never asserted: a busy machine is not a broken one."""
+    took = []
+    for index in range(12):
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"timed-{index}", "namespace": NAMESPACE, "labels": {"app": "timed"}},
+            "spec": {
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": BACKEND,
+                        "imagePullPolicy": "Never",
+                        "command": ["sleep", "3600"],
+                    }
+                ],
+            },
+        }
+        started = time.monotonic()
+        kubectl(local, "apply", "-f", "-", stdin=json.dumps(manifest))
+        kubectl(
+            local, "wait", "--for=condition=Ready", "--timeout=120s", "-n", NAMESPACE, f"pod/timed-{index}"
         )
+        took.append(time.monotonic() - started)
+    kubectl(local, "delete", "pods", "-n", NAMESPACE, "-l", "app=timed", "--wait=false")
+    took.sort()
+    p95 = took[min(len(took) - 1, round(0.95 * (len(took) - 1)))]
     print(
-        f"pod created → Ready: median {statistics.median(delays):.0f} s, max {max(delays):.0f} s over {len(delays)}"
+        f"pod created → Ready over {len(took)}: p50 {statistics.median(took):.2f} s, p95 {p95:.2f} s, max {took[-1]:.2f} s"
     )
 
 
