@@ -40,6 +40,8 @@ from pathlib import Path
 
 NODE_SUBNET = "172.28.0.0/24"
 NETWORK_IP = "172.28.0.1"
+# A machine on the nodes' LAN, outside the cluster: what a user's client is (its own namespace).
+CLIENT_IP = "172.28.0.100"
 POD_CIDR = "10.244.0.0/16"
 API_RELAY_PORT = 6443
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -94,6 +96,10 @@ def node_layout(tag: str, state_dir: Path, count: int) -> list[Node]:
 
 def network_netns(tag: str) -> str:
     return f"llbk-{tag}-net"
+
+
+def client_netns(tag: str) -> str:
+    return f"llbk-{tag}-client"
 
 
 # ------------------------------------------------------------------------------------------- shell
@@ -165,6 +171,13 @@ def create_network(tag: str, nodes: list[Node], service_cidr: str) -> None:
     ip("addr", "add", f"{NETWORK_IP}/24", "dev", "br0", netns=net)
     ip("link", "set", "br0", "up", netns=net)
     write_sysctl(net, "net/ipv4/ip_forward", "1")
+    client = client_netns(tag)
+    ip("netns", "add", client)
+    ip("link", "set", "lo", "up", netns=client)
+    ip("link", "add", "eth0", "type", "veth", "peer", "name", "client", "netns", net, netns=client)
+    ip("link", "set", "client", "master", "br0", "up", netns=net)
+    ip("addr", "add", f"{CLIENT_IP}/24", "dev", "eth0", netns=client)
+    ip("link", "set", "eth0", "up", netns=client)
     for node in nodes:
         ip("netns", "add", node.netns)
         ip("link", "set", "lo", "up", netns=node.netns)
@@ -580,7 +593,7 @@ def remove_nodes(tag: str, state_dir: Path, nodes: list[Node], progress: Progres
     for node in nodes:
         _kill(_pids_with_arg(str(node.folder)) | _pids_in_netns(node.netns))
     _kill(_pids_with_arg(str(state_dir / "api.sock")) | _pids_with_arg(str(state_dir / "egress.sock")))
-    _kill(_pids_in_netns(network_netns(tag)))
+    _kill(_pids_in_netns(network_netns(tag)) | _pids_in_netns(client_netns(tag)))
     if NETNS_DIR.exists():
         for entry in NETNS_DIR.iterdir():
             if entry.name.startswith("cni-") and _netns_inode(entry) in pod_netns_inodes:
@@ -601,6 +614,7 @@ def remove_nodes(tag: str, state_dir: Path, nodes: list[Node], progress: Progres
                     except OSError as error:
                         problems.append(f"cgroup {dirpath}: {error}")
         ip("netns", "del", node.netns, check=False)
+    ip("netns", "del", client_netns(tag), check=False)
     ip("netns", "del", network_netns(tag), check=False)
     if CONTAINER_LOGS.exists():
         for link in CONTAINER_LOGS.iterdir():

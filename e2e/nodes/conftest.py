@@ -29,7 +29,7 @@ LOCAL_NODES = 2
 OPERATOR = f"app.kubernetes.io/instance={RELEASE}"
 
 # Only the platform-neutral suite runs on kind; the local platform's own checks need its nodes.
-collect_ignore = ["test_local_nodes.py"] if os.environ.get(KIND_ENV) else []
+collect_ignore = ["test_local_nodes.py", "test_local_client_ip.py"] if os.environ.get(KIND_ENV) else []
 
 
 def _local(tmp: Path) -> Iterator[LocalNodes]:

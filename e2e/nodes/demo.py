@@ -38,8 +38,8 @@ UDP = (
     "s.sendto(b'hello', ('{vip}', {port})); print(s.recv(200).decode())\""
 )
 # Every example this kernel can run, with what a client tries. Traffic through the host-network ones
-# (transparent, nat) needs the backends' replies routed back through the forwarding node, which pod
-# networks do not do: they are shown Ready, their traffic is proved in e2e/test_traffic.py's lab.
+# (transparent, nat) needs the backends' replies routed back through the forwarding node (they keep the
+# client's address): shown Ready here, their traffic is proved by e2e/nodes/test_local_client_ip.py.
 EXAMPLES: dict[str, list[str]] = {
     "l7-proxy-routes.yaml": [
         "curl -s -H 'Host: api.example.com' http://{vip}:8080/v1/items",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from e2e.cluster import nodes as node_kit
 from e2e.cluster.cluster import Cluster
 
 # Set by `e2e/kind/run.sh`: the suite runs against that kind cluster instead of the local nodes.
@@ -64,6 +65,10 @@ class LocalNodes:
 
     def node_exec(self, node: str, *argv: str) -> str:
         return _run(["nsenter", f"--net=/run/netns/{self.netns(node)}", *argv])
+
+    def client_exec(self, *argv: str) -> str:
+        """In the client namespace on the nodes' LAN, outside the cluster (`nodes.CLIENT_IP`)."""
+        return _run(["nsenter", f"--net=/run/netns/{node_kit.client_netns(self.cluster.tag)}", *argv])
 
     def pod_exec(self, pod: dict[str, Any], *argv: str) -> str:
         """In the pod's sandbox namespace: the `cni-*` one (containerd's) that holds the pod's address."""

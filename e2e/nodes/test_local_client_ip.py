@@ -1,0 +1,104 @@
+"""The host-network examples that keep the client's address (L4 nat on nftables, L7 transparent) carry
+traffic on real nodes, from a client on the nodes' LAN outside the cluster to backend pods on both nodes.
+
+Both forward with the client's own address as the source, so the backends' replies must pass the
+forwarding node again (for nat to undo the translation, for the transparent proxy to reach its socket): a
+network running them routes the clients through the load balancer. Here each node that does not hold the
+forwarding pod routes the client's address through the node that does, as such a network would; the
+node holding it needs nothing. Local platform only: the client namespace is the local cluster's
+(`nodes.CLIENT_IP`); on kind these examples are checked for Ready (test_examples.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from e2e.cluster.nodes import CLIENT_IP
+from e2e.nodes import pods
+from e2e.nodes.network import Plumber
+from e2e.nodes.platform import LocalNodes, Platform, PlatformError
+from e2e.nodes.suite import POOL, deploy, kubectl, start_backends
+
+UDP_ASK = (
+    "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); "
+    "s.sendto(b'ping', (sys.argv[1], int(sys.argv[2]))); print(s.recv(200).decode())"
+)
+
+
+@dataclass
+class Lab:
+    local: LocalNodes
+    addresses: list[str]
+    plumber: Plumber
+
+
+@pytest.fixture(scope="module")
+def lab(platform: Platform) -> Iterator[Lab]:
+    """The backend pods, and plumbing that also routes each VIP from the LAN client to its node."""
+    assert isinstance(platform, LocalNodes)
+    local = platform
+    addresses = start_backends(local)
+    plumber = Plumber(local, client=lambda *argv: local.client_exec("ip", *argv))
+    try:
+        yield Lab(local, addresses, plumber)
+    finally:
+        plumber.close()
+        kubectl(local, "delete", "llb", "--all", "-n", local.namespace, "--wait=true", "--timeout=120s")
+        kubectl(local, "delete", "vippool", POOL, "--ignore-not-found")
+
+
+def replies_through(lab: Lab, name: str) -> list[str]:
+    """Route the client's replies through the node of LoadBalancer `name`'s (one) forwarding pod; returns
+    the nodes given a route."""
+    [pod] = pods.wait_ready(lab.local.env, lab.local.namespace, f"layerlb.dev/loadbalancer={name}")
+    holder, address = pod["spec"]["nodeName"], pod["status"]["hostIP"]
+    others = [n.name for n in lab.local.cluster.node_list() if n.name != holder]
+    for node in others:
+        lab.local.node_exec(node, "ip", "route", "replace", f"{CLIENT_IP}/32", "via", address)
+    return others
+
+
+def forget_replies(lab: Lab, nodes: list[str]) -> None:
+    for node in nodes:
+        lab.local.node_exec(node, "ip", "route", "del", f"{CLIENT_IP}/32")
+
+
+def http(lab: Lab, vip: str, port: int) -> str:
+    try:
+        return lab.local.client_exec("curl", "-s", "--max-time", "5", f"http://{vip}:{port}/").strip()
+    except PlatformError as error:
+        return f"ERROR {error}"
+
+
+def test_l7_transparent_reaches_every_backend_with_the_clients_address(lab: Lab) -> None:
+    lb = deploy(lab.local, "l7-transparent.yaml", lab.addresses, lab.plumber.once)
+    vip, name = lb["status"]["vip"], lb["metadata"]["name"]
+    routed = replies_through(lab, name)
+    try:
+        answers = [http(lab, vip, 8080) for _ in range(30)]
+    finally:
+        forget_replies(lab, routed)
+        kubectl(lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--wait=true", "--timeout=120s")
+    assert all(a.endswith(f"from={CLIENT_IP}") for a in answers), answers  # the backend saw the client
+    assert set(Counter(a.split()[0] for a in answers)) == {"b1:9001", "b2:9002", "b3:9003"}, answers
+
+
+def test_l4_nat_keeps_a_client_on_one_backend_over_tcp_and_udp_with_its_address(lab: Lab) -> None:
+    lb = deploy(lab.local, "l4-nat-nftables.yaml", lab.addresses, lab.plumber.once)
+    vip, name = lb["status"]["vip"], lb["metadata"]["name"]
+    routed = replies_through(lab, name)
+    try:
+        over_tcp = [http(lab, vip, 53) for _ in range(6)]
+        over_udp = [lab.local.client_exec("python3", "-c", UDP_ASK, vip, "53").strip() for _ in range(6)]
+    finally:
+        forget_replies(lab, routed)
+        kubectl(lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--wait=true", "--timeout=120s")
+    assert all(a.endswith(f"from={CLIENT_IP}") for a in over_tcp), over_tcp
+    assert len({a.split()[0] for a in over_tcp}) == 1, over_tcp  # source-hash: one client, one backend
+    assert len({a.split()[0] for a in over_udp}) == 1 and "ping" in over_udp[0], over_udp
+    print(json.dumps({"tcp": over_tcp[0], "udp": over_udp[0]}))
