@@ -545,7 +545,7 @@ def up(
         egress.write_text(
             "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n"
             "- name: cluster\n  connection:\n    proxyProtocol: HTTPConnect\n"
-            f"    transport:\n      uds:\n        udsName: {sdir / 'egress.sock'}\n"
+            f"    transport:\n      uds:\n        udsName: {node_kit.egress_socket(tag)}\n"
         )
         node_flags = [
             f"--egress-selector-config-file={egress}",
@@ -696,7 +696,7 @@ def _start_nodes(
     node_list = cluster.node_list()
     progress(f"creating the network of {len(node_list)} nodes ({node_kit.NODE_SUBNET})")
     node_kit.create_network(cluster.tag, node_list, SERVICE_CIDR)
-    node_kit.record_sysctls(sdir)
+    node_kit.record_sysctls(cluster.tag)
     pids.update(node_kit.start_network_services(cluster.tag, sdir, api_port))
     _write_state(cluster)
     binaries = node_kit.Binaries(kubelet=bdir / "kubelet", kube_proxy=bdir / "kube-proxy")
@@ -752,7 +752,8 @@ def _start_nodes(
 def _process_log(cluster: Cluster, key: str) -> Path:
     if "/" in key:
         node, name = key.split("/", 1)
-        return cluster.state_dir / "nodes" / node / f"{name}.log"
+        [found] = [n.folder for n in cluster.node_list() if n.name == node]
+        return found / f"{name}.log"
     if key in ("api-relay", "egress"):
         return cluster.state_dir / "network" / f"{key}.log"
     return cluster.state_dir / f"{key}.log"
@@ -824,6 +825,8 @@ def _teardown(tag: str, state_dir: Path, nodes: int) -> list[str]:
     node_kit._kill(node_kit._pids_with_arg(str(state_dir)))
     with contextlib.suppress(OSError):
         (REGISTRY / f"{tag}.json").unlink()
+    with contextlib.suppress(OSError):
+        REGISTRY.rmdir()  # when no other cluster is registered
     return problems
 
 

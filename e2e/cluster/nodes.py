@@ -53,6 +53,12 @@ NETNS_DIR = Path("/run/netns")
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 PAUSE_IMAGE = "localhost/pause:3.10"
 NODE_PROCESSES = ("containerd", "kubelet", "kube-proxy", "relay")
+# Short paths, not in the state folder: a unix socket path may not exceed 108 bytes (containerd's, the
+# kubelet's under its root-dir), and a state folder (a test's tmp path, a deep checkout) can be long.
+# SOCKETS/TAG: the relays' and containerd's sockets, the record of the host's sysctls (until reboot, like
+# the sysctls themselves); NODE_ROOT/TAG/NAME: a node's containerd and kubelet data, configs and logs.
+SOCKETS = Path("/run/layerlb-e2e")
+NODE_ROOT = Path("/var/lib/llbk")
 
 Progress = Callable[[str], None]
 
@@ -72,10 +78,11 @@ class Node:
     pod_cidr: str
     folder: Path
     cgroup: str  # the kubelet's cgroupRoot, relative to each hierarchy
+    sockets: Path  # containerd's sockets (short paths, see SOCKETS)
 
     @property
     def containerd_socket(self) -> Path:
-        return self.folder / "containerd" / "containerd.sock"
+        return self.sockets / "containerd.sock"
 
 
 def node_layout(tag: str, state_dir: Path, count: int) -> list[Node]:
@@ -87,11 +94,22 @@ def node_layout(tag: str, state_dir: Path, count: int) -> list[Node]:
             netns=f"llbk-{tag}-node{i}",
             ip=f"172.28.0.{10 + i}",
             pod_cidr=f"10.244.{i}.0/24",
-            folder=state_dir / "nodes" / f"node{i}",
+            folder=NODE_ROOT / tag / f"node{i}",
             cgroup=f"llbk-{tag}-node{i}",
+            sockets=SOCKETS / tag / f"node{i}",
         )
         for i in range(1, count + 1)
     ]
+
+
+def api_socket(tag: str) -> Path:
+    """Where the host's relay to the API server listens, for the nodes' relays."""
+    return SOCKETS / tag / "api.sock"
+
+
+def egress_socket(tag: str) -> Path:
+    """Where the egress proxy listens for the API server's CONNECTs into the nodes' network."""
+    return SOCKETS / tag / "egress.sock"
 
 
 def network_netns(tag: str) -> str:
@@ -143,6 +161,13 @@ def spawn_in(netns: str, name: str, argv: list[str], folder: Path) -> int:
 
 # Popen objects kept so they are reaped instead of lingering as zombies.
 _CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float, log: Path | None = None) -> None:
@@ -203,12 +228,13 @@ def create_network(tag: str, nodes: list[Node], service_cidr: str) -> None:
 # ----------------------------------------------------------------------------------------- configs
 
 
-def _cgroup_hierarchies() -> list[Path]:
-    """Every mounted cgroup v1 hierarchy (cpu, memory, pids, ..., name=systemd)."""
+def _cgroup_hierarchies(unified: bool = False) -> list[Path]:
+    """Every mounted cgroup v1 hierarchy (cpu, memory, pids, ..., name=systemd); with `unified`, also the
+    cgroup2 mount of a hybrid setup, where runc mirrors the pods' cgroups (to be removed, not created)."""
     found = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         parts = line.split()
-        if len(parts) > 2 and parts[2] == "cgroup":
+        if len(parts) > 2 and (parts[2] == "cgroup" or (unified and parts[2] == "cgroup2")):
             found.append(Path(parts[1]))
     if not found:
         raise NodeError("no cgroup v1 hierarchy is mounted (these nodes need cgroupfs with cgroup v1)")
@@ -240,7 +266,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   address = "{node.containerd_socket}"
 
 [ttrpc]
-  address = "{base / "containerd.sock.ttrpc"}"
+  address = "{node.sockets / "containerd.ttrpc"}"
 
 [debug]
   level = "warn"
@@ -361,7 +387,8 @@ def start_network_services(tag: str, state_dir: Path, api_port: int) -> dict[str
     proxy inside the bridge namespace. Returns their pids."""
     folder = state_dir / "network"
     folder.mkdir(parents=True, exist_ok=True)
-    api_sock = state_dir / "api.sock"
+    api_sock = api_socket(tag)
+    api_sock.parent.mkdir(parents=True, exist_ok=True)
     pids: dict[str, int] = {}
     with (folder / "api-relay.log").open("ab") as log:
         process = subprocess.Popen(
@@ -373,7 +400,7 @@ def start_network_services(tag: str, state_dir: Path, api_port: int) -> dict[str
         )
     _CHILDREN.append(process)
     pids["api-relay"] = process.pid
-    egress_sock = state_dir / "egress.sock"
+    egress_sock = egress_socket(tag)
     pids["egress"] = spawn_in(
         network_netns(tag),
         "egress",
@@ -401,16 +428,24 @@ def start_node(
     pids["relay"] = spawn_in(
         node.netns,
         "relay",
-        ["socat", f"TCP-LISTEN:{API_RELAY_PORT},fork,reuseaddr", f"UNIX-CONNECT:{state_dir / 'api.sock'}"],
+        ["socat", f"TCP-LISTEN:{API_RELAY_PORT},fork,reuseaddr", f"UNIX-CONNECT:{api_socket(tag)}"],
         folder,
     )
+    node.sockets.mkdir(parents=True, exist_ok=True)
     pids["containerd"] = spawn_in(
         node.netns,
         "containerd",
         ["containerd", "--config", str(folder / "containerd" / "config.toml")],
         folder,
     )
-    wait_for(f"{node.name}'s containerd socket", node.containerd_socket.exists, 60, folder / "containerd.log")
+    containerd = pids["containerd"]
+
+    def listening() -> bool:
+        if not _alive(containerd):
+            raise NodeError(f"{node.name}'s containerd exited:\n{_tail(folder / 'containerd.log')}")
+        return node.containerd_socket.exists()
+
+    wait_for(f"{node.name}'s containerd socket", listening, 60, folder / "containerd.log")
     return pids
 
 
@@ -481,7 +516,7 @@ def import_images(node: Node, archives: Iterable[Path]) -> None:
 
 def _pids_in_cgroup(node: Node) -> set[int]:
     pids: set[int] = set()
-    for hierarchy in _cgroup_hierarchies():
+    for hierarchy in _cgroup_hierarchies(unified=True):
         root = hierarchy / node.cgroup
         if not root.exists():
             continue
@@ -591,8 +626,10 @@ def remove_nodes(tag: str, state_dir: Path, nodes: list[Node], progress: Progres
         _kill(pids, timeout=5.0)
     # containerd, its shims (their command line names the node's socket) and the relays.
     for node in nodes:
-        _kill(_pids_with_arg(str(node.folder)) | _pids_in_netns(node.netns))
-    _kill(_pids_with_arg(str(state_dir / "api.sock")) | _pids_with_arg(str(state_dir / "egress.sock")))
+        _kill(
+            _pids_with_arg(str(node.folder)) | _pids_with_arg(str(node.sockets)) | _pids_in_netns(node.netns)
+        )
+    _kill(_pids_with_arg(str(api_socket(tag))) | _pids_with_arg(str(egress_socket(tag))))
     _kill(_pids_in_netns(network_netns(tag)) | _pids_in_netns(client_netns(tag)))
     if NETNS_DIR.exists():
         for entry in NETNS_DIR.iterdir():
@@ -600,12 +637,12 @@ def remove_nodes(tag: str, state_dir: Path, nodes: list[Node], progress: Progres
                 run(["umount", "-l", str(entry)], check=False)
                 with contextlib.suppress(OSError):
                     entry.unlink()
-    for point in sorted(_mounts_under(state_dir), key=len, reverse=True):
+    for point in sorted(_mounts_under(state_dir) + _mounts_under(NODE_ROOT / tag), key=len, reverse=True):
         done = run(["umount", "-l", point], check=False)
         if done.returncode != 0:
             problems.append(f"umount {point}: {done.stderr.strip()}")
     for node in nodes:
-        for hierarchy in _cgroup_hierarchies():
+        for hierarchy in _cgroup_hierarchies(unified=True):
             root = hierarchy / node.cgroup
             if root.exists():
                 for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda w: len(w[0]), reverse=True):
@@ -619,7 +656,7 @@ def remove_nodes(tag: str, state_dir: Path, nodes: list[Node], progress: Progres
     if CONTAINER_LOGS.exists():
         for link in CONTAINER_LOGS.iterdir():
             with contextlib.suppress(OSError):
-                if link.is_symlink() and os.readlink(link).startswith(str(state_dir)):
+                if link.is_symlink() and os.readlink(link).startswith(f"{NODE_ROOT / tag}/"):
                     link.unlink()
     if CNI_CACHE.exists():
         # libcni's result cache: `NETWORK-SANDBOX-IFNAME`, for our network and containerd's loopback.
@@ -634,14 +671,15 @@ def remove_nodes(tag: str, state_dir: Path, nodes: list[Node], progress: Progres
             if cached.name.startswith(f"llbk-{tag}-") or any(f"-{s}-" in cached.name for s in sandboxes):
                 with contextlib.suppress(OSError):
                     cached.unlink()
-    restore_sysctls(state_dir)
+    restore_sysctls(tag)
     for node in nodes:
         shutil.rmtree(node.folder, ignore_errors=True)
+    shutil.rmtree(NODE_ROOT / tag, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        NODE_ROOT.rmdir()  # when no other cluster's nodes are left
     for leftover in ("nodes", "network"):
         shutil.rmtree(state_dir / leftover, ignore_errors=True)
-    for sock in ("api.sock", "egress.sock"):
-        with contextlib.suppress(OSError):
-            (state_dir / sock).unlink()
+    shutil.rmtree(SOCKETS / tag, ignore_errors=True)
     return problems
 
 
@@ -659,16 +697,17 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def record_sysctls(state_dir: Path) -> None:
+def record_sysctls(tag: str) -> None:
     """Note the host-global sysctls the kubelet will change (once: a restart must not record its own)."""
-    path = state_dir / "host-sysctls.json"
+    path = SOCKETS / tag / "host-sysctls.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         values = {key: (Path("/proc/sys") / key).read_text().strip() for key in KUBELET_SYSCTLS}
         path.write_text(json.dumps(values))
 
 
-def restore_sysctls(state_dir: Path) -> None:
-    path = state_dir / "host-sysctls.json"
+def restore_sysctls(tag: str) -> None:
+    path = SOCKETS / tag / "host-sysctls.json"
     with contextlib.suppress(OSError, ValueError):
         for key, value in json.loads(path.read_text()).items():
             with contextlib.suppress(OSError):
