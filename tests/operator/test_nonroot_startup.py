@@ -106,9 +106,14 @@ def test_the_operator_starts_as_a_uid_without_passwd_entry_on_a_read_only_root(
     _requirements()
     python = _interpreter()
     run_dir = os.path.realpath("/var/run")
-    covered = [p for p in [python, *PYTHONPATH] if p.startswith(("/tmp/", f"{run_dir}/"))]
+    covered = [p for p in [python, *PYTHONPATH] if p.startswith(f"{run_dir}/")]
     if covered:
-        pytest.skip(f"{covered} would be hidden by the pod's /tmp or {run_dir} mounts")
+        pytest.skip(f"{covered} would be hidden by the pod's {run_dir} mount")
+    # The chart's emptyDir at /tmp: a fresh tmpfs, unless the checkout itself lives under /tmp (a CI
+    # clone), which a tmpfs would hide; then /tmp stays as it is, made a mount of its own so that it
+    # stays writable when the root goes read-only.
+    under_tmp = any(p.startswith("/tmp/") for p in [python, *PYTHONPATH])
+    tmp_mount = "mount --bind /tmp /tmp" if under_tmp else "mount -t tmpfs -o size=16m,mode=1777 tmpfs /tmp"
     sa_dir = os.path.join(run_dir, os.path.relpath(SERVICE_ACCOUNT, "/var/run"))
     given = tmp_path / "serviceaccount"  # what the kubelet projects: token, CA bundle, namespace
     given.mkdir()
@@ -122,7 +127,7 @@ def test_the_operator_starts_as_a_uid_without_passwd_entry_on_a_read_only_root(
             f"mount -t tmpfs -o size=1m,mode=755 tmpfs {shlex.quote(run_dir)}",
             f"mkdir -p {shlex.quote(sa_dir)}",
             f"cp {shlex.quote(str(given))}/* {shlex.quote(sa_dir)}/ && chmod 644 {shlex.quote(sa_dir)}/*",
-            "mount -t tmpfs -o size=16m,mode=1777 tmpfs /tmp",  # the chart's emptyDir
+            tmp_mount,  # the chart's emptyDir
             "mount -o remount,bind,ro /",  # readOnlyRootFilesystem
             'exec "$@"',
         ]
