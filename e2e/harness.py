@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,6 +42,13 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE
             return last
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+
+
+def readme_command(verb: str) -> list[str]:
+    """The README's `helm VERB ...` line, as argv: the tests run the commands users copy."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    [line] = re.findall(rf"^helm {verb} .*$", readme, flags=re.M)
+    return shlex.split(line)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

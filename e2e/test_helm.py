@@ -45,13 +45,6 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T
     return harness.wait_for(what, probe, timeout)
 
 
-def readme_command(verb: str) -> list[str]:
-    """The README's `helm VERB ...` line, as argv."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    [line] = re.findall(rf"^helm {verb} .*$", readme, flags=re.M)
-    return shlex.split(line)
-
-
 class Helm:
     """`helm` from the local build (on the cluster env's PATH), run from the repository root."""
 
@@ -158,7 +151,7 @@ def installed(helm: Helm, kubectl: Kubectl) -> Iterator[str]:
 
     wait_for(f"namespaces {RELEASE_NS} and {NS} to finish terminating", gone_or_active, timeout=120)
     kubectl.ok("apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n")
-    notes = helm(*readme_command("install"))
+    notes = helm(*harness.readme_command("install"))
     yield notes
     if (
         subprocess.run(
@@ -209,7 +202,7 @@ def test_kubectl_explain_describes_each_architecture(installed: str, kubectl: Ku
 def test_upgrade_with_changed_values_updates_and_removes_what_the_values_say(
     installed: str, helm: Helm, kubectl: Kubectl
 ) -> None:
-    helm(*readme_command("upgrade"))
+    helm(*harness.readme_command("upgrade"))
     assert (get(kubectl, "deployment", "layerlb", RELEASE_NS) or {})["spec"]["replicas"] == 2
     helm("helm", "upgrade", RELEASE, "charts/layerlb", "--namespace", RELEASE_NS, "--reuse-values",
          "--set", f"operator.watchNamespaces={{{NS}}}", "--set", "podDisruptionBudget.enabled=false",

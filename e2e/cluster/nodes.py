@@ -489,6 +489,14 @@ def start_kube_proxy(node: Node, binaries: Binaries, cluster_cidr: str) -> dict[
     }
 
 
+def tag_image(node: Node, source: str, target: str) -> None:
+    """Give an imported image a second name in the node's containerd, as `docker tag` does (e.g. the name a
+    chart's default values pull, so the README's install works without a registry)."""
+    sock = str(node.containerd_socket)
+    run(["ctr", "-a", sock, "-n", "k8s.io", "images", "rm", target], check=False)
+    run(["ctr", "-a", sock, "-n", "k8s.io", "images", "tag", source, target])
+
+
 def import_images(node: Node, archives: Iterable[Path]) -> None:
     """Load docker-archive tarballs into the node's containerd (the ``k8s.io`` namespace the CRI uses)."""
     for archive in archives:

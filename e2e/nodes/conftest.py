@@ -2,9 +2,9 @@
 created the cluster and installed the chart), else the local cluster with real nodes, started here.
 
 Locally: the images are built from the project's files (`e2e/images/build.py`) and imported into every
-node's containerd, a cluster with two nodes comes up (`e2e/cluster`), and the chart is installed with
-Helm (`values.yaml` beside this file: the local image, never pulled, watching the suite's namespace), as
-a user would: the operator and every forwarding pod are real pods run by a kubelet with the chart's own
+node's containerd (the project's also under the name the chart's defaults run), a cluster with two nodes
+comes up (`e2e/cluster`), and the chart is installed with the README's own `helm install` command, as a
+user would: the operator and every forwarding pod are real pods run by a kubelet with the chart's own
 securityContext. The operator pod must be Ready before any test runs; if it is not, the fixture fails
 with the pod's events and logs.
 """
@@ -17,14 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from e2e import harness
 from e2e.cluster import cluster as local_cluster
+from e2e.cluster import nodes as node_kit
 from e2e.nodes import pods
-from e2e.nodes.platform import KIND_ENV, Kind, LocalNodes, Platform
+from e2e.nodes.platform import KIND_ENV, Kind, LocalNodes, Platform, chart_default_image
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RELEASE, RELEASE_NAMESPACE = "layerlb", "layerlb-system"
-LOCAL_NAMESPACE = "llb-nodes"  # as in values.yaml
+LOCAL_NAMESPACE = "llb-nodes"
 LOCAL_NODES = 2
 OPERATOR = f"app.kubernetes.io/instance={RELEASE}"
 
@@ -48,10 +50,10 @@ def _local(tmp: Path) -> Iterator[LocalNodes]:
     try:
         platform = LocalNodes(cluster, image=images["layerlb"].reference, namespace=LOCAL_NAMESPACE)
         pods.kubectl(platform.env, "create", "namespace", LOCAL_NAMESPACE)
-        pods.helm(
-            platform.env, "install", RELEASE, str(ROOT / "charts" / "layerlb"), "--namespace", RELEASE_NAMESPACE,
-            "--create-namespace", "-f", str(HERE / "values.yaml"),
-        )  # fmt: skip
+        # The image under the name the chart's defaults run, so the README's install works as it stands.
+        for node in cluster.node_list():
+            node_kit.tag_image(node, images["layerlb"].reference, chart_default_image())
+        pods.helm(platform.env, *harness.readme_command("install")[1:])
         pods.wait_ready(platform.env, RELEASE_NAMESPACE, OPERATOR, timeout=180)
         yield platform
     finally:

@@ -22,12 +22,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from e2e import harness
 from e2e.cluster import cluster as local_cluster
 from e2e.cluster import nodes as node_kit
 from e2e.images import build
 from e2e.nodes import pods
 from e2e.nodes.network import Plumber
-from e2e.nodes.platform import LocalNodes
+from e2e.nodes.platform import LocalNodes, chart_default_image
 from e2e.nodes.suite import apply_example, kubectl, start_backends
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,11 +107,18 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
             check=False,
         )
-        pods.helm(
-            platform.env, "upgrade", "--install", RELEASE, str(ROOT / "charts" / "layerlb"),
-            "--namespace", RELEASE_NAMESPACE, "--create-namespace", "-f", str(ROOT / "e2e" / "nodes" / "values.yaml"),
-            "--set-json", f'operator.watchNamespaces=["{args.namespace}"]',
-        )  # fmt: skip
+        for node in cluster.node_list():  # the image under the name the chart's defaults run
+            node_kit.tag_image(node, images["layerlb"].reference, chart_default_image())
+        installed = subprocess.run(
+            ["helm", "status", RELEASE, "-n", RELEASE_NAMESPACE],
+            env=platform.env,
+            capture_output=True,
+            check=False,
+        )
+        if installed.returncode != 0:
+            install = harness.readme_command("install")
+            print("$ " + " ".join(install))
+            pods.helm(platform.env, *install[1:])
         pods.wait_ready(platform.env, RELEASE_NAMESPACE, f"app.kubernetes.io/instance={RELEASE}", timeout=180)
         print(kubectl(platform, "get", "pods", "-n", RELEASE_NAMESPACE, "-o", "wide").rstrip())
 

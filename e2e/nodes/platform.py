@@ -22,6 +22,16 @@ from e2e.cluster.cluster import Cluster
 KIND_ENV = "LAYERLB_KIND_CLUSTER"
 
 
+def chart_default_image() -> str:
+    """The image the chart runs with its default values (`image.repository`, the chart's appVersion)."""
+    import yaml
+
+    chart = Path(__file__).resolve().parents[2] / "charts" / "layerlb"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    version = values["image"]["tag"] or yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"]
+    return f"{values['image']['repository']}:{version}"
+
+
 class PlatformError(RuntimeError):
     """A node or pod command failed."""
 
