@@ -1,13 +1,13 @@
-"""The Helm chart on a real API server: install, run the operator as the chart's ServiceAccount, upgrade, uninstall.
+"""The Helm chart on a cluster with real nodes: install, the operator running as the chart's pods, upgrade,
+uninstall.
 
-The install and upgrade commands are the README's own. No kubelet runs, so the chart's operator pod
-stays Pending; the operator runs as a local process instead, with exactly the arguments and environment
-of the installed Deployment and a token of the chart's ServiceAccount (TokenRequest), so the chart's
-RBAC is what lets it work: after the upgrade to `operator.watchNamespaces`, its narrowest form (the
-namespaced rules bound in the watched namespace only, the cluster-wide install grants the same rules
-everywhere). The pod runner (e2e/runner) runs the forwarding pods of the watched
-namespace, so the LoadBalancer of the install notes goes all the way to Ready, waited for as the notes
-say. The GitOps behaviour is checked on the way: unchanged applies cause no writes, the operator owns no
+The install and upgrade commands are the README's own, against a local cluster of two real nodes
+(`e2e/nodes/platform.local_nodes`: kubelets, containerd, the project's image under the names the chart
+pulls). The chart's operator runs as real pods with the chart's securityContext and ServiceAccount, so
+the chart's RBAC is what lets it work: after the upgrade to `operator.watchNamespaces`, its narrowest form
+(the namespaced rules bound in the watched namespace only, the cluster-wide install grants the same rules
+everywhere). The kubelets run the forwarding pods of the watched namespace, so the LoadBalancer of the
+install notes goes all the way to Ready, waited for as the notes say. The GitOps behaviour is checked on the way: unchanged applies cause no writes, the operator owns no
 field of a spec, and `kubectl wait` and the Argo CD health check read the status. The tests of this
 module run in order, each building on the previous one.
 """
@@ -15,14 +15,11 @@ module run in order, each building on the previous one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -31,7 +28,8 @@ import yaml
 from e2e import harness
 from e2e.cluster.cluster import Cluster
 from e2e.kube import ROOT, Kubectl
-from e2e.runner.runner import PodRunner
+from e2e.nodes import pods
+from e2e.nodes.platform import LocalNodes, chart_default_image, local_nodes
 
 RELEASE, RELEASE_NS = "layerlb", "layerlb-system"  # as in the README
 NS = "llb-helm"  # the namespace the test's LoadBalancers live in, and the operator watches
@@ -108,28 +106,72 @@ def owned_versions(kubectl: Kubectl, name: str) -> dict[str, str]:
     return found
 
 
-class Operator(harness.Operator):
-    """The installed Deployment's container, run as a local process with the chart ServiceAccount's token."""
+class ChartOperator:
+    """The chart's operator pods on the nodes: their logs, and the leader's metrics through the API server's
+    pod proxy (the API server reaches pods through its egress selector, as `kubectl logs` does)."""
 
-    def __init__(self, deployment: dict[str, Any], kubeconfig: Path, log: Path) -> None:
-        [container] = deployment["spec"]["template"]["spec"]["containers"]
-        self.port = harness.free_port()
-        args = list(container["args"])
-        args[args.index("--metrics") + 1] = f"127.0.0.1:{self.port}"  # the pod's 0.0.0.0:8080, on a free port
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LAYERLB_DEBUG": "1"}
-        for variable in container["env"]:
-            if "value" in variable:
-                env[variable["name"]] = variable["value"]
-        env["POD_NAMESPACE"] = deployment["metadata"]["namespace"]  # the downward API's answer
-        self.env, self.log = env, log
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "layerlb.cli", *args],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
+    def __init__(self, kubectl: Kubectl) -> None:
+        self.kubectl = kubectl
+
+    def pods(self) -> list[dict[str, Any]]:
+        listed = json.loads(self.kubectl.ok("get", "pods", "-n", RELEASE_NS, "-l", INSTANCE, "-o", "json"))
+        return [p for p in listed["items"] if not p["metadata"].get("deletionTimestamp")]
+
+    def leader(self) -> str | None:
+        """The pod holding the Lease (its identity starts with the pod's name)."""
+        holder = ((get(self.kubectl, "lease", "layerlb-operator", RELEASE_NS) or {}).get("spec") or {}).get(
+            "holderIdentity"
+        )
+        names = [p["metadata"]["name"] for p in self.pods()]
+        return next((n for n in names if holder and holder.startswith(f"{n}-")), None)
+
+    def metrics(self) -> dict[str, float]:
+        """The leader's metrics as `name{labels}` → value; empty while there is none."""
+        leader = self.leader()
+        if leader is None:
+            return {}
+        done = self.kubectl(
+            "get", "--raw", f"/api/v1/namespaces/{RELEASE_NS}/pods/{leader}:8080/proxy/metrics"
+        )
+        if done.returncode != 0:
+            return {}
+        samples = (
+            line.rsplit(" ", 1) for line in done.stdout.splitlines() if line and not line.startswith("#")
+        )
+        return {name: float(value) for name, value in samples}
+
+    def logs(self) -> str:
+        """Every operator pod's log, this run's and (after a restart) the previous one's."""
+        parts = []
+        for pod in self.pods():
+            for previous in ((), ("--previous",)):
+                done = self.kubectl("logs", "-n", RELEASE_NS, pod["metadata"]["name"], *previous)
+                if done.returncode == 0:
+                    parts.append(done.stdout)
+        return "\n".join(parts)
+
+    def tail(self) -> str:
+        return "\n".join(self.logs().splitlines()[-40:])
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNodes]:
+    """Two real nodes for this module, the project's image also under the dataplane tag the upgrade sets."""
+    repository = chart_default_image().rsplit(":", 1)[0]
+    with local_nodes(
+        tmp_path_factory.mktemp("helm") / "cluster", NS, tags=[f"{repository}:0.1.0-e2e"]
+    ) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def k8s(local: LocalNodes) -> Cluster:
+    return local.cluster
+
+
+@pytest.fixture(scope="module")
+def kubectl(k8s: Cluster) -> Kubectl:
+    return Kubectl(k8s)
 
 
 @pytest.fixture(scope="module")
@@ -224,22 +266,11 @@ def test_upgrade_with_changed_values_updates_and_removes_what_the_values_say(
 
 
 @pytest.fixture(scope="module")
-def runner(installed: str, k8s: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodRunner]:
-    """Kubelet, CNI and kube-proxy for the forwarding pods of the watched namespace (not the operator's)."""
-    running = PodRunner(k8s.kubeconfig, [NS], tmp_path_factory.mktemp("helm-runner"))
-    yield running
-    running.close()
-
-
-@pytest.fixture(scope="module")
 def operator(
-    installed: str,
-    runner: PodRunner,
-    k8s: Cluster,
-    kubectl: Kubectl,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Operator]:
-    """The installed operator, as a process holding a token of the chart's ServiceAccount (not admin)."""
+    installed: str, k8s: Cluster, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> ChartOperator:
+    """The installed operator's pods, rolled out and leading; first, what the chart's ServiceAccount (which
+    they run as) may and may not do, asked with a token of it (TokenRequest)."""
     deployment = get(kubectl, "deployment", "layerlb", RELEASE_NS)
     assert deployment
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
@@ -273,10 +304,13 @@ def operator(
         assert can(verb, resource, "-A") == "no", (verb, resource)
     assert (can("list", "services", "-n", NS), can("list", "services", "-n", "default")) == ("yes", "no")
     assert can("watch", "vippools") == "yes"
-    running = Operator(deployment, kubeconfig, folder / "operator.log")
-    wait_for("the operator to lead", lambda: running.metrics().get("layerlb_operator_leader") == 1)
-    yield running
-    running.stop()
+    kubectl.ok("rollout", "status", "deployment/layerlb", "-n", RELEASE_NS, "--timeout=180s")
+    pods.wait_ready(kubectl.env, RELEASE_NS, INSTANCE, count=deployment["spec"]["replicas"], timeout=180)
+    running = ChartOperator(kubectl)
+    wait_for(
+        "the operator to lead", lambda: running.metrics().get("layerlb_operator_leader") == 1, timeout=90
+    )
+    return running
 
 
 def notes_manifests(notes: str) -> list[dict[str, Any]]:
@@ -310,7 +344,7 @@ def web_service() -> list[dict[str, Any]]:
 
 
 def test_the_notes_load_balancer_is_ready_by_the_operator_on_the_chart_rbac(
-    installed: str, operator: Operator, kubectl: Kubectl
+    installed: str, operator: ChartOperator, kubectl: Kubectl
 ) -> None:
     pool, load_balancer = notes_manifests(installed)
     assert (pool["kind"], load_balancer["kind"]) == ("VIPPool", "LoadBalancer")
@@ -337,12 +371,11 @@ def test_the_notes_load_balancer_is_ready_by_the_operator_on_the_chart_rbac(
     web = get(kubectl, "llb", "web") or {}
     assert condition(kubectl, "web", "Ready")["reason"] == "Serving"
     assert health(web) == ("Healthy", f"1/1 forwarding pods serve generation {web['metadata']['generation']}")
-    assert "ApplyFailed" not in operator.log.read_text() and "Forbidden" not in operator.log.read_text(), (
-        operator.tail()
-    )
+    logs = operator.logs()
+    assert "ApplyFailed" not in logs and "Forbidden" not in logs, operator.tail()
 
 
-def test_applying_unchanged_writes_nothing(operator: Operator, kubectl: Kubectl, installed: str) -> None:
+def test_applying_unchanged_writes_nothing(operator: ChartOperator, kubectl: Kubectl, installed: str) -> None:
     _, load_balancer = notes_manifests(installed)
     web = owned_versions(kubectl, "web")
     assert len(web) >= 6, web  # the LoadBalancer and at least its five objects
@@ -366,7 +399,7 @@ def test_applying_unchanged_writes_nothing(operator: Operator, kubectl: Kubectl,
 
 
 def test_the_operator_owns_no_spec_field_and_keeps_fields_others_own(
-    operator: Operator, kubectl: Kubectl, installed: str
+    operator: ChartOperator, kubectl: Kubectl, installed: str
 ) -> None:
     _, load_balancer = notes_manifests(installed)
     web = get(kubectl, "llb", "web") or {}
@@ -403,7 +436,7 @@ def test_the_operator_owns_no_spec_field_and_keeps_fields_others_own(
 
 
 def test_a_refused_load_balancer_is_degraded_for_argo_cd(
-    operator: Operator, kubectl: Kubectl, installed: str
+    operator: ChartOperator, kubectl: Kubectl, installed: str
 ) -> None:
     from tests.test_chart_argocd import health
 
@@ -420,7 +453,9 @@ def test_a_refused_load_balancer_is_degraded_for_argo_cd(
     assert status == "Degraded" and "VIPConflict" in message and taken in message
 
 
-def test_an_upgrade_leaves_the_leaders_lease_alone(operator: Operator, helm: Helm, kubectl: Kubectl) -> None:
+def test_an_upgrade_leaves_the_leaders_lease_alone(
+    operator: ChartOperator, helm: Helm, kubectl: Kubectl
+) -> None:
     """The chart owns the Lease (so uninstall removes it) but sets no spec: an upgrade must not reset it."""
     holder = (get(kubectl, "lease", "layerlb-operator", RELEASE_NS) or {})["spec"]["holderIdentity"]
     assert holder
@@ -434,7 +469,7 @@ def test_an_upgrade_leaves_the_leaders_lease_alone(operator: Operator, helm: Hel
 
 
 def test_uninstall_leaves_no_orphans_but_keeps_the_crds(
-    operator: Operator, helm: Helm, kubectl: Kubectl, installed: str
+    operator: ChartOperator, helm: Helm, kubectl: Kubectl, installed: str
 ) -> None:
     kubectl.ok("delete", "llb", "--all", "-n", NS, "--wait=true", "--timeout=60s")  # while the operator runs
     wait_for(
@@ -448,7 +483,7 @@ def test_uninstall_leaves_no_orphans_but_keeps_the_crds(
             )
         ),
     )
-    assert operator.stop() == 0, operator.tail()
+    assert "Traceback" not in operator.logs(), operator.tail()
     helm("helm", "uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait")
     wait_for(
         "every object of the release to be gone",

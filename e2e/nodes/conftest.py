@@ -18,10 +18,8 @@ from pathlib import Path
 import pytest
 
 from e2e import harness
-from e2e.cluster import cluster as local_cluster
-from e2e.cluster import nodes as node_kit
 from e2e.nodes import pods
-from e2e.nodes.platform import KIND_ENV, Kind, LocalNodes, Platform, chart_default_image
+from e2e.nodes.platform import KIND_ENV, Kind, LocalNodes, Platform, local_nodes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -35,29 +33,11 @@ collect_ignore = ["test_local_nodes.py", "test_local_client_ip.py"] if os.enviro
 
 
 def _local(tmp: Path) -> Iterator[LocalNodes]:
-    from e2e.images import build
-
-    local_cluster.remove_stale()
-    # The binaries first: the pause image is compiled from the Kubernetes module their build downloads.
-    local_cluster.ensure_binaries(with_nodes=True)
-    images = build.build_all()
-    cluster = local_cluster.up(
-        tmp / "cluster",
-        nodes=LOCAL_NODES,
-        images=[archive.path for archive in images.values()],
-        owner=os.getpid(),
-    )
-    try:
-        platform = LocalNodes(cluster, image=images["layerlb"].reference, namespace=LOCAL_NAMESPACE)
+    with local_nodes(tmp / "cluster", LOCAL_NAMESPACE, LOCAL_NODES) as platform:
         pods.kubectl(platform.env, "create", "namespace", LOCAL_NAMESPACE)
-        # The image under the name the chart's defaults run, so the README's install works as it stands.
-        for node in cluster.node_list():
-            node_kit.tag_image(node, images["layerlb"].reference, chart_default_image())
         pods.helm(platform.env, *harness.readme_command("install")[1:])
         pods.wait_ready(platform.env, RELEASE_NAMESPACE, OPERATOR, timeout=180)
         yield platform
-    finally:
-        local_cluster.down(cluster.state_dir)
 
 
 @pytest.fixture(scope="package")

@@ -9,12 +9,16 @@ and `nsenter` into the sandbox `crictl` names; locally, `nsenter` into the node'
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from e2e.cluster import cluster as local_cluster
 from e2e.cluster import nodes as node_kit
 from e2e.cluster.cluster import Cluster
 
@@ -126,3 +130,28 @@ class Kind:
         namespaces = info["info"]["runtimeSpec"]["linux"]["namespaces"]
         path = next(n["path"] for n in namespaces if n["type"] == "network")
         return self.node_exec(node, "nsenter", f"--net={path}", *argv)
+
+
+@contextlib.contextmanager
+def local_nodes(
+    state_dir: Path, namespace: str, nodes: int = 2, tags: Sequence[str] = ()
+) -> Iterator[LocalNodes]:
+    """A local cluster with `nodes` real nodes owned by this process (a killed run's is removed by the
+    next), the project's images built and imported: the layerlb image also under the name the chart's
+    defaults run and under `tags`, so charts and tests pull nothing. Torn down on exit."""
+    from e2e.images import build
+
+    local_cluster.remove_stale()
+    # The binaries first: the pause image is compiled from the Kubernetes module their build downloads.
+    local_cluster.ensure_binaries(with_nodes=True)
+    images = build.build_all()
+    cluster = local_cluster.up(
+        state_dir, nodes=nodes, images=[archive.path for archive in images.values()], owner=os.getpid()
+    )
+    try:
+        for node in cluster.node_list():
+            for tag in (chart_default_image(), *tags):
+                node_kit.tag_image(node, images["layerlb"].reference, tag)
+        yield LocalNodes(cluster, image=images["layerlb"].reference, namespace=namespace)
+    finally:
+        local_cluster.down(cluster.state_dir)
