@@ -315,19 +315,8 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _spawn(name: str, argv: list[str], state_dir: Path) -> int:
-    log_path = state_dir / f"{name}.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=state_dir,
-            start_new_session=True,
-            close_fds=True,
-        )
+    proc = node_kit.spawn(argv, name, state_dir)
     _CHILDREN[proc.pid] = proc
-    (state_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
     return proc.pid
 
 

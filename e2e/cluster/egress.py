@@ -19,7 +19,8 @@ import sys
 MAX_HEAD = 8192
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy `reader` to `writer` until EOF, then half-close `writer` (the other direction may go on)."""
     try:
         while data := await reader.read(65536):
             writer.write(data)
@@ -27,7 +28,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     except (ConnectionError, OSError):
         pass
     finally:
-        with contextlib.suppress(OSError, RuntimeError):
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
             if writer.can_write_eof():
                 writer.write_eof()
 
@@ -53,7 +54,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
         return
     writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-    await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+    await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
     for w in (writer, upstream_writer):
         w.close()
 

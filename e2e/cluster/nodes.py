@@ -141,12 +141,14 @@ def write_sysctl(netns: str, key: str, value: str) -> None:
     run(["nsenter", f"--net={NETNS_DIR / netns}", "sysctl", "-qw", f"{key.replace('/', '.')}={value}"])
 
 
-def spawn_in(netns: str, name: str, argv: list[str], folder: Path) -> int:
-    """Start ``argv`` inside ``netns`` in its own session (it outlives us), logging to ``folder/name.log``."""
+def spawn(argv: list[str], name: str, folder: Path, netns: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (inside ``netns`` when given) in its own session, so it outlives us, logging to
+    ``folder/name.log`` and recording its pid in ``folder/name.pid``."""
     folder.mkdir(parents=True, exist_ok=True)
+    prefix = ["nsenter", f"--net={NETNS_DIR / netns}", "--"] if netns else []
     with (folder / f"{name}.log").open("ab") as log:
         process = subprocess.Popen(
-            ["nsenter", f"--net={NETNS_DIR / netns}", "--", *argv],
+            [*prefix, *argv],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -156,7 +158,12 @@ def spawn_in(netns: str, name: str, argv: list[str], folder: Path) -> int:
         )
     _CHILDREN.append(process)
     (folder / f"{name}.pid").write_text(f"{process.pid}\n")
-    return process.pid
+    return process
+
+
+def spawn_in(netns: str, name: str, argv: list[str], folder: Path) -> int:
+    """`spawn` inside network namespace ``netns``; returns the pid."""
+    return spawn(argv, name, folder, netns).pid
 
 
 # Popen objects kept so they are reaped instead of lingering as zombies.

@@ -4,7 +4,9 @@ killed (the next session's `remove_stale` tears its cluster down).
 Each test starts a cluster with one node in a child process that owns it, runs a pod on the node (so there
 are containers, a pod network namespace, volume mounts and pod cgroups to clean), then stops the cluster
 one way or the other and compares the host's state with the state before: network namespaces, cgroups,
-mounts, the sysctls the kubelet sets, the CNI cache, container log links and processes.
+mounts, the sysctls the kubelet sets, the CNI cache, container log links and processes. The comparison is
+of the whole host, so no other cluster with nodes may start or stop meanwhile (in `make test` none does:
+the real-node suites run after this folder, one at a time).
 """
 
 from __future__ import annotations

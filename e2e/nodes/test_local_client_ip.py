@@ -11,6 +11,7 @@ node holding it needs nothing. Local platform only: the client namespace is the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -75,29 +76,30 @@ def http(lab: Lab, vip: str, port: int) -> str:
         return f"ERROR {error}"
 
 
-def test_l7_transparent_reaches_every_backend_with_the_clients_address(lab: Lab) -> None:
-    lb = deploy(lab.local, "l7-transparent.yaml", lab.addresses, lab.plumber.once)
+@contextlib.contextmanager
+def serving(lab: Lab, file: str) -> Iterator[str]:
+    """The example deployed, Ready, its client's replies routed through its node; yields its VIP; removed after."""
+    lb = deploy(lab.local, file, lab.addresses, lab.plumber.once)
     vip, name = lb["status"]["vip"], lb["metadata"]["name"]
     routed = replies_through(lab, name)
     try:
-        answers = [http(lab, vip, 8080) for _ in range(30)]
+        yield vip
     finally:
         forget_replies(lab, routed)
         kubectl(lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--wait=true", "--timeout=120s")
+
+
+def test_l7_transparent_reaches_every_backend_with_the_clients_address(lab: Lab) -> None:
+    with serving(lab, "l7-transparent.yaml") as vip:
+        answers = [http(lab, vip, 8080) for _ in range(30)]
     assert all(a.endswith(f"from={CLIENT_IP}") for a in answers), answers  # the backend saw the client
     assert set(Counter(a.split()[0] for a in answers)) == {"b1:9001", "b2:9002", "b3:9003"}, answers
 
 
 def test_l4_nat_keeps_a_client_on_one_backend_over_tcp_and_udp_with_its_address(lab: Lab) -> None:
-    lb = deploy(lab.local, "l4-nat-nftables.yaml", lab.addresses, lab.plumber.once)
-    vip, name = lb["status"]["vip"], lb["metadata"]["name"]
-    routed = replies_through(lab, name)
-    try:
+    with serving(lab, "l4-nat-nftables.yaml") as vip:
         over_tcp = [http(lab, vip, 53) for _ in range(6)]
         over_udp = [lab.local.client_exec("python3", "-c", UDP_ASK, vip, "53").strip() for _ in range(6)]
-    finally:
-        forget_replies(lab, routed)
-        kubectl(lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--wait=true", "--timeout=120s")
     assert all(a.endswith(f"from={CLIENT_IP}") for a in over_tcp), over_tcp
     assert len({a.split()[0] for a in over_tcp}) == 1, over_tcp  # source-hash: one client, one backend
     assert len({a.split()[0] for a in over_udp}) == 1 and "ping" in over_udp[0], over_udp

@@ -9,24 +9,11 @@ are opened from the root namespace, where this process lives.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
 
+from e2e.cluster.egress import pipe
 from e2e.runner.network import in_namespace
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-            if writer.can_write_eof():
-                writer.write_eof()
 
 
 class Relay:
@@ -86,7 +73,7 @@ class Relay:
             except OSError:
                 return
             writers.append(upstream)
-            await asyncio.gather(_pipe(client_reader, upstream), _pipe(upstream_reader, client))
+            await asyncio.gather(pipe(client_reader, upstream), pipe(upstream_reader, client))
         except asyncio.CancelledError:
             # `_serve` cancels open connections when the relay closes: that is how they end, not an error
             # (Python 3.11's asyncio.streams logs a traceback for a handler task that ends cancelled).
