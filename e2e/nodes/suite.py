@@ -90,21 +90,26 @@ def start_backends(platform: Platform) -> list[str]:
     )]  # fmt: skip
 
 
-def apply_example(platform: Platform, file: str, addresses: list[str]) -> str:
-    """The example moved onto the backends and applied; returns the LoadBalancer's name."""
-    documents = lab.adapt(file, platform.namespace, addresses)
-    name: str = next(d for d in documents if d["kind"] == "LoadBalancer")["metadata"]["name"]
+def apply_example(platform: Platform, file: str, addresses: list[str], name: str | None = None) -> str:
+    """The example moved onto the backends (renamed `name`, when given) and applied; returns the
+    LoadBalancer's name."""
+    documents = lab.adapt(file, platform.namespace, addresses, name)
+    applied: str = next(d for d in documents if d["kind"] == "LoadBalancer")["metadata"]["name"]
     kubectl(platform, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
-    return name
+    return applied
 
 
 def deploy(
-    platform: Platform, file: str, addresses: list[str], plumbing: Callable[[], None] | None = None
+    platform: Platform,
+    file: str,
+    addresses: list[str],
+    plumbing: Callable[[], None] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """The example moved onto the backends, applied, Ready (`kubectl wait`); returns the LoadBalancer.
 
     If it is not Ready in time, the failure carries its forwarding pods' events and logs."""
-    name = apply_example(platform, file, addresses)
+    name = apply_example(platform, file, addresses, name)
     selector = f"layerlb.dev/loadbalancer={name}"
     pods.wait_ready(platform.env, platform.namespace, selector, timeout=float(READY.rstrip("s")))
     kubectl(

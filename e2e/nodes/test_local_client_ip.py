@@ -16,6 +16,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -77,15 +78,23 @@ def http(lab: Lab, vip: str, port: int) -> str:
 
 
 @contextlib.contextmanager
+def routed_replies(lab: Lab, name: str) -> Iterator[None]:
+    routed = replies_through(lab, name)
+    try:
+        yield
+    finally:
+        forget_replies(lab, routed)
+
+
+@contextlib.contextmanager
 def serving(lab: Lab, file: str) -> Iterator[str]:
     """The example deployed, Ready, its client's replies routed through its node; yields its VIP; removed after."""
     lb = deploy(lab.local, file, lab.addresses, lab.plumber.once)
     vip, name = lb["status"]["vip"], lb["metadata"]["name"]
-    routed = replies_through(lab, name)
     try:
-        yield vip
+        with routed_replies(lab, name):
+            yield vip
     finally:
-        forget_replies(lab, routed)
         kubectl(lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--wait=true", "--timeout=120s")
 
 
@@ -104,3 +113,46 @@ def test_l4_nat_keeps_a_client_on_one_backend_over_tcp_and_udp_with_its_address(
     assert len({a.split()[0] for a in over_tcp}) == 1, over_tcp  # source-hash: one client, one backend
     assert len({a.split()[0] for a in over_udp}) == 1 and "ping" in over_udp[0], over_udp
     print(json.dumps({"tcp": over_tcp[0], "udp": over_udp[0]}))
+
+
+def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(lab: Lab) -> None:
+    """Host-network forwarding pods take a node port for their admin server. Three kernel LoadBalancers on
+    two nodes: two share one, which the real scheduler allows only because their ports differ (with one
+    fixed port the third pod stays Pending). Each serves; deleting one leaves its neighbour's pod alone."""
+    names = [f"shared-{index}" for index in range(3)]
+    vips = {}
+    for name in names:
+        vips[name] = deploy(lab.local, "l4-nat-nftables.yaml", lab.addresses, lab.plumber.once, name)[
+            "status"
+        ]["vip"]
+    placed = {
+        name: pods.wait_ready(lab.local.env, lab.local.namespace, f"layerlb.dev/loadbalancer={name}")[0]
+        for name in names
+    }
+    by_node: dict[str, list[str]] = {}
+    for name, pod in placed.items():
+        by_node.setdefault(pod["spec"]["nodeName"], []).append(name)
+    [sharing] = [together for together in by_node.values() if len(together) >= 2][:1]
+    ports = {name: _admin_port(placed[name]) for name in sharing}
+    assert len(set(ports.values())) == len(sharing), ports
+    for name in names:
+        with routed_replies(lab, name):
+            answer = http(lab, vips[name], 53)
+        assert answer.endswith(f"from={CLIENT_IP}"), (name, answer)
+    gone, kept = sharing[0], sharing[1]
+    before = placed[kept]
+    kubectl(lab.local, "delete", "llb", gone, "-n", lab.local.namespace, "--wait=true", "--timeout=120s")
+    [after] = pods.wait_ready(lab.local.env, lab.local.namespace, f"layerlb.dev/loadbalancer={kept}")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert after["status"]["containerStatuses"][0]["restartCount"] == 0
+    with routed_replies(lab, kept):
+        assert http(lab, vips[kept], 53).endswith(f"from={CLIENT_IP}")
+    for name in names:
+        kubectl(
+            lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--ignore-not-found", "--wait=true"
+        )
+
+
+def _admin_port(pod: dict[str, Any]) -> int:
+    [port] = [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"] if p.get("name") == "admin"]
+    return int(port)
