@@ -1,11 +1,14 @@
-"""The host-network examples that keep the client's address (L4 nat on nftables, L7 transparent) carry
-traffic on real nodes, from a client on the nodes' LAN outside the cluster to backend pods on both nodes.
+"""The host-network examples that keep the client's address carry traffic on real nodes, from a client on
+the nodes' LAN outside the cluster: L4 nat on nftables and L7 transparent to backend pods on both nodes,
+L4 dsr on nftables to a backend on another node's own network, answering the client directly.
 
-Both forward with the client's own address as the source, so the backends' replies must pass the
-forwarding node again (for nat to undo the translation, for the transparent proxy to reach its socket): a
-network running them routes the clients through the load balancer. Here each node that does not hold the
-forwarding pod routes the client's address through the node that does, as such a network would; the
-node holding it needs nothing. Local platform only: the client namespace is the local cluster's
+nat and the transparent proxy forward with the client's own address as the source, so the backends'
+replies must pass the forwarding node again (for nat to undo the translation, for the transparent proxy
+to reach its socket): a network running them routes the clients through the load balancer. Here each
+node that does not hold the forwarding pod routes the client's address through the node that does, as
+such a network would; the node holding it needs nothing. A DSR backend owns the VIP on its loopback and
+never answers ARP for it, as its administrator would set it up. Kernel LoadBalancers also share a node
+under the real scheduler. Local platform only: the client namespace is the local cluster's
 (`nodes.CLIENT_IP`); on kind these examples are checked for Ready (test_examples.py).
 """
 
@@ -25,6 +28,7 @@ from e2e.nodes import pods
 from e2e.nodes.network import Plumber
 from e2e.nodes.platform import LocalNodes, Platform, PlatformError
 from e2e.nodes.suite import POOL, deploy, kubectl, start_backends
+from e2e.runner import lab as lab_examples
 
 UDP_ASK = (
     "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); "
@@ -156,3 +160,103 @@ def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(lab: Lab)
 def _admin_port(pod: dict[str, Any]) -> int:
     [port] = [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"] if p.get("name") == "admin"]
     return int(port)
+
+
+def host_network_backend(node: str, image: str, namespace: str) -> dict[str, Any]:
+    """A backend on `node`'s own network (as a DSR backend must be: on the load balancer's L2 segment),
+    answering as `hb-NODE` on the DSR example's ports and its health port."""
+    command = ["python3", "/scripts/backends.py", "--name", f"hb-{node}", "--host", "0.0.0.0"]
+    command += ["--http=80", "--http=443", "--http=8081"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"hb-{node}", "namespace": namespace, "labels": {"app": "dsr-backend"}},
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": True,
+            "containers": [
+                {
+                    "name": "backend",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                    "stdin": True,  # backends.py serves until its stdin closes
+                    # Root for ports 80/443 on the node's network (no per-pod sysctl on the host network).
+                    "securityContext": {"runAsUser": 0, "allowPrivilegeEscalation": False},
+                    "readinessProbe": {"tcpSocket": {"port": 8081}, "periodSeconds": 1},
+                    "volumeMounts": [{"name": "scripts", "mountPath": "/scripts"}],
+                }
+            ],
+            "volumes": [{"name": "scripts", "configMap": {"name": "suite-scripts"}}],
+        },
+    }
+
+
+@contextlib.contextmanager
+def vip_on_loopback(lab: Lab, node: str, vip: str) -> Iterator[None]:
+    """What a DSR backend's administrator does: the VIP on lo, and never answering ARP for it."""
+    knobs = ("net.ipv4.conf.all.arp_ignore", "net.ipv4.conf.all.arp_announce")
+    saved = {k: lab.local.node_exec(node, "sysctl", "-n", k).strip() for k in knobs}
+    lab.local.node_exec(node, "sysctl", "-qw", f"{knobs[0]}=1", f"{knobs[1]}=2")
+    lab.local.node_exec(node, "ip", "addr", "add", f"{vip}/32", "dev", "lo")
+    try:
+        yield
+    finally:
+        lab.local.node_exec(node, "ip", "addr", "del", f"{vip}/32", "dev", "lo")
+        lab.local.node_exec(node, "sysctl", "-qw", *(f"{k}={v}" for k, v in saved.items()))
+
+
+def test_l4_dsr_on_nftables_a_backend_on_the_lan_answers_the_client_directly(lab: Lab) -> None:
+    local, namespace = lab.local, lab.local.namespace
+    node_ips = {n.name: n.ip for n in local.cluster.node_list()}
+    kubectl(local, "apply", "-f", "-", stdin=json.dumps(
+        {"apiVersion": "v1", "kind": "List", "items": [host_network_backend(n, local.image, namespace) for n in node_ips]}
+    ))  # fmt: skip
+    pods.wait_ready(local.env, namespace, "app=dsr-backend", count=len(node_ips))
+    [document] = [
+        d
+        for d in lab_examples.adapt("l4-dsr.yaml", namespace, list(node_ips.values()))
+        if d["kind"] == "LoadBalancer"
+    ]
+    # The forwarding node cannot also be a backend (the engine refuses: a frame rewritten to its own MAC
+    # would go nowhere), so the backend's node is cordoned while the forwarding pod is placed.
+    forwarder, backend_node = sorted(node_ips)[:2]
+    spec = document["spec"]
+    spec["engine"] = "nftables"
+    [backend] = spec["backends"]
+    backend["algorithm"] = "round-robin"  # dsr on nftables: a hash per flow (maglev is IPVS's)
+    backend["endpoints"] = [{"address": node_ips[backend_node]}]
+    name = document["metadata"]["name"]
+    others = [backend_node]
+    kubectl(local, "cordon", backend_node)
+    try:
+        kubectl(local, "apply", "-f", "-", stdin=json.dumps(document))
+        [pod] = pods.wait_ready(local.env, namespace, f"layerlb.dev/loadbalancer={name}", timeout=120)
+        kubectl(local, "uncordon", backend_node)
+        holder = pod["spec"]["nodeName"]
+        assert holder == forwarder, holder
+        kubectl(local, "wait", "--for=condition=Ready", "--timeout=120s", "-n", namespace, f"llb/{name}")
+        lab.plumber.once()  # the LAN client's route to the VIP: the forwarding node
+        vip = json.loads(kubectl(local, "get", "llb", name, "-n", namespace, "-o", "json"))["status"]["vip"]
+        with contextlib.ExitStack() as stack:
+            for node in others:
+                stack.enter_context(vip_on_loopback(lab, node, vip))
+            answers = [http(lab, vip, 80) for _ in range(6)]
+        tables = local.node_exec(holder, "nft", "list", "tables")
+    finally:
+        kubectl(local, "uncordon", backend_node)
+        kubectl(
+            local,
+            "delete",
+            "llb",
+            name,
+            "-n",
+            namespace,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        )
+        kubectl(local, "delete", "pods", "-n", namespace, "-l", "app=dsr-backend", "--wait=false")
+    assert all(a.endswith(f"from={CLIENT_IP}") for a in answers), answers  # the backend saw the client
+    assert {a.split()[0] for a in answers} == {f"hb-{n}:80" for n in others}, answers
+    assert "table netdev layerlb_" in tables, tables  # the MAC rewrite at the forwarding node's ingress
