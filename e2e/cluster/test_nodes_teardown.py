@@ -62,6 +62,7 @@ def host_state(state_dir: Path) -> dict[str, object]:
 def owned_cluster(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, dict[str, object]]]:
     """A child process that started a one-node cluster (and owns it), with a pod Running on the node; and the
     host's state from before it started."""
+    cluster.ensure_binaries(with_nodes=True)  # first: the pause image compiles from the module it downloads
     pause = build.build_all(only=["pause"])["pause"].path
     state_dir = tmp_path / "cluster"
     before = host_state(state_dir)
