@@ -108,7 +108,7 @@ class Cluster:
     tag: str = ""
 
     def node_list(self) -> list[node_kit.Node]:
-        return node_kit.node_layout(self.tag, self.state_dir, len(self.nodes))
+        return node_kit.node_layout(self.tag, len(self.nodes))
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """An environment for subprocesses: KUBECONFIG set, the cache bin folder (helm) on PATH."""
@@ -698,9 +698,7 @@ def _start_nodes(
         _write_kubeconfig(
             node.folder / "kube-proxy.kubeconfig", local_server, pki, "system:kube-proxy", "kube-proxy"
         )
-        for name, pid in node_kit.start_node(
-            node, cluster.tag, sdir, binaries, pki / "ca.crt", SERVICE_CIDR, progress
-        ).items():
+        for name, pid in node_kit.start_node(node, cluster.tag).items():
             pids[f"{node.name}/{name}"] = pid
         _write_state(cluster)
     for node in node_list:
@@ -809,7 +807,7 @@ def remove_stale(progress: Progress = _quiet) -> list[str]:
 
 
 def _teardown(tag: str, state_dir: Path, nodes: int) -> list[str]:
-    problems = node_kit.remove_nodes(tag, state_dir, node_kit.node_layout(tag, state_dir, nodes), _quiet)
+    problems = node_kit.remove_nodes(tag, state_dir, node_kit.node_layout(tag, nodes))
     # Control-plane processes whose pid files may be gone: every argv names the state folder.
     node_kit._kill(node_kit._pids_with_arg(str(state_dir)))
     with contextlib.suppress(OSError):

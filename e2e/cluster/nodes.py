@@ -52,15 +52,12 @@ NETNS_DIR = Path("/run/netns")
 # Host-global knobs the kubelet sets at start (protectKernelDefaults: false); put back by `remove`.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 PAUSE_IMAGE = "localhost/pause:3.10"
-NODE_PROCESSES = ("containerd", "kubelet", "kube-proxy", "relay")
 # Short paths, not in the state folder: a unix socket path may not exceed 108 bytes (containerd's, the
 # kubelet's under its root-dir), and a state folder (a test's tmp path, a deep checkout) can be long.
 # SOCKETS/TAG: the relays' and containerd's sockets, the record of the host's sysctls (until reboot, like
 # the sysctls themselves); NODE_ROOT/TAG/NAME: a node's containerd and kubelet data, configs and logs.
 SOCKETS = Path("/run/layerlb-e2e")
 NODE_ROOT = Path("/var/lib/llbk")
-
-Progress = Callable[[str], None]
 
 
 class NodeError(RuntimeError):
@@ -85,7 +82,7 @@ class Node:
         return self.sockets / "containerd.sock"
 
 
-def node_layout(tag: str, state_dir: Path, count: int) -> list[Node]:
+def node_layout(tag: str, count: int) -> list[Node]:
     """The nodes a cluster tagged ``tag`` has: names node1..nodeN, 172.28.0.1N, pods 10.244.N.0/24."""
     return [
         Node(
@@ -259,7 +256,7 @@ def create_cgroups(node: Node) -> None:
                 (path / knob).write_text((hierarchy / knob).read_text())
 
 
-def containerd_config(node: Node, tag: str) -> str:
+def containerd_config(node: Node) -> str:
     base = node.folder / "containerd"
     return f"""version = 2
 root = "{base / "root"}"
@@ -419,16 +416,14 @@ def start_network_services(tag: str, state_dir: Path, api_port: int) -> dict[str
     return pids
 
 
-def start_node(
-    node: Node, tag: str, state_dir: Path, binaries: Binaries, ca: Path, service_cidr: str, progress: Progress
-) -> dict[str, int]:
-    """containerd, the API relay, kubelet and kube-proxy of one node; returns their pids. The caller
-    imports images (at least the pause image) between containerd and the kubelet: see `import_images`."""
+def start_node(node: Node, tag: str) -> dict[str, int]:
+    """The API relay and containerd of one node; returns their pids. The caller imports images (at least
+    the pause image) before the kubelet starts: see `import_images`, `start_kubelet`, `start_kube_proxy`."""
     folder = node.folder
     (folder / "cni").mkdir(parents=True, exist_ok=True)
     (folder / "cni" / "10-bridge.conflist").write_text(cni_config(node, tag))
     (folder / "containerd").mkdir(parents=True, exist_ok=True)
-    (folder / "containerd" / "config.toml").write_text(containerd_config(node, tag))
+    (folder / "containerd" / "config.toml").write_text(containerd_config(node))
     (folder / "resolv.conf").write_text("nameserver 127.0.0.1\noptions ndots:1\n")
     create_cgroups(node)
     pids: dict[str, int] = {}
@@ -624,7 +619,7 @@ def _mounts_under(prefix: Path) -> list[str]:
     return points
 
 
-def remove_nodes(tag: str, state_dir: Path, nodes: list[Node], progress: Progress) -> list[str]:
+def remove_nodes(tag: str, state_dir: Path, nodes: list[Node]) -> list[str]:
     """Stop and remove every node of the cluster; returns what could not be undone (empty when clean)."""
     problems: list[str] = []
     # The kubelets first, so they do not restart the containers being killed.

@@ -14,12 +14,12 @@ serves it (its address as the next hop), else through the nodes that hold such p
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from e2e.nodes import pods
 from e2e.nodes.platform import Platform
 
 DATAPLANE: Final = "app.kubernetes.io/name=layerlb,app.kubernetes.io/component=dataplane"
@@ -97,16 +97,7 @@ class Plumber:
         self.thread.start()
 
     def _kubectl_json(self, *args: str) -> Any:
-        done = subprocess.run(
-            ["kubectl", *args, "-o", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=self.platform.env,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
-        return json.loads(done.stdout)
+        return json.loads(pods.kubectl(self.platform.env, *args, "-o", "json", timeout=60))
 
     def _loop(self) -> None:
         while not self.stop.wait(1.0):
