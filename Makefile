@@ -57,7 +57,7 @@ bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Issue 5's operator targets on the local cluster (root; ~5 min): apply → Ready and endpoint change → served
-# with forwarding pods run by the pod runner, then the 1,000-LoadBalancer cold start. Tables on stdout.
+# on two real nodes with the chart's operator, then the 1,000-LoadBalancer cold start. Tables on stdout.
 bench-operator: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.operator_targets $(TARGETS_ARGS)
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) bench/operator_scale.py $(SCALE_ARGS)

@@ -1,17 +1,17 @@
-"""Issue 5's latency targets on the local cluster, with the operator and the e2e pod runner: measured, not asserted.
+"""Issue 5's latency targets on the local cluster's real nodes, with the chart's operator: measured, not asserted.
 
 - apply → Ready: LoadBalancers created one after another (each waits for the previous one), every one an
-  L4 TCP proxy with its own forwarding pod started by the pod runner; the time from the create request
+  L4 TCP proxy with its own forwarding pod, a real pod on a real kubelet; the time from the create request
   until the LoadBalancer reports `Ready=True` for its generation. Target: p95 ≤ 2 s.
 - endpoint change → new Plan served: one LoadBalancer in front of a selector-less Service whose single
-  endpoint the script moves between two backends by updating the EndpointSlice; the time from the update
-  request until a client in the lab's client namespace, connecting through the VIP over and over, first
-  gets its answer from the new backend. Target: p95 ≤ 1 s. (The pods' serving report carries the
+  endpoint the script moves between two backend pods by updating the EndpointSlice; the time from the
+  update request until a client on the nodes' LAN outside the cluster, connecting through the VIP over
+  and over, first gets its answer from the new backend. Target: p95 ≤ 1 s. (The pods' serving report carries the
   LoadBalancer's generation, which an endpoint change leaves alone, so traffic is the observable here.)
 
-    python -m bench.operator_targets [--count 20] [--changes 20] [--cluster STATE_DIR]
+    python -m bench.operator_targets [--count 20] [--changes 20]
 
-Needs root (the pod runner makes network namespaces). Requests go through the Kubernetes Python client,
+Needs root (the nodes are network namespaces); starts (and removes) a cluster of its own. Requests go through the Kubernetes Python client,
 so kubectl's own start-up does not count. Figures are wall-clock on this machine: a busy machine reads
 slower, hence the load average printed with them.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 import statistics
 import sys
@@ -30,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "llb-targets"
@@ -93,8 +94,8 @@ LB_LABEL = "layerlb.dev/loadbalancer"
 
 class Timeline:
     """When each LoadBalancer of the namespace first reached each step on its way to Ready, from watches:
-    `Programmed` (its objects written), its first forwarding pod created, running (the runner started
-    the process), `reported` (the pod wrote a generation into `<name>-serving`), pod ready (its readiness
+    `Programmed` (its objects written), its first forwarding pod created, running (the kubelet started
+    its container), `reported` (the pod wrote a generation into `<name>-serving`), pod ready (its readiness
     probe passed), `Ready` (for the LoadBalancer's current generation)."""
 
     def __init__(self, api: Any, namespace: str) -> None:
@@ -177,6 +178,41 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+class Poller:
+    """`poll_backend` in the LAN client's network namespace, outside the cluster; its lines as they come."""
+
+    def __init__(self, netns: str, vip: str, port: int, seconds: float) -> None:
+        import subprocess
+
+        code = f"from bench.operator_targets import poll_backend; poll_backend({vip!r}, {port}, {seconds})"
+        self.process = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", code],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self.arrived:
+                self.lines.append(line.strip())
+                self.arrived.notify_all()
+
+    def wait_for_line(self, prefix: str, timeout: float) -> str | None:
+        """The first line so far starting with `prefix`, waiting up to `timeout` seconds for one."""
+        with self.arrived:
+            self.arrived.wait_for(lambda: any(x.startswith(prefix) for x in self.lines), timeout)
+            return next((x for x in self.lines if x.startswith(prefix)), None)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.operator_targets",
@@ -185,138 +221,107 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--count", type=int, default=20, help="LoadBalancers for apply → Ready (default 20)")
     parser.add_argument("--changes", type=int, default=20, help="endpoint changes to time (default 20)")
-    parser.add_argument("--cluster", type=Path, help="state folder of a running local cluster to reuse")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        raise SystemExit("operator_targets: run as root (the pod runner makes network namespaces)")
+        raise SystemExit("operator_targets: run as root (the local nodes are network namespaces)")
     sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "dataplane")]
-    import subprocess
 
-    import yaml
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config_module
 
-    from bench import operator_targets as this  # `poll_backend` by its importable name, for the namespace
-    from e2e.cluster.cluster import down, up
+    from e2e.cluster import nodes as node_kit
     from e2e.harness import service_and_slice
-    from e2e.kube import kubectl_or_exit
+    from e2e.nodes import chart_operator, suite
+    from e2e.nodes.network import Plumber
+    from e2e.nodes.platform import local_nodes
     from e2e.runner import lab as lab_examples
-    from e2e.runner.runner import PodRunner
 
     workdir = Path(tempfile.mkdtemp(prefix="llb-targets-"))
-    state = args.cluster or workdir / "cluster"
-    cluster = up(state)
-    env = cluster.env()
+    with local_nodes(workdir / "cluster", NAMESPACE, nodes=2) as platform:
+        chart_operator.install(platform)
+        k8s_config: Any = k8s_config_module  # untyped
+        api = k8s_config.new_client_from_config(config_file=str(platform.cluster.kubeconfig))
+        custom: Any = k8s.CustomObjectsApi(api)
+        discovery: Any = k8s.DiscoveryV1Api(api)
+        addresses = suite.start_backends(platform)[:2]
+        plumber = Plumber(platform, client=lambda *argv: platform.client_exec("ip", *argv))
+        timeline = Timeline(api, NAMESPACE)
+        ready: list[float] = []
+        created: dict[str, float] = {}
+        changes: list[float] = []
+        try:
+            template = next(
+                d
+                for d in lab_examples.adapt("l4-proxy-tcp.yaml", NAMESPACE, addresses)
+                if d["kind"] == "LoadBalancer"
+            )
+            print(f"[targets] load average {load_average()}; two real nodes, the chart's operator")
 
-    kubectl = functools.partial(kubectl_or_exit, env)
+            # (a) apply → Ready, one LoadBalancer after another.
+            for index in range(args.count):
+                body = copy.deepcopy(template)
+                body["metadata"]["name"] = name = f"ready-{index:02d}"
+                created[name] = started = time.monotonic()
+                custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+                seen = timeline.wait(name, "Ready", WAIT)
+                if seen is None:
+                    print(f"  {name}: not Ready within {WAIT:.0f} s")
+                    continue
+                ready.append(seen - started)
+                steps = [
+                    f"{p} {timeline.marks[(name, p)] - started:.2f}"
+                    for p in PHASES
+                    if (name, p) in timeline.marks
+                ]
+                print(f"  {name}: Ready after {seen - started:.2f} s ({', '.join(steps[:-1])})")
+            print(f"  {timeline.breakdown(created)}")
+            suite.kubectl(
+                platform, "delete", "llb", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s"
+            )
 
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd/loadbalancers.layerlb.dev")
-    kubectl("apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}\n")
-    k8s_config: Any = k8s_config_module  # untyped
-    api = k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    custom: Any = k8s.CustomObjectsApi(api)
-    discovery: Any = k8s.DiscoveryV1Api(api)
-    log = workdir / "operator.log"
-    command = [sys.executable, "-m", "layerlb.cli", "operator", "--namespace", NAMESPACE, "--standalone"]
-    with log.open("wb") as out:
-        operator = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    runner = PodRunner(cluster.kubeconfig, [NAMESPACE], workdir / "runner")
-    timeline = Timeline(api, NAMESPACE)
-    ready: list[float] = []
-    created: dict[str, float] = {}
-    changes: list[float] = []
-    try:
-        backends = [host for host, _ in lab_examples.start_backends(runner.lab, 2)]
-        kubectl("apply", "-f", "-", stdin=yaml.safe_dump(lab_examples.vip_pool(POOL, [NAMESPACE])))
-        addresses = [host.address for host in backends]
-        template = next(
-            d
-            for d in lab_examples.adapt("l4-proxy-tcp.yaml", NAMESPACE, addresses)
-            if d["kind"] == "LoadBalancer"
-        )
-        print(
-            f"[targets] load average {load_average()}; operator log {log}; runner logs {workdir / 'runner'}"
-        )
-
-        # (a) apply → Ready, one LoadBalancer after another.
-        for index in range(args.count):
+            # (b) endpoint change → the new backend answers through the VIP, to a client outside the cluster.
+            service = service_and_slice(NAMESPACE, "app", addresses[:1], 9001)
+            suite.kubectl(platform, "apply", "-f", "-", stdin=yaml.safe_dump_all(service))
             body = copy.deepcopy(template)
-            body["metadata"]["name"] = name = f"ready-{index:02d}"
-            created[name] = started = time.monotonic()
-            custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
-            seen = timeline.wait(name, "Ready", WAIT)
-            if seen is None:
-                print(f"  {name}: not Ready within {WAIT:.0f} s")
-                continue
-            ready.append(seen - started)
-            steps = [
-                f"{p} {timeline.marks[(name, p)] - started:.2f}"
-                for p in PHASES
-                if (name, p) in timeline.marks
+            body["metadata"]["name"] = "switch"
+            body["spec"]["backends"] = [
+                {"name": "app", "service": {"name": "app", "port": 80}, "algorithm": "round-robin"}
             ]
-            print(f"  {name}: Ready after {seen - started:.2f} s ({', '.join(steps[:-1])})")
-        print(f"  {timeline.breakdown(created)}")
-        kubectl("delete", "llb", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s")
-
-        # (b) endpoint change → the new backend answers through the VIP.
-        service = service_and_slice(NAMESPACE, "app", addresses[:1], 9001)
-        kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(service))
-        body = copy.deepcopy(template)
-        body["metadata"]["name"] = "switch"
-        body["spec"]["backends"] = [
-            {"name": "app", "service": {"name": "app", "port": 80}, "algorithm": "round-robin"}
-        ]
-        custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
-        if timeline.wait("switch", "Ready", WAIT) is None:
-            raise SystemExit(f"LoadBalancer switch not Ready within {WAIT:.0f} s; see {log}")
-        vip = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "switch")["status"][
-            "vip"
-        ]
-        poller = runner.lab.client.spawn(this.poll_backend, vip, 8080, WAIT * (args.changes + 2))
-        poller.wait_for_line("seen b1", timeout=WAIT)
-        for index in range(args.changes):
-            target = 1 - index % 2  # b2, b1, b2, ...
-            poller.lines.clear()
-            started = time.monotonic()
-            _, slice_body = service_and_slice(NAMESPACE, "app", [addresses[target]], 9001)
-            discovery.replace_namespaced_endpoint_slice("app-1", NAMESPACE, slice_body)
-            deadline = started + WAIT
-            seen_at = None
-            while seen_at is None and time.monotonic() < deadline:
-                line = poller.wait_for_line(
-                    f"seen b{target + 1} ", timeout=max(0.1, deadline - time.monotonic())
-                )
-                at = float(line.split()[2])
-                seen_at = at if at >= started else None
-            if seen_at is None:
-                print(f"  change {index + 1}: b{target + 1} never answered")
-                continue
-            changes.append(seen_at - started)
-            print(f"  change {index + 1} → b{target + 1}: answering after {seen_at - started:.2f} s")
-        poller.stop()
+            custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+            if timeline.wait("switch", "Ready", WAIT) is None:
+                raise SystemExit(f"LoadBalancer switch not Ready within {WAIT:.0f} s")
+            plumber.once()
+            lb = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "switch")
+            poller = Poller(node_kit.client_netns(platform.cluster.tag), lb["status"]["vip"], 8080,
+                            WAIT * (args.changes + 2))  # fmt: skip
+            try:
+                if poller.wait_for_line("seen b1", timeout=WAIT) is None:
+                    raise SystemExit(f"b1 never answered through the VIP: {poller.lines[-5:]}")
+                for index in range(args.changes):
+                    target = 1 - index % 2  # b2, b1, b2, ...
+                    with poller.arrived:
+                        poller.lines.clear()
+                    started = time.monotonic()
+                    _, slice_body = service_and_slice(NAMESPACE, "app", [addresses[target]], 9001)
+                    discovery.replace_namespaced_endpoint_slice("app-1", NAMESPACE, slice_body)
+                    line = poller.wait_for_line(f"seen b{target + 1} ", timeout=WAIT)
+                    if line is None:
+                        print(f"  change {index + 1}: b{target + 1} never answered")
+                        continue
+                    seen_at = float(line.split()[2])
+                    changes.append(seen_at - started)
+                    print(f"  change {index + 1} → b{target + 1}: answering after {seen_at - started:.2f} s")
+            finally:
+                poller.stop()
+        finally:
+            timeline.stop.set()
+            plumber.close()
         print(f"\n[targets] load average {load_average()} (2 cores, shared)")
         print(f"{'':<38} {'n':>3}  {'p50':>6} {'p95':>6} {'max':>6}   target      verdict")
         print(row("apply → Ready (one after another)", ready, READY_TARGET, args.count))
         print(row("EndpointSlice update → new backend", changes, CHANGE_TARGET, args.changes))
         met = len(ready) == args.count and len(changes) == args.changes
         return 0 if met else 1
-    finally:
-        timeline.stop.set()
-        subprocess.run(
-            ["kubectl", "delete", "llb", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=60s"],
-            env=env,
-            capture_output=True,
-            timeout=120,
-        )
-        runner.close()
-        operator.terminate()
-        operator.wait(timeout=60)
-        subprocess.run(
-            ["kubectl", "delete", "vippool", POOL, "--ignore-not-found"], env=env, capture_output=True
-        )
-        if args.cluster is None:
-            down(state)
 
 
 if __name__ == "__main__":

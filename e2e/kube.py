@@ -1,5 +1,5 @@
 """`kubectl` for the end-to-end tests, against the test cluster's kubeconfig, and for the command-line
-measurements (`e2e/runner/measure.py`, `bench/operator_*.py`) that drive a cluster of their own."""
+measurements (`bench/operator_*.py`) that drive a cluster of their own."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class Kubectl:
     """`kubectl` against the test cluster; returns the completed process, never raises on failure."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.env = cluster.env()
+    def __init__(self, cluster: Cluster | dict[str, str]) -> None:
+        """`cluster`: the local cluster, or the environment (KUBECONFIG) of another, such as kind."""
+        self.env = cluster.env() if isinstance(cluster, Cluster) else dict(cluster)
 
     def __call__(
         self, *args: str, stdin: str | None = None, timeout: float = 120

@@ -29,6 +29,7 @@ from e2e import harness
 from e2e.cluster.cluster import Cluster
 from e2e.kube import ROOT, Kubectl
 from e2e.nodes import pods
+from e2e.nodes.chart_operator import ChartOperator
 from e2e.nodes.platform import LocalNodes, chart_default_image, local_nodes
 
 RELEASE, RELEASE_NS = "layerlb", "layerlb-system"  # as in the README
@@ -104,54 +105,6 @@ def owned_versions(kubectl: Kubectl, name: str) -> dict[str, str]:
     }
     found["LoadBalancer"] = (get(kubectl, "llb", name) or {})["metadata"]["resourceVersion"]
     return found
-
-
-class ChartOperator:
-    """The chart's operator pods on the nodes: their logs, and the leader's metrics through the API server's
-    pod proxy (the API server reaches pods through its egress selector, as `kubectl logs` does)."""
-
-    def __init__(self, kubectl: Kubectl) -> None:
-        self.kubectl = kubectl
-
-    def pods(self) -> list[dict[str, Any]]:
-        listed = json.loads(self.kubectl.ok("get", "pods", "-n", RELEASE_NS, "-l", INSTANCE, "-o", "json"))
-        return [p for p in listed["items"] if not p["metadata"].get("deletionTimestamp")]
-
-    def leader(self) -> str | None:
-        """The pod holding the Lease (its identity starts with the pod's name)."""
-        holder = ((get(self.kubectl, "lease", "layerlb-operator", RELEASE_NS) or {}).get("spec") or {}).get(
-            "holderIdentity"
-        )
-        names = [p["metadata"]["name"] for p in self.pods()]
-        return next((n for n in names if holder and holder.startswith(f"{n}-")), None)
-
-    def metrics(self) -> dict[str, float]:
-        """The leader's metrics as `name{labels}` → value; empty while there is none."""
-        leader = self.leader()
-        if leader is None:
-            return {}
-        done = self.kubectl(
-            "get", "--raw", f"/api/v1/namespaces/{RELEASE_NS}/pods/{leader}:8080/proxy/metrics"
-        )
-        if done.returncode != 0:
-            return {}
-        samples = (
-            line.rsplit(" ", 1) for line in done.stdout.splitlines() if line and not line.startswith("#")
-        )
-        return {name: float(value) for name, value in samples}
-
-    def logs(self) -> str:
-        """Every operator pod's log, this run's and (after a restart) the previous one's."""
-        parts = []
-        for pod in self.pods():
-            for previous in ((), ("--previous",)):
-                done = self.kubectl("logs", "-n", RELEASE_NS, pod["metadata"]["name"], *previous)
-                if done.returncode == 0:
-                    parts.append(done.stdout)
-        return "\n".join(parts)
-
-    def tail(self) -> str:
-        return "\n".join(self.logs().splitlines()[-40:])
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from e2e import harness
-from e2e.nodes import pods
+from e2e.nodes import chart_operator
 from e2e.nodes.platform import KIND_ENV, Kind, LocalNodes, Platform, local_nodes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-RELEASE, RELEASE_NAMESPACE = "layerlb", "layerlb-system"
 LOCAL_NAMESPACE = "llb-nodes"
 LOCAL_NODES = 2
-OPERATOR = f"app.kubernetes.io/instance={RELEASE}"
 
 # Only the platform-neutral suite runs on kind; the local platform's own checks need its nodes.
 collect_ignore = ["test_local_nodes.py", "test_local_client_ip.py"] if os.environ.get(KIND_ENV) else []
@@ -34,9 +31,7 @@ collect_ignore = ["test_local_nodes.py", "test_local_client_ip.py"] if os.enviro
 
 def _local(tmp: Path) -> Iterator[LocalNodes]:
     with local_nodes(tmp / "cluster", LOCAL_NAMESPACE, LOCAL_NODES) as platform:
-        pods.kubectl(platform.env, "create", "namespace", LOCAL_NAMESPACE)
-        pods.helm(platform.env, *harness.readme_command("install")[1:])
-        pods.wait_ready(platform.env, RELEASE_NAMESPACE, OPERATOR, timeout=180)
+        chart_operator.install(platform)
         yield platform
 
 

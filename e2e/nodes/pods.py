@@ -109,6 +109,18 @@ def wait_ready(
         time.sleep(0.2)
 
 
+def wait_gone(env: dict[str, str], namespace: str, selector: str, timeout: float = 180) -> None:
+    """Until no pod matches `selector`, not even a terminating one: their containers have exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = kubectl(env, "get", "pods", "-n", namespace, "-l", selector, "-o", "name").split()
+        if not names:
+            return
+        if time.monotonic() > deadline:
+            raise PodTrouble(f"pods {selector} still there after {timeout:.0f} s: {names}")
+        time.sleep(0.2)
+
+
 def helm(env: dict[str, str], *args: str, timeout: float = 300) -> str:
     """`helm` (the local build, on the cluster environment's PATH), insisting on success."""
     done = subprocess.run(

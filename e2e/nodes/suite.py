@@ -3,9 +3,11 @@ image, the examples moved onto them, and calls made from the client pod."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,10 @@ def pod(
         "imagePullPolicy": "Never",
         "command": command,
         "stdin": True,  # examples/backends.py serves until its stdin closes
-        "volumeMounts": [{"name": "scripts", "mountPath": "/scripts"}],
+        "volumeMounts": [
+            {"name": "scripts", "mountPath": "/scripts"},
+            {"name": "tmp", "mountPath": "/tmp"},  # the read-only root's one writable place
+        ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -55,7 +60,10 @@ def pod(
                 "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
             },
             "containers": [container],
-            "volumes": [{"name": "scripts", "configMap": {"name": "suite-scripts"}}],
+            "volumes": [
+                {"name": "scripts", "configMap": {"name": "suite-scripts"}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
         },
     }
 
@@ -90,12 +98,22 @@ def start_backends(platform: Platform) -> list[str]:
     )]  # fmt: skip
 
 
-def apply_example(platform: Platform, file: str, addresses: list[str], name: str | None = None) -> str:
-    """The example moved onto the backends (renamed `name`, when given) and applied; returns the
-    LoadBalancer's name."""
-    documents = lab.adapt(file, platform.namespace, addresses, name)
-    applied: str = next(d for d in documents if d["kind"] == "LoadBalancer")["metadata"]["name"]
+def apply_example(
+    platform: Platform,
+    file: str,
+    addresses: list[str],
+    name: str | None = None,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+    **spec: Any,
+) -> str:
+    """The example moved onto the backends (renamed `name`, its spec updated with `spec`, then changed
+    by `edit(document)`, when given) and applied; returns the LoadBalancer's name."""
+    documents = lab.adapt(file, platform.namespace, addresses, name, **spec)
+    document = next(d for d in documents if d["kind"] == "LoadBalancer")
+    if edit is not None:
+        edit(document)
     kubectl(platform, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+    applied: str = document["metadata"]["name"]
     return applied
 
 
@@ -105,11 +123,14 @@ def deploy(
     addresses: list[str],
     plumbing: Callable[[], None] | None = None,
     name: str | None = None,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+    **spec: Any,
 ) -> dict[str, Any]:
-    """The example moved onto the backends, applied, Ready (`kubectl wait`); returns the LoadBalancer.
+    """The example moved onto the backends (see `apply_example`), applied, Ready (`kubectl wait`); returns
+    the LoadBalancer.
 
     If it is not Ready in time, the failure carries its forwarding pods' events and logs."""
-    name = apply_example(platform, file, addresses, name)
+    name = apply_example(platform, file, addresses, name, edit, **spec)
     selector = f"layerlb.dev/loadbalancer={name}"
     pods.wait_ready(platform.env, platform.namespace, selector, timeout=float(READY.rstrip("s")))
     kubectl(
@@ -131,6 +152,16 @@ def deploy(
 
 def ask(platform: Platform, function: str, *args: Any, **kwargs: Any) -> Counter[str]:
     """`e2e/runner/client.FUNCTION(*args)` run in the client pod; the answering backends, counted."""
+    return count(call(platform, function, *args, **kwargs))
+
+
+def count(lines: list[str]) -> Counter[str]:
+    """`b2:9002 GET / ...` → how many answers came from it; failed requests count under `ERROR`."""
+    return Counter("ERROR" if line.startswith("ERROR") else line.split()[0] for line in lines)
+
+
+def call(platform: Platform, function: str, *args: Any, **kwargs: Any) -> Any:
+    """`e2e/runner/client.FUNCTION(*args, **kwargs)` run in the client pod; what it returned."""
     code = (
         "import json, sys; sys.path.insert(0, '/scripts'); import client; "
         f"print(json.dumps(client.{function}(*json.loads(sys.argv[1]), **json.loads(sys.argv[2]))))"
@@ -148,5 +179,21 @@ def ask(platform: Platform, function: str, *args: Any, **kwargs: Any) -> Counter
         json.dumps(args),
         json.dumps(kwargs),
     )
-    lines: list[str] = json.loads(out)
-    return Counter("ERROR" if line.startswith("ERROR") else line.split()[0] for line in lines)
+    return json.loads(out)
+
+
+@contextlib.contextmanager
+def requests_throughout(platform: Platform, vip: str, port: int, tag: str) -> Iterator[list[str]]:
+    """GETs to `vip:port` from the client pod, one after another on new connections, for as long as the
+    block runs; the list holds every answer once the block has ended."""
+    stop = f"/tmp/stop-{tag}"
+    answers: list[str] = []
+    loop = threading.Thread(
+        target=lambda: answers.extend(call(platform, "http_until", vip, port, stop)), daemon=True
+    )
+    loop.start()
+    try:
+        yield answers
+    finally:
+        kubectl(platform, "exec", "-n", platform.namespace, "client", "--", "touch", stop)
+        loop.join(120)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,9 +91,10 @@ def routed_replies(lab: Lab, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serving(lab: Lab, file: str) -> Iterator[str]:
-    """The example deployed, Ready, its client's replies routed through its node; yields its VIP; removed after."""
-    lb = deploy(lab.local, file, lab.addresses, lab.plumber.once)
+def serving(lab: Lab, file: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Iterator[str]:
+    """The example deployed (changed by `edit`), Ready, its client's replies routed through its node; yields
+    its VIP; removed after."""
+    lb = deploy(lab.local, file, lab.addresses, lab.plumber.once, edit=edit)
     vip, name = lb["status"]["vip"], lb["metadata"]["name"]
     try:
         with routed_replies(lab, name):
@@ -117,6 +118,48 @@ def test_l4_nat_keeps_a_client_on_one_backend_over_tcp_and_udp_with_its_address(
     assert len({a.split()[0] for a in over_tcp}) == 1, over_tcp  # source-hash: one client, one backend
     assert len({a.split()[0] for a in over_udp}) == 1 and "ping" in over_udp[0], over_udp
     print(json.dumps({"tcp": over_tcp[0], "udp": over_udp[0]}))
+
+
+def test_l4_nat_ipvs_example_on_nftables_balances_by_weight(lab: Lab) -> None:
+    """The IPVS example, moved onto the nftables engine (this kernel has no IPVS; the guest runs it as
+    is): its weights 1, 1, 2 show in how the client's connections spread."""
+
+    def on_nftables(document: dict[str, Any]) -> None:
+        # nftables does round-robin or source-hash only, and no ClientIP affinity; one replica, because
+        # without masquerade the backends' single return route must lead to the LB that translated.
+        spec = document["spec"]
+        spec.update(engine="nftables", replicas=1)
+        spec.pop("sessionAffinity")
+        for backend in spec["backends"]:
+            backend["algorithm"] = "round-robin"
+
+    with serving(lab, "l4-nat-ipvs.yaml", edit=on_nftables) as vip:
+        answers = [http(lab, vip, 5432) for _ in range(40)]
+    assert all(a.endswith(f"from={CLIENT_IP}") for a in answers), answers
+    counted = Counter(a.split()[0] for a in answers)
+    # weights 1, 1, 2: the third endpoint of the example is b3
+    assert counted["b3:5432"] >= 1.5 * max(counted["b1:5432"], counted["b2:5432"]) > 0, counted
+
+
+def test_deleting_a_load_balancer_removes_its_pod_kernel_state_and_vip(lab: Lab) -> None:
+    """Deleting a kernel LoadBalancer takes its forwarding pod, its nftables table and its VIP off the node
+    (the node's other tables stay), and frees the VIP for another LoadBalancer to ask for."""
+    local, namespace = lab.local, lab.local.namespace
+    lb = deploy(local, "l4-nat-nftables.yaml", lab.addresses, lab.plumber.once, name="gone")
+    vip = lb["status"]["vip"]
+    [pod] = pods.wait_ready(local.env, namespace, "layerlb.dev/loadbalancer=gone")
+    node = pod["spec"]["nodeName"]
+    table = f"layerlb_{namespace}_gone".replace("-", "_")
+    assert table in local.node_exec(node, "nft", "list", "tables").replace("-", "_")
+    assert vip in local.node_exec(node, "ip", "-br", "addr", "show", "dev", "lo")
+
+    kubectl(local, "delete", "llb", "gone", "-n", namespace, "--wait=true", "--timeout=120s")
+    pods.wait_gone(local.env, namespace, "layerlb.dev/loadbalancer=gone", timeout=120)
+    assert table not in local.node_exec(node, "nft", "list", "tables").replace("-", "_")
+    assert vip not in local.node_exec(node, "ip", "-br", "addr", "show", "dev", "lo")
+    again = deploy(local, "l4-proxy-tcp.yaml", lab.addresses, name="again", vip=vip)
+    assert again["status"]["vip"] == vip
+    kubectl(local, "delete", "llb", "again", "-n", namespace, "--wait=true", "--timeout=120s")
 
 
 def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(lab: Lab) -> None:

@@ -18,7 +18,9 @@ import pytest
 
 from e2e import harness
 from e2e.nodes import pods
-from e2e.nodes.conftest import LOCAL_NODES, OPERATOR, RELEASE_NAMESPACE
+from e2e.nodes.chart_operator import INSTANCE as OPERATOR
+from e2e.nodes.chart_operator import RELEASE_NS as RELEASE_NAMESPACE
+from e2e.nodes.conftest import LOCAL_NODES
 from e2e.nodes.platform import LocalNodes, Platform, PlatformError
 
 NAMESPACE = "llb-node-checks"
