@@ -45,6 +45,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = Path(__file__).resolve().with_name("build.sh")
 
 SERVICE_CIDR = "10.0.0.0/24"
+# The API server is dual-stack for Services (IPv4 first, so a Service that asks nothing stays IPv4 as
+# before): a Service of type LoadBalancer may ask for PreferDualStack/RequireDualStack and get an address
+# of each family (tests of the operator's Service support). Nodes and kube-proxy stay IPv4.
+SERVICE_CIDR_V6 = "fd00:10:96::/112"
 SERVICE_FIRST_IP = "10.0.0.1"
 # The host's loopback as a QEMU guest with user networking sees it: the IPVS e2e pods run in such a guest.
 GUEST_HOST_IP = "10.0.2.2"
@@ -585,7 +589,7 @@ def up(
                 # A loopback address is invalid in the `kubernetes` Endpoints; nothing in-cluster
                 # reaches the API server through the service anyway (no kubelet, no kube-proxy).
                 "--endpoint-reconciler-type=none",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR_V6}",
                 "--allow-privileged=true",
                 "--authorization-mode=RBAC",
                 f"--client-ca-file={pki / 'ca.crt'}",

@@ -33,6 +33,7 @@ PLURALS: Final = {
     "Event": "events",
     "Lease": "leases",
     "LoadBalancer": "loadbalancers",
+    "Service": "services",
 }
 
 
@@ -136,6 +137,32 @@ class Client:
         return self.write(
             "LoadBalancerStatus", "PATCH", path, query=[("fieldManager", self.field_manager)],
             body={"status": status}, content_type=MERGE_PATCH,
+        )  # fmt: skip
+
+    def apply_service_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply a Service's status: the operator owns its ingress and its condition types only,
+        so other writers' conditions stay and a field it stops applying is removed."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "status": status,
+        }
+        return self.write(
+            "ServiceStatus", "PATCH", collection_path("v1", "Service", namespace) + f"/{name}/status",
+            query=[("fieldManager", self.field_manager), ("force", "true")],
+            body=body, content_type=APPLY_PATCH,
+        )  # fmt: skip
+
+    def set_service_finalizers(
+        self, namespace: str, name: str, finalizers: list[str], resource_version: str
+    ) -> dict[str, Any]:
+        """Replace a Service's finalizers, only if it is still at `resource_version` (else 409): the list
+        is shared with other controllers, so a stale view must not drop theirs."""
+        body = {"metadata": {"finalizers": finalizers or None, "resourceVersion": resource_version}}
+        return self.write(
+            "Service", "PATCH", collection_path("v1", "Service", namespace) + f"/{name}",
+            query=[("fieldManager", self.field_manager)], body=body, content_type=MERGE_PATCH,
         )  # fmt: skip
 
     def post_event(self, involved: dict[str, Any], event: dict[str, Any]) -> None:

@@ -4,6 +4,10 @@ Indexes keep the watched state in memory for lookups (a LoadBalancer by the Serv
 forwarding pods and their serving reports it refers to; EndpointSlices by Service; ...). LoadBalancer changes are reconciled in
 kopf's handlers, with kopf's finalizer and retries; changes of the objects they refer to go through the
 reconciler's debounced queue. Every handler is a few lines; the work is in `reconciler`.
+
+Services of type LoadBalancer are served from the raw event stream, not kopf's lifecycle handlers: kopf
+would annotate every such Service with its bookkeeping and own its finalizer; the operator's own
+finalizer and status writes (`service_reconciler`) touch nothing else of a Service the user owns.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import kopf
 
-from layerlb_operator import admin_ports, cluster_view, objects, reconciler, status
+from layerlb_operator import admin_ports, cluster_view, objects, reconciler, service_frontend, status
 
 LOADBALANCERS = ("layerlb.dev", "v1alpha1", "loadbalancers")
 VIPPOOLS = ("layerlb.dev", "v1alpha1", "vippools")
@@ -22,7 +26,7 @@ DATAPLANE = {objects.NAME_LABEL: "layerlb", objects.COMPONENT_LABEL: "dataplane"
 SERVING = {objects.NAME_LABEL: "layerlb", objects.REPORT_LABEL: "serving"}
 INDEXES = (
     "loadbalancers", "references", "services", "slices", "secrets", "pools", "deployments", "pods", "serving",
-    "admin_ports",
+    "admin_ports", "lbservices",
 )  # fmt: skip
 
 _reconciler: reconciler.Reconciler | None = None
@@ -104,6 +108,17 @@ def index_service(
     return {(namespace, name): cluster_view.service_summary(spec)}
 
 
+@kopf.index("v1", "services", id="lbservices")
+def index_lb_service(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[tuple[str | None, str], Any] | None:
+    """Services of type LoadBalancer of layerlb's class or none, and those still holding its finalizer."""
+    document = _plain(body)
+    if service_frontend.is_load_balancer(document) or service_frontend.has_finalizer(document):
+        return {(namespace, name): document}
+    return None
+
+
 @kopf.index("discovery.k8s.io", "v1", "endpointslices", id="slices")
 def index_slice(
     body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
@@ -171,8 +186,11 @@ async def delete_loadbalancer(body: kopf.Body, **kwargs: Any) -> None:
 
 
 @kopf.on.event("v1", "services")
-async def service_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
-    _bound(kwargs).touch(("service", namespace, name))
+async def service_changed(body: kopf.Body, namespace: str | None, name: str, **kwargs: Any) -> None:
+    worker = _bound(kwargs)
+    worker.touch(("service", namespace, name))
+    if worker.services.relevant(body):
+        worker.services.touch(namespace, name)
 
 
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
@@ -204,4 +222,6 @@ async def pod_changed(
 
 @kopf.on.event(*VIPPOOLS)
 async def pool_changed(**kwargs: Any) -> None:
-    _bound(kwargs).touch_all()
+    worker = _bound(kwargs)
+    worker.touch_all()
+    worker.services.touch_waiting()

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from kopf._core.engines.peering import Identity
 
 DEFAULT_LEASE = "layerlb-operator"
+# Services of type LoadBalancer: layerlb's class, and the switch for Services with none (service_frontend).
+CLASS = "layerlb.dev/loadbalancer"
+CLASSLESS_ENV = "LAYERLB_SERVE_CLASSLESS_SERVICES"
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -49,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics", metavar="HOST:PORT", default="0.0.0.0:8080", help="serve /metrics and /healthz here"
+    )
+    parser.add_argument(
+        "--serve-classless-services",
+        action="store_true",
+        default=os.environ.get(CLASSLESS_ENV, "").lower() in ("1", "true", "yes"),
+        help="also serve Services of type LoadBalancer without spec.loadBalancerClass (default: only those "
+        f"of class {CLASS}; env {CLASSLESS_ENV}=true)",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's own messages too")
 
@@ -95,7 +105,12 @@ async def run(args: argparse.Namespace) -> int:
     client = apiserver.Client(apiserver.load_configuration())
     counters = metrics.Metrics()
     client.writes = counters.writes  # one counter: the metrics show every write the client makes
-    worker = reconciler.Reconciler(client, settings, counters)
+    worker = reconciler.Reconciler(client, settings, counters, serve_classless=args.serve_classless_services)
+    log.info(
+        "serving Services of type LoadBalancer of class %s%s",
+        CLASS,
+        " and without a class" if args.serve_classless_services else "",
+    )
     handlers.install(worker)
     login.install(args.namespace or [])
     essential: list[asyncio.Task[Any]] = []  # healthy while none of these has ended

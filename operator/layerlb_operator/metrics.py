@@ -22,13 +22,16 @@ def _labels(**labels: str) -> str:
 
 @dataclass
 class Metrics:
-    """What the operator counts; `vips` is asked for at scrape time, the rest is recorded as it happens."""
+    """What the operator counts; `vips` and `services*` are asked for at scrape time, the rest is recorded
+    as it happens."""
 
     reconciles: Counter[str] = field(default_factory=Counter)
     writes: Counter[str] = field(default_factory=Counter)
     conditions: dict[str, tuple[str, str]] = field(default_factory=dict)  # LB key -> (Accepted, Ready)
     leader: bool = False
     vips: Callable[[], int] = lambda: 0
+    services: Callable[[], int] = lambda: 0
+    service_addresses: Callable[[], int] = lambda: 0
 
     def reconciled(self, key: str, result: str, accepted: str, ready: str) -> None:
         """Count one reconcile of LoadBalancer `key` and remember its Accepted and Ready statuses."""
@@ -65,9 +68,15 @@ class Metrics:
             for (a, r), n in sorted(by_status.items())
         ]
         lines += [
-            "# HELP layerlb_operator_vips_allocated VIPs held by LoadBalancers.",
+            "# HELP layerlb_operator_vips_allocated Addresses held by LoadBalancers and Services.",
             "# TYPE layerlb_operator_vips_allocated gauge",
             f"layerlb_operator_vips_allocated {self.vips()}",
+            "# HELP layerlb_operator_services Services of type LoadBalancer that layerlb serves.",
+            "# TYPE layerlb_operator_services gauge",
+            f"layerlb_operator_services {self.services()}",
+            "# HELP layerlb_operator_service_addresses_allocated Addresses held by Services of type LoadBalancer.",
+            "# TYPE layerlb_operator_service_addresses_allocated gauge",
+            f"layerlb_operator_service_addresses_allocated {self.service_addresses()}",
             "# HELP layerlb_operator_leader 1 while this replica holds the leader Lease and acts.",
             "# TYPE layerlb_operator_leader gauge",
             f"layerlb_operator_leader {int(self.leader)}",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerlb import validation
-from layerlb_operator import admin_ports, apiserver, objects, reconcile, status, vips
+from layerlb_operator import admin_ports, apiserver, objects, reconcile, service_reconciler, status, vips
 from layerlb_operator.cluster_view import ClusterView, Store
 from layerlb_operator.debounce import Debouncer
 from layerlb_operator.metrics import Metrics
@@ -75,6 +75,7 @@ class Sources:
     pods: Store  # (namespace, instance label) → (pod name, status.PodState)
     serving: Store  # (namespace, instance label) → the serving ConfigMap's data (pod name → report)
     admin_ports: Store = field(default_factory=dict)  # (namespace, instance label) → host admin port
+    lbservices: Store = field(default_factory=dict)  # (namespace, name) → a Service layerlb may serve
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Reconciler:
         concurrency: int = 8,
         now: Callable[[], str] = rfc3339,
         cleanup_timeout: float = CLEANUP_SECONDS,
+        serve_classless: bool = False,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -122,12 +124,24 @@ class Reconciler:
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # key → (uid, status last written)
         self._attempts: Counter[str] = Counter()
         self._pools: dict[tuple[str, str], vips.Pool | str] = {}
+        # Services of type LoadBalancer: the same ledger, queue, pools and client (service_reconciler).
+        self.services = service_reconciler.ServiceReconciler(self, serve_classless)
         metrics.vips = self.vips_allocated
+        metrics.services = self.services.served_count
+        metrics.service_addresses = self.services.addresses_count
 
     def bind(self, sources: Sources) -> Sources:
         """Use these watched-state lookups from now on (the handlers pass kopf's indexes)."""
         self.sources = sources
         return sources
+
+    def statuses(self) -> dict[str, str]:
+        """Ledger owner → VIP, as the LoadBalancers' statuses show them."""
+        return self._statuses(self.sources) if self.sources else {}
+
+    def _holdings(self, sources: Sources) -> dict[str, str | tuple[str, ...]]:
+        """Every address the statuses show as held: LoadBalancers' VIPs and Services' ingress addresses."""
+        return {**self._statuses(sources), **self.services.holdings()}
 
     def _statuses(self, sources: Sources) -> dict[str, str]:
         statuses = {}
@@ -140,7 +154,15 @@ class Reconciler:
 
     def vips_allocated(self) -> int:
         """How many addresses LoadBalancers hold, for the metrics."""
-        return len(self.ledger.holders(self._statuses(self.sources))) if self.sources else 0
+        return len(self.ledger.holders(self._holdings(self.sources))) if self.sources else 0
+
+    def lock(self, key: str) -> asyncio.Lock:
+        """The lock that serializes the syncs of one LoadBalancer or Service (`Service namespace/name`)."""
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    def valid_pools(self, sources: Sources) -> tuple[list[vips.Pool], dict[str, str]]:
+        """The VIPPools that parse (parsed once per resourceVersion), and the broken ones with why."""
+        return self._valid_pools(sources)
 
     def _valid_pools(self, sources: Sources) -> tuple[list[vips.Pool], dict[str, str]]:
         pools, broken = [], {}
@@ -183,7 +205,7 @@ class Reconciler:
                 sources.slices,
                 sources.secrets,
                 pools,
-                self.ledger.holders(self._statuses(sources)),
+                self.ledger.holders(self._holdings(sources)),
                 current_vip=previous.get("vip"),
                 broken_pools=broken,
             )
@@ -249,6 +271,10 @@ class Reconciler:
     def _apply_all(self, desired: list[dict[str, Any]]) -> None:
         for obj in desired:
             self.client.apply(obj)
+
+    def post(self, document: Mapping[str, Any], events: list[status.Event]) -> None:
+        """Post `events` about `document` (a LoadBalancer or a Service), blocking."""
+        self._post(document, events)
 
     def _post(self, document: Mapping[str, Any], events: list[status.Event]) -> None:
         now = self.now()
@@ -370,19 +396,25 @@ class Reconciler:
             self._attempts.pop(key, None)
             self.metrics.forget(key)
         self._locks.pop(key, None)
-        self.touch_all(
-            lambda body: (
-                status.reason_of((body.get("status") or {}).get("conditions") or [], status.ACCEPTED)
-                in WAITING_FOR_VIP
-            )
-        )
+        self.touch_all(self.waiting_for_vip)
+        self.services.touch_waiting(self.services.waiting)
+
+    @staticmethod
+    def waiting_for_vip(body: Mapping[str, Any]) -> bool:
+        """Whether a LoadBalancer waits for a VIP (or host port) that a release elsewhere may give it."""
+        conditions = (body.get("status") or {}).get("conditions") or []
+        return status.reason_of(conditions, status.ACCEPTED) in WAITING_FOR_VIP
 
     async def _queued(self, key: str) -> None:
-        document = _first(self.sources.loadbalancers, key) if self.sources else None
-        if document is None:
-            return
+        if key.startswith(vips.SERVICE_OWNER):
+            work = self.services.sync_key(key)
+        else:
+            document = _first(self.sources.loadbalancers, key) if self.sources else None
+            if document is None:
+                return
+            work = self.sync(document)
         try:
-            result = await self.sync(document)
+            result = await work
         except Exception as error:  # a bug must not stop the queue for every other LoadBalancer
             log.exception("reconciling %s failed", key)
             result = Result("failed", str(error))

@@ -11,8 +11,12 @@ Rules, in the order they are applied:
   never moves under running traffic; otherwise the first free address of `spec.vipPool`, or of the
   `autoAssign` pools serving the namespace (by pool name), is taken. None free: `NoVIPAvailable`.
 
-Who holds what is derived from the LoadBalancers' `status.vip` (the only storage) plus the `Ledger` of
-claims this process made since, which are not in any status yet.
+Who holds what is derived from the statuses (the only storage) plus the `Ledger` of claims this process
+made since, which are not in any status yet. LoadBalancers and Services of type LoadBalancer share the one
+ledger: a LoadBalancer's owner is `namespace/name` (its `status.vip`), a Service's is
+`Service namespace/name` (the `ip`s of its `status.loadBalancer.ingress`, one per family; see
+`service_frontend`), so an address held by either is never handed to the other, and a restart rebuilds
+both from their statuses.
 """
 
 from __future__ import annotations
@@ -66,6 +70,14 @@ class Pool:
         """How many addresses the pool holds (blocks may overlap; this counts them once per block)."""
         return sum(block.size for block in self.blocks)
 
+    def versions(self) -> frozenset[int]:
+        """The IP versions (4, 6) the pool has addresses of."""
+        return frozenset(block.first.version for block in self.blocks)
+
+    def size_of(self, version: int) -> int:
+        """How many addresses of IP `version` the pool holds (counted as `size` counts)."""
+        return sum(block.size for block in self.blocks if block.first.version == version)
+
 
 def pool_from(document: Mapping[str, object]) -> Pool:
     """A Pool from a VIPPool resource; raises `validation.Invalid` with the same problems as the CLI."""
@@ -86,13 +98,13 @@ class Ledger:
     owner claims again (its status still names the VIP while it is being deleted).
     """
 
-    claims: dict[str, str] = field(default_factory=dict)
+    claims: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     released: set[str] = field(default_factory=set)
 
-    def claim(self, owner: str, address: str | None) -> None:
-        """Record that `owner` holds `address` now (None: it holds nothing)."""
+    def claim(self, owner: str, address: str | tuple[str, ...] | None) -> None:
+        """Record that `owner` holds `address` now (a tuple: one per family; None or (): it holds nothing)."""
         self.released.discard(owner)
-        if address is None:
+        if address is None or address == ():
             self.claims.pop(owner, None)
             self.released.add(owner)
         else:
@@ -103,14 +115,24 @@ class Ledger:
         self.claims.pop(owner, None)
         self.released.add(owner)
 
-    def holders(self, statuses: Mapping[str, str]) -> dict[str, str]:
-        """Address → owner, from `statuses` (owner → status.vip) overlaid with this ledger."""
+    def holders(self, statuses: Mapping[str, str | tuple[str, ...]]) -> dict[str, str]:
+        """Address → owner, from `statuses` (owner → its address or addresses) overlaid with this ledger."""
         merged = {o: a for o, a in statuses.items() if o not in self.released and o not in self.claims}
         merged.update(self.claims)
         holders: dict[str, str] = {}
         for owner in sorted(merged):  # deterministic when two statuses ever name one address
-            holders.setdefault(_normal(merged[owner]), owner)
+            held = merged[owner]
+            for address in (held,) if isinstance(held, str) else held:
+                holders.setdefault(_normal(address), owner)
         return holders
+
+
+SERVICE_OWNER = "Service "
+
+
+def describe_holder(owner: str) -> str:
+    """An owner as a message names it: `LoadBalancer shop/web` or `Service shop/web`."""
+    return owner if owner.startswith(SERVICE_OWNER) else f"LoadBalancer {owner}"
 
 
 def _parse(text: str) -> Address | None:
@@ -205,7 +227,8 @@ def _requested(
     text = str(address)
     if text in taken:
         raise Unresolvable(
-            "VIPConflict", _problem("spec.vip", f"{text} is already the VIP of LoadBalancer {holders[text]}")
+            "VIPConflict",
+            _problem("spec.vip", f"{text} is already the VIP of {describe_holder(holders[text])}"),
         )
     covering = [pool for pool in pools if address in pool]
     if pool_name is not None and not any(pool.name == pool_name for pool in covering):
@@ -221,13 +244,16 @@ def _requested(
     return text
 
 
-def first_free(pool: Pool, taken: set[str]) -> str | None:
-    """The lowest free address of `pool`, looking at no more than len(taken) + 1 addresses per block.
+def first_free(pool: Pool, taken: set[str], version: int | None = None) -> str | None:
+    """The lowest free address of `pool` (of IP `version` 4 or 6 when given), looking at no more than
+    len(taken) + 1 addresses per block.
 
     A /64 has 2**64 addresses: walking them is not an option, but the first free one is always among
     the first (number of taken addresses in the block + 1).
     """
     for block in pool.blocks:
+        if version is not None and block.first.version != version:
+            continue
         inside = sum(1 for text in taken if _parse(text) in block)
         for offset in range(min(block.size, inside + 1)):
             candidate = str(block.at(offset))
