@@ -35,6 +35,7 @@ NAMESPACED = {
     ("layerlb.dev", "loadbalancers/status"),
     ("layerlb.dev", "loadbalancers/finalizers"),
     ("", "services"),
+    ("", "services/status"),
     ("", "secrets"),
     ("", "pods"),
     ("", "configmaps"),

@@ -194,6 +194,18 @@ def test_the_dataplane_image_defaults_to_the_operator_image() -> None:
     assert container["image"] == env["LAYERLB_DATAPLANE_IMAGE"] == "ghcr.io/layerlb/layerlb:1.2.3"
 
 
+def test_classless_services_are_served_only_when_the_value_says_so() -> None:
+    def args(*extra: str) -> list[str]:
+        [deployment] = [d for d in documents(template(*extra)) if d["kind"] == "Deployment"]
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        return list(container["args"])
+
+    assert "--serve-classless-services" not in args()
+    assert args("--set", "services.serveClassless=true")[-1] == "--serve-classless-services"
+    done = helm("template", RELEASE, str(CHART), "--set", "services.serveClassless=yes")
+    assert done.returncode != 0 and "at '/services/serveClassless'" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

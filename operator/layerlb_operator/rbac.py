@@ -12,7 +12,11 @@ Least privilege, verb by verb:
   holds those verbs on ConfigMaps and `get` on Secrets too; it also watches the report ConfigMaps (for `Ready` and the deletion wait);
 - kopf patches LoadBalancers (its finalizer and progress annotations), the operator patches their status,
   and setting `blockOwnerDeletion` on owner references needs `update` on `loadbalancers/finalizers`;
-- kopf posts Events; the Lease of leader election is read and updated by name only.
+- kopf posts Events; the Lease of leader election is read and updated by name only;
+- Services of type LoadBalancer (service_reconciler): `patch` on `services` for its finalizer
+  (`layerlb.dev/service`, a merge patch guarded by the resourceVersion) and on `services/status` for
+  `status.loadBalancer.ingress` and its conditions (server-side apply); Events about them are posted
+  with the `create` on events above.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def cluster_rules() -> list[dict[str, Any]]:
         _rule("layerlb.dev", ["loadbalancers/finalizers"], ["update"]),
         _rule("layerlb.dev", ["vippools"], READ),
         _rule("", ["services", "pods"], READ),
+        _rule("", ["services"], ["patch"]),
+        _rule("", ["services/status"], ["patch"]),
         _rule("", ["secrets"], ["get", *READ]),
         _rule("discovery.k8s.io", ["endpointslices"], READ),
         _rule("", ["configmaps"], ["get", *READ, *APPLY]),

@@ -38,6 +38,18 @@
 - apiGroups:
   - ''
   resources:
+  - services
+  verbs:
+  - patch
+- apiGroups:
+  - ''
+  resources:
+  - services/status
+  verbs:
+  - patch
+- apiGroups:
+  - ''
+  resources:
   - secrets
   verbs:
   - get
@@ -126,6 +138,18 @@
   verbs:
   - list
   - watch
+- apiGroups:
+  - ''
+  resources:
+  - services
+  verbs:
+  - patch
+- apiGroups:
+  - ''
+  resources:
+  - services/status
+  verbs:
+  - patch
 - apiGroups:
   - ''
   resources:
