@@ -1,4 +1,4 @@
-"""The `layerlb` command: validate, render, crd, serve, dataplane, operator.
+"""The `layerlb` command: validate, render, crd, serve, dataplane, operator, speaker.
 
 Exit codes: 0 success, 2 invalid input (with one `FILE: KIND/NAME: path: reason` line per problem),
 1 an internal failure (one line, no traceback; `LAYERLB_DEBUG=1` shows it).
@@ -190,6 +190,14 @@ def parser() -> argparse.ArgumentParser:
     )
     operator_main.add_arguments(operator)
     operator.set_defaults(run=operator_main.main)
+
+    from layerlb_speaker import main as speaker_main  # stdlib-only at import, like the operator's
+
+    speaker = sub.add_parser(
+        "speaker", help="run the L2 speaker of a node: answer ARP/NDP for the VIPs this node announces"
+    )
+    speaker_main.add_arguments(speaker)
+    speaker.set_defaults(run=speaker_main.main)
     return top
 
 

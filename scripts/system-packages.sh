@@ -3,12 +3,14 @@
 # (haproxy, nft), network namespaces (iproute2), certificates (openssl), the Argo CD health check (lua5.4),
 # the local cluster's real nodes (containerd, runc, the CNI plugins, iptables and conntrack for kube-proxy and
 # CNI, socat for the API relays) and the images they run, built without Docker (debootstrap, umoci, skopeo,
-# gcc and libc6-dev for the static pause binary).
+# gcc and libc6-dev for the static pause binary), and the tools the speaker's tests check ARP/NDP with (arping,
+# ndisc6, ping).
 # Idempotent; quiet when all present.
 set -euo pipefail
 
 packages=(haproxy nftables iproute2 openssl ca-certificates curl make ipvsadm qemu-system-x86 busybox-static kmod lua5.4
-  containerd runc containernetworking-plugins iptables conntrack socat umoci skopeo debootstrap gcc libc6-dev util-linux)
+  containerd runc containernetworking-plugins iptables conntrack socat umoci skopeo debootstrap gcc libc6-dev util-linux
+  arping ndisc6 iputils-ping)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

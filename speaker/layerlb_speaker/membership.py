@@ -1,0 +1,148 @@
+"""Which speakers are alive: heartbeats in, the live members out, on an injected clock (no sockets here).
+
+Rules, in order:
+
+1. Every speaker sends a heartbeat to every peer each `interval` (default 100 ms) over UDP on the node
+   network; a peer is alive while its last heartbeat is at most `dead_after` old (default 500 ms, five
+   missed beats). So a dead node or speaker is noticed within `dead_after` + one check, and its VIPs move
+   well under a second after it stops; a Kubernetes Lease could not do that (renewals every few seconds
+   and a lease duration of 10-15 s is what keeps API load sane; kube-vip's ~3 s failover is that bound).
+2. A starting speaker *joins*: for `join` seconds (default `dead_after`) it heartbeats with `ready`
+   unset and announces nothing, while it hears who is there. Peers ignore a speaker that is not ready, so
+   the VIPs it will take keep being answered by their current holders until it is ready; a restarting
+   speaker therefore never moves a VIP held by another node. After joining, the peers not heard are dead.
+3. A speaker that hears no one after joining is alone and announces every VIP it is eligible for. This
+   is the partition trade-off: if it is cut off from the other speakers but not from the LAN, two nodes
+   may answer for a VIP until the partition heals (each of them forwards it, so traffic still flows);
+   the alternative, staying silent without a quorum, would drop every VIP of a two-node cluster when one
+   node dies. A speaker whose own interface is down rejoins when the link comes back (rule 2), so a cut
+   link does not come back announcing everything.
+4. Each heartbeat carries `fresh`: whether the sender's view of the Kubernetes API is current. The
+   membership only carries the bit; `announcement.holder` prefers fresh speakers.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from layerlb_speaker.announcement import Member
+
+MAGIC = b"LLBS"
+VERSION = 1
+_READY, _FRESH = 0x01, 0x02
+_HEADER = struct.Struct("!4sBBB")  # magic, version, flags, name length; the node name follows
+MAX_NAME = 253  # a Node name is a DNS subdomain
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One speaker's "I am here": its node name, whether it has joined, whether its API view is fresh."""
+
+    node: str
+    ready: bool
+    fresh: bool
+
+    def encode(self) -> bytes:
+        """The datagram: b"LLBS", version 1, flags, name length, the UTF-8 node name."""
+        name = self.node.encode()
+        flags = (_READY if self.ready else 0) | (_FRESH if self.fresh else 0)
+        return _HEADER.pack(MAGIC, VERSION, flags, len(name)) + name
+
+    @classmethod
+    def decode(cls, data: bytes) -> Heartbeat | None:
+        """The heartbeat in a datagram, or None for anything else (another version, noise, a truncation)."""
+        if len(data) < _HEADER.size:
+            return None
+        magic, version, flags, length = _HEADER.unpack_from(data)
+        if magic != MAGIC or version != VERSION or len(data) != _HEADER.size + length or length == 0:
+            return None
+        try:
+            node = data[_HEADER.size :].decode()
+        except UnicodeDecodeError:
+            return None
+        return cls(node, bool(flags & _READY), bool(flags & _FRESH))
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Heartbeat interval, how long a silent peer stays alive, and how long a starting speaker listens."""
+
+    interval: float = 0.1
+    dead_after: float = 0.5
+    join: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval < self.dead_after:
+            raise ValueError(
+                f"heartbeat interval {self.interval}s must be positive and below dead_after {self.dead_after}s"
+            )
+        if self.join < 0:
+            raise ValueError(f"join {self.join}s must not be negative")
+
+
+@dataclass
+class _Peer:
+    last_heard: float
+    ready: bool
+    fresh: bool
+
+
+class Membership:
+    """The live speakers as node `me` sees them. Call `heard` per heartbeat and `expire` on a timer; both
+    return whether `members()` changed, which is when announcements must be recomputed."""
+
+    def __init__(self, me: str, timing: Timing, now: float, fresh: bool = True) -> None:
+        self.me = me
+        self.timing = timing
+        self.fresh = fresh
+        self._peers: dict[str, _Peer] = {}
+        self._joined_at = now + timing.join
+        self.joined = timing.join == 0
+
+    def heartbeat(self) -> Heartbeat:
+        """What this speaker sends now."""
+        return Heartbeat(self.me, self.joined, self.fresh)
+
+    def heard(self, beat: Heartbeat, now: float) -> bool:
+        """Records a peer's heartbeat (the caller has checked it came from that peer's address)."""
+        if beat.node == self.me:
+            return False
+        before = self._member(beat.node)
+        self._peers[beat.node] = _Peer(now, beat.ready, beat.fresh)
+        return self._member(beat.node) != before
+
+    def expire(self, now: float) -> bool:
+        """Drops peers silent for longer than `dead_after`, and ends the join; True if members changed."""
+        changed = False
+        if not self.joined and now >= self._joined_at:
+            self.joined = changed = True
+        for node, peer in list(self._peers.items()):
+            if now - peer.last_heard > self.timing.dead_after:
+                del self._peers[node]
+                changed = changed or peer.ready
+        return changed
+
+    def set_fresh(self, fresh: bool) -> bool:
+        """Whether this speaker's API view is current; True if that changed."""
+        changed, self.fresh = fresh != self.fresh, fresh
+        return changed and self.joined
+
+    def rejoin(self, now: float) -> bool:
+        """Starts over (our link came back): forget every peer, announce nothing until joined again."""
+        changed = self.joined or any(peer.ready for peer in self._peers.values())
+        self._peers.clear()
+        self.joined = self.timing.join == 0
+        self._joined_at = now + self.timing.join
+        return changed
+
+    def _member(self, node: str) -> Member | None:
+        peer = self._peers.get(node)
+        return Member(node, peer.fresh) if peer is not None and peer.ready else None
+
+    def members(self) -> dict[str, Member]:
+        """Node name → Member for every ready, live speaker, this one included once it has joined."""
+        members = {node: Member(node, peer.fresh) for node, peer in self._peers.items() if peer.ready}
+        if self.joined:
+            members[self.me] = Member(self.me, self.fresh)
+        return members

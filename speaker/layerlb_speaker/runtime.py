@@ -1,0 +1,273 @@
+"""The speaker's loop: inventory and heartbeats in, the VIPs this node holds answered on its interfaces.
+
+Every `interval` it reads the heartbeats waiting in its socket (first, so that a stall of our own loop is
+never mistaken for silent peers), expires silent peers, sends its own heartbeat, checks its interfaces,
+and — when membership, inventory or links changed — recomputes the whole desired state with
+`announcement.mine` and applies the difference: responders hold the new sets at once, newly held VIPs
+get `announce_count` gratuitous ARP / unsolicited NA spaced `announce_spacing` apart, and each takeover is
+reported (log line; an Event in Kubernetes).
+
+Rules beyond `membership`'s: on joining, the speaker sends its first ready heartbeat and waits one
+interval before claiming, so the peers release first (no two answers). On SIGTERM it sends a heartbeat
+that is not ready before exiting, so the peers take its VIPs over at once instead of after `dead_after`.
+Each interface stands alone: one that is missing is reported for its VIPs and retried every `retry`
+seconds while the others keep answering; when every interface of the node's is down the speaker rejoins
+once one is up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from layerlb_speaker import announcement, heartbeat, links, membership, responder
+from layerlb_speaker.announcement import Address, Vip
+
+log = logging.getLogger("layerlb.speaker")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How this speaker runs: its node, interfaces (empty: the one holding the node's address), timings."""
+
+    node: str
+    interfaces: tuple[str, ...] = ()
+    port: int = heartbeat.DEFAULT_PORT
+    timing: membership.Timing = field(default_factory=membership.Timing)
+    announce_count: int = 3
+    announce_spacing: float = 0.25
+    retry: float = 5.0
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the speakers announce: the VIPs with their eligible nodes, the peers' heartbeat addresses
+    (node → address, this node included: its address selects the default interface), and whether this
+    view is current (`fresh`)."""
+
+    vips: tuple[Vip, ...] = ()
+    peers: Mapping[str, str] = field(default_factory=dict)
+    fresh: bool = True
+
+
+class Reporter(Protocol):
+    """Where takeovers and per-VIP problems go: the log, and Events on the owning objects."""
+
+    def announcing(self, vip: Vip, node: str, interface: str) -> None: ...
+
+    def problem(self, vip: Vip, reason: str, message: str) -> None: ...
+
+
+class LogReporter:
+    """The reporter of a static configuration: log lines only."""
+
+    def announcing(self, vip: Vip, node: str, interface: str) -> None:
+        log.info("announcing %s from %s on %s (%s)", vip.address, node, interface, _owners(vip))
+
+    def problem(self, vip: Vip, reason: str, message: str) -> None:
+        log.error("%s: %s (%s)", reason, message, _owners(vip))
+
+
+def _owners(vip: Vip) -> str:
+    return ", ".join(str(owner) for owner in vip.owners) or "static"
+
+
+class Speaker:
+    """One node's speaker. `update` feeds it inventory (from any thread-safe caller in the loop); `run`
+    runs it until `stop` is set."""
+
+    def __init__(self, settings: Settings, reporter: Reporter, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.reporter = reporter
+        self.clock = clock
+        self.inventory = Inventory()
+        self.membership = membership.Membership(settings.node, settings.timing, clock())
+        self.responders: dict[str, responder.InterfaceResponder] = {}
+        self.held: dict[tuple[Address, str], Vip] = {}
+        self.holders: dict[Address, str] = {}
+        self._failed: dict[str, float] = {}  # interface → when opening it last failed
+        self._reported: set[tuple[str, Address]] = set()
+        self._up: dict[str, bool] = {}
+        self._offline = False
+        self._dirty = True
+        self._claim_after = 0.0
+        self._socket: heartbeat.HeartbeatSocket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def update(self, inventory: Inventory) -> None:
+        """New inventory: recomputed at the next tick."""
+        self.inventory = inventory
+        if self.membership.set_fresh(inventory.fresh):
+            log.warning(
+                "API view %s", "current again" if inventory.fresh else "stale: keeping the last known state"
+            )
+        if self._socket is not None:
+            self._socket.set_peers(inventory.peers)
+        self._dirty = True
+
+    def _heard(self, beat: membership.Heartbeat) -> None:
+        if self.membership.heard(beat, self.clock()):
+            log.info("peer %s %s", beat.node, "joined" if beat.ready else "left")
+            self._dirty = True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Heartbeats, link checks and reconciliation every interval until `stop`; then a goodbye."""
+        loop = asyncio.get_running_loop()
+        ipv6 = any(":" in address for address in self.inventory.peers.values())
+        self._socket = heartbeat.HeartbeatSocket(self.settings.port, loop, self._heard, ipv6)
+        self._socket.set_peers(self.inventory.peers)
+        interval = self.settings.timing.interval
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except Exception:  # one bad tick must not end the node's announcements
+                    log.exception("speaker tick failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            self._socket.send(
+                membership.Heartbeat(self.settings.node, False, self.membership.fresh), self.settings.node
+            )
+            self._socket.close()
+            for each in self.responders.values():
+                each.close()
+            self.responders.clear()
+
+    def tick(self) -> None:
+        """One round: heartbeats in and out, links, and the desired state if anything changed."""
+        assert self._socket is not None
+        now = self.clock()
+        self._socket.drain()
+        self._check_links(now)
+        was_joined = self.membership.joined
+        if self.membership.expire(now):
+            self._dirty = True
+        if self.membership.joined and not was_joined:
+            log.info("joined: live peers %s", sorted(self.membership.members()))
+            print(f"joined {self.settings.node}", flush=True)
+            self._claim_after = now + self.settings.timing.interval
+        self._socket.send(self.membership.heartbeat(), self.settings.node)
+        if self._dirty and now >= self._claim_after:
+            self._dirty = False
+            self.reconcile()
+
+    def default_interfaces(self) -> tuple[str, ...]:
+        """The configured interfaces, else the one holding this node's address."""
+        if self.settings.interfaces:
+            return self.settings.interfaces
+        address = self.inventory.peers.get(self.settings.node)
+        found = links.holding(address) if address else None
+        return (found,) if found else ()
+
+    def _check_links(self, now: float) -> None:
+        wanted = set(self.default_interfaces()) | {i for vip in self.inventory.vips for i in vip.interfaces}
+        for name in sorted(wanted - set(self.responders)):
+            if now - self._failed.get(name, -1e9) >= self.settings.retry:
+                self._open(name, now)
+        states = {name: links.is_up(name) for name in self.responders}
+        for name, up in states.items():
+            if self._up.get(name, True) != up:
+                log.warning("link %s %s", name, "up" if up else "down")
+        self._up = states
+        node_links = [name for name in self.default_interfaces() if name in states]
+        offline = bool(node_links) and not any(states[name] for name in node_links)
+        if offline:
+            # Off the LAN: hold nothing, and keep joining so that the link coming back starts a fresh join
+            # instead of finding every peer expired and claiming every VIP.
+            if not self._offline:
+                log.warning(
+                    "every node link is down (%s): announcing nothing until one is up", ", ".join(node_links)
+                )
+            if self.membership.rejoin(now):
+                self._dirty = True
+        elif self._offline:
+            log.warning("link up again: rejoining")
+        self._offline = offline
+
+    def _open(self, name: str, now: float) -> None:
+        try:
+            self.responders[name] = responder.InterfaceResponder(name, asyncio.get_running_loop())
+        except OSError as error:
+            first = name not in self._failed
+            self._failed[name] = now
+            if first:
+                log.error("interface %s: %s; its VIPs are not announced there (retrying)", name, error)
+            return
+        self._failed.pop(name, None)
+        self._dirty = True
+        log.info("interface %s: answering as %s", name, responder.framing.mac_text(self.responders[name].mac))
+
+    def reconcile(self) -> None:
+        """Computes which VIPs this node holds and applies it to every interface."""
+        members = self.membership.members()
+        vips = self.inventory.vips
+        self.holders = announcement.announcements(vips, members)
+        mine = [vip for vip in vips if self.holders.get(vip.address) == self.settings.node]
+        defaults = self.default_interfaces()
+        wanted: dict[tuple[Address, str], Vip] = {}
+        for vip in mine:
+            interfaces = vip.interfaces or defaults
+            if not interfaces:
+                self._problem(
+                    vip,
+                    "",
+                    "NoInterface",
+                    f"no interface to announce {vip.address} on node {self.settings.node}: set --interface",
+                )
+            for name in interfaces:
+                if name in self.responders:
+                    wanted[(vip.address, name)] = vip
+                else:
+                    self._problem(
+                        vip,
+                        name,
+                        "InterfaceMissing",
+                        f"interface {name} not found on node {self.settings.node}; {vip.address} is not announced there",
+                    )
+        per_interface: dict[str, list[Address]] = {name: [] for name in self.responders}
+        for address, name in wanted:
+            per_interface[name].append(address)
+        for name, addresses in per_interface.items():
+            self.responders[name].hold(addresses)
+        taken = [pair for pair in wanted if pair not in self.held]
+        for address, name in self.held.keys() - wanted.keys():
+            log.info("withdrawing %s on %s (now %s)", address, name, self.holders.get(address, "nobody"))
+        self.held = wanted
+        self._reported = {key for key in self._reported if key[1] in self.holders}
+        if taken:
+            for pair in taken:
+                self.reporter.announcing(wanted[pair], self.settings.node, pair[1])
+            task = asyncio.get_running_loop().create_task(self._announce(taken))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        log.info("holding %d of %d VIPs; live speakers %s", len(mine), len(vips), sorted(members))
+
+    def _problem(self, vip: Vip, interface: str, reason: str, message: str) -> None:
+        key = (interface + reason, vip.address)
+        if key not in self._reported:
+            self._reported.add(key)
+            self.reporter.problem(vip, reason, message)
+
+    async def _announce(self, pairs: list[tuple[Address, str]]) -> None:
+        """Gratuitous ARP / unsolicited NA for newly held VIPs, `announce_count` rounds, yielding as it goes."""
+        for round_ in range(self.settings.announce_count):
+            if round_:
+                await asyncio.sleep(self.settings.announce_spacing)
+            for sent, (address, name) in enumerate(pairs, 1):
+                held = self.responders.get(name)
+                if (address, name) in self.held and held is not None:
+                    held.announce(address)
+                if sent % 256 == 0:
+                    await asyncio.sleep(0)
+
+
+def parse_address(text: str) -> Address:
+    """An IPv4 or IPv6 address; ValueError with the text otherwise."""
+    return ipaddress.ip_address(text)
