@@ -229,12 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config_module
 
+    from e2e import examples
     from e2e.cluster import nodes as node_kit
     from e2e.harness import service_and_slice
     from e2e.nodes import chart_operator, suite
     from e2e.nodes.network import Plumber
     from e2e.nodes.platform import local_nodes
-    from e2e.runner import lab as lab_examples
 
     workdir = Path(tempfile.mkdtemp(prefix="llb-targets-"))
     with local_nodes(workdir / "cluster", NAMESPACE, nodes=2) as platform:
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             template = next(
                 d
-                for d in lab_examples.adapt("l4-proxy-tcp.yaml", NAMESPACE, addresses)
+                for d in examples.adapt("l4-proxy-tcp.yaml", NAMESPACE, addresses)
                 if d["kind"] == "LoadBalancer"
             )
             print(f"[targets] load average {load_average()}; two real nodes, the chart's operator")

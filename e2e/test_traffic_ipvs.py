@@ -21,12 +21,11 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e import harness
+from e2e import examples, harness
 from e2e.cluster.cluster import GUEST_HOST_IP, Cluster
 from e2e.guest.guest import run_guest
 from e2e.harness import Operator, wait_for
 from e2e.kube import Kubectl
-from e2e.runner import lab as lab_examples
 from e2e.runner import network
 
 NS = "llb-ipvs"
@@ -62,10 +61,10 @@ def outcome(
     operator = Operator(config, folder / "operator.log", NS, LEASE)
     try:
         wait_for("the operator to lead", lambda: operator.metrics().get("layerlb_operator_leader") == 1)
-        pool = lab_examples.vip_pool(POOL, [NS], "172.29.1.10-172.29.1.250")
+        pool = examples.vip_pool(POOL, [NS], "172.29.1.10-172.29.1.250")
         kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump(pool))
         for item in LOAD_BALANCERS:
-            documents = lab_examples.adapt(item["file"], NS, BACKENDS, item["name"])
+            documents = examples.adapt(item["file"], NS, BACKENDS, item["name"])
             if item["prepare"] == "nat":  # without masquerade, backends' one return route means one director
                 documents[0]["spec"]["replicas"] = 1
             kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump_all(documents))

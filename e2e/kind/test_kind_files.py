@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from e2e import examples
 from e2e.nodes import network
 from e2e.nodes.network import Serving
-from e2e.runner import lab
 from tests.test_chart import helm
 
 KIND = Path(__file__).resolve().parent
@@ -42,7 +42,7 @@ def test_kind_config_has_a_node_per_host_network_replica_and_keeps_clear_of_the_
     replicas = [
         document["spec"].get("replicas", 1)
         for file in HOST_NETWORK_EXAMPLES["kind"]
-        for document in lab.documents(file)
+        for document in examples.documents(file)
         if document["kind"] == "LoadBalancer"
     ]
     workers = [node for node in config["nodes"] if node["role"] == "worker"]  # kind taints the control plane

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
+from e2e import examples
 from e2e.nodes import pods
 from e2e.nodes.platform import Platform
-from e2e.runner import lab
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "llb-nodes-pool"
@@ -83,14 +83,15 @@ def start_backends(platform: Platform) -> list[str]:
     manifests = [scripts]
     for index in (1, 2, 3):
         command = ["python3", "/scripts/backends.py", "--name", f"b{index}", "--host", "0.0.0.0"]
-        command += [f"--http={port}" for port in lab.HTTP_PORTS] + [f"--udp={port}" for port in lab.UDP_PORTS]
+        command += [f"--http={port}" for port in examples.HTTP_PORTS] + [
+            f"--udp={port}" for port in examples.UDP_PORTS
+        ]
         manifests.append(pod(platform, f"b{index}", command, {"app": "suite-backend"}, ready_port=9001))
     client = pod(
         platform, "client", ["python3", "-c", "import time; time.sleep(86400)"], {"app": "suite-client"}
     )
     manifests.append(client)
-    pool = lab.vip_pool(POOL, [platform.namespace])
-    pool["spec"]["addresses"] = [platform.vips]  # the lab's range is the pod runner's
+    pool = examples.vip_pool(POOL, [platform.namespace], platform.vips)
     kubectl(platform, "apply", "-f", "-", stdin=yaml.safe_dump_all([*manifests, pool]))
     found = pods.wait_ready(platform.env, platform.namespace, BACKENDS, count=4)
     return [address for _, address in sorted(
@@ -108,7 +109,7 @@ def apply_example(
 ) -> str:
     """The example moved onto the backends (renamed `name`, its spec updated with `spec`, then changed
     by `edit(document)`, when given) and applied; returns the LoadBalancer's name."""
-    documents = lab.adapt(file, platform.namespace, addresses, name, **spec)
+    documents = examples.adapt(file, platform.namespace, addresses, name, **spec)
     document = next(d for d in documents if d["kind"] == "LoadBalancer")
     if edit is not None:
         edit(document)

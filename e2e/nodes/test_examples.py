@@ -1,7 +1,7 @@
 """The examples on real nodes: the operator from the Helm chart, the forwarding pods run by a real kubelet.
 
 Runs on the local cluster's nodes (`make test`) and, unchanged, on kind (`make kind-e2e`); see conftest.py.
-Every example is applied with `kubectl`, moved onto in-cluster backends (`e2e/runner/lab.adapt`: the VIP
+Every example is applied with `kubectl`, moved onto in-cluster backends (`e2e/examples.adapt`: the VIP
 from the suite's VIPPool, the endpoints on three backend pods) and must become Ready (`kubectl wait`).
 The proxy examples then carry real traffic from a client pod through their VIPs, which `network.Plumber`
 routes (see its docstring). The host-network examples (kernel architectures, transparent proxying) are

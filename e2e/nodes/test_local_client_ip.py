@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
+from e2e import examples
 from e2e.cluster.nodes import CLIENT_IP
 from e2e.nodes import pods
 from e2e.nodes.network import Plumber
 from e2e.nodes.platform import LocalNodes, Platform, PlatformError
 from e2e.nodes.suite import POOL, deploy, kubectl, start_backends
-from e2e.runner import lab as lab_examples
 
 UDP_ASK = (
     "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); "
@@ -258,7 +258,7 @@ def test_l4_dsr_on_nftables_a_backend_on_the_lan_answers_the_client_directly(lab
     pods.wait_ready(local.env, namespace, "app=dsr-backend", count=len(node_ips))
     [document] = [
         d
-        for d in lab_examples.adapt("l4-dsr.yaml", namespace, list(node_ips.values()))
+        for d in examples.adapt("l4-dsr.yaml", namespace, list(node_ips.values()))
         if d["kind"] == "LoadBalancer"
     ]
     # The forwarding node cannot also be a backend (the engine refuses: a frame rewritten to its own MAC

@@ -21,14 +21,13 @@ import pytest
 import yaml
 from layerlb_operator import objects
 
-from e2e import harness
+from e2e import examples, harness
 from e2e.kube import Kubectl
 from e2e.nodes import pods
 from e2e.nodes.chart_operator import INSTANCE, RELEASE_NS, ChartOperator
 from e2e.nodes.network import Plumber
 from e2e.nodes.platform import Platform
 from e2e.nodes.suite import POOL, ask, call, count, deploy, kubectl, requests_throughout, start_backends
-from e2e.runner import lab as lab_examples
 
 
 @dataclass
@@ -172,7 +171,7 @@ def test_broken_load_balancers_are_refused_with_a_reason_and_the_others_keep_ser
     }
     with requests_throughout(lab.platform, vip, 8080, "broken") as background:
         for broken_name, (_, spec) in broken.items():
-            documents = lab_examples.adapt("l4-proxy-tcp.yaml", namespace, lab.addresses, broken_name, **spec)
+            documents = examples.adapt("l4-proxy-tcp.yaml", namespace, lab.addresses, broken_name, **spec)
             kubectl(lab.platform, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
         for broken_name, (reason, _) in broken.items():
 

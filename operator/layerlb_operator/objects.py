@@ -284,7 +284,8 @@ def deployment(
         ],
         "ports": ports,
         "livenessProbe": _probe("/healthz", 10, 3),
-        "readinessProbe": _probe("/readyz", 2, 1),
+        # Every second: a new pod turns Ready (and its LoadBalancer with it) within a second of serving.
+        "readinessProbe": _probe("/readyz", 1, 1),
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
         "securityContext": container_security,
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
