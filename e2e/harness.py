@@ -61,7 +61,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Operator:
     """One `layerlb operator` process watching `namespace`, with its log file and metrics port."""
 
-    def __init__(self, kubeconfig: Path, log: Path, namespace: str, lease: str) -> None:
+    def __init__(
+        self, kubeconfig: Path, log: Path, namespace: str, lease: str, extra_args: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.log = log
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LAYERLB_DEBUG": "1"}
@@ -75,7 +77,7 @@ class Operator:
             "--peering",
             lease,
         ]
-        command += ["--metrics", f"127.0.0.1:{self.port}"]
+        command += ["--metrics", f"127.0.0.1:{self.port}", *extra_args]
         with log.open("ab") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 

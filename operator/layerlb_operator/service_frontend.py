@@ -380,7 +380,7 @@ class Decision:
     architecture: str | None  # the valid architecture asked for; None: kube-proxy forwards
     architecture_valid: bool
     refusal: str | None = None  # the AddressAssigned reason when no address could be assigned
-    warnings: list[status.Event] = field(default_factory=list)  # to post once per generation
+    warnings: list[status.Event] = field(default_factory=list)  # to post once per Service and value
 
     @property
     def waiting(self) -> bool:
@@ -404,6 +404,7 @@ def decide(
     seen through the watch); `forwarding` describes who forwards when an architecture is asked for; an
     invalid architecture keeps the `ipMode` of `previous_ingress` (the last good one).
     """
+    # Services have no metadata.generation (the API server never sets it): then no observedGeneration.
     generation = int((service.get("metadata") or {}).get("generation") or 0)
     spec = service.get("spec") or {}
     annotations = (service.get("metadata") or {}).get("annotations") or {}
@@ -425,7 +426,7 @@ def decide(
             "the cluster's kube-proxy forwards the address to the endpoints (ipMode VIP); "
             "no layerlb forwarding pods"
         )
-        accepted = status.condition(
+        accepted = _condition(
             ARCHITECTURE_ACCEPTED,
             True,
             "KubeProxy" if architecture is None else "Architecture",
@@ -434,7 +435,7 @@ def decide(
         )
         valid = True
     except Unresolvable as error:
-        accepted = status.condition(ARCHITECTURE_ACCEPTED, False, error.reason, _message(error), generation)
+        accepted = _condition(ARCHITECTURE_ACCEPTED, False, error.reason, _message(error), generation)
         valid = False
     previous_mode = next((str(i.get("ipMode")) for i in previous_ingress if i.get("ipMode")), "VIP")
     mode: IpMode = ip_mode(architecture) if valid else ("Proxy" if previous_mode == "Proxy" else "VIP")
@@ -444,10 +445,10 @@ def decide(
             request = dataclasses.replace(request, current=tuple(current))
         assignment = assign(request, pools, holders, broken_pools)
     except Unresolvable as error:
-        refused = status.condition(ADDRESS_ASSIGNED, False, error.reason, _message(error), generation)
+        refused = _condition(ADDRESS_ASSIGNED, False, error.reason, _message(error), generation)
         return Decision((), [], [refused, accepted], architecture, valid, error.reason, warnings)
     families = ", ".join(family_name(ipaddress.ip_address(a).version) for a in assignment.addresses)
-    assigned = status.condition(
+    assigned = _condition(
         ADDRESS_ASSIGNED,
         True,
         "AddressAssigned",
@@ -463,6 +464,13 @@ def decide(
         None,
         warnings,
     )
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    found = status.condition(kind, ok, reason, message, generation)
+    if not generation:
+        del found["observedGeneration"]
+    return found
 
 
 def _parse(text: str) -> Address | None:

@@ -12,7 +12,8 @@ await, so allocations never interleave), then write only what differs:
 2. `status.loadBalancer.ingress` and the conditions, by server-side apply under the operator's field
    manager (it owns its own condition types only);
 3. Events: `AddressAssigned` (Normal) naming the addresses, a Warning naming the field and the value for
-   every refusal, `AddressReleased` on release, `DeprecatedLoadBalancerIP` once per generation.
+   every refusal, `AddressReleased` on release, `DeprecatedLoadBalancerIP` once per Service and value
+   (Services have no `metadata.generation`, so their conditions carry no `observedGeneration`).
 
 Services ride the LoadBalancers' queue under the key `Service namespace/name`, due at once (no
 debounce): the target is the status within a second of the Service's creation.
@@ -50,7 +51,7 @@ class ServiceReconciler:
         self.owner = owner
         self.serve_classless = serve_classless
         self._written: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = {}
-        self._warned: set[tuple[str, int]] = set()  # (uid, generation) given the deprecation Warning
+        self._warned: set[tuple[str, str]] = set()  # (uid, spec.loadBalancerIP) given the deprecation Warning
 
     # Triggers.
 
@@ -108,7 +109,7 @@ class ServiceReconciler:
 
         namespace, _, name = key.removeprefix(vips.SERVICE_OWNER).partition("/")
         sources = self.owner.sources
-        body = next(iter(sources.lbservices.get((namespace, name), ()))) if sources else None
+        body = next(iter(sources.lbservices.get((namespace, name), ())), None) if sources else None
         if body is None:
             if key in self.owner.ledger.claims:
                 self._forget(key)
@@ -194,9 +195,9 @@ class ServiceReconciler:
             )
             self._written[owner] = (uid, decision.ingress, conditions)
         events = self._events(previous_ingress, previous_conditions, decision, conditions)
-        generation = int(meta.get("generation") or 0)
-        if decision.warnings and (uid, generation) not in self._warned:
-            self._warned.add((uid, generation))
+        asked = str((body.get("spec") or {}).get("loadBalancerIP") or "")
+        if decision.warnings and (uid, asked) not in self._warned:
+            self._warned.add((uid, asked))
             events += decision.warnings
         if events:
             await asyncio.to_thread(self.owner.post, body, events)
@@ -245,17 +246,18 @@ class ServiceReconciler:
             self._forget(owner)
         if not ours:
             return
-        if not meta.get("deletionTimestamp"):
-            await asyncio.to_thread(self.owner.client.apply_service_status, namespace, name, {})
+        version = str(meta.get("resourceVersion", ""))
+        written = service_frontend.ingress_addresses(body) or service_frontend.our_conditions(body)
+        if written and not meta.get("deletionTimestamp"):
+            cleared = await asyncio.to_thread(self.owner.client.apply_service_status, namespace, name, {})
+            version = str((cleared.get("metadata") or {}).get("resourceVersion") or version)
         finalizers = [f for f in meta.get("finalizers") or [] if f != service_frontend.FINALIZER]
         await asyncio.to_thread(
-            self.owner.client.set_service_finalizers,
-            namespace,
-            name,
-            finalizers,
-            str(meta.get("resourceVersion", "")),
+            self.owner.client.set_service_finalizers, namespace, name, finalizers, version
         )
-        addresses = ", ".join((had,) if isinstance(had, str) else had) or "no address"
+        if not had:  # a later view of a Service released already: nothing to tell
+            return
+        addresses = ", ".join((had,) if isinstance(had, str) else had)
         why = "is being deleted" if meta.get("deletionTimestamp") else "is no longer served by layerlb"
         spec = body.get("spec") or {}
         detail = f"type {spec.get('type')}" + (
