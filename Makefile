@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # helm comes from the local cluster's Go-module build, in the same cache the e2e fixtures use.
 HELM := $(or $(LAYERLB_CACHE),$(CURDIR)/.cache)/k8s/bin/helm
 
-.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-ipvs kind-e2e crds chart goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs kind-e2e crds chart goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -61,6 +61,11 @@ bench: setup
 bench-operator: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.operator_targets $(TARGETS_ARGS)
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) bench/operator_scale.py $(SCALE_ARGS)
+
+# Issue 15's controller target on the local API server (no nodes, no root; ~1 min): Service created →
+# status.loadBalancer.ingress written, p50/p95/max over 50 Services one after another and in a burst.
+bench-services: setup
+	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.service_status $(SERVICE_STATUS_ARGS)
 
 # Issue 4's IPVS sync figures (1,000 services x 10 real servers: first sync, no-op re-syncs), measured in
 # the QEMU/TCG guest (this kernel has no IPVS) with a native estimate by the emulation factor (~1 min).
