@@ -32,10 +32,14 @@ POOLS = ("svc-v4", "svc-v6", "svc-tiny", "svc-fenced")
 TIMEOUT = 60.0  # two busy cores: generous, and every wait is on a condition
 
 
+KUBECONFIGS: dict[str, Path] = {}  # namespace → its operator's kubeconfig, for a restart
+
+
 def _operator(k8s: Cluster, kubectl: Kubectl, folder: Path, namespace: str, *args: str) -> Operator:
     fresh_namespace(kubectl, namespace)
     lease = f"{namespace}/layerlb-operator"
     config = harness.operator_kubeconfig(k8s, kubectl, folder, namespace, f"{namespace}-system", lease)
+    KUBECONFIGS[namespace] = config
     running = Operator(config, folder / "operator.log", namespace, lease, args)
     wait_for(
         f"the operator of {namespace} to lead",
@@ -389,8 +393,49 @@ def test_an_unknown_architecture_is_refused_on_its_own_condition_and_keeps_the_a
     assert ingress(wait_ingress(kubectl, "typo"))[0]["ipMode"] == "VIP"
 
 
+def test_a_valid_architecture_is_reported_as_not_implemented_while_kube_proxy_forwards(
+    operator: Operator, kubectl: Kubectl
+) -> None:
+    apply(kubectl, service("wants-nat", annotations={"layerlb.dev/architecture": "nat"}))
+    refused = wait_refused(kubectl, "wants-nat", "ArchitectureNotImplemented", ARCHITECTURE)
+    assert "'nat' is a layerlb architecture" in refused["message"]
+    assert wait_event(kubectl, "wants-nat", "ArchitectureNotImplemented")["message"] == refused["message"]
+    assert ingress(wait_ingress(kubectl, "wants-nat"))[0]["ipMode"] == "VIP"
+    assert harness.get(kubectl, "llb", "wants-nat", NS) is None  # no LoadBalancer pretends to forward it
+
+
 def test_metrics_count_served_services_and_their_addresses(operator: Operator, kubectl: Kubectl) -> None:
     wait_ingress(kubectl, "web")
     metrics = operator.metrics()
     assert metrics["layerlb_operator_services"] >= 1
     assert metrics["layerlb_operator_service_addresses_allocated"] >= 1
+
+
+def test_a_restarted_operator_rebuilds_who_holds_what_from_the_statuses(
+    operator: Operator, kubectl: Kubectl
+) -> None:
+    listed = json.loads(kubectl.ok("get", "svc", "-n", NS, "-o", "json"))["items"]
+    held = {entry["ip"] for found in listed for entry in ingress(found)}
+    versions = {found["metadata"]["name"]: found["metadata"]["resourceVersion"] for found in listed}
+    assert len(held) >= 5
+    assert operator.stop() == 0
+    restarted = Operator(
+        KUBECONFIGS[NS], operator.log.parent / "operator-2.log", NS, f"{NS}/layerlb-operator",
+        ["--serve-classless-services"],
+    )  # fmt: skip
+    operator.process = restarted.process  # the module fixture stops whichever runs now
+    wait_for(
+        "the restarted operator to lead",
+        lambda: restarted.metrics().get("layerlb_operator_leader") == 1,
+        TIMEOUT,
+    )
+    apply(kubectl, service("newcomer", ipFamilyPolicy="RequireDualStack"))
+    fresh = {entry["ip"] for entry in ingress(wait_ingress(kubectl, "newcomer", 2))}
+    assert not fresh & held, fresh & held
+    listed = json.loads(kubectl.ok("get", "svc", "-n", NS, "-o", "json"))["items"]
+    unchanged = {
+        f["metadata"]["name"]: f["metadata"]["resourceVersion"]
+        for f in listed
+        if f["metadata"]["name"] in versions
+    }
+    assert unchanged == versions  # nothing that was right is rewritten

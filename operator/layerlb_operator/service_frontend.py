@@ -24,8 +24,9 @@ The decisions, also in the README ("Services of type LoadBalancer"):
 - **Forwarding.** By default none of layerlb's forwarding pods: the address is announced and the
   cluster's own kube-proxy forwards it to the endpoints (`ipMode: VIP`), as with MetalLB: no extra hop,
   `externalTrafficPolicy` honoured by kube-proxy, and any Service works. The annotation
-  `layerlb.dev/architecture: nat|dsr|tunnel|proxy` asks for layerlb's own forwarding instead; an unknown
-  value is refused on its own condition while the address stays (a typo must not cut traffic).
+  `layerlb.dev/architecture: nat|dsr|tunnel|proxy` asks for layerlb's own forwarding instead. It is
+  validated on its own condition while the address stays (a typo must not cut traffic); a valid value
+  is reported as not implemented yet (see `architecture_condition`), never silently ignored.
 
 Refusals carry a reason, the field path (or annotation), the offending value and what would be valid.
 Permanent ones (`InvalidAddresses`, `AddressFamilyMismatch`, `InvalidArchitecture`) wait for the
@@ -40,7 +41,7 @@ import dataclasses
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from layerlb.resolve import Unresolvable
 from layerlb.validation import Problem
@@ -55,7 +56,9 @@ ARCHITECTURES: Final = ("nat", "dsr", "tunnel", "proxy")
 ADDRESS_ASSIGNED: Final = "layerlb.dev/AddressAssigned"
 ARCHITECTURE_ACCEPTED: Final = "layerlb.dev/ArchitectureAccepted"
 CONDITION_TYPES: Final = (ADDRESS_ASSIGNED, ARCHITECTURE_ACCEPTED)
-PERMANENT: Final = frozenset({"InvalidAddresses", "AddressFamilyMismatch", "InvalidArchitecture"})
+PERMANENT: Final = frozenset(
+    {"InvalidAddresses", "AddressFamilyMismatch", "InvalidArchitecture", "ArchitectureNotImplemented"}
+)
 
 FAMILIES: Final = {"IPv4": 4, "IPv6": 6}
 ADDRESSES_PATH: Final = f"metadata.annotations[{ADDRESSES_ANNOTATION}]"
@@ -356,18 +359,42 @@ def _automatic(
     )
 
 
-IpMode = Literal["VIP", "Proxy"]
+# kube-proxy forwards every address layerlb assigns: packets reach the endpoints with the address as
+# their destination. (`Proxy` is for a proxy that terminates the connection: layerlb's own `proxy`
+# architecture, once a Service can be forwarded by layerlb's pods; see `architecture_condition`.)
+IP_MODE: Final = "VIP"
 
 
-def ip_mode(architecture: str | None) -> IpMode:
-    """`Proxy` where a proxy terminates the connection (layerlb's `proxy`), else `VIP`: packets reach the
-    endpoints with the address as destination (kube-proxy, or layerlb's kernel architectures)."""
-    return "Proxy" if architecture == "proxy" else "VIP"
-
-
-def ingress(addresses: Sequence[str], mode: IpMode) -> list[dict[str, str]]:
+def ingress(addresses: Sequence[str]) -> list[dict[str, str]]:
     """`status.loadBalancer.ingress`: one entry per address."""
-    return [{"ip": address, "ipMode": mode} for address in addresses]
+    return [{"ip": address, "ipMode": IP_MODE} for address in addresses]
+
+
+KUBE_PROXY = (
+    "the cluster's kube-proxy forwards the address to the endpoints (ipMode VIP); no layerlb forwarding pods"
+)
+
+
+def architecture_condition(service: Mapping[str, Any], generation: int) -> dict[str, Any]:
+    """`layerlb.dev/ArchitectureAccepted`: True (`KubeProxy`) without the annotation; False otherwise.
+
+    An unknown value is `InvalidArchitecture`. A valid one (nat, dsr, tunnel, proxy) is
+    `ArchitectureNotImplemented`: forwarding a Service through layerlb's own pods (a LoadBalancer
+    derived from the Service) does not exist yet, and the Service must not look as if it did. Either way
+    the address stays assigned and kube-proxy keeps forwarding it: an annotation must not cut traffic.
+    """
+    try:
+        architecture = architecture_of(service)
+    except Unresolvable as error:
+        return _condition(ARCHITECTURE_ACCEPTED, False, error.reason, _message(error), generation)
+    if architecture is None:
+        return _condition(ARCHITECTURE_ACCEPTED, True, "KubeProxy", KUBE_PROXY, generation)
+    message = (
+        f"{ARCHITECTURE_PATH}: {architecture!r} is a layerlb architecture, but forwarding a Service through "
+        f"layerlb's own forwarding pods is not implemented yet; {KUBE_PROXY}. Remove the annotation, or "
+        f"create a LoadBalancer resource (layerlb.dev/v1alpha1) with architecture {architecture}"
+    )
+    return _condition(ARCHITECTURE_ACCEPTED, False, "ArchitectureNotImplemented", message, generation)
 
 
 @dataclass(frozen=True)
@@ -377,8 +404,6 @@ class Decision:
     addresses: tuple[str, ...]
     ingress: list[dict[str, str]]
     conditions: list[dict[str, Any]]  # ours, without lastTransitionTime (see status.merge)
-    architecture: str | None  # the valid architecture asked for; None: kube-proxy forwards
-    architecture_valid: bool
     refusal: str | None = None  # the AddressAssigned reason when no address could be assigned
     warnings: list[status.Event] = field(default_factory=list)  # to post once per Service and value
 
@@ -394,15 +419,12 @@ def decide(
     pools: Sequence[vips.Pool],
     holders: Mapping[str, str],
     broken_pools: Mapping[str, str] | None = None,
-    previous_ingress: Sequence[Mapping[str, Any]] = (),
     current: Sequence[str] | None = None,
-    forwarding: str | None = None,
 ) -> Decision:
     """Serve one Service (already known to be served): its addresses, ingress and conditions.
 
     `current` overrides the addresses the Service holds (the caller's claim, newer than a status not yet
-    seen through the watch); `forwarding` describes who forwards when an architecture is asked for; an
-    invalid architecture keeps the `ipMode` of `previous_ingress` (the last good one).
+    seen through the watch).
     """
     # Services have no metadata.generation (the API server never sets it): then no observedGeneration.
     generation = int((service.get("metadata") or {}).get("generation") or 0)
@@ -419,26 +441,7 @@ def decide(
                 f'{ADDRESSES_ANNOTATION}: "{spec["loadBalancerIP"]}" instead (one address per family)',
             )
         )
-    architecture: str | None = None
-    try:
-        architecture = architecture_of(service)
-        how = forwarding or (
-            "the cluster's kube-proxy forwards the address to the endpoints (ipMode VIP); "
-            "no layerlb forwarding pods"
-        )
-        accepted = _condition(
-            ARCHITECTURE_ACCEPTED,
-            True,
-            "KubeProxy" if architecture is None else "Architecture",
-            how,
-            generation,
-        )
-        valid = True
-    except Unresolvable as error:
-        accepted = _condition(ARCHITECTURE_ACCEPTED, False, error.reason, _message(error), generation)
-        valid = False
-    previous_mode = next((str(i.get("ipMode")) for i in previous_ingress if i.get("ipMode")), "VIP")
-    mode: IpMode = ip_mode(architecture) if valid else ("Proxy" if previous_mode == "Proxy" else "VIP")
+    accepted = architecture_condition(service, generation)
     try:
         request = request_of(service)
         if current is not None:
@@ -446,7 +449,7 @@ def decide(
         assignment = assign(request, pools, holders, broken_pools)
     except Unresolvable as error:
         refused = _condition(ADDRESS_ASSIGNED, False, error.reason, _message(error), generation)
-        return Decision((), [], [refused, accepted], architecture, valid, error.reason, warnings)
+        return Decision((), [], [refused, accepted], error.reason, warnings)
     families = ", ".join(family_name(ipaddress.ip_address(a).version) for a in assignment.addresses)
     assigned = _condition(
         ADDRESS_ASSIGNED,
@@ -455,15 +458,7 @@ def decide(
         f"assigned {assignment.describe()} for {families} (spec.ipFamilyPolicy {request.policy})",
         generation,
     )
-    return Decision(
-        assignment.addresses,
-        ingress(assignment.addresses, mode),
-        [assigned, accepted],
-        architecture,
-        valid,
-        None,
-        warnings,
-    )
+    return Decision(assignment.addresses, ingress(assignment.addresses), [assigned, accepted], None, warnings)
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:

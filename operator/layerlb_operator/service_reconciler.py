@@ -165,7 +165,6 @@ class ServiceReconciler:
             pools=pools,
             holders=ledger.holders({**self.owner.statuses(), **self.holdings()}),
             broken_pools=broken,
-            previous_ingress=previous_ingress,
             current=current,
         )
         ledger.claim(owner, decision.addresses)  # before any await: allocations never interleave

@@ -252,10 +252,14 @@ def test_the_architecture_annotation_is_validated_on_its_own_condition_keeping_t
     )
 
 
-def test_ip_mode_is_proxy_only_where_a_proxy_terminates() -> None:
-    assert service_frontend.ip_mode(None) == "VIP"
-    assert service_frontend.ip_mode("nat") == "VIP"
-    assert service_frontend.ip_mode("proxy") == "Proxy"
+def test_a_valid_architecture_says_it_is_not_implemented_and_kube_proxy_keeps_forwarding() -> None:
+    for architecture in service_frontend.ARCHITECTURES:
+        decision = _decide(_service(annotations={ARCHITECTURE_ANNOTATION: architecture}))
+        assert decision.ingress == [{"ip": "192.0.2.0", "ipMode": "VIP"}]
+        condition = decision.conditions[1]
+        assert (condition["status"], condition["reason"]) == ("False", "ArchitectureNotImplemented")
+        assert f"{architecture!r} is a layerlb architecture" in condition["message"]
+        assert "kube-proxy forwards the address" in condition["message"]
 
 
 def test_ledger_holds_several_addresses_per_service_and_releases_them_together() -> None:
