@@ -31,8 +31,22 @@ from e2e.images.oci import PATH_ENV, BuildError, ImageConfig, digest, log, run, 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = REPO_ROOT / "images" / "layerlb-rootfs.sh"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
-# What the Dockerfile's build context holds for the `venv` step; the wheel is built from these.
-PROJECT_FILES = ("pyproject.toml", "README.md", "layerlb", "templates", "operator", "dataplane")
+# What the Dockerfile's build context holds for the `venv` step; the wheel is built from these: the
+# shared core and its templates, and every source root pyproject.toml names (operator/, dataplane/,
+# speaker/, ...), so a new component cannot be left out of the image.
+PROJECT_FILES = (
+    "pyproject.toml",
+    "README.md",
+    "layerlb",
+    "templates",
+    *(
+        root
+        for root in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "packages"
+        ]["find"]["where"]
+        if root != "."
+    ),
+)
 
 SUITE = "bookworm"  # the Dockerfile's debian:bookworm-slim
 TARGET_PYTHON = "3.11"  # bookworm's python3: the dependency wheels are fetched for it
