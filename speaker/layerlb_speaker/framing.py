@@ -109,7 +109,7 @@ def gratuitous_arp(vip: ipaddress.IPv4Address, mac: bytes) -> bytes:
 def _sum16(data: bytes) -> int:
     if len(data) % 2:
         data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
     return total

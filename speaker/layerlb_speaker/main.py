@@ -133,7 +133,7 @@ async def _run(settings: runtime.Settings, args: argparse.Namespace) -> int:
         speaker.update(inventory)
         source = asyncio.create_task(config.watch(args.config, speaker.update))
     else:
-        from layerlb_speaker import kube
+        from layerlb_speaker import kube  # the kubernetes client loads only here
 
         try:
             cluster = kube.Cluster.connect(settings.node, args.stale_after, args.classless_services)

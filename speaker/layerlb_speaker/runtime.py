@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from layerlb_speaker import announcement, heartbeat, links, membership, responder
+from layerlb_speaker import announcement, framing, heartbeat, links, membership, responder
 from layerlb_speaker.announcement import Address, Vip
 
 log = logging.getLogger("layerlb.speaker")
@@ -202,7 +202,7 @@ class Speaker:
             return
         self._failed.pop(name, None)
         self._dirty = True
-        log.info("interface %s: answering as %s", name, responder.framing.mac_text(self.responders[name].mac))
+        log.info("interface %s: answering as %s", name, framing.mac_text(self.responders[name].mac))
 
     def reconcile(self) -> None:
         """Computes which VIPs this node holds and applies it to every interface."""

@@ -10,6 +10,7 @@ benchmark's job (bench/announce.py).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import statistics
@@ -57,8 +58,14 @@ def speakers(tmp_path: Path) -> Iterator[Lan]:
         yield network
 
 
-def answered_by(network: Lan, vip: str, node: str) -> bool:
-    return network.arping(vip) == {network.macs[node]}
+def answered_by(network: Lan, vip: str, node: str, count: int = 2) -> bool:
+    """Whether `node`, and only `node`, answered the client's ARP requests for `vip`."""
+    return network.arping(vip, count) == {network.macs[node]}
+
+
+def cached_as(network: Lan, vip: str, node: str) -> bool:
+    """Whether the client kernel's neighbour cache points `vip` at `node`."""
+    return network.neighbour(vip) == network.macs[node]
 
 
 def percentiles(samples: list[float]) -> str:
@@ -120,8 +127,7 @@ def test_a_killed_speakers_vip_moves_to_the_next_node_and_back_via_gratuitous_ar
         assert speakers.arping(VIP4) == {speakers.macs[successor]}
         speakers.start(holder).wait_for_line("joined", timeout=30)
         # The restarted speaker ranks first again: it takes the VIP back, with a gratuitous ARP.
-        back = speakers.macs[first]
-        wait_until("the VIP back on its first node", lambda back=back: speakers.neighbour(VIP4) == back)
+        wait_until("the VIP back on its first node", functools.partial(cached_as, speakers, VIP4, first))
     print(f"\nspeaker SIGKILL → client's neighbour cache moved: {percentiles(times)}")
 
 
@@ -149,7 +155,7 @@ def test_a_cut_link_moves_the_vip_and_the_node_takes_it_back_when_the_link_retur
         speakers.bridge.ip("link", "set", speakers.bridge_port(holder), "up")
         wait_until(
             "the node rejoined and took the VIP back",
-            lambda holder=holder: answered_by(speakers, VIP4, holder),
+            functools.partial(answered_by, speakers, VIP4, holder),
         )
         assert speakers.arping(VIP4, count=3) == {speakers.macs[first]}
     print(f"\nlink cut → client's neighbour cache moved: {percentiles(times)}")
@@ -169,7 +175,7 @@ def test_restarting_a_speaker_moves_only_its_own_vips(tmp_path: Path) -> None:
         for vip in vips:
             wait_until(
                 f"{vip} answered",
-                lambda vip=vip: network.arping(vip, count=1) == {network.macs[holders[vip]]},
+                functools.partial(answered_by, network, vip, holders[vip], 1),
             )
         log = tmp_path / "arp.jsonl"
         network.client.spawn(watch_arp, str(log), "eth0").wait_for_line("watching")

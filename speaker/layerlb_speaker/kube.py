@@ -1,0 +1,230 @@
+"""The speaker's view of Kubernetes: list+watch of the five kinds it reads, and Events on takeover.
+
+Thin on purpose: every watch keeps a cache of raw objects (camelCase, as the API sends them) and pokes
+the loop; the loop turns the caches into an `Inventory` with the pure `inventory.vips`. The `kubernetes`
+client is synchronous, so each watch runs in a thread of its own.
+
+Freshness: the view is fresh once every kind has been listed and while no watch has been failing for
+longer than `stale_after` (default 30 s, so a watch timeout or an API server restart does not count).
+A stale view keeps its last known state; `announcement.holder` prefers fresh speakers.
+
+Events: a Normal `Announcing` Event on the LoadBalancer or Service ("announcing 192.0.2.10 from node-2
+on eth0") when this node takes a VIP over, and a Warning for a per-VIP problem (a missing interface),
+sent from one worker thread so a slow API server never stalls the answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from layerlb_speaker import inventory
+from layerlb_speaker.announcement import Owner, Vip
+from layerlb_speaker.runtime import Inventory
+
+log = logging.getLogger("layerlb.speaker")
+
+DATAPLANE_PODS = "app.kubernetes.io/name=layerlb,app.kubernetes.io/component=dataplane"
+MAX_PENDING_EVENTS = 2000
+
+
+class _Watch(threading.Thread):
+    """List, then watch from that resourceVersion; relist on any error. `objects` is the cache by uid."""
+
+    def __init__(self, kind: str, lister: Callable[..., Any], changed: Callable[[], None], **query: Any):
+        super().__init__(name=f"watch-{kind}", daemon=True)
+        self.kind = kind
+        self.lister = lister
+        self.query = query
+        self.changed = changed
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.synced = False
+        self.failing_since: float | None = None
+
+    def run(self) -> None:
+        from kubernetes import watch as watches
+
+        streams: Any = watches  # untyped in the kubernetes package
+        while True:
+            try:
+                response = self.lister(_preload_content=False, **self.query)
+                listing = json.loads(response.data)
+                self.objects = {o["metadata"]["uid"]: o for o in listing.get("items") or []}
+                self.synced, self.failing_since = True, None
+                self.changed()
+                version = listing["metadata"]["resourceVersion"]
+                for event in streams.Watch().stream(
+                    self.lister, resource_version=version, timeout_seconds=300, **self.query
+                ):
+                    raw = event.get("raw_object") or {}
+                    if event["type"] == "ERROR":
+                        break  # 410 Gone and friends: relist
+                    uid = (raw.get("metadata") or {}).get("uid")
+                    if not uid:
+                        continue
+                    if event["type"] == "DELETED":
+                        self.objects.pop(uid, None)
+                    else:
+                        self.objects[uid] = raw
+                    self.changed()
+            except Exception as error:
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                    log.warning("watch %s: %s; retrying", self.kind, error)
+                self.changed()
+                time.sleep(1.0)
+
+
+class Cluster:
+    """The API client, the watches, and the Event sender of one node's speaker."""
+
+    def __init__(self, client: Any, node: str, stale_after: float, classless: bool) -> None:
+        from kubernetes import client as k8s
+
+        self.client = client
+        self.node = node
+        self.stale_after = stale_after
+        self.classless = classless
+        self.core = k8s.CoreV1Api(client)
+        self._poke: Callable[[], None] = lambda: None
+        self._events = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
+        self._pending = 0
+        discovery = k8s.DiscoveryV1Api(client)
+        custom = k8s.CustomObjectsApi(client)
+
+        def loadbalancers(**kwargs: Any) -> Any:
+            return custom.list_cluster_custom_object("layerlb.dev", "v1alpha1", "loadbalancers", **kwargs)
+
+        changed = self._changed
+        self.watches = {
+            "nodes": _Watch("nodes", self.core.list_node, changed),
+            "pods": _Watch(
+                "pods", self.core.list_pod_for_all_namespaces, changed, label_selector=DATAPLANE_PODS
+            ),
+            "services": _Watch("services", self.core.list_service_for_all_namespaces, changed),
+            "endpointslices": _Watch(
+                "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, changed
+            ),
+            "loadbalancers": _Watch("loadbalancers", loadbalancers, changed),
+        }
+
+    @classmethod
+    def connect(cls, node: str, stale_after: float, classless: bool) -> Cluster:
+        """The data plane's client: the ServiceAccount in a pod (its token re-read as it rotates), else the
+        kubeconfig; OSError with one readable line when neither loads."""
+        from layerlb_dataplane import kube_source
+
+        return cls(kube_source.api_client(), node, stale_after, classless)
+
+    def _changed(self) -> None:
+        self._poke()
+
+    def fresh(self) -> bool:
+        """Every kind listed, and none failing for longer than `stale_after`."""
+        now = time.monotonic()
+        return all(
+            w.synced and (w.failing_since is None or now - w.failing_since < self.stale_after)
+            for w in self.watches.values()
+        )
+
+    def snapshot(self) -> Inventory:
+        """The inventory the caches hold now."""
+        w = {kind: list(each.objects.values()) for kind, each in self.watches.items()}
+        vips = inventory.vips(
+            w["nodes"], w["loadbalancers"], w["pods"], w["services"], w["endpointslices"], self.classless
+        )
+        return Inventory(vips, inventory.peers(w["nodes"]), self.fresh())
+
+    async def synced(self, timeout: float) -> None:
+        """Waits until every kind was listed once (or `timeout`: then the speaker starts stale)."""
+        deadline = time.monotonic() + timeout
+        while not all(w.synced for w in self.watches.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def watch(self, update: Callable[[Inventory], None]) -> None:
+        """Starts the watches and feeds `update` with a new inventory after each burst of changes."""
+        loop = asyncio.get_running_loop()
+        poked = asyncio.Event()
+
+        def poke() -> None:
+            loop.call_soon_threadsafe(poked.set)
+
+        self._poke = poke
+        for each in self.watches.values():
+            each.start()
+        fresh = None
+        while True:
+            try:
+                await asyncio.wait_for(poked.wait(), 5.0)  # also re-judges freshness while nothing changes
+            except TimeoutError:
+                if self.fresh() == fresh:
+                    continue
+            poked.clear()
+            await asyncio.sleep(0.05)  # one inventory per burst (a relist pokes once per object)
+            poked.clear()
+            snapshot = self.snapshot()
+            fresh = snapshot.fresh
+            update(snapshot)
+
+    def reporter(self) -> EventReporter:
+        return EventReporter(self)
+
+    def send_event(self, owner: Owner, kind: str, reason: str, message: str) -> None:
+        """Queues one Event on `owner`; dropped (logged) when the API server is too far behind."""
+        if not owner.namespace or self._pending >= MAX_PENDING_EVENTS:
+            return
+        self._pending += 1
+        self._events.submit(self._create_event, owner, kind, reason, message)
+
+    def _create_event(self, owner: Owner, kind: str, reason: str, message: str) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body: Any = {
+            "metadata": {"generateName": f"{owner.name}.", "namespace": owner.namespace},
+            "involvedObject": {
+                "kind": owner.kind,
+                "namespace": owner.namespace,
+                "name": owner.name,
+                "uid": owner.uid,
+                "apiVersion": owner.api_version,
+            },
+            "reason": reason,
+            "message": message,
+            "type": kind,
+            "count": 1,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "source": {"component": "layerlb-speaker", "host": self.node},
+            "reportingComponent": "layerlb.dev/speaker",
+            "reportingInstance": self.node,
+        }
+        try:
+            self.core.create_namespaced_event(owner.namespace, body)
+        except Exception as error:
+            log.warning("event on %s: %s", owner, error)
+        finally:
+            self._pending -= 1
+
+
+class EventReporter:
+    """Log lines plus Events on the VIP's owners."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def announcing(self, vip: Vip, node: str, interface: str) -> None:
+        message = f"announcing {vip.address} from {node} on {interface}"
+        log.info("%s (%s)", message, ", ".join(map(str, vip.owners)))
+        for owner in vip.owners:
+            self.cluster.send_event(owner, "Normal", "Announcing", message)
+
+    def problem(self, vip: Vip, reason: str, message: str) -> None:
+        log.error("%s: %s (%s)", reason, message, ", ".join(map(str, vip.owners)))
+        for owner in vip.owners:
+            self.cluster.send_event(owner, "Warning", reason, message)
