@@ -1,0 +1,95 @@
+"""Liveness from heartbeats on an injected clock: joining, dying, leaving, rejoining, freshness."""
+
+from __future__ import annotations
+
+import pytest
+from layerlb_speaker.announcement import Member
+from layerlb_speaker.membership import Heartbeat, Membership, Timing
+
+TIMING = Timing(interval=0.1, dead_after=0.5, join=0.5)
+
+
+def joined(now: float = 0.0, *peers: str) -> Membership:
+    membership = Membership("node-1", TIMING, now)
+    for peer in peers:
+        membership.heard(Heartbeat(peer, True, True), now)
+    membership.expire(now + TIMING.join)
+    return membership
+
+
+def test_heartbeats_round_trip_and_noise_is_ignored() -> None:
+    beat = Heartbeat("node-2.example", ready=True, fresh=False)
+    assert Heartbeat.decode(beat.encode()) == beat
+    for noise in (
+        b"",
+        b"LLBS",
+        b"XXXX\x01\x01\x01a",
+        beat.encode()[:-1],
+        beat.encode() + b"x",
+        b"LLBS\x02\x01\x01a",
+    ):
+        assert Heartbeat.decode(noise) is None
+
+
+def test_a_starting_speaker_announces_nothing_until_it_has_listened_for_the_join_period() -> None:
+    membership = Membership("node-1", TIMING, 0.0)
+    membership.heard(Heartbeat("node-2", True, True), 0.1)
+    assert membership.members() == {"node-2": Member("node-2")}
+    assert membership.heartbeat() == Heartbeat("node-1", ready=False, fresh=True)
+    assert not membership.expire(0.4)
+    membership.heard(Heartbeat("node-2", True, True), 0.45)
+    assert membership.expire(0.5)  # joined: now a member itself
+    assert set(membership.members()) == {"node-1", "node-2"}
+    assert membership.heartbeat().ready
+
+
+def test_a_peer_is_dead_after_dead_after_without_heartbeats_and_not_before() -> None:
+    membership = joined(0.0, "node-2")
+    membership.heard(Heartbeat("node-2", True, True), 1.0)
+    assert not membership.expire(1.5)  # exactly dead_after: still alive
+    assert membership.expire(1.51)
+    assert set(membership.members()) == {"node-1"}
+    assert not membership.expire(2.0)  # reported once
+
+
+def test_a_joining_or_leaving_peer_is_not_a_member() -> None:
+    membership = joined(0.0, "node-2")
+    assert membership.heard(Heartbeat("node-2", False, True), 0.6)  # goodbye, or restarted and joining
+    assert "node-2" not in membership.members()
+    assert membership.heard(Heartbeat("node-2", True, True), 0.7)
+    assert "node-2" in membership.members()
+    assert not membership.heard(Heartbeat("node-2", True, True), 0.8)  # nothing changed
+
+
+def test_freshness_travels_with_the_heartbeat() -> None:
+    membership = joined(0.0, "node-2")
+    assert membership.heard(Heartbeat("node-2", True, False), 0.6)
+    assert membership.members()["node-2"] == Member("node-2", fresh=False)
+    assert membership.set_fresh(False)
+    assert membership.members()["node-1"] == Member("node-1", fresh=False)
+    assert not membership.heartbeat().fresh
+
+
+def test_alone_after_joining_it_is_the_only_member() -> None:
+    assert set(joined(0.0).members()) == {"node-1"}
+
+
+def test_rejoining_forgets_every_peer_and_waits_a_join_period_again() -> None:
+    membership = joined(0.0, "node-2")
+    assert membership.rejoin(5.0)
+    assert membership.members() == {}
+    assert not membership.heartbeat().ready
+    membership.heard(Heartbeat("node-2", True, True), 5.2)
+    assert membership.expire(5.5)
+    assert set(membership.members()) == {"node-1", "node-2"}
+
+
+def test_its_own_heartbeat_echoed_back_is_ignored() -> None:
+    membership = joined(0.0)
+    assert not membership.heard(Heartbeat("node-1", True, True), 0.6)
+
+
+@pytest.mark.parametrize(("interval", "dead_after"), [(0.0, 0.5), (0.5, 0.5), (-1.0, 0.5)])
+def test_timings_that_cannot_work_are_refused(interval: float, dead_after: float) -> None:
+    with pytest.raises(ValueError, match="heartbeat interval"):
+        Timing(interval, dead_after)
