@@ -113,8 +113,13 @@ def _account(rendered: list[dict[str, Any]]) -> dict[str, str]:
     return {"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}
 
 
+def _speakers(d: dict[str, Any]) -> bool:
+    return bool(d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "speaker")
+
+
 def _named(rendered: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in rendered if d["kind"] == kind}
+    """The operator's objects of `kind` by name (the speaker's have tests of their own)."""
+    return {d["metadata"]["name"]: d for d in rendered if d["kind"] == kind and not _speakers(d)}
 
 
 def test_rbac_grants_exactly_the_verbs_the_operator_declares_cluster_wide() -> None:
@@ -182,7 +187,7 @@ def test_the_deployment_runs_the_operator_with_the_chart_settings() -> None:
     assert fields == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert container["image"] == "registry.example.com/layerlb/layerlb:0.1.0-rc1"
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "platform-lb"
-    kinds = {d["kind"] for d in rendered}
+    kinds = {d["kind"] for d in rendered if not _speakers(d)}
     assert not kinds & {"ServiceAccount", "Service", "PodDisruptionBudget", "ServiceMonitor"}, kinds
 
 
@@ -239,3 +244,47 @@ def test_bad_values_are_refused_with_the_path_and_the_reason(setting: str, messa
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
     assert "panic" not in done.stderr and "goroutine" not in done.stderr
+
+
+def test_the_speaker_runs_on_every_node_on_the_host_network_with_net_raw_only() -> None:
+    rendered = [d for d in documents(template()) if _speakers(d)]
+    [daemonset] = [d for d in rendered if d["kind"] == "DaemonSet"]
+    pod = daemonset["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["hostNetwork"] is True and "tolerations" not in pod
+    assert container["args"][:1] == ["speaker"]
+    assert container["env"] == [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    ]
+    security = container["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_RAW"]}
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert pod["serviceAccountName"] == daemonset["metadata"]["name"]
+
+
+def test_the_speakers_rbac_reads_what_it_announces_from_and_writes_events_only() -> None:
+    rendered = [d for d in documents(template()) if _speakers(d)]
+    [role] = [d for d in rendered if d["kind"] == "ClusterRole"]
+    grants = _grants(role["rules"])
+    writes = {key: verbs - {"get", "list", "watch"} for key, verbs in grants.items()}
+    assert {key: verbs for key, verbs in writes.items() if verbs} == {("", "events", ()): {"create", "patch"}}
+    assert {resource for _, resource, _ in grants} == {
+        "nodes", "pods", "services", "endpointslices", "loadbalancers", "events"
+    }  # fmt: skip
+    [binding] = [d for d in rendered if d["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": role["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+
+
+def test_the_speaker_takes_its_settings_and_can_be_switched_off() -> None:
+    rendered = documents(
+        template("--set", "speaker.interfaces={eth1,eth2}", "--set", "services.serveClassless=true")
+    )
+    [daemonset] = [d for d in rendered if d["kind"] == "DaemonSet"]
+    args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == [
+        "speaker", "--port", "7947", "--heartbeat-interval", "0.1", "--dead-after", "0.5",
+        "--interface", "eth1", "--interface", "eth2", "--classless-services",
+    ]  # fmt: skip
+    assert not [d for d in documents(template("--set", "speaker.enabled=false")) if _speakers(d)]

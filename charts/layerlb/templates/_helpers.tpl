@@ -59,3 +59,17 @@ app.kubernetes.io/component: operator
 {{- $tag := .Values.dataplane.image.tag | default .Values.image.tag | default .Chart.AppVersion }}
 {{- printf "%s:%s" $repository $tag }}
 {{- end }}
+
+{{/* The speaker pods' identity: component speaker, apart from the operator and the forwarding pods. */}}
+{{- define "layerlb.speakerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "layerlb.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: speaker
+{{- end }}
+
+{{- define "layerlb.speakerLabels" -}}
+helm.sh/chart: {{ include "layerlb.chart" . }}
+{{ include "layerlb.speakerSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
