@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # helm comes from the local cluster's Go-module build, in the same cache the e2e fixtures use.
 HELM := $(or $(LAYERLB_CACHE),$(CURDIR)/.cache)/k8s/bin/helm
 
-.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs kind-e2e crds chart goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs bench-announce kind-e2e crds chart goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -71,6 +71,11 @@ bench-services: setup
 # the QEMU/TCG guest (this kernel has no IPVS) with a native estimate by the emulation factor (~1 min).
 bench-ipvs: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m pytest -q -s -p no:cacheprovider tests/kernel/test_ipvs_guest.py -k bench
+
+# Issue 15's speaker figures on a network-namespace LAN (root; ~3 min): 1,000 VIPs answered after start and the
+# speaker's RSS, then 20 failovers each for a killed speaker and a cut link (p50/p95, pings lost).
+bench-announce: setup
+	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane:$(CURDIR)/speaker" $(PY) -m bench.announce $(ANNOUNCE_ARGS)
 
 # Where Docker exists (a laptop, GitHub Actions): image, kind cluster, Helm chart, e2e suite. Unverified here.
 kind-e2e:
