@@ -63,6 +63,18 @@ def operator(
     )
     running = _operator(k8s, kubectl, tmp_path_factory.mktemp("svc-on"), NS, "--serve-classless-services")
     yield running
+    if running.process.poll() is not None:  # a test stopped it: nobody would remove the finalizers
+        for found in json.loads(kubectl.ok("get", "svc", "-n", NS, "-o", "json"))["items"]:
+            kubectl(
+                "patch",
+                "svc",
+                found["metadata"]["name"],
+                "-n",
+                NS,
+                "--type=merge",
+                "-p",
+                '{"metadata": {"finalizers": null}}',
+            )
     kubectl("delete", "svc,llb,deployment", "--all", "-n", NS, "--wait=true", "--timeout=60s")
     running.stop()
     kubectl("delete", "vippool", *POOLS, "--ignore-not-found")
@@ -418,7 +430,7 @@ def test_a_restarted_operator_rebuilds_who_holds_what_from_the_statuses(
     held = {entry["ip"] for found in listed for entry in ingress(found)}
     versions = {found["metadata"]["name"]: found["metadata"]["resourceVersion"] for found in listed}
     assert len(held) >= 5
-    assert operator.stop() == 0
+    assert operator.stop() == 0, operator.tail()
     restarted = Operator(
         KUBECONFIGS[NS], operator.log.parent / "operator-2.log", NS, f"{NS}/layerlb-operator",
         ["--serve-classless-services"],

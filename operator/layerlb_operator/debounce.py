@@ -66,5 +66,9 @@ class Debouncer(Generic[Key]):
             due = self.next_due()
             self._wakeup.clear()
             timeout = None if due is None else max(0.0, due - self.clock())
+            # asyncio.timeout, not wait_for: wait_for runs the wait in a task of its own, which kopf's
+            # shutdown takes for one of its hung tasks and cancels, ending this queue with it (the
+            # operator then exited 1 on a plain SIGTERM whenever a key was due later).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()

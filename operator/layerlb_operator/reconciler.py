@@ -80,7 +80,8 @@ class Sources:
 
 @dataclass(frozen=True)
 class Result:
-    """How one sync ended: the reconcile verdict, or `failed` (the API server refused), or `skipped`."""
+    """How one sync ended: the reconcile verdict, or `failed` (the API server refused), or `skipped`, or
+    `refused` (a Service's request cannot be met; events, not a timer, bring it back)."""
 
     verdict: str
     message: str = ""

@@ -201,7 +201,9 @@ class ServiceReconciler:
         if events:
             await asyncio.to_thread(self.owner.post, body, events)
         if decision.refusal is not None:
-            return Result("unresolvable", decision.conditions[0]["message"])
+            # Not retried on a timer: what may cure it (a VIPPool change, a released address, the Service
+            # itself changing) re-triggers the Service.
+            return Result("refused", decision.conditions[0]["message"])
         return Result("accepted")
 
     def _events(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from layerlb_operator.debounce import Debouncer
 
@@ -71,3 +72,20 @@ def test_batches_wake_up_for_a_touch_made_while_waiting() -> None:
         return await asyncio.wait_for(waiter, 5)
 
     assert asyncio.run(scenario()) == ["x"]
+
+
+def test_waiting_for_a_later_key_spawns_no_task_that_kopfs_shutdown_would_cancel() -> None:
+    """kopf's shutdown cancels every task created after it started; a wait in a task of its own ended the
+    queue with it, and the operator exited 1 on a plain SIGTERM."""
+
+    async def scenario() -> set[asyncio.Task[Any]]:
+        queue: Debouncer[str] = Debouncer(0.05)
+        batches = queue.batches()
+        waiter = asyncio.ensure_future(anext(batches))
+        queue.touch("later", 30)
+        await asyncio.sleep(0.05)
+        others = asyncio.all_tasks() - {waiter, asyncio.current_task()}
+        waiter.cancel()
+        return others
+
+    assert asyncio.run(scenario()) == set()
