@@ -51,6 +51,10 @@ BACKLOG = 4096
 # listeners bind the VIP before it is local (IP_FREEBIND, HAProxy's `freebind`), serving once it arrives.
 # Standalone (`layerlb serve`), an address that is not on the host stays an error.
 FREEBIND_ENV = "LAYERLB_FREEBIND"
+# A pod-network forwarding pod gets the VIP's packets through kube-proxy (the LoadBalancer's VIP Service),
+# which rewrites the destination to the pod's own address: the operator sets LAYERLB_BIND_ANY=1 there,
+# and listeners take every address of the pod (it serves one VIP, so nothing else shares its ports).
+BIND_ANY_ENV = "LAYERLB_BIND_ANY"
 _IP_FREEBIND = 15  # linux/in.h; Python 3.11's socket module does not name it
 _IPV6_FREEBIND = 78  # linux/in6.h
 HOUSEKEEPING_SECONDS = 1.0
@@ -106,7 +110,8 @@ def bind(p: plan.Plan, listener: plan.Listener, *, reuse_port: bool = True) -> s
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
-        sock.bind((p.vip, listener.port))
+        any_address = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        sock.bind((any_address if os.environ.get(BIND_ANY_ENV) == "1" else p.vip, listener.port))
         if tcp and reuse_port:
             sock.listen(BACKLOG)
         sock.setblocking(False)

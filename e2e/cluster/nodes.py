@@ -45,6 +45,7 @@ CLIENT_IP = "172.28.0.100"
 POD_CIDR = "10.244.0.0/16"
 API_RELAY_PORT = 6443
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+NODE_CPU_SHARES = 4096
 CNI_BIN = Path("/usr/lib/cni")
 CONTAINER_LOGS = Path("/var/log/containers")
 CNI_CACHE = Path("/var/lib/cni/results")
@@ -254,6 +255,11 @@ def create_cgroups(node: Node) -> None:
             # A new cpuset starts empty and takes no task until it has CPUs and memory nodes.
             for knob in ("cpuset.cpus", "cpuset.mems"):
                 (path / knob).write_text((hierarchy / knob).read_text())
+        if (hierarchy / "cpu.shares").exists():
+            # A node's pods weigh as a machine's would against the host's own busy processes (the control
+            # plane, test runners, each weighing 1024 from the root cgroup): without this, one busy test
+            # process starves a node's pods until their readiness probes time out.
+            (path / "cpu.shares").write_text(str(NODE_CPU_SHARES))
 
 
 def containerd_config(node: Node) -> str:

@@ -26,7 +26,7 @@ from e2e.kube import Kubectl
 from e2e.nodes import pods
 from e2e.nodes.chart_operator import INSTANCE, RELEASE_NS, ChartOperator
 from e2e.nodes.network import Plumber
-from e2e.nodes.platform import Platform
+from e2e.nodes.platform import LocalNodes, Platform
 from e2e.nodes.suite import POOL, ask, call, count, deploy, kubectl, requests_throughout, start_backends
 
 
@@ -45,6 +45,15 @@ class Lab:
             kubectl(self.platform, "get", "llb", name, "-n", self.platform.namespace, "-o", "json")
         )
         return found
+
+    def diagnosis(self) -> str:
+        """What a failed request needs: the LoadBalancers, the pods and, on local nodes, their VIP routes."""
+        namespace = self.platform.namespace
+        parts = [kubectl(self.platform, "get", "llb,pods", "-n", namespace, "-o", "wide")]
+        if isinstance(self.platform, LocalNodes):
+            for node in self.platform.cluster.node_list():
+                parts.append(f"{node.name}: {self.platform.node_exec(node.name, 'ip', 'route')}")
+        return "\n".join([*parts, f"plumbing errors: {self.plumber.errors}"])
 
     def pods_of(self, name: str) -> list[dict[str, Any]]:
         listed = kubectl(
@@ -183,8 +192,9 @@ def test_broken_load_balancers_are_refused_with_a_reason_and_the_others_keep_ser
             harness.wait_for(f"{broken_name}: Accepted=False {reason}", refused, timeout=120)
             assert not lab.pods_of(broken_name), f"{broken_name} got a forwarding pod"
         # The refusals are written; a few more requests to the serving VIP after them.
-        assert "ERROR" not in ask(lab.platform, "http_get", vip, 8080, 3)
+        after: list[str] = call(lab.platform, "http_get", vip, 8080, 3)
     kubectl(lab.platform, "delete", "llb", *broken, "-n", namespace, "--wait=true", "--timeout=120s")
+    assert "ERROR" not in count(after), (after, lab.diagnosis())
     counted = count(background)
     assert sum(counted.values()) > 5 and counted["ERROR"] == 0, background[:5]
     assert lab.load_balancer(name)["status"] == shop["status"]

@@ -48,6 +48,7 @@ INSTANCE_LABEL: Final = "app.kubernetes.io/instance"
 COMPONENT_LABEL: Final = "app.kubernetes.io/component"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 LOADBALANCER_LABEL: Final = "layerlb.dev/loadbalancer"
+SERVICE_CLASS: Final = "layerlb.dev/loadbalancer"  # the loadBalancerClass layerlb serves
 REPORT_LABEL: Final = "layerlb.dev/report"  # "serving" on the ConfigMap the operator watches for reports
 
 
@@ -284,8 +285,10 @@ def deployment(
         ],
         "ports": ports,
         "livenessProbe": _probe("/healthz", 10, 3),
-        # Every second: a new pod turns Ready (and its LoadBalancer with it) within a second of serving.
-        "readinessProbe": _probe("/readyz", 1, 1),
+        # Every second, so a new pod turns Ready (and its LoadBalancer with it) within a second of serving;
+        # out after three failures in a row, as HAProxy's `fall 3`, so one slow answer on a busy node
+        # does not take a serving pod out of its LoadBalancer.
+        "readinessProbe": _probe("/readyz", 1, 3),
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
         "securityContext": container_security,
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
@@ -315,9 +318,13 @@ def deployment(
         "selector": {"matchLabels": selector(name)},
         "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
     }
-    if not host or spec.architecture is api.Architecture.transparent:
-        # The pod's VIP arrives from the network (or, for the transparent proxy, is put on the node's
-        # loopback by the data plane itself after its listeners are checked): bind it before it is local.
+    if not host:
+        # The VIP reaches a pod-network pod through its VIP Service (`vip_service`): kube-proxy rewrites
+        # the destination to the pod's own address, so its listeners take any address of the pod.
+        container["env"].append({"name": "LAYERLB_BIND_ANY", "value": "1"})
+    elif spec.architecture is api.Architecture.transparent:
+        # The transparent proxy puts the VIP on the node's loopback itself, after its listeners are
+        # checked: it binds the VIP before it is local.
         container["env"].append({"name": "LAYERLB_FREEBIND", "value": "1"})
     if host:
         pod_spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
@@ -335,6 +342,46 @@ def deployment(
 
 
 SECRET_SOURCE: Final = "Secret/"  # how resolve names a certificate's source: Secret/<name>
+
+
+def vip_service(namespace: str, name: str, uid: str, spec: api.LoadBalancerSpec, vip: str) -> dict[str, Any]:
+    """How a pod-network LoadBalancer's VIP reaches its forwarding pods: a Service of type LoadBalancer
+    selecting them, its `status.loadBalancer.ingress` the VIP (applied to the status subresource), so
+    the cluster's own kube-proxy on every node sends the VIP's packets to the pods, and layerlb's speaker
+    announces the VIP from the nodes that hold a ready one.
+
+    `externalTrafficPolicy: Local`: a node delivers only to its own forwarding pods (kube-proxy drops the
+    VIP where there is none, and the speaker announces it only where there is one), so the client's
+    address reaches the pod unchanged, as it would on the host network; no node ports (nothing but the
+    VIP is meant to reach the pods). `ipMode: VIP`: packets reach the pods with the VIP as destination
+    (kube-proxy rewrites it to the pod's address on the way in). The Service is the LoadBalancer's (its
+    controller reference): the Service front end leaves it alone, the garbage collector removes it."""
+    ports = [
+        {
+            "name": listener.name,
+            "port": listener.port,
+            "targetPort": listener.port,
+            "protocol": "UDP" if listener.protocol is api.Protocol.UDP else "TCP",
+        }
+        for listener in spec.listeners
+    ]
+    family = "IPv6" if ":" in vip else "IPv4"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(dataplane_name(name), namespace, name, uid),
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": SERVICE_CLASS,
+            "allocateLoadBalancerNodePorts": False,
+            "externalTrafficPolicy": "Local",
+            "ipFamilyPolicy": "SingleStack",
+            "ipFamilies": [family],
+            "selector": selector(name),
+            "ports": ports,
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": vip, "ipMode": "VIP"}]}},
+    }
 
 
 def without_keys(resolved: plan.Plan) -> tuple[plan.Plan, list[str]]:
@@ -361,11 +408,13 @@ def desired(
     settings: Settings,
     admin_port: int | None = None,
     secrets: Sequence[str] = (),
+    vip: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every object of one LoadBalancer, in the order they are applied (identity and RBAC first)."""
+    """Every object of one LoadBalancer, in the order they are applied (identity and RBAC first); with
+    its `vip`, a pod-network LoadBalancer's VIP Service last (host-network pods get the VIP on their node)."""
     namespace = resource.metadata.namespace or "default"
     name = resource.metadata.name
-    return [
+    found = [
         service_account(namespace, name, uid),
         role(namespace, name, uid, secrets),
         role_binding(namespace, name, uid),
@@ -373,3 +422,6 @@ def desired(
         serving_config_map(namespace, name, uid),
         deployment(namespace, name, uid, resource.spec, settings, admin_port),
     ]
+    if vip and not privileged(resource.spec):
+        found.append(vip_service(namespace, name, uid, resource.spec, vip))
+    return found

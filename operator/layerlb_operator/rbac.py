@@ -13,6 +13,8 @@ Least privilege, verb by verb:
 - kopf patches LoadBalancers (its finalizer and progress annotations), the operator patches their status,
   and setting `blockOwnerDeletion` on owner references needs `update` on `loadbalancers/finalizers`;
 - kopf posts Events; the Lease of leader election is read and updated by name only;
+- a pod-network LoadBalancer's VIP Service (objects.vip_service) is written like its other objects
+  (`create` + `patch` on services) and its ingress by server-side apply on `services/status`;
 - Services of type LoadBalancer (service_reconciler): `patch` on `services` for its finalizer
   (`layerlb.dev/service`, a merge patch guarded by the resourceVersion) and on `services/status` for
   `status.loadBalancer.ingress` and its conditions (server-side apply); Events about them are posted
@@ -44,7 +46,7 @@ def cluster_rules() -> list[dict[str, Any]]:
         _rule("layerlb.dev", ["loadbalancers/finalizers"], ["update"]),
         _rule("layerlb.dev", ["vippools"], READ),
         _rule("", ["services", "pods"], READ),
-        _rule("", ["services"], ["patch"]),
+        _rule("", ["services"], APPLY),
         _rule("", ["services/status"], ["patch"]),
         _rule("", ["secrets"], ["get", *READ]),
         _rule("discovery.k8s.io", ["endpointslices"], READ),

@@ -123,7 +123,13 @@ def reconcile(
         return Outcome("invalid", accepted, generation, replicas, vip=view.allocated)
     stored, secrets = objects.without_keys(resolved)
     desired = objects.desired(
-        resource, str(meta.get("uid", "")), render.dataplane(stored), settings, admin_port, secrets
+        resource,
+        str(meta.get("uid", "")),
+        render.dataplane(stored),
+        settings,
+        admin_port,
+        secrets,
+        resolved.vip,
     )
     accepted = status.condition(
         status.ACCEPTED, True, "Valid", "the spec is valid and every reference resolves", generation
@@ -152,7 +158,7 @@ def programmed(outcome: Outcome, error: str | None) -> dict[str, Any]:
     names = ", ".join(
         f"{o['kind']} {o['metadata']['name']}"
         for o in outcome.objects
-        if o["kind"] in ("ConfigMap", "Deployment")
+        if o["kind"] in ("ConfigMap", "Deployment", "Service")
     )
     return status.condition(
         status.PROGRAMMED,

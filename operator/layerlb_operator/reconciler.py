@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerlb import validation
-from layerlb_operator import admin_ports, apiserver, objects, reconcile, service_reconciler, status, vips
+from layerlb_operator import (
+    admin_ports, apiserver, objects, reconcile, service_loadbalancer, service_reconciler, status, vips,
+)  # fmt: skip
 from layerlb_operator.cluster_view import ClusterView, Store
 from layerlb_operator.debounce import Debouncer
 from layerlb_operator.metrics import Metrics
@@ -206,7 +208,10 @@ class Reconciler:
                 sources.slices,
                 sources.secrets,
                 pools,
-                self.ledger.holders(self._holdings(sources)),
+                # A LoadBalancer derived from a Service shares that Service's address (vips.shared).
+                vips.shared(
+                    self.ledger.holders(self._holdings(sources)), service_loadbalancer.sharing_owner(document)
+                ),
                 current_vip=previous.get("vip"),
                 broken_pools=broken,
             )
@@ -270,8 +275,14 @@ class Reconciler:
             return result
 
     def _apply_all(self, desired: list[dict[str, Any]]) -> None:
+        """Server-side apply each object; a Service's `status` (the VIP Service's ingress) goes to its status
+        subresource after it, since an apply to the object itself ignores status."""
         for obj in desired:
-            self.client.apply(obj)
+            body = {k: v for k, v in obj.items() if k != "status"}
+            self.client.apply(body)
+            if obj["kind"] == "Service" and "status" in obj:
+                meta = obj["metadata"]
+                self.client.apply_service_status(meta["namespace"], meta["name"], obj["status"])
 
     def post(self, document: Mapping[str, Any], events: list[status.Event]) -> None:
         """Post `events` about `document` (a LoadBalancer or a Service), blocking."""

@@ -24,9 +24,12 @@ The decisions, also in the README ("Services of type LoadBalancer"):
 - **Forwarding.** By default none of layerlb's forwarding pods: the address is announced and the
   cluster's own kube-proxy forwards it to the endpoints (`ipMode: VIP`), as with MetalLB: no extra hop,
   `externalTrafficPolicy` honoured by kube-proxy, and any Service works. The annotation
-  `layerlb.dev/architecture: nat|dsr|tunnel|proxy` asks for layerlb's own forwarding instead. It is
-  validated on its own condition while the address stays (a typo must not cut traffic); a valid value
-  is reported as not implemented yet (see `architecture_condition`), never silently ignored.
+  `layerlb.dev/architecture: nat|dsr|tunnel|proxy` asks for layerlb's own forwarding instead: a
+  LoadBalancer derived from the Service (`service_loadbalancer`: its name, spec, refusals, and how its
+  status reads here), with `ipMode: Proxy` for `proxy`. The annotation is judged on its own condition
+  (`layerlb.dev/ArchitectureAccepted`) while the address stays: a typo or a Service the derived
+  LoadBalancer cannot serve is refused there and kube-proxy keeps forwarding, so the address never
+  lacks a forwarder.
 
 Refusals carry a reason, the field path (or annotation), the offending value and what would be valid.
 Permanent ones (`InvalidAddresses`, `AddressFamilyMismatch`, `InvalidArchitecture`) wait for the
@@ -45,25 +48,24 @@ from typing import Any, Final
 
 from layerlb.resolve import Unresolvable
 from layerlb.validation import Problem
-from layerlb_operator import status, vips
+from layerlb_operator import service_loadbalancer, status, vips
 
 CLASS: Final = "layerlb.dev/loadbalancer"
 FINALIZER: Final = "layerlb.dev/service"
 ADDRESSES_ANNOTATION: Final = "layerlb.dev/addresses"
 POOL_ANNOTATION: Final = "layerlb.dev/vip-pool"
-ARCHITECTURE_ANNOTATION: Final = "layerlb.dev/architecture"
-ARCHITECTURES: Final = ("nat", "dsr", "tunnel", "proxy")
+ARCHITECTURE_ANNOTATION: Final = service_loadbalancer.ARCHITECTURE_ANNOTATION
+ARCHITECTURES: Final = service_loadbalancer.ARCHITECTURES
 ADDRESS_ASSIGNED: Final = "layerlb.dev/AddressAssigned"
 ARCHITECTURE_ACCEPTED: Final = "layerlb.dev/ArchitectureAccepted"
-CONDITION_TYPES: Final = (ADDRESS_ASSIGNED, ARCHITECTURE_ACCEPTED)
-PERMANENT: Final = frozenset(
-    {"InvalidAddresses", "AddressFamilyMismatch", "InvalidArchitecture", "ArchitectureNotImplemented"}
-)
+LOADBALANCER_READY: Final = service_loadbalancer.LOADBALANCER_READY
+CONDITION_TYPES: Final = (ADDRESS_ASSIGNED, ARCHITECTURE_ACCEPTED, LOADBALANCER_READY)
+PERMANENT: Final = frozenset({"InvalidAddresses", "AddressFamilyMismatch", "InvalidArchitecture"})
 
 FAMILIES: Final = {"IPv4": 4, "IPv6": 6}
 ADDRESSES_PATH: Final = f"metadata.annotations[{ADDRESSES_ANNOTATION}]"
 POOL_PATH: Final = f"metadata.annotations[{POOL_ANNOTATION}]"
-ARCHITECTURE_PATH: Final = f"metadata.annotations[{ARCHITECTURE_ANNOTATION}]"
+ARCHITECTURE_PATH: Final = service_loadbalancer.ARCHITECTURE_PATH
 LOAD_BALANCER_IP_PATH: Final = "spec.loadBalancerIP"
 
 Address = vips.Address
@@ -91,10 +93,23 @@ def is_load_balancer(service: Mapping[str, Any]) -> bool:
     return spec.get("type") == "LoadBalancer" and spec.get("loadBalancerClass") in (None, CLASS)
 
 
+def load_balancers_own(service: Mapping[str, Any]) -> bool:
+    """Whether a LoadBalancer controls the Service: its VIP Service (`objects.vip_service`), whose address
+    and status the LoadBalancer's reconciler writes; the front end leaves it alone."""
+    owners = (service.get("metadata") or {}).get("ownerReferences") or []
+    return any(
+        o.get("kind") == "LoadBalancer"
+        and o.get("controller")
+        and str(o.get("apiVersion", "")).startswith("layerlb.dev/")
+        for o in owners
+    )
+
+
 def served(service: Mapping[str, Any], serve_classless: bool) -> bool:
-    """Whether layerlb serves this Service now (a Service being deleted is no longer served)."""
+    """Whether layerlb serves this Service now (a Service being deleted is no longer served, nor one a
+    LoadBalancer controls)."""
     spec = service.get("spec") or {}
-    if (service.get("metadata") or {}).get("deletionTimestamp"):
+    if (service.get("metadata") or {}).get("deletionTimestamp") or load_balancers_own(service):
         return False
     if spec.get("type") != "LoadBalancer":
         return False
@@ -359,15 +374,15 @@ def _automatic(
     )
 
 
-# kube-proxy forwards every address layerlb assigns: packets reach the endpoints with the address as
-# their destination. (`Proxy` is for a proxy that terminates the connection: layerlb's own `proxy`
-# architecture, once a Service can be forwarded by layerlb's pods; see `architecture_condition`.)
+# kube-proxy (and layerlb's kernel architectures) forward with the address as the packets' destination:
+# `VIP`. A proxy that terminates the connection (layerlb's `proxy`) is `Proxy`: see
+# `service_loadbalancer.ip_mode`.
 IP_MODE: Final = "VIP"
 
 
-def ingress(addresses: Sequence[str]) -> list[dict[str, str]]:
+def ingress(addresses: Sequence[str], ip_mode: str = IP_MODE) -> list[dict[str, str]]:
     """`status.loadBalancer.ingress`: one entry per address."""
-    return [{"ip": address, "ipMode": IP_MODE} for address in addresses]
+    return [{"ip": address, "ipMode": ip_mode} for address in addresses]
 
 
 KUBE_PROXY = (
@@ -375,37 +390,90 @@ KUBE_PROXY = (
 )
 
 
-def architecture_condition(service: Mapping[str, Any], generation: int) -> dict[str, Any]:
-    """`layerlb.dev/ArchitectureAccepted`: True (`KubeProxy`) without the annotation; False otherwise.
+@dataclass(frozen=True)
+class Forwarding:
+    """Who forwards the Service's address: the `ArchitectureAccepted` condition (and the derived
+    LoadBalancer's `Ready` reflected), the ipMode, and what to do with the derived LoadBalancer."""
 
-    An unknown value is `InvalidArchitecture`. A valid one (nat, dsr, tunnel, proxy) is
-    `ArchitectureNotImplemented`: forwarding a Service through layerlb's own pods (a LoadBalancer
-    derived from the Service) does not exist yet, and the Service must not look as if it did. Either way
-    the address stays assigned and kube-proxy keeps forwarding it: an annotation must not cut traffic.
+    accepted: dict[str, Any]
+    ip_mode: str = IP_MODE
+    ready: dict[str, Any] | None = None  # layerlb.dev/LoadBalancerReady
+    loadbalancer: dict[str, Any] | None = None  # the derived LoadBalancer to apply (None: there is none)
+    remove: bool = False  # delete the stored derived LoadBalancer (one this Service controls)
+
+
+def forwarding(
+    service: Mapping[str, Any],
+    addresses: Sequence[str],
+    derived: Mapping[str, Any] | None,
+    generation: int = 0,
+) -> Forwarding:
+    """Who forwards the Service: kube-proxy, or layerlb's pods through the derived LoadBalancer.
+
+    `derived` is the stored LoadBalancer with the derived name, whoever owns it. Without the annotation
+    `ArchitectureAccepted` is True `KubeProxy`; an unknown value is `InvalidArchitecture`; a valid one
+    gets the derived LoadBalancer once the Service has its address, or a refusal saying why it cannot
+    (see `service_loadbalancer`). Whenever there is no derived LoadBalancer, kube-proxy forwards the
+    address (`ipMode: VIP`) and a derived one this Service controls is removed; one it does not control
+    is the user's (`NameInUse`) and never touched.
     """
+    ours = derived is not None and service_loadbalancer.controlled_by(derived, service)
+    meta = service.get("metadata") or {}
+    name = service_loadbalancer.name_of(str(meta.get("name")))
+    where = f"LoadBalancer {meta.get('namespace') or 'default'}/{name}"
+
+    def kube_proxy(ok: bool, reason: str, message: str) -> Forwarding:
+        accepted = _condition(ARCHITECTURE_ACCEPTED, ok, reason, message, generation)
+        return Forwarding(accepted, remove=ours)
+
     try:
         architecture = architecture_of(service)
     except Unresolvable as error:
-        return _condition(ARCHITECTURE_ACCEPTED, False, error.reason, _message(error), generation)
+        return kube_proxy(False, error.reason, f"{_message(error)}; {KUBE_PROXY}")
     if architecture is None:
-        return _condition(ARCHITECTURE_ACCEPTED, True, "KubeProxy", KUBE_PROXY, generation)
-    message = (
-        f"{ARCHITECTURE_PATH}: {architecture!r} is a layerlb architecture, but forwarding a Service through "
-        f"layerlb's own forwarding pods is not implemented yet; {KUBE_PROXY}. Remove the annotation, or "
-        f"create a LoadBalancer resource (layerlb.dev/v1alpha1) with architecture {architecture}"
+        return kube_proxy(True, "KubeProxy", KUBE_PROXY)
+    if not addresses:
+        return kube_proxy(
+            False,
+            "AddressNotAssigned",
+            f"{ARCHITECTURE_PATH}: {where} (architecture {architecture}) is created once the Service has "
+            f"an address (see {ADDRESS_ASSIGNED})",
+        )
+    try:
+        desired = service_loadbalancer.translate(service, architecture, addresses)
+    except Unresolvable as error:
+        return kube_proxy(False, error.reason, f"{_message(error)}; {KUBE_PROXY}")
+    if derived is not None and not ours:
+        message = (
+            f"{ARCHITECTURE_PATH}: {where} exists and is not this Service's (no controller reference to it), "
+            f"so layerlb leaves it alone; delete or rename it to have layerlb create the Service's own; "
+            f"{KUBE_PROXY}"
+        )
+        return Forwarding(_condition(ARCHITECTURE_ACCEPTED, False, service_loadbalancer.NAME_IN_USE, message, generation))
+    if derived is not None and (derived.get("metadata") or {}).get("deletionTimestamp"):
+        message = f"{where} is being deleted; it is created again once it is gone; {KUBE_PROXY}"
+        return Forwarding(_condition(ARCHITECTURE_ACCEPTED, False, service_loadbalancer.DELETING, message, generation))
+    ok, reason, message, ready = service_loadbalancer.reflected(derived, desired)
+    return Forwarding(
+        _condition(ARCHITECTURE_ACCEPTED, ok, reason, message, generation),
+        service_loadbalancer.ip_mode(architecture) if ok else IP_MODE,
+        ready,
+        desired,
     )
-    return _condition(ARCHITECTURE_ACCEPTED, False, "ArchitectureNotImplemented", message, generation)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What serving one Service decided: its addresses (none when refused), its conditions, its Events."""
+    """What serving one Service decided: its addresses (none when refused), its conditions, its Events,
+    and what to do with its derived LoadBalancer."""
 
     addresses: tuple[str, ...]
     ingress: list[dict[str, str]]
     conditions: list[dict[str, Any]]  # ours, without lastTransitionTime (see status.merge)
     refusal: str | None = None  # the AddressAssigned reason when no address could be assigned
     warnings: list[status.Event] = field(default_factory=list)  # to post once per Service and value
+    loadbalancer: dict[str, Any] | None = None  # the derived LoadBalancer to apply when it differs
+    remove_loadbalancer: bool = False  # delete the derived LoadBalancer this Service controls
 
     @property
     def waiting(self) -> bool:
@@ -420,11 +488,14 @@ def decide(
     holders: Mapping[str, str],
     broken_pools: Mapping[str, str] | None = None,
     current: Sequence[str] | None = None,
+    derived: Mapping[str, Any] | None = None,
 ) -> Decision:
-    """Serve one Service (already known to be served): its addresses, ingress and conditions.
+    """Serve one Service (already known to be served): its addresses, ingress and conditions, and its
+    derived LoadBalancer (see `forwarding`).
 
     `current` overrides the addresses the Service holds (the caller's claim, newer than a status not yet
-    seen through the watch).
+    seen through the watch); `derived` is the stored LoadBalancer of the derived name, if any (its
+    claim on the Service's address is the Service's own: `holders` need not leave it out).
     """
     # Services have no metadata.generation (the API server never sets it): then no observedGeneration.
     generation = int((service.get("metadata") or {}).get("generation") or 0)
@@ -441,7 +512,9 @@ def decide(
                 f'{ADDRESSES_ANNOTATION}: "{spec["loadBalancerIP"]}" instead (one address per family)',
             )
         )
-    accepted = architecture_condition(service, generation)
+    namespace, name = key_of(service)
+    if derived is not None and service_loadbalancer.controlled_by(derived, service):
+        holders = vips.shared(holders, service_loadbalancer.key_of(namespace, name))
     try:
         request = request_of(service)
         if current is not None:
@@ -449,7 +522,11 @@ def decide(
         assignment = assign(request, pools, holders, broken_pools)
     except Unresolvable as error:
         refused = _condition(ADDRESS_ASSIGNED, False, error.reason, _message(error), generation)
-        return Decision((), [], [refused, accepted], error.reason, warnings)
+        forwarded = forwarding(service, (), derived, generation)
+        return Decision(
+            (), [], [refused, forwarded.accepted], error.reason, warnings,
+            remove_loadbalancer=forwarded.remove,
+        )  # fmt: skip
     families = ", ".join(family_name(ipaddress.ip_address(a).version) for a in assignment.addresses)
     assigned = _condition(
         ADDRESS_ASSIGNED,
@@ -458,7 +535,17 @@ def decide(
         f"assigned {assignment.describe()} for {families} (spec.ipFamilyPolicy {request.policy})",
         generation,
     )
-    return Decision(assignment.addresses, ingress(assignment.addresses), [assigned, accepted], None, warnings)
+    forwarded = forwarding(service, assignment.addresses, derived, generation)
+    conditions = [assigned, forwarded.accepted] + ([forwarded.ready] if forwarded.ready else [])
+    return Decision(
+        assignment.addresses,
+        ingress(assignment.addresses, forwarded.ip_mode),
+        conditions,
+        None,
+        warnings,
+        forwarded.loadbalancer,
+        forwarded.remove,
+    )
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""A forwarding pod binds its VIP before the network delivers it (LAYERLB_FREEBIND=1, set by the operator for
-pod-network pods) and serves as soon as the address arrives; without it, an absent address stays an error.
+"""A transparent proxy binds its VIP before it is local (LAYERLB_FREEBIND=1, set by the operator) and serves as
+soon as the address arrives; without it, an absent address stays an error. A pod-network pod, which
+kube-proxy sends the VIP's packets to (destination rewritten to the pod's address), listens on any address
+(LAYERLB_BIND_ANY=1).
 
 Run in a network namespace of its own, where the test may add the VIP to the loopback as the network would.
 """
@@ -62,6 +64,36 @@ def test_without_freebind_an_absent_vip_is_refused_with_one_line(topology: Topol
     pod = topology.namespace("pod")
     assert pod.call(bind_then_receive, VIP, False) == (
         f"refused: cannot listen on {VIP}:8080/TCP (test/l4 listener t): the address is not on this host"
+    )
+
+
+def bind_any_then_receive_on_the_pod_address(vip: str, pod_address: str) -> str:
+    """In the namespace, as a pod-network pod behind kube-proxy: the listeners of a Plan for `vip` (never
+    local here) bound with LAYERLB_BIND_ANY=1, then a connection and a datagram to the pod's own address,
+    where kube-proxy's DNAT sends the VIP's packets."""
+    os.environ[runtime.BIND_ANY_ENV] = "1"
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "addr", "add", f"{pod_address}/32", "dev", "lo"], check=True)
+    p = l4_plan(vip, [("t", 8080, "TCP"), ("u", 5353, "UDP")], [9])
+    tcp, udp = [runtime.bind(p, listener) for listener in p.listeners]
+    with socket.create_connection((pod_address, 8080), timeout=5):
+        tcp.setblocking(True)
+        accepted, _ = tcp.accept()
+        accepted.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(b"ping", (pod_address, 5353))
+        udp.setblocking(True)
+        data, _ = udp.recvfrom(64)
+    names = [sock.getsockname()[0] for sock in (tcp, udp)]
+    tcp.close()
+    udp.close()
+    return f"served {data.decode()} on {' '.join(names)}"
+
+
+def test_a_pod_network_pod_behind_kube_proxy_listens_on_any_address(topology: Topology) -> None:
+    pod = topology.namespace("pod")
+    assert pod.call(bind_any_then_receive_on_the_pod_address, VIP, "10.244.1.7") == (
+        "served ping on 0.0.0.0 0.0.0.0"
     )
 
 

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +56,11 @@ def test_identity_without_pod_name_is_the_hostname_never_the_user(monkeypatch: p
 
 
 # The "image": this interpreter's packages and the sources, readable by any user.
-PYTHONPATH = [*site.getsitepackages(), str(ROOT), str(ROOT / "operator"), str(ROOT / "dataplane")]
+# The source roots pyproject.toml names (".", operator/, dataplane/, speaker/, ...), as the editable install has them.
+SOURCE_ROOTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+    "where"
+]
+PYTHONPATH = [*site.getsitepackages(), *(str((ROOT / root).resolve()) for root in SOURCE_ROOTS)]
 
 
 def _as_pod_user(argv: Sequence[str], env: dict[str, str]) -> list[str]:

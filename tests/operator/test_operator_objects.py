@@ -71,15 +71,56 @@ def test_proxy_architectures_run_unprivileged(mode: str, architecture: str) -> N
 
 
 @pytest.mark.parametrize(("mode", "architecture"), UNPRIVILEGED + KERNEL_OR_TRANSPARENT)
-def test_pod_network_forwarding_pods_bind_their_vip_before_the_network_delivers_it(
+def test_pod_network_pods_bind_any_address_and_the_transparent_proxy_binds_its_vip_before_it_is_local(
     mode: str, architecture: str
 ) -> None:
     pod = _pod(_lb(mode, architecture))
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    # Pod network: kube-proxy delivers the VIP's packets to the pod's own address (the VIP Service).
     # Kernel engines put the VIP on their node before anything binds it; the transparent proxy puts it on
-    # its node's loopback after checking its listeners; the others get it from the network.
-    expected = None if pod.get("hostNetwork") and architecture != "transparent" else "1"
-    assert env.get("LAYERLB_FREEBIND") == expected
+    # its node's loopback after checking its listeners.
+    assert env.get("LAYERLB_BIND_ANY") == (None if pod.get("hostNetwork") else "1")
+    assert env.get("LAYERLB_FREEBIND") == ("1" if architecture == "transparent" else None)
+
+
+def _vip_service(resource: api.LoadBalancer, vip: str) -> dict[str, Any] | None:
+    built = objects.desired(resource, "uid-1", "{}", objects.Settings(), vip=vip)
+    return next((o for o in built if o["kind"] == "Service"), None)
+
+
+@pytest.mark.parametrize(("mode", "architecture"), UNPRIVILEGED)
+def test_a_pod_network_load_balancer_gets_its_vip_to_its_pods_through_a_service_kube_proxy_forwards(
+    mode: str, architecture: str
+) -> None:
+    resource = _lb(mode, architecture, listeners=[
+        {"name": "a", "port": 8080, "protocol": "HTTP" if mode == "L7" else "TCP"},
+        *([{"name": "dns", "port": 53, "protocol": "UDP"}] if mode == "L4" else []),
+    ])  # fmt: skip
+    service = _vip_service(resource, "192.0.2.10")
+    assert service is not None
+    assert service["metadata"]["name"] == "web-dataplane"
+    assert service["metadata"]["ownerReferences"][0]["kind"] == "LoadBalancer"
+    assert service["spec"] == {
+        "type": "LoadBalancer",
+        "loadBalancerClass": "layerlb.dev/loadbalancer",
+        "allocateLoadBalancerNodePorts": False,
+        "externalTrafficPolicy": "Local",
+        "ipFamilyPolicy": "SingleStack",
+        "ipFamilies": ["IPv4"],
+        "selector": objects.selector("web"),
+        "ports": [
+            {"name": "a", "port": 8080, "targetPort": 8080, "protocol": "TCP"},
+            *([{"name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP"}] if mode == "L4" else []),
+        ],
+    }
+    assert service["status"] == {"loadBalancer": {"ingress": [{"ip": "192.0.2.10", "ipMode": "VIP"}]}}
+    six = _vip_service(resource, "2001:db8::10")
+    assert six is not None and six["spec"]["ipFamilies"] == ["IPv6"]
+
+
+@pytest.mark.parametrize(("mode", "architecture"), KERNEL_OR_TRANSPARENT)
+def test_host_network_load_balancers_get_no_vip_service(mode: str, architecture: str) -> None:
+    assert _vip_service(_lb(mode, architecture), "192.0.2.10") is None
 
 
 @pytest.mark.parametrize(("mode", "architecture"), KERNEL_OR_TRANSPARENT)

@@ -21,7 +21,8 @@ def test_the_operator_reads_what_it_watches_and_writes_only_what_it_owns() -> No
         ("layerlb.dev", "loadbalancers/status"): {"patch"},
         ("layerlb.dev", "loadbalancers/finalizers"): {"update"},
         ("layerlb.dev", "vippools"): {"list", "watch"},
-        ("", "services"): {"list", "watch", "patch"},  # patch: its finalizer on Services it serves
+        # patch: its finalizer on Services it serves; create + patch: the VIP Services of pod-network LoadBalancers
+        ("", "services"): {"list", "watch", "create", "patch"},
         ("", "services/status"): {"patch"},  # status.loadBalancer.ingress and its conditions
         ("", "secrets"): {"get", "list", "watch"},  # get: to grant its pods get on their TLS Secrets
         ("", "pods"): {"list", "watch"},

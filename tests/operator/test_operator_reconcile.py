@@ -94,6 +94,7 @@ def test_a_service_backend_resolves_to_its_ready_endpoints_on_the_target_port() 
         "ConfigMap",
         "ConfigMap",
         "Deployment",
+        "Service",  # the VIP Service, through which kube-proxy sends the VIP to the pods
     ]
 
 

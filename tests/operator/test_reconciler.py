@@ -104,8 +104,11 @@ def test_an_unchanged_load_balancer_synced_twice_patches_its_status_once() -> No
     second = _run(worker.sync(store["shop/a"][0]))
     assert (first.verdict, second.verdict) == ("accepted", "accepted")
     assert len(client.patched) == 1
-    assert len(client.applied) == 12  # server-side apply is idempotent: the second round changes nothing
-    assert client.applied[:6] == client.applied[6:]
+    assert len(client.applied) == 14  # server-side apply is idempotent: the second round changes nothing
+    assert client.applied[:7] == client.applied[7:]
+    # The VIP Service's status (its ingress, the VIP) goes to its status subresource, each round.
+    statuses = [(m, p) for m, p, _ in client.requests if p.endswith("/services/a-dataplane/status")]
+    assert [m for m, _ in statuses] == ["PATCH", "PATCH"], client.requests
     assert [e["reason"] for e in client.events] == ["Valid", "Programmed", "Pending"]
 
 

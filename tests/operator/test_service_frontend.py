@@ -269,3 +269,29 @@ def test_ledger_holds_several_addresses_per_service_and_releases_them_together()
     assert ledger.holders({}) == {"192.0.2.0": owner, "2001:db8::": owner}
     ledger.claim(owner, ())
     assert ledger.holders({owner: ("192.0.2.0",)}) == {}
+
+
+def test_a_service_a_load_balancer_controls_is_left_to_that_load_balancer() -> None:
+    """A pod-network LoadBalancer's VIP Service (objects.vip_service) carries the LoadBalancer's address, which
+    the LoadBalancer holds: the front end neither serves it nor counts it in the ledger."""
+    owned = {
+        "metadata": {
+            "name": "web-dataplane",
+            "namespace": "shop",
+            "ownerReferences": [
+                {
+                    "apiVersion": "layerlb.dev/v1alpha1",
+                    "kind": "LoadBalancer",
+                    "name": "web",
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "layerlb.dev/loadbalancer"},
+        "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10", "ipMode": "VIP"}]}},
+    }
+    assert service_frontend.load_balancers_own(owned)
+    assert not service_frontend.served(owned, serve_classless=True)
+    assert service_frontend.ledger_entry(owned, serve_classless=True) == ()
+    user = {**owned, "metadata": {"name": "web", "namespace": "shop"}}
+    assert service_frontend.served(user, serve_classless=False)

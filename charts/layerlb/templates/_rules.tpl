@@ -40,6 +40,7 @@
   resources:
   - services
   verbs:
+  - create
   - patch
 - apiGroups:
   - ''
@@ -143,6 +144,7 @@
   resources:
   - services
   verbs:
+  - create
   - patch
 - apiGroups:
   - ''
