@@ -36,6 +36,7 @@ NAMESPACED = {
     ("layerlb.dev", "loadbalancers/finalizers"),
     ("", "services"),
     ("", "services/status"),
+    ("", "services/finalizers"),
     ("", "secrets"),
     ("", "pods"),
     ("", "configmaps"),

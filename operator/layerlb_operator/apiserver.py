@@ -120,16 +120,30 @@ class Client:
         self.writes[kind] += 1
         return self.request(method, path, **kwargs)
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply `obj` as the operator's field manager, taking over conflicting fields."""
+    def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply `obj` as the operator's field manager, taking over conflicting fields (without
+        `force`, a field another manager set to another value is a 409 instead: an object someone else
+        created in the meantime is not taken over)."""
         return self.write(
             obj["kind"],
             "PATCH",
             object_path(obj),
-            query=[("fieldManager", self.field_manager), ("force", "true")],
+            query=[("fieldManager", self.field_manager), *([("force", "true")] if force else [])],
             body=obj,  # JSON is YAML: the apply-patch+yaml body is the object as JSON
             content_type=APPLY_PATCH,
         )
+
+    def delete_loadbalancer(self, namespace: str, name: str, uid: str) -> dict[str, Any]:
+        """Delete the LoadBalancer only if it is still the object `uid` (else 409): one the user created
+        under the same name since is never deleted. Its dependents go through the garbage collector."""
+        path = collection_path("layerlb.dev/v1alpha1", "LoadBalancer", namespace) + f"/{name}"
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"uid": uid},
+            "propagationPolicy": "Background",
+        }
+        return self.write("LoadBalancer", "DELETE", path, body=body)
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch a LoadBalancer's status subresource (the operator is its only writer)."""

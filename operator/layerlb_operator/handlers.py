@@ -220,6 +220,13 @@ async def pod_changed(
         worker.pod_gone(instance, name)
 
 
+@kopf.on.event(*LOADBALANCERS)
+async def loadbalancer_changed(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
+    """A Service's derived LoadBalancer reads on the Service (its status included, which kopf's update
+    handlers do not see); a deleted LoadBalancer may free a name a Service waits for."""
+    _bound(kwargs).services.loadbalancer_changed(_plain(body), deleted=type == "DELETED")
+
+
 @kopf.on.event(*VIPPOOLS)
 async def pool_changed(**kwargs: Any) -> None:
     worker = _bound(kwargs)

@@ -5,13 +5,19 @@ Least privilege, verb by verb:
 - it reads (list/watch) what it watches: LoadBalancers, VIPPools, Services, EndpointSlices, Secrets
   (TLS material), and its forwarding pods and their Deployments (for `Ready`);
 - it writes its owned objects by server-side apply, which is a PATCH that creates a missing object, so
-  `create` + `patch` on each kind; it never deletes them (the garbage collector does);
+  `create` + `patch` on each kind; it never deletes them (the garbage collector does), but for a
+  Service's derived LoadBalancer (below);
 - Roles it creates grant get/list/watch on the Plan ConfigMap, patch on the serving-report one and get
   on the TLS Secrets the LoadBalancer names (its pods read the private keys there: keys never go into a
   ConfigMap), and Kubernetes lets nobody grant what they do not hold (no `escalate` verb here), so it
   holds those verbs on ConfigMaps and `get` on Secrets too; it also watches the report ConfigMaps (for `Ready` and the deletion wait);
 - kopf patches LoadBalancers (its finalizer and progress annotations), the operator patches their status,
   and setting `blockOwnerDeletion` on owner references needs `update` on `loadbalancers/finalizers`;
+- a Service asking for a layerlb architecture gets a derived LoadBalancer (service_loadbalancer), written
+  by server-side apply (`create` + `patch` on loadbalancers) with a `blockOwnerDeletion` owner reference
+  to the Service (`update` on `services/finalizers`), and deleted when the Service stops asking for it:
+  `delete` on loadbalancers is the operator's only delete verb (a uid precondition limits it to the
+  derived LoadBalancer the Service controls; everything else goes through the garbage collector);
 - kopf posts Events; the Lease of leader election is read and updated by name only;
 - a pod-network LoadBalancer's VIP Service (objects.vip_service) is written like its other objects
   (`create` + `patch` on services) and its ingress by server-side apply on `services/status`;
@@ -41,13 +47,14 @@ def _rule(
 def cluster_rules() -> list[dict[str, Any]]:
     """The ClusterRole rules of the operator (cluster-wide mode; a namespaced install binds them per namespace)."""
     return [
-        _rule("layerlb.dev", ["loadbalancers"], [*READ, "patch"]),
+        _rule("layerlb.dev", ["loadbalancers"], [*READ, *APPLY, "delete"]),
         _rule("layerlb.dev", ["loadbalancers/status"], ["patch"]),
         _rule("layerlb.dev", ["loadbalancers/finalizers"], ["update"]),
         _rule("layerlb.dev", ["vippools"], READ),
         _rule("", ["services", "pods"], READ),
         _rule("", ["services"], APPLY),
         _rule("", ["services/status"], ["patch"]),
+        _rule("", ["services/finalizers"], ["update"]),
         _rule("", ["secrets"], ["get", *READ]),
         _rule("discovery.k8s.io", ["endpointslices"], READ),
         _rule("", ["configmaps"], ["get", *READ, *APPLY]),

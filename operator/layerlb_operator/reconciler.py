@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerlb import validation
-from layerlb_operator import (
-    admin_ports, apiserver, objects, reconcile, service_loadbalancer, service_reconciler, status, vips,
-)  # fmt: skip
+from layerlb_operator import admin_ports, apiserver, objects, reconcile, service_reconciler, status, vips
 from layerlb_operator.cluster_view import ClusterView, Store
 from layerlb_operator.debounce import Debouncer
 from layerlb_operator.metrics import Metrics
@@ -209,9 +207,7 @@ class Reconciler:
                 sources.secrets,
                 pools,
                 # A LoadBalancer derived from a Service shares that Service's address (vips.shared).
-                vips.shared(
-                    self.ledger.holders(self._holdings(sources)), service_loadbalancer.sharing_owner(document)
-                ),
+                self.services.shared(self.ledger.holders(self._holdings(sources)), document),
                 current_vip=previous.get("vip"),
                 broken_pools=broken,
             )

@@ -428,8 +428,8 @@ def forwarding(
 
     try:
         architecture = architecture_of(service)
-    except Unresolvable as error:
-        return kube_proxy(False, error.reason, f"{_message(error)}; {KUBE_PROXY}")
+    except Unresolvable as error:  # its message says kube-proxy forwards
+        return kube_proxy(False, error.reason, _message(error))
     if architecture is None:
         return kube_proxy(True, "KubeProxy", KUBE_PROXY)
     if not addresses:
@@ -449,10 +449,14 @@ def forwarding(
             f"so layerlb leaves it alone; delete or rename it to have layerlb create the Service's own; "
             f"{KUBE_PROXY}"
         )
-        return Forwarding(_condition(ARCHITECTURE_ACCEPTED, False, service_loadbalancer.NAME_IN_USE, message, generation))
+        return Forwarding(
+            _condition(ARCHITECTURE_ACCEPTED, False, service_loadbalancer.NAME_IN_USE, message, generation)
+        )
     if derived is not None and (derived.get("metadata") or {}).get("deletionTimestamp"):
         message = f"{where} is being deleted; it is created again once it is gone; {KUBE_PROXY}"
-        return Forwarding(_condition(ARCHITECTURE_ACCEPTED, False, service_loadbalancer.DELETING, message, generation))
+        return Forwarding(
+            _condition(ARCHITECTURE_ACCEPTED, False, service_loadbalancer.DELETING, message, generation)
+        )
     ok, reason, message, ready = service_loadbalancer.reflected(derived, desired)
     return Forwarding(
         _condition(ARCHITECTURE_ACCEPTED, ok, reason, message, generation),

@@ -11,9 +11,18 @@ await, so allocations never interleave), then write only what differs:
    clears the ingress and its conditions and removes the finalizer;
 2. `status.loadBalancer.ingress` and the conditions, by server-side apply under the operator's field
    manager (it owns its own condition types only);
-3. Events: `AddressAssigned` (Normal) naming the addresses, a Warning naming the field and the value for
+3. the LoadBalancer derived from the Service when it asks for a layerlb architecture
+   (`service_loadbalancer`), by server-side apply under the same field manager, only when the stored one
+   differs; created without `force`, so a LoadBalancer someone else created under that name in the
+   meantime is a conflict, never taken over. It is deleted (with the uid as precondition: only the
+   object this Service controls) when the Service no longer asks for it or it cannot serve, and when
+   the Service leaves the class or type; a Service being deleted leaves it to the garbage collector
+   (its owner reference);
+4. Events: `AddressAssigned` (Normal) naming the addresses, a Warning naming the field and the value for
    every refusal, `AddressReleased` on release, `DeprecatedLoadBalancerIP` once per Service and value
-   (Services have no `metadata.generation`, so their conditions carry no `observedGeneration`).
+   (Services have no `metadata.generation`, so their conditions carry no `observedGeneration`);
+   `LoadBalancerCreated` and `LoadBalancerDeleted` for the derived LoadBalancer, and a Warning with its
+   own reason and message when it refuses.
 
 Services ride the LoadBalancers' queue under the key `Service namespace/name`, due at once (no
 debounce): the target is the status within a second of the Service's creation.
@@ -26,7 +35,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from layerlb_operator import apiserver, service_frontend, status, vips
+from layerlb_operator import apiserver, service_frontend, service_loadbalancer, status, vips
 
 if TYPE_CHECKING:
     from layerlb_operator.reconciler import Reconciler, Result
@@ -78,6 +87,38 @@ class ServiceReconciler:
         conditions = service_frontend.our_conditions(body)
         reason = status.reason_of(conditions, service_frontend.ADDRESS_ASSIGNED)
         return bool(reason) and reason != "AddressAssigned" and reason not in service_frontend.PERMANENT
+
+    @staticmethod
+    def waiting_for_name(body: Mapping[str, Any]) -> bool:
+        """Whether a Service waits for its derived LoadBalancer's name (`NameInUse`) or for its old
+        derived LoadBalancer to be gone: a LoadBalancer's deletion may cure it."""
+        reason = status.reason_of(
+            service_frontend.our_conditions(body), service_frontend.ARCHITECTURE_ACCEPTED
+        )
+        return reason in (service_loadbalancer.NAME_IN_USE, service_loadbalancer.DELETING)
+
+    def loadbalancer_changed(self, loadbalancer: Mapping[str, Any], deleted: bool = False) -> None:
+        """A LoadBalancer changed: re-reconcile the Service controlling it (its status reads on the
+        Service), and on a deletion the Services waiting for a LoadBalancer's name."""
+        owner = service_loadbalancer.sharing_owner(loadbalancer)
+        if owner is not None:
+            self.owner.queue.touch(owner, 0.0)
+        if deleted:
+            self.touch_waiting(self.waiting_for_name)
+
+    @staticmethod
+    def shared(holders: Mapping[str, str], loadbalancer: Mapping[str, Any]) -> dict[str, str]:
+        """`holders` as a LoadBalancer's VIP allocation sees them: without its Service's address when it
+        is that Service's derived LoadBalancer (`vips.shared`)."""
+        return vips.shared(holders, service_loadbalancer.sharing_owner(loadbalancer))
+
+    def derived(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """The stored LoadBalancer bearing the Service's derived name, whoever owns it."""
+        sources = self.owner.sources
+        if sources is None:
+            return None
+        found = sources.loadbalancers.get(service_loadbalancer.key_of(namespace, name), ())
+        return next(iter(found), None)
 
     def holdings(self) -> dict[str, tuple[str, ...]]:
         """Ledger owner → the addresses the Services' statuses show (for `vips.Ledger.holders`)."""
@@ -160,12 +201,14 @@ class ServiceReconciler:
             if written is not None and written[0] == uid
             else (_ingress(body), service_frontend.our_conditions(body))
         )
+        derived = self.derived(namespace, name)
         decision = service_frontend.decide(
             body,
             pools=pools,
             holders=ledger.holders({**self.owner.statuses(), **self.holdings()}),
             broken_pools=broken,
             current=current,
+            derived=derived,
         )
         ledger.claim(owner, decision.addresses)  # before any await: allocations never interleave
         if current and not set(current) <= set(decision.addresses):
@@ -179,6 +222,7 @@ class ServiceReconciler:
                 finalizers,
                 str(meta.get("resourceVersion", "")),
             )
+        events = await self._derive(body, decision, derived)
         conditions = status.merge(previous_conditions, decision.conditions, self.owner.now())
         if decision.ingress != previous_ingress or _comparable(conditions) != _comparable(
             previous_conditions
@@ -193,7 +237,7 @@ class ServiceReconciler:
                 },
             )
             self._written[owner] = (uid, decision.ingress, conditions)
-        events = self._events(previous_ingress, previous_conditions, decision, conditions)
+        events = self._events(previous_ingress, previous_conditions, decision, conditions) + events
         asked = str((body.get("spec") or {}).get("loadBalancerIP") or "")
         if decision.warnings and (uid, asked) not in self._warned:
             self._warned.add((uid, asked))
@@ -205,6 +249,41 @@ class ServiceReconciler:
             # itself changing) re-triggers the Service.
             return Result("refused", decision.conditions[0]["message"])
         return Result("accepted")
+
+    async def _derive(
+        self, body: Mapping[str, Any], decision: service_frontend.Decision, derived: Mapping[str, Any] | None
+    ) -> list[status.Event]:
+        """Apply the derived LoadBalancer when it differs from the stored one, or delete the stored one this
+        Service controls when there should be none; the Events saying so."""
+        desired = decision.loadbalancer
+        if desired is not None:
+            if derived is None or not service_loadbalancer.up_to_date(derived, desired):
+                # Creating: no force, so a LoadBalancer someone created meanwhile under the name is a 409.
+                await asyncio.to_thread(self.owner.client.apply, desired, force=derived is not None)
+            return []
+        if decision.remove_loadbalancer and derived is not None:
+            return await self._delete_derived(
+                derived, "the Service no longer asks for it, or it cannot serve it"
+            )
+        return []
+
+    async def _delete_derived(self, derived: Mapping[str, Any], why: str) -> list[status.Event]:
+        meta = derived.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            return []
+        try:
+            await asyncio.to_thread(
+                self.owner.client.delete_loadbalancer,
+                str(meta.get("namespace") or "default"),
+                str(meta.get("name")),
+                str(meta.get("uid", "")),
+            )
+        except apiserver.ApiError as error:
+            if error.status in (404, 409):  # gone already, or no longer the object this Service controlled
+                return []
+            raise
+        what = service_loadbalancer.describe(derived)
+        return [status.Event("Normal", "LoadBalancerDeleted", f"deleted {what}: {why}")]
 
     def _events(
         self,
@@ -226,12 +305,10 @@ class ServiceReconciler:
             )
             if item["type"] == service_frontend.ADDRESS_ASSIGNED and moved and item["status"] == "True":
                 same = False
-            if same or (
-                old is None
-                and item["type"] == service_frontend.ARCHITECTURE_ACCEPTED
-                and item["status"] == "True"
-            ):
+            if same or (old is None and item["reason"] == "KubeProxy"):
                 continue
+            if item["type"] == service_frontend.LOADBALANCER_READY and item["status"] != "True":
+                continue  # the LoadBalancer tells its own story; the Service hears when it serves
             kind = "Normal" if item["status"] == "True" else "Warning"
             events.append(status.Event(kind, item["reason"], item["message"]))
         return events
@@ -243,6 +320,16 @@ class ServiceReconciler:
         meta = body.get("metadata") or {}
         had = self.owner.ledger.claims.get(owner) or service_frontend.ingress_addresses(body)
         ours = service_frontend.has_finalizer(body)
+        derived = self.derived(namespace, name)
+        # A Service being deleted leaves its derived LoadBalancer to the garbage collector (its owner reference).
+        if (
+            derived is not None
+            and service_loadbalancer.controlled_by(derived, body)
+            and not meta.get("deletionTimestamp")
+        ):
+            events = await self._delete_derived(derived, "the Service is no longer served by layerlb")
+            if events:
+                await asyncio.to_thread(self.owner.post, body, events)
         if owner in self.owner.ledger.claims or ours:
             self._forget(owner)
         if not ours:

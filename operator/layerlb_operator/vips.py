@@ -17,6 +17,12 @@ ledger: a LoadBalancer's owner is `namespace/name` (its `status.vip`), a Service
 `Service namespace/name` (the `ip`s of its `status.loadBalancer.ingress`, one per family; see
 `service_frontend`), so an address held by either is never handed to the other, and a restart rebuilds
 both from their statuses.
+
+One address has two holders on purpose: a Service asking for a layerlb architecture and the LoadBalancer
+derived from it (`service_loadbalancer`: named after the Service, controlled by it through its owner
+reference), whose VIP is the Service's address. Each ignores the other's claim (`shared`): the Service
+keeps its address while its LoadBalancer holds it, the LoadBalancer may take it as its `spec.vip`, and
+after a restart both statuses rebuild the same two claims. Anyone else still finds the address taken.
 """
 
 from __future__ import annotations
@@ -128,6 +134,12 @@ class Ledger:
 
 
 SERVICE_OWNER = "Service "
+
+
+def shared(holders: Mapping[str, str], partner: str | None) -> dict[str, str]:
+    """`holders` without the addresses that `partner` holds: a Service and its derived LoadBalancer share
+    the Service's address, so neither counts the other's claim (None: nothing is shared)."""
+    return {address: owner for address, owner in holders.items() if partner is None or owner != partner}
 
 
 def describe_holder(owner: str) -> str:

@@ -1,4 +1,5 @@
-"""The operator's ClusterRole is data with exactly the verbs it uses: no wildcards, no deletes, no escalation."""
+"""The operator's ClusterRole is data with exactly the verbs it uses: no wildcards, no escalation, and no
+deletes but of the LoadBalancers it derives from Services."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ def _verbs(rules: list[dict[str, object]]) -> dict[tuple[str, str], set[str]]:
 def test_the_operator_reads_what_it_watches_and_writes_only_what_it_owns() -> None:
     verbs = _verbs(rbac.cluster_rules())
     assert verbs == {
-        ("layerlb.dev", "loadbalancers"): {"list", "watch", "patch"},
+        # create + patch + delete: a Service's derived LoadBalancer (service_loadbalancer)
+        ("layerlb.dev", "loadbalancers"): {"list", "watch", "create", "patch", "delete"},
         ("layerlb.dev", "loadbalancers/status"): {"patch"},
         ("layerlb.dev", "loadbalancers/finalizers"): {"update"},
         ("layerlb.dev", "vippools"): {"list", "watch"},
         # patch: its finalizer on Services it serves; create + patch: the VIP Services of pod-network LoadBalancers
         ("", "services"): {"list", "watch", "create", "patch"},
         ("", "services/status"): {"patch"},  # status.loadBalancer.ingress and its conditions
+        # blockOwnerDeletion on a derived LoadBalancer's owner reference to its Service
+        ("", "services/finalizers"): {"update"},
         ("", "secrets"): {"get", "list", "watch"},  # get: to grant its pods get on their TLS Secrets
         ("", "pods"): {"list", "watch"},
         ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
@@ -38,11 +42,25 @@ def test_the_operator_reads_what_it_watches_and_writes_only_what_it_owns() -> No
 
 
 def test_no_rule_uses_wildcards_deletes_or_privilege_escalation_verbs() -> None:
+    """The one exception: `delete` on LoadBalancers, for a Service's derived one (service_loadbalancer)."""
     for rule in [*rbac.cluster_rules(), *rbac.lease_rules("layerlb-operator")]:
         text = repr(rule)
         assert "*" not in text
         for verb in ("delete", "deletecollection", "escalate", "bind", "impersonate"):
+            if verb == "delete" and (rule["apiGroups"], rule["resources"]) == (
+                ["layerlb.dev"],
+                ["loadbalancers"],
+            ):
+                continue
             assert verb not in rule["verbs"]
+    deleting = [rule for rule in rbac.cluster_rules() if "delete" in rule["verbs"]]
+    assert deleting == [
+        {
+            "apiGroups": ["layerlb.dev"],
+            "resources": ["loadbalancers"],
+            "verbs": ["list", "watch", "create", "patch", "delete"],
+        }
+    ]
 
 
 def test_the_lease_is_read_and_renewed_by_name() -> None:

@@ -23,7 +23,7 @@ class FakeClient(apiserver.Client):
         self.events: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str, Any]] = []  # other writes: (method, path, body)
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         self.applied.append(obj)
         return obj
 

@@ -252,14 +252,17 @@ def test_the_architecture_annotation_is_validated_on_its_own_condition_keeping_t
     )
 
 
-def test_a_valid_architecture_says_it_is_not_implemented_and_kube_proxy_keeps_forwarding() -> None:
+def test_a_valid_architecture_gets_a_derived_load_balancer_with_the_ip_mode_of_its_forwarding() -> None:
+    """The translation itself is in test_service_loadbalancer.py."""
+    modes = {}
     for architecture in service_frontend.ARCHITECTURES:
-        decision = _decide(_service(annotations={ARCHITECTURE_ANNOTATION: architecture}))
-        assert decision.ingress == [{"ip": "192.0.2.0", "ipMode": "VIP"}]
+        port = {"name": "http", "port": 80, "targetPort": 80}
+        decision = _decide(_service(annotations={ARCHITECTURE_ANNOTATION: architecture}, ports=[port]))
         condition = decision.conditions[1]
-        assert (condition["status"], condition["reason"]) == ("False", "ArchitectureNotImplemented")
-        assert f"{architecture!r} is a layerlb architecture" in condition["message"]
-        assert "kube-proxy forwards the address" in condition["message"]
+        assert (condition["status"], condition["reason"]) == ("True", "LoadBalancerCreated"), condition
+        assert decision.loadbalancer is not None and decision.loadbalancer["spec"]["vip"] == "192.0.2.0"
+        modes[architecture] = decision.ingress[0]["ipMode"]
+    assert modes == {"nat": "VIP", "dsr": "VIP", "tunnel": "VIP", "proxy": "Proxy"}
 
 
 def test_ledger_holds_several_addresses_per_service_and_releases_them_together() -> None:

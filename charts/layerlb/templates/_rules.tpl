@@ -7,7 +7,9 @@
   verbs:
   - list
   - watch
+  - create
   - patch
+  - delete
 - apiGroups:
   - layerlb.dev
   resources:
@@ -48,6 +50,12 @@
   - services/status
   verbs:
   - patch
+- apiGroups:
+  - ''
+  resources:
+  - services/finalizers
+  verbs:
+  - update
 - apiGroups:
   - ''
   resources:
@@ -118,7 +126,9 @@
   verbs:
   - list
   - watch
+  - create
   - patch
+  - delete
 - apiGroups:
   - layerlb.dev
   resources:
@@ -152,6 +162,12 @@
   - services/status
   verbs:
   - patch
+- apiGroups:
+  - ''
+  resources:
+  - services/finalizers
+  verbs:
+  - update
 - apiGroups:
   - ''
   resources:
