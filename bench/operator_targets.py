@@ -233,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     from e2e.cluster import nodes as node_kit
     from e2e.harness import service_and_slice
     from e2e.nodes import chart_operator, suite
-    from e2e.nodes.network import Plumber
     from e2e.nodes.platform import local_nodes
 
     workdir = Path(tempfile.mkdtemp(prefix="llb-targets-"))
@@ -244,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
         custom: Any = k8s.CustomObjectsApi(api)
         discovery: Any = k8s.DiscoveryV1Api(api)
         addresses = suite.start_backends(platform)[:2]
-        plumber = Plumber(platform, client=lambda *argv: platform.client_exec("ip", *argv))
         timeline = Timeline(api, NAMESPACE)
         ready: list[float] = []
         created: dict[str, float] = {}
@@ -290,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
             custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
             if timeline.wait("switch", "Ready", WAIT) is None:
                 raise SystemExit(f"LoadBalancer switch not Ready within {WAIT:.0f} s")
-            plumber.once()
             lb = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "switch")
             poller = Poller(node_kit.client_netns(platform.cluster.tag), lb["status"]["vip"], 8080,
                             WAIT * (args.changes + 2))  # fmt: skip
@@ -315,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
                 poller.stop()
         finally:
             timeline.stop.set()
-            plumber.close()
         print(f"\n[targets] load average {load_average()} (2 cores, shared)")
         print(f"{'':<38} {'n':>3}  {'p50':>6} {'p95':>6} {'max':>6}   target      verdict")
         print(row("apply → Ready (one after another)", ready, READY_TARGET, args.count))

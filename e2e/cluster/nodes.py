@@ -1,16 +1,23 @@
 """Real Kubernetes nodes on one machine: each a network namespace with its own containerd, kubelet and
 kube-proxy, registered with the local control plane (``cluster.py``).
 
-    host (root netns)                      network namespace NET (bridge br0, 172.28.0.1)
+    host (root netns)                      network namespace NET (bridge br0, 172.28.0.1, fd00:28::1)
       kube-apiserver 127.0.0.1:PORT  ◀──── api.sock ◀── socat in every node: 0.0.0.0:6443
       egress selector (HTTPConnect) ─────▶ egress.sock ──▶ egress.py (CONNECT proxy) ──▶ kubelets :10250
-                                           node1 172.28.0.11  pods 10.244.1.0/24 on cni0
-                                           node2 172.28.0.12  pods 10.244.2.0/24 on cni0
+                                           node1 172.28.0.11 fd00:28::11  pods 10.244.1.0/24 fd00:244:1::/64
+                                           node2 172.28.0.12 fd00:28::12  pods 10.244.2.0/24 fd00:244:2::/64
+                                           client 172.28.0.100 fd00:28::100 (a LAN machine, no node)
 
 A node is: a network namespace on the bridge (routes to the other nodes' pod CIDRs), containerd with its
 own root, state, socket and CNI folder (standard CNI plugins: bridge + host-local + portmap), a kubelet
 (cgroupfs driver, its own cgroup root in every hierarchy, its own root-dir and pod-log folder) and a
-kube-proxy (nftables mode). The API server is reached through a relay in each node on port 6443, which
+kube-proxy (nftables mode).
+
+The cluster is dual-stack, IPv4 first: nodes, pods and the LAN have an address of each family (Node
+InternalIPs and pod IPs IPv4 then IPv6; a Service that asks nothing stays IPv4 single-stack), and
+kube-proxy serves both. IPv6 duplicate address detection and router advertisements are off in every
+namespace made here (and in pods, the bridge plugin's default), so an address is usable the moment it is
+added: nothing else on these links could hold it, and nobody sends router advertisements. The API server is reached through a relay in each node on port 6443, which
 the in-cluster ``kubernetes`` Service's EndpointSlice names, so pods reach it at 10.0.0.1:443.
 
 Processes are started with ``nsenter --net`` rather than ``ip netns exec``: the latter remounts /sys
@@ -42,7 +49,15 @@ NODE_SUBNET = "172.28.0.0/24"
 NETWORK_IP = "172.28.0.1"
 # A machine on the nodes' LAN, outside the cluster: what a user's client is (its own namespace).
 CLIENT_IP = "172.28.0.100"
+# Addresses of the nodes' LAN kept for VIPs, as a bare-metal administrator reserves a range of the node
+# subnet for an L2 load balancer: the LAN's hosts reach them on-link, asking by ARP (the speaker answers).
+LAN_VIPS = "172.28.0.200-172.28.0.250"
 POD_CIDR = "10.244.0.0/16"
+# The same LAN and pod network in IPv6 (node N at fd00:28::1N, its pods in fd00:244:N::/64).
+NODE_SUBNET6 = "fd00:28::/64"
+NETWORK_IP6 = "fd00:28::1"
+CLIENT_IP6 = "fd00:28::100"
+POD_CIDR6 = "fd00:244::/48"
 API_RELAY_PORT = 6443
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NODE_CPU_SHARES = 4096
@@ -74,6 +89,8 @@ class Node:
     netns: str
     ip: str
     pod_cidr: str
+    ip6: str
+    pod_cidr6: str
     folder: Path
     cgroup: str  # the kubelet's cgroupRoot, relative to each hierarchy
     sockets: Path  # containerd's sockets (short paths, see SOCKETS)
@@ -84,7 +101,8 @@ class Node:
 
 
 def node_layout(tag: str, count: int) -> list[Node]:
-    """The nodes a cluster tagged ``tag`` has: names node1..nodeN, 172.28.0.1N, pods 10.244.N.0/24."""
+    """The nodes a cluster tagged ``tag`` has: names node1..nodeN, 172.28.0.1N and fd00:28::1N, pods
+    10.244.N.0/24 and fd00:244:N::/64."""
     return [
         Node(
             name=f"node{i}",
@@ -92,6 +110,8 @@ def node_layout(tag: str, count: int) -> list[Node]:
             netns=f"llbk-{tag}-node{i}",
             ip=f"172.28.0.{10 + i}",
             pod_cidr=f"10.244.{i}.0/24",
+            ip6=f"fd00:28::{10 + i}",
+            pod_cidr6=f"fd00:244:{i}::/64",
             folder=NODE_ROOT / tag / f"node{i}",
             cgroup=f"llbk-{tag}-node{i}",
             sockets=SOCKETS / tag / f"node{i}",
@@ -136,7 +156,24 @@ def ip(*args: str, netns: str | None = None, check: bool = True) -> None:
 
 def write_sysctl(netns: str, key: str, value: str) -> None:
     """A sysctl inside ``netns`` (per-namespace knobs only)."""
-    run(["nsenter", f"--net={NETNS_DIR / netns}", "sysctl", "-qw", f"{key.replace('/', '.')}={value}"])
+    write_sysctls(netns, {key: value})
+
+
+def write_sysctls(netns: str, values: dict[str, str]) -> None:
+    """Sysctls inside ``netns`` (per-namespace knobs only), in one `sysctl` run."""
+    settings = [f"{key.replace('/', '.')}={value}" for key, value in values.items()]
+    run(["nsenter", f"--net={NETNS_DIR / netns}", "sysctl", "-qw", *settings])
+
+
+# IPv6 in a namespace made here: interfaces created after this take these defaults, so their addresses
+# (link-local ones too) skip duplicate address detection and are usable at once, and no router
+# advertisement changes their routes.
+IPV6_QUIET = {
+    "net/ipv6/conf/all/accept_dad": "0",
+    "net/ipv6/conf/default/accept_dad": "0",
+    "net/ipv6/conf/all/accept_ra": "0",
+    "net/ipv6/conf/default/accept_ra": "0",
+}
 
 
 def spawn(argv: list[str], name: str, folder: Path, netns: str | None = None) -> subprocess.Popen[bytes]:
@@ -192,42 +229,60 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, log: Path | N
 # ----------------------------------------------------------------------------------------- network
 
 
-def create_network(tag: str, nodes: list[Node], service_cidr: str) -> None:
-    """The bridge namespace and one namespace per node on it, with routes between pod CIDRs."""
+def create_network(tag: str, nodes: list[Node], service_cidrs: list[str]) -> None:
+    """The bridge namespace and one namespace per node on it, dual-stack, with routes between pod CIDRs;
+    ``service_cidrs`` (one per family) are routed from the bridge namespace through the first node."""
     net = network_netns(tag)
     ip("netns", "add", net)
+    write_sysctls(net, {**IPV6_QUIET, "net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1"})
     ip("link", "set", "lo", "up", netns=net)
     ip("link", "add", "br0", "type", "bridge", netns=net)
     ip("addr", "add", f"{NETWORK_IP}/24", "dev", "br0", netns=net)
+    ip("addr", "add", f"{NETWORK_IP6}/64", "dev", "br0", "nodad", netns=net)
     ip("link", "set", "br0", "up", netns=net)
-    write_sysctl(net, "net/ipv4/ip_forward", "1")
     client = client_netns(tag)
     ip("netns", "add", client)
+    write_sysctls(client, IPV6_QUIET)
     ip("link", "set", "lo", "up", netns=client)
     ip("link", "add", "eth0", "type", "veth", "peer", "name", "client", "netns", net, netns=client)
     ip("link", "set", "client", "master", "br0", "up", netns=net)
     ip("addr", "add", f"{CLIENT_IP}/24", "dev", "eth0", netns=client)
+    ip("addr", "add", f"{CLIENT_IP6}/64", "dev", "eth0", "nodad", netns=client)
     ip("link", "set", "eth0", "up", netns=client)
     for node in nodes:
         ip("netns", "add", node.netns)
+        write_sysctls(
+            node.netns,
+            {
+                **IPV6_QUIET,
+                "net/ipv4/ip_forward": "1",
+                "net/ipv6/conf/all/forwarding": "1",
+                # Replies between pods of one node's bridge must pass netfilter, or a Service's DNAT is not
+                # undone.
+                "net/bridge/bridge-nf-call-iptables": "1",
+                "net/bridge/bridge-nf-call-ip6tables": "1",
+            },
+        )
         ip("link", "set", "lo", "up", netns=node.netns)
         # The veth is created inside the node's namespace, so no interface ever appears on the host.
         ip("link", "add", "eth0", "type", "veth", "peer", "name", node.name, "netns", net, netns=node.netns)
         ip("link", "set", node.name, "master", "br0", "up", netns=net)
         ip("addr", "add", f"{node.ip}/24", "dev", "eth0", netns=node.netns)
+        ip("addr", "add", f"{node.ip6}/64", "dev", "eth0", "nodad", netns=node.netns)
         ip("link", "set", "eth0", "up", netns=node.netns)
         ip("route", "add", "default", "via", NETWORK_IP, netns=node.netns)
+        ip("-6", "route", "add", "default", "via", NETWORK_IP6, netns=node.netns)
         # The bridge namespace reaches every pod (the API server's CONNECTs to pods and webhooks).
         ip("route", "add", node.pod_cidr, "via", node.ip, netns=net)
-        write_sysctl(node.netns, "net/ipv4/ip_forward", "1")
-        # Replies between pods of one node's bridge must pass netfilter, or a Service's DNAT is not undone.
-        write_sysctl(node.netns, "net/bridge/bridge-nf-call-iptables", "1")
-        write_sysctl(node.netns, "net/bridge/bridge-nf-call-ip6tables", "1")
+        ip("-6", "route", "add", node.pod_cidr6, "via", node.ip6, netns=net)
         for other in nodes:
             if other is not node:
                 ip("route", "add", other.pod_cidr, "via", other.ip, netns=node.netns)
+                ip("-6", "route", "add", other.pod_cidr6, "via", other.ip6, netns=node.netns)
     # Service addresses from the bridge namespace: through the first node's kube-proxy.
-    ip("route", "add", service_cidr, "via", nodes[0].ip, netns=net)
+    for cidr in service_cidrs:
+        gateway = nodes[0].ip6 if ":" in cidr else nodes[0].ip
+        ip(*(["-6"] if ":" in cidr else []), "route", "add", cidr, "via", gateway, netns=net)
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -315,10 +370,12 @@ def cni_config(node: Node, tag: str) -> str:
                     # No masquerade: pods on other nodes see a pod's own address, as on a routed cluster.
                     "ipMasq": False,
                     "hairpinMode": True,
+                    # A pod's addresses: IPv4 first (its status.podIP), then IPv6; the bridge plugin turns
+                    # duplicate address detection off in the pod (`enabledad` false), so both work at once.
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": node.pod_cidr}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "ranges": [[{"subnet": node.pod_cidr}], [{"subnet": node.pod_cidr6}]],
+                        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
                         "dataDir": str(node.folder / "cni-ipam"),
                     },
                 },
@@ -472,7 +529,7 @@ def start_kubelet(node: Node, binaries: Binaries, ca: Path) -> dict[str, int]:
                 f"--root-dir={folder / 'kubelet' / 'root'}",
                 f"--cert-dir={folder / 'kubelet' / 'pki'}",
                 f"--hostname-override={node.name}",
-                f"--node-ip={node.ip}",
+                f"--node-ip={node.ip},{node.ip6}",  # dual-stack, IPv4 first
                 f"--node-labels=layerlb.dev/e2e-node={node.name}",
                 "--v=1",
             ],
@@ -483,6 +540,8 @@ def start_kubelet(node: Node, binaries: Binaries, ca: Path) -> dict[str, int]:
 
 
 def start_kube_proxy(node: Node, binaries: Binaries, cluster_cidr: str) -> dict[str, int]:
+    """kube-proxy for both families (its primary IPv4, from bindAddress); ``cluster_cidr`` names the pod
+    CIDR of each ("10.244.0.0/16,fd00:244::/48")."""
     folder = node.folder
     (folder / "kube-proxy.yaml").write_text(
         kube_proxy_config(node, folder / "kube-proxy.kubeconfig", cluster_cidr)

@@ -16,8 +16,6 @@ from typing import Any
 import yaml
 
 from e2e import examples
-from e2e.nodes import network
-from e2e.nodes.network import Serving
 from tests.test_chart import helm
 
 KIND = Path(__file__).resolve().parent
@@ -86,33 +84,6 @@ def test_the_real_node_suite_runs_every_example_on_kind_and_what_this_kernel_can
     assert len([t for t in local if "test_examples.py" in t]) == 4 + 2, local  # no IPVS, no IP-in-IP here
     assert "run.sh" not in " ".join(kind_mode)
     assert "e2e/nodes" in (KIND / "run.sh").read_text()
-
-
-def test_routes_go_to_local_pods_else_to_the_nodes_that_hold_them() -> None:
-    nodes = {"cp": "172.18.0.2", "w1": "172.18.0.3", "w2": "172.18.0.4"}
-    serving = [
-        Serving("198.18.10.10", "w1", "10.244.1.5"),
-        Serving("198.18.10.10", "w2", "10.244.2.7"),
-        Serving("198.18.10.11", "w1", "10.244.1.6"),
-        Serving("198.18.10.12", "w2", "172.18.0.4", host_network=True),
-    ]
-    via = ["nexthop", "via"]
-    assert network.routes(serving, nodes) == {
-        "cp": [
-            ["route", "replace", "198.18.10.10/32", *via, "172.18.0.3", *via, "172.18.0.4"],
-            ["route", "replace", "198.18.10.11/32", "via", "172.18.0.3"],
-            ["route", "replace", "198.18.10.12/32", "via", "172.18.0.4"],
-        ],
-        "w1": [
-            ["route", "replace", "198.18.10.10/32", "via", "10.244.1.5"],
-            ["route", "replace", "198.18.10.11/32", "via", "10.244.1.6"],
-            ["route", "replace", "198.18.10.12/32", "via", "172.18.0.4"],
-        ],
-        "w2": [  # its own pod holds 198.18.10.12 on the node itself: no route
-            ["route", "replace", "198.18.10.10/32", "via", "10.244.2.7"],
-            ["route", "replace", "198.18.10.11/32", "via", "172.18.0.3"],
-        ],
-    }
 
 
 def _uses(steps: list[dict[str, Any]], action: str) -> dict[str, Any]:

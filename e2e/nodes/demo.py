@@ -27,7 +27,6 @@ from e2e.cluster import cluster as local_cluster
 from e2e.cluster import nodes as node_kit
 from e2e.images import build
 from e2e.nodes import pods
-from e2e.nodes.network import Plumber
 from e2e.nodes.platform import LocalNodes, chart_default_image
 from e2e.nodes.suite import apply_example, kubectl, start_backends
 
@@ -128,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with step("backends b1-b3 and a client as pods of the layerlb image"):
         addresses = start_backends(platform)
-    net = node_kit.network_netns(cluster.tag)
-    plumber = Plumber(platform, client=lambda *argv: subprocess.run(
-        ["ip", "-n", net, *argv], capture_output=True, text=True, check=True
-    ).stdout)  # fmt: skip
+    net = node_kit.client_netns(cluster.tag)
     try:
         with step(
             f"applying {len(EXAMPLES)} examples; waiting until each is Ready (forwarding pods on real nodes)"
@@ -141,13 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                 pods.wait_ready(platform.env, args.namespace, f"layerlb.dev/loadbalancer={name}", timeout=300)
             kubectl(platform, "wait", "--for=condition=Ready", "--timeout=300s", "-n", args.namespace,
                     *[f"llb/{n}" for n in names.values()])  # fmt: skip
-            plumber.once()  # the network delivers the VIPs to the pods that just turned Ready
             print(kubectl(platform, "get", "llb", "-n", args.namespace).rstrip())
             print(kubectl(platform, "get", "pods", "-n", args.namespace, "-o", "wide").rstrip())
         print(
             "\n[demo] l4-nat-ipvs, l4-dsr and l4-tunnel are left out: IPVS and IP-in-IP are not in this kernel"
         )
-        with step(f"client commands from outside the cluster (network namespace {net}, routed to the nodes)"):
+        with step(f"client commands from the nodes' LAN (network namespace {net}; the speakers answer ARP)"):
             for file, tries in EXAMPLES.items():
                 lb = json.loads(
                     kubectl(platform, "get", "llb", names[file], "-n", args.namespace, "-o", "json")
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(Ready; its traffic needs replies routed through the forwarding node, see the README)"
                     )
                 for command in tries:
-                    deadline = time.monotonic() + 30  # the plumbing routes a new VIP within a second or two
+                    deadline = time.monotonic() + 30  # a new VIP: kube-proxy's rules and the speaker's answer
                     while True:
                         line = f"ip netns exec {net} {command.replace('{vip}', vip)}"
                         done = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=60)
@@ -172,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             stop.wait()
     finally:
-        plumber.close()
-    kubectl(platform, "delete", "llb", "--all", "-n", args.namespace, "--wait=true", "--timeout=120s")
+        kubectl(platform, "delete", "llb", "--all", "-n", args.namespace, "--wait=true", "--timeout=120s")
     print(f"[demo] LoadBalancers removed; the cluster keeps running (KUBECONFIG={cluster.kubeconfig}); "
           "stop it with: make cluster-down")  # fmt: skip
     return 0

@@ -1,10 +1,10 @@
 """Where the real-node suite runs: the local cluster's nodes (network namespaces on this machine) or kind.
 
 Both give the suite the same three things: `kubectl` against the cluster, a command run in a node's
-network namespace (`node_exec`), and one run in a pod's network namespace (`pod_exec`), which is all the
-suite's network part (`network.Plumber`) needs. On kind these are `docker exec` into the node container
-and `nsenter` into the sandbox `crictl` names; locally, `nsenter` into the node's namespace and into the
-`cni-*` namespace that holds the pod's address.
+network namespace (`node_exec`), and one run in a pod's network namespace (`pod_exec`). On kind these are
+`docker exec` into the node container and `nsenter` into the sandbox `crictl` names; locally, `nsenter`
+into the node's namespace and into the `cni-*` namespace that holds the pod's address. Locally the VIPs
+come from the nodes' LAN (`nodes.LAN_VIPS`), where its client finds them by ARP.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class LocalNodes:
     image: str
     namespace: str
     name: str = "local"
-    vips: str = "198.18.10.10-198.18.10.250"
+    vips: str = node_kit.LAN_VIPS
     env: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:

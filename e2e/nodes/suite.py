@@ -122,13 +122,13 @@ def deploy(
     platform: Platform,
     file: str,
     addresses: list[str],
-    plumbing: Callable[[], None] | None = None,
     name: str | None = None,
     edit: Callable[[dict[str, Any]], None] | None = None,
     **spec: Any,
 ) -> dict[str, Any]:
     """The example moved onto the backends (see `apply_example`), applied, Ready (`kubectl wait`); returns
-    the LoadBalancer.
+    the LoadBalancer. A pod-network one is also reachable from the client pod by then: its VIP reaches
+    the pods through the cluster's kube-proxy (the VIP Service), which Ready does not wait for.
 
     If it is not Ready in time, the failure carries its forwarding pods' events and logs."""
     name = apply_example(platform, file, addresses, name, edit, **spec)
@@ -143,11 +143,15 @@ def deploy(
         platform.namespace,
         f"llb/{name}",
     )
-    if plumbing is not None:
-        plumbing()  # the network delivers the VIP to the pods that just turned Ready
     found: dict[str, Any] = json.loads(
         kubectl(platform, "get", "llb", name, "-n", platform.namespace, "-o", "json")
     )
+    spec_found = found["spec"]
+    if spec_found.get("architecture") == "proxy":
+        listener = spec_found["listeners"][0]
+        transport = "UDP" if listener["protocol"] == "UDP" else "TCP"
+        [answer] = call(platform, "reachable", found["status"]["vip"], listener["port"], transport)
+        assert not answer.startswith("ERROR"), f"{name}: {answer}"
     return found
 
 

@@ -3,8 +3,9 @@
 Runs on the local cluster's nodes (`make test`) and, unchanged, on kind (`make kind-e2e`); see conftest.py.
 Every example is applied with `kubectl`, moved onto in-cluster backends (`e2e/examples.adapt`: the VIP
 from the suite's VIPPool, the endpoints on three backend pods) and must become Ready (`kubectl wait`).
-The proxy examples then carry real traffic from a client pod through their VIPs, which `network.Plumber`
-routes (see its docstring). The host-network examples (kernel architectures, transparent proxying) are
+The proxy examples then carry real traffic from a client pod through their VIPs, which reach the
+forwarding pods the way a real cluster's do: the cluster's kube-proxy forwards each LoadBalancer's VIP
+Service (nothing in the suite routes a VIP). The host-network examples (kernel architectures, transparent proxying) are
 checked for Ready; on the local nodes only those this kernel can run (no IPVS, no IP-in-IP here).
 """
 
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from e2e.nodes.network import Plumber
 from e2e.nodes.platform import KIND_ENV, Platform
 from e2e.nodes.suite import POOL, ask, deploy, kubectl, start_backends
 
@@ -38,26 +38,21 @@ HOST_NETWORK = HOST_NETWORK_EXAMPLES["kind" if os.environ.get(KIND_ENV) else "lo
 @dataclass
 class Lab:
     addresses: list[str]  # of the backend pods b1-b3
-    plumber: Plumber
 
 
 @pytest.fixture(scope="module")
 def backends(platform: Platform) -> Iterator[Lab]:
-    """Three backend pods b1-b3, a client pod, the VIPPool, and the plumbing (see `network.Plumber`)."""
+    """Three backend pods b1-b3, a client pod and the VIPPool."""
     addresses = start_backends(platform)
-    plumber = Plumber(platform)
     try:
-        yield Lab(addresses, plumber)
+        yield Lab(addresses)
     finally:
-        plumber.close()
         kubectl(platform, "delete", "llb", "--all", "-n", platform.namespace, "--wait=true", "--timeout=120s")
         kubectl(platform, "delete", "vippool", POOL, "--ignore-not-found")
-        if plumber.errors:
-            print("plumbing errors (last 10):", *plumber.errors, sep="\n  ")
 
 
 def test_l7_proxy_routes_by_host_and_header(platform: Platform, backends: Lab) -> None:
-    vip = deploy(platform, "l7-proxy-routes.yaml", backends.addresses, backends.plumber.once)["status"]["vip"]
+    vip = deploy(platform, "l7-proxy-routes.yaml", backends.addresses)["status"]["vip"]
     assert ask(platform, "http_get", vip, 8080, 3, "/v1/items", {"Host": "api.example.com"}) == Counter(
         {"b2:9002": 3}
     )
@@ -66,24 +61,24 @@ def test_l7_proxy_routes_by_host_and_header(platform: Platform, backends: Lab) -
 
 
 def test_l7_https_terminates_tls_and_balances(platform: Platform, backends: Lab) -> None:
-    vip = deploy(platform, "l7-https.yaml", backends.addresses, backends.plumber.once)["status"]["vip"]
+    vip = deploy(platform, "l7-https.yaml", backends.addresses)["status"]["vip"]
     answers = ask(platform, "http_get", vip, 8443, 9, tls_name="shop.example.com")
     assert set(answers) == {"b1:9001", "b2:9002", "b3:9003"}, answers
 
 
 def test_l4_proxy_tcp_spreads_open_connections(platform: Platform, backends: Lab) -> None:
-    vip = deploy(platform, "l4-proxy-tcp.yaml", backends.addresses, backends.plumber.once)["status"]["vip"]
+    vip = deploy(platform, "l4-proxy-tcp.yaml", backends.addresses)["status"]["vip"]
     assert sorted(ask(platform, "http_held", vip, 8080, 3).elements()) == ["b1:9001", "b2:9002", "b3:9003"]
 
 
 def test_l4_proxy_udp_keeps_a_client_on_one_backend(platform: Platform, backends: Lab) -> None:
-    vip = deploy(platform, "l4-proxy-udp.yaml", backends.addresses, backends.plumber.once)["status"]["vip"]
+    vip = deploy(platform, "l4-proxy-udp.yaml", backends.addresses)["status"]["vip"]
     answers = ask(platform, "udp_ask", vip, 5353, 6)
     assert "ERROR" not in answers and len(answers) == 1, answers
 
 
 @pytest.mark.parametrize("file", HOST_NETWORK)
 def test_host_network_example_becomes_ready(platform: Platform, file: str, backends: Lab) -> None:
-    lb = deploy(platform, file, backends.addresses, backends.plumber.once)
+    lb = deploy(platform, file, backends.addresses)
     name = lb["metadata"]["name"]
     kubectl(platform, "delete", "llb", name, "-n", platform.namespace, "--wait=true", "--timeout=180s")

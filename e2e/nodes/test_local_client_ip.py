@@ -2,6 +2,8 @@
 the nodes' LAN outside the cluster: L4 nat on nftables and L7 transparent to backend pods on both nodes,
 L4 dsr on nftables to a backend on another node's own network, answering the client directly.
 
+Each VIP reaches its node from the LAN client the way it would on bare metal: the client's kernel asks by ARP,
+and the speaker on the node holding the ready forwarding pod answers (nothing in the suite routes a VIP).
 nat and the transparent proxy forward with the client's own address as the source, so the backends'
 replies must pass the forwarding node again (for nat to undo the translation, for the transparent proxy
 to reach its socket): a network running them routes the clients through the load balancer. Here each
@@ -23,10 +25,9 @@ from typing import Any
 
 import pytest
 
-from e2e import examples
+from e2e import examples, harness
 from e2e.cluster.nodes import CLIENT_IP
 from e2e.nodes import pods
-from e2e.nodes.network import Plumber
 from e2e.nodes.platform import LocalNodes, Platform, PlatformError
 from e2e.nodes.suite import POOL, deploy, kubectl, start_backends
 
@@ -40,20 +41,17 @@ UDP_ASK = (
 class Lab:
     local: LocalNodes
     addresses: list[str]
-    plumber: Plumber
 
 
 @pytest.fixture(scope="module")
 def lab(platform: Platform) -> Iterator[Lab]:
-    """The backend pods, and plumbing that also routes each VIP from the LAN client to its node."""
+    """The backend pods; each VIP reaches its node from the LAN client by the speaker's ARP answers."""
     assert isinstance(platform, LocalNodes)
     local = platform
     addresses = start_backends(local)
-    plumber = Plumber(local, client=lambda *argv: local.client_exec("ip", *argv))
     try:
-        yield Lab(local, addresses, plumber)
+        yield Lab(local, addresses)
     finally:
-        plumber.close()
         kubectl(local, "delete", "llb", "--all", "-n", local.namespace, "--wait=true", "--timeout=120s")
         kubectl(local, "delete", "vippool", POOL, "--ignore-not-found")
 
@@ -74,11 +72,23 @@ def forget_replies(lab: Lab, nodes: list[str]) -> None:
         lab.local.node_exec(node, "ip", "route", "del", f"{CLIENT_IP}/32")
 
 
-def http(lab: Lab, vip: str, port: int) -> str:
+def http(lab: Lab, vip: str, port: int, seconds: float = 5) -> str:
     try:
-        return lab.local.client_exec("curl", "-s", "--max-time", "5", f"http://{vip}:{port}/").strip()
+        return lab.local.client_exec(
+            "curl", "-s", "--max-time", str(seconds), f"http://{vip}:{port}/"
+        ).strip()
     except PlatformError as error:
         return f"ERROR {error}"
+
+
+def answering(lab: Lab, vip: str, port: int) -> str:
+    """The first answer from the VIP to the LAN client: a LoadBalancer is Ready before the speaker's
+    announcement reaches the client (and before its replies are routed), so this waits for it."""
+    return harness.wait_for(
+        f"{vip}:{port} to answer the LAN client",
+        lambda: None if (answer := http(lab, vip, port, 2)).startswith("ERROR") or not answer else answer,
+        timeout=120,
+    )
 
 
 @contextlib.contextmanager
@@ -91,27 +101,30 @@ def routed_replies(lab: Lab, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serving(lab: Lab, file: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Iterator[str]:
-    """The example deployed (changed by `edit`), Ready, its client's replies routed through its node; yields
-    its VIP; removed after."""
-    lb = deploy(lab.local, file, lab.addresses, lab.plumber.once, edit=edit)
+def serving(
+    lab: Lab, file: str, port: int, edit: Callable[[dict[str, Any]], None] | None = None
+) -> Iterator[str]:
+    """The example deployed (changed by `edit`), Ready, its client's replies routed through its node, its
+    VIP answering the LAN client on `port`; yields the VIP; removed after."""
+    lb = deploy(lab.local, file, lab.addresses, edit=edit)
     vip, name = lb["status"]["vip"], lb["metadata"]["name"]
     try:
         with routed_replies(lab, name):
+            answering(lab, vip, port)
             yield vip
     finally:
         kubectl(lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--wait=true", "--timeout=120s")
 
 
 def test_l7_transparent_reaches_every_backend_with_the_clients_address(lab: Lab) -> None:
-    with serving(lab, "l7-transparent.yaml") as vip:
+    with serving(lab, "l7-transparent.yaml", 8080) as vip:
         answers = [http(lab, vip, 8080) for _ in range(30)]
     assert all(a.endswith(f"from={CLIENT_IP}") for a in answers), answers  # the backend saw the client
     assert set(Counter(a.split()[0] for a in answers)) == {"b1:9001", "b2:9002", "b3:9003"}, answers
 
 
 def test_l4_nat_keeps_a_client_on_one_backend_over_tcp_and_udp_with_its_address(lab: Lab) -> None:
-    with serving(lab, "l4-nat-nftables.yaml") as vip:
+    with serving(lab, "l4-nat-nftables.yaml", 53) as vip:
         over_tcp = [http(lab, vip, 53) for _ in range(6)]
         over_udp = [lab.local.client_exec("python3", "-c", UDP_ASK, vip, "53").strip() for _ in range(6)]
     assert all(a.endswith(f"from={CLIENT_IP}") for a in over_tcp), over_tcp
@@ -133,7 +146,7 @@ def test_l4_nat_ipvs_example_on_nftables_balances_by_weight(lab: Lab) -> None:
         for backend in spec["backends"]:
             backend["algorithm"] = "round-robin"
 
-    with serving(lab, "l4-nat-ipvs.yaml", edit=on_nftables) as vip:
+    with serving(lab, "l4-nat-ipvs.yaml", 5432, edit=on_nftables) as vip:
         answers = [http(lab, vip, 5432) for _ in range(40)]
     assert all(a.endswith(f"from={CLIENT_IP}") for a in answers), answers
     counted = Counter(a.split()[0] for a in answers)
@@ -145,7 +158,7 @@ def test_deleting_a_load_balancer_removes_its_pod_kernel_state_and_vip(lab: Lab)
     """Deleting a kernel LoadBalancer takes its forwarding pod, its nftables table and its VIP off the node
     (the node's other tables stay), and frees the VIP for another LoadBalancer to ask for."""
     local, namespace = lab.local, lab.local.namespace
-    lb = deploy(local, "l4-nat-nftables.yaml", lab.addresses, lab.plumber.once, name="gone")
+    lb = deploy(local, "l4-nat-nftables.yaml", lab.addresses, name="gone")
     vip = lb["status"]["vip"]
     [pod] = pods.wait_ready(local.env, namespace, "layerlb.dev/loadbalancer=gone")
     node = pod["spec"]["nodeName"]
@@ -169,9 +182,7 @@ def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(lab: Lab)
     names = [f"shared-{index}" for index in range(3)]
     vips = {}
     for name in names:
-        vips[name] = deploy(lab.local, "l4-nat-nftables.yaml", lab.addresses, lab.plumber.once, name)[
-            "status"
-        ]["vip"]
+        vips[name] = deploy(lab.local, "l4-nat-nftables.yaml", lab.addresses, name)["status"]["vip"]
     placed = {
         name: pods.wait_ready(lab.local.env, lab.local.namespace, f"layerlb.dev/loadbalancer={name}")[0]
         for name in names
@@ -184,7 +195,7 @@ def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(lab: Lab)
     assert len(set(ports.values())) == len(sharing), ports
     for name in names:
         with routed_replies(lab, name):
-            answer = http(lab, vips[name], 53)
+            answer = answering(lab, vips[name], 53)
         assert answer.endswith(f"from={CLIENT_IP}"), (name, answer)
     gone, kept = sharing[0], sharing[1]
     before = placed[kept]
@@ -193,7 +204,7 @@ def test_kernel_load_balancers_share_a_node_each_on_its_own_admin_port(lab: Lab)
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
     assert after["status"]["containerStatuses"][0]["restartCount"] == 0
     with routed_replies(lab, kept):
-        assert http(lab, vips[kept], 53).endswith(f"from={CLIENT_IP}")
+        assert answering(lab, vips[kept], 53).endswith(f"from={CLIENT_IP}")
     for name in names:
         kubectl(
             lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--ignore-not-found", "--wait=true"
@@ -279,12 +290,11 @@ def test_l4_dsr_on_nftables_a_backend_on_the_lan_answers_the_client_directly(lab
         holder = pod["spec"]["nodeName"]
         assert holder == forwarder, holder
         kubectl(local, "wait", "--for=condition=Ready", "--timeout=120s", "-n", namespace, f"llb/{name}")
-        lab.plumber.once()  # the LAN client's route to the VIP: the forwarding node
         vip = json.loads(kubectl(local, "get", "llb", name, "-n", namespace, "-o", "json"))["status"]["vip"]
         with contextlib.ExitStack() as stack:
             for node in others:
                 stack.enter_context(vip_on_loopback(lab, node, vip))
-            answers = [http(lab, vip, 80) for _ in range(6)]
+            answers = [answering(lab, vip, 80)] + [http(lab, vip, 80) for _ in range(5)]
         tables = local.node_exec(holder, "nft", "list", "tables")
     finally:
         kubectl(local, "uncordon", backend_node)

@@ -25,7 +25,6 @@ from e2e import examples, harness
 from e2e.kube import Kubectl
 from e2e.nodes import pods
 from e2e.nodes.chart_operator import INSTANCE, RELEASE_NS, ChartOperator
-from e2e.nodes.network import Plumber
 from e2e.nodes.platform import LocalNodes, Platform
 from e2e.nodes.suite import POOL, ask, call, count, deploy, kubectl, requests_throughout, start_backends
 
@@ -34,11 +33,10 @@ from e2e.nodes.suite import POOL, ask, call, count, deploy, kubectl, requests_th
 class Lab:
     platform: Platform
     addresses: list[str]  # of the backend pods b1-b3
-    plumber: Plumber
     kubectl: Kubectl  # never raises: for the checks that expect a refusal
 
     def deploy(self, file: str, name: str | None = None, **spec: Any) -> dict[str, Any]:
-        return deploy(self.platform, file, self.addresses, self.plumber.once, name, **spec)
+        return deploy(self.platform, file, self.addresses, name, **spec)
 
     def load_balancer(self, name: str) -> dict[str, Any]:
         found: dict[str, Any] = json.loads(
@@ -47,13 +45,13 @@ class Lab:
         return found
 
     def diagnosis(self) -> str:
-        """What a failed request needs: the LoadBalancers, the pods and, on local nodes, their VIP routes."""
+        """What a failed request needs: the LoadBalancers, the pods and, on local nodes, their routes."""
         namespace = self.platform.namespace
         parts = [kubectl(self.platform, "get", "llb,pods", "-n", namespace, "-o", "wide")]
         if isinstance(self.platform, LocalNodes):
             for node in self.platform.cluster.node_list():
                 parts.append(f"{node.name}: {self.platform.node_exec(node.name, 'ip', 'route')}")
-        return "\n".join([*parts, f"plumbing errors: {self.plumber.errors}"])
+        return "\n".join(parts)
 
     def pods_of(self, name: str) -> list[dict[str, Any]]:
         listed = kubectl(
@@ -67,11 +65,9 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(platform: Platform) -> Iterator[Lab]:
     addresses = start_backends(platform)
-    plumber = Plumber(platform)
     try:
-        yield Lab(platform, addresses, plumber, Kubectl(platform.env))
+        yield Lab(platform, addresses, Kubectl(platform.env))
     finally:
-        plumber.close()
         kubectl(platform, "delete", "llb", "--all", "-n", platform.namespace, "--wait=true", "--timeout=120s")
         kubectl(platform, "delete", "vippool", POOL, "--ignore-not-found")
 

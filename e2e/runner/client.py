@@ -92,6 +92,28 @@ def http_until(vip: str, port: int, stop_file: str, timeout: float = 5.0) -> lis
     return lines
 
 
+def reachable(vip: str, port: int, transport: str, seconds: float = 120.0) -> list[str]:
+    """Until the VIP accepts a TCP connection (or answers a UDP datagram) on `port`, at most `seconds`: a
+    LoadBalancer is Ready before the network delivers its VIP everywhere (kube-proxy's rules, the
+    speaker's announcement). Returns `["reachable after S s"]` or `["ERROR ..."]`."""
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < seconds:
+        try:
+            if transport == "UDP":
+                with socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.settimeout(1.0)
+                    s.sendto(b"ping", (vip, port))
+                    s.recv(200)
+            else:
+                socket.create_connection((vip, port), timeout=1.0).close()
+            return [f"reachable after {time.monotonic() - started:.2f} s"]
+        except OSError as error:
+            last = f"{type(error).__name__}: {error}"
+            time.sleep(0.1)
+    return [f"ERROR not reachable within {seconds:.0f} s: {last}"]
+
+
 def served_certificate(vip: str, port: int, tls_name: str, timeout: float = 5.0) -> str:
     """The SHA-256 of the certificate the VIP presents for SNI `tls_name` (hex), or `ERROR <reason>`."""
     import hashlib
