@@ -405,17 +405,6 @@ def test_an_unknown_architecture_is_refused_on_its_own_condition_and_keeps_the_a
     assert ingress(wait_ingress(kubectl, "typo"))[0]["ipMode"] == "VIP"
 
 
-def test_a_valid_architecture_is_reported_as_not_implemented_while_kube_proxy_forwards(
-    operator: Operator, kubectl: Kubectl
-) -> None:
-    apply(kubectl, service("wants-nat", annotations={"layerlb.dev/architecture": "nat"}))
-    refused = wait_refused(kubectl, "wants-nat", "ArchitectureNotImplemented", ARCHITECTURE)
-    assert "'nat' is a layerlb architecture" in refused["message"]
-    assert wait_event(kubectl, "wants-nat", "ArchitectureNotImplemented")["message"] == refused["message"]
-    assert ingress(wait_ingress(kubectl, "wants-nat"))[0]["ipMode"] == "VIP"
-    assert harness.get(kubectl, "llb", "wants-nat", NS) is None  # no LoadBalancer pretends to forward it
-
-
 def test_metrics_count_served_services_and_their_addresses(operator: Operator, kubectl: Kubectl) -> None:
     wait_ingress(kubectl, "web")
     metrics = operator.metrics()
@@ -428,7 +417,12 @@ def test_a_restarted_operator_rebuilds_who_holds_what_from_the_statuses(
 ) -> None:
     listed = json.loads(kubectl.ok("get", "svc", "-n", NS, "-o", "json"))["items"]
     held = {entry["ip"] for found in listed for entry in ingress(found)}
-    versions = {found["metadata"]["name"]: found["metadata"]["resourceVersion"] for found in listed}
+    # The front end's Services: a LoadBalancer's own VIP Service goes with it (garbage collection may lag).
+    versions = {
+        found["metadata"]["name"]: found["metadata"]["resourceVersion"]
+        for found in listed
+        if not found["metadata"].get("ownerReferences")
+    }
     assert len(held) >= 5
     assert operator.stop() == 0, operator.tail()
     restarted = Operator(
