@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from layerlb_operator import apiserver, objects, reconciler, service_frontend
+from layerlb_operator import apiserver, objects, reconciler, service_frontend, service_loadbalancer
 from layerlb_operator.metrics import Metrics
 
 
@@ -117,3 +117,64 @@ def test_a_waiting_service_gets_the_address_another_service_releases() -> None:
     assert service_frontend.owner_of("shop", "c") in worker.queue  # woken by the release
     asyncio.run(worker.services.sync(c))
     assert c["status"]["loadBalancer"]["ingress"][0]["ip"] == "192.0.2.0"
+
+
+class DerivingClient(FakeClient):
+    """Also stores the derived LoadBalancers it applies and deletes, as the API server would."""
+
+    def __init__(self, store: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+        super().__init__(store)
+        self.loadbalancers: dict[str, list[dict[str, Any]]] = {}
+
+    def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
+        self.calls.append(("apply", force))
+        key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+        stored = {**obj, "metadata": {**obj["metadata"], "uid": f"uid-{key}"}}
+        self.loadbalancers[key] = [stored]
+        return stored
+
+    def delete_loadbalancer(self, namespace: str, name: str, uid: str) -> dict[str, Any]:
+        self.calls.append(("delete", uid))
+        self.loadbalancers.pop(f"{namespace}/{name}", None)
+        return {}
+
+
+def _deriving(*services: dict[str, Any]) -> tuple[reconciler.Reconciler, DerivingClient]:
+    worker, plain = _setup(*services)
+    client = DerivingClient(plain.store)
+    worker.client = client
+    assert worker.sources is not None
+    worker.sources.loadbalancers = client.loadbalancers  # the watch sees what was applied
+    return worker, client
+
+
+def test_a_derived_load_balancer_is_created_once_without_force_and_deleted_with_the_annotation() -> None:
+    web = _service("web", ports=[{"name": "http", "port": 80}])
+    web["metadata"]["annotations"] = {service_loadbalancer.ARCHITECTURE_ANNOTATION: "proxy"}
+    worker, client = _deriving(web)
+    asyncio.run(worker.services.sync(web))
+    assert [c for c in client.calls if c[0] == "apply"] == [("apply", False)]  # a create never takes over
+    assert web["status"]["loadBalancer"]["ingress"] == [{"ip": "192.0.2.0", "ipMode": "Proxy"}]
+    assert [e["reason"] for e in client.events] == ["AddressAssigned", "LoadBalancerCreated"]
+    calls = len(client.calls)
+    asyncio.run(worker.services.sync(web))  # unchanged: no apply, no status
+    assert len(client.calls) == calls
+    web["metadata"]["annotations"] = {}
+    asyncio.run(worker.services.sync(web))
+    assert ("delete", "uid-shop/svc-web") in client.calls and client.loadbalancers == {}
+    assert web["status"]["loadBalancer"]["ingress"] == [{"ip": "192.0.2.0", "ipMode": "VIP"}]
+    assert "LoadBalancerDeleted" in [e["reason"] for e in client.events]
+
+
+def test_a_users_load_balancer_of_the_derived_name_is_never_applied_nor_deleted() -> None:
+    web = _service("web", ports=[{"name": "http", "port": 80}])
+    web["metadata"]["annotations"] = {service_loadbalancer.ARCHITECTURE_ANNOTATION: "nat"}
+    worker, client = _deriving(web)
+    theirs = {"metadata": {"name": "svc-web", "namespace": "shop", "uid": "theirs"}, "spec": {"mode": "L7"}}
+    client.loadbalancers["shop/svc-web"] = [theirs]
+    asyncio.run(worker.services.sync(web))
+    web["metadata"]["annotations"] = {}
+    asyncio.run(worker.services.sync(web))
+    assert not [c for c in client.calls if c[0] in ("apply", "delete")]
+    assert client.loadbalancers["shop/svc-web"] == [theirs]
+    assert [e["reason"] for e in client.events][:2] == ["AddressAssigned", "NameInUse"]
