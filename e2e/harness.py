@@ -44,10 +44,12 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
 
 
-def readme_command(verb: str) -> list[str]:
-    """The README's `helm VERB ...` line, as argv: the tests run the commands users copy."""
+def readme_command(verb: str, containing: str = "") -> list[str]:
+    """The README's one `helm VERB ...` line (that contains `containing`), as argv: the tests run the
+    commands users copy."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    [line] = re.findall(rf"^helm {verb} .*$", readme, flags=re.M)
+    lines = re.findall(rf"^\s*helm {verb} .*$", readme, flags=re.M)
+    [line] = [found.strip() for found in lines if containing in found]
     return shlex.split(line)
 
 

@@ -197,7 +197,7 @@ def test_kubectl_explain_describes_each_architecture(installed: str, kubectl: Ku
 def test_upgrade_with_changed_values_updates_and_removes_what_the_values_say(
     installed: str, helm: Helm, kubectl: Kubectl
 ) -> None:
-    helm(*harness.readme_command("upgrade"))
+    helm(*harness.readme_command("upgrade", "replicaCount"))
     assert (get(kubectl, "deployment", "layerlb", RELEASE_NS) or {})["spec"]["replicas"] == 2
     helm("helm", "upgrade", RELEASE, "charts/layerlb", "--namespace", RELEASE_NS, "--reuse-values",
          "--set", f"operator.watchNamespaces={{{NS}}}", "--set", "podDisruptionBudget.enabled=false",

@@ -192,7 +192,8 @@ def test_proxy_gets_a_derived_load_balancer_on_the_services_address_with_ip_mode
     assert versions(kubectl, "web") == before
 
 
-def test_nat_keeps_ip_mode_vip_and_names_its_engine(operator: Operator, kubectl: Kubectl) -> None:
+def test_nat_gets_ip_mode_proxy_and_names_its_engine(operator: Operator, kubectl: Kubectl) -> None:
+    """ipMode Proxy for the kernel architectures too: kube-proxy must not DNAT the address itself."""
     apply(
         kubectl,
         service(
@@ -202,7 +203,7 @@ def test_nat_keeps_ip_mode_vip_and_names_its_engine(operator: Operator, kubectl:
     )  # fmt: skip
     wait_condition(kubectl, "db", ARCHITECTURE, "True", "LoadBalancerCreated")
     [entry] = ingress(get_service(kubectl, "db"))
-    assert entry["ipMode"] == "VIP"
+    assert entry["ipMode"] == "Proxy"
     loadbalancer = derived(kubectl, "db")
     assert loadbalancer is not None
     spec = loadbalancer["spec"]

@@ -32,9 +32,11 @@ The decisions, also in the README ("Services of type LoadBalancer"):
     endpoints carry the target port from the EndpointSlices, named ports included), as may `proxy`.
   - `InvalidEngine`: an unknown engine, an engine with `proxy`, or nftables with `tunnel`.
   - `NameInUse`: see above.
-- **Status on the Service**: `ipMode: Proxy` for `proxy` while its LoadBalancer is in place (a proxy
-  terminates: kube-proxy must not short-circuit the address), `VIP` for nat, dsr and tunnel (packets keep
-  the VIP as destination) and whenever kube-proxy forwards. `ArchitectureAccepted` is True
+- **Status on the Service**: `ipMode: Proxy` while its LoadBalancer is in place, for every architecture:
+  layerlb forwards the address, so kube-proxy must neither program it on every node nor short-circuit it
+  for in-cluster clients (it would take the packets to the endpoints itself, past the load balancer: for
+  nat, dsr and tunnel its DNAT would run before layerlb's rules on the node). `VIP` whenever kube-proxy
+  forwards. `ArchitectureAccepted` is True
   `LoadBalancerCreated` naming the LoadBalancer, or False with the LoadBalancer's own `Accepted` reason
   and message when it refuses; `layerlb.dev/LoadBalancerReady` copies its `Ready`.
 - **The address is shared**, not in conflict: the derived LoadBalancer claims its Service's address in
@@ -81,8 +83,9 @@ def key_of(namespace: str, service: str) -> str:
 
 
 def ip_mode(architecture: str | None) -> str:
-    """`status.loadBalancer.ingress[].ipMode` for a Service forwarded by `architecture` (None: kube-proxy)."""
-    return "Proxy" if architecture == "proxy" else "VIP"
+    """`status.loadBalancer.ingress[].ipMode` for a Service forwarded by `architecture` (None: kube-proxy):
+    `Proxy` keeps kube-proxy off an address layerlb's own forwarding serves."""
+    return "VIP" if architecture is None else "Proxy"
 
 
 def owner_reference(service: Mapping[str, Any]) -> dict[str, Any]:

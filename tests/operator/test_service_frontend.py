@@ -262,7 +262,8 @@ def test_a_valid_architecture_gets_a_derived_load_balancer_with_the_ip_mode_of_i
         assert (condition["status"], condition["reason"]) == ("True", "LoadBalancerCreated"), condition
         assert decision.loadbalancer is not None and decision.loadbalancer["spec"]["vip"] == "192.0.2.0"
         modes[architecture] = decision.ingress[0]["ipMode"]
-    assert modes == {"nat": "VIP", "dsr": "VIP", "tunnel": "VIP", "proxy": "Proxy"}
+    # Proxy for every architecture: layerlb forwards the address, kube-proxy must keep off it.
+    assert modes == {"nat": "Proxy", "dsr": "Proxy", "tunnel": "Proxy", "proxy": "Proxy"}
 
 
 def test_ledger_holds_several_addresses_per_service_and_releases_them_together() -> None:

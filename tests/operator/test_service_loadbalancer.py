@@ -243,7 +243,7 @@ def test_the_service_reads_loadbalancer_created_and_its_ip_mode() -> None:
         "forwarding pods (ipMode Proxy)"
     )
     nat = _decide(_service("nat", ports=[{"port": 80}]))
-    assert nat.ingress == [{"ip": "192.0.2.0", "ipMode": "VIP"}]
+    assert nat.ingress == [{"ip": "192.0.2.0", "ipMode": "Proxy"}]  # kube-proxy kept off it: layerlb's nat
 
 
 def test_a_refused_derived_load_balancer_reads_on_the_service_and_kube_proxy_forwards() -> None:

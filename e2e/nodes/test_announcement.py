@@ -1,0 +1,353 @@
+"""Every VIP attracts its traffic on the nodes' LAN from layerlb alone: the speaker DaemonSet answers ARP.
+
+On the local nodes (issue 15): the chart installed as the README says, a client namespace on the nodes'
+LAN outside the cluster, VIPs from the LAN's own range (`nodes.LAN_VIPS`). The client's kernel asks for
+a VIP by ARP like any host on a bare-metal network; arping shows which node's MAC answers. Nothing in
+the suite routes a VIP: a pod-network LoadBalancer's VIP reaches its pods through the cluster's own
+kube-proxy (its VIP Service), a Service of type LoadBalancer through kube-proxy as for any Service.
+
+- each proxy example answers the LAN client through its VIP, announced by exactly one node that runs
+  one of its ready forwarding pods, with an `Announcing` Event naming that node;
+- `kubectl expose deployment --type=LoadBalancer` (class-less Services served, as the README's "first
+  ten minutes on bare metal" turns on) gets an EXTERNAL-IP that the LAN client reaches;
+- the announcing node's speaker killed (SIGKILL), and separately its forwarding pod deleted: the other
+  node answers for the VIP and the client's requests succeed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from e2e import harness
+from e2e.cluster.nodes import CLIENT_IP, client_netns
+from e2e.nodes import pods
+from e2e.nodes.chart_operator import RELEASE, RELEASE_NS
+from e2e.nodes.platform import LocalNodes, Platform, PlatformError
+from e2e.nodes.suite import POOL, deploy, kubectl, pod, start_backends
+
+SPEAKERS = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=speaker"
+UDP_ASK = (
+    "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); "
+    "s.sendto(b'ping', (sys.argv[1], int(sys.argv[2]))); print(s.recv(200).decode())"
+)
+
+
+@dataclass
+class Lan:
+    local: LocalNodes
+    addresses: list[str]  # of the backend pods b1-b3
+    macs: dict[str, str]  # node name → the MAC of its LAN interface
+
+    @property
+    def namespace(self) -> str:
+        return self.local.namespace
+
+    def answering(self, vip: str) -> set[str]:
+        """The nodes whose MAC answered two ARP requests for `vip` from the LAN client (arping)."""
+        # arping's exit status says little (non-zero for no answer, and for an extra one): read its lines.
+        netns = f"--net=/run/netns/{client_netns(self.local.cluster.tag)}"
+        out = subprocess.run(
+            ["nsenter", netns, "arping", "-c", "2", "-w", "3", "-i", "eth0", vip],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+        found = set(re.findall(r"from ([0-9a-f:]{17})", out.lower()))
+        return {node for node, mac in self.macs.items() if mac in found} | (found - set(self.macs.values()))
+
+    def announcer(self, vip: str, among: set[str] | None = None) -> str:
+        """The one node answering for `vip` (waiting until exactly one does, and one of `among` if given)."""
+
+        def one() -> str | None:
+            nodes = self.answering(vip)
+            if len(nodes) == 1 and (among is None or nodes <= among):
+                return next(iter(nodes))
+            return None
+
+        return harness.wait_for(f"exactly one node of {among or 'the LAN'} to answer ARP for {vip}", one, 120)
+
+    def get(self, vip: str, port: int, seconds: float = 2) -> str:
+        try:
+            return self.local.client_exec(
+                "curl", "-s", "--max-time", str(seconds), f"http://{vip}:{port}/"
+            ).strip()
+        except PlatformError as error:
+            return f"ERROR {error}"
+
+    def answer(self, vip: str, port: int) -> str:
+        """The first answer from `vip:port` to the LAN client, waiting for one."""
+        return harness.wait_for(
+            f"{vip}:{port} to answer the LAN client",
+            lambda: None if (a := self.get(vip, port)).startswith("ERROR") or not a else a,
+            timeout=120,
+        )
+
+    def pod_nodes(self, name: str) -> set[str]:
+        ready = pods.wait_ready(self.local.env, self.namespace, f"layerlb.dev/loadbalancer={name}")
+        return {p["spec"]["nodeName"] for p in ready}
+
+    def events(self, name: str, reason: str) -> list[str]:
+        listed = kubectl(
+            self.local,
+            "get",
+            "events",
+            "-n",
+            self.namespace,
+            "-o",
+            "json",
+            "--field-selector",
+            f"involvedObject.name={name},reason={reason}",
+        )
+        return [e["message"] for e in json.loads(listed)["items"]]
+
+
+@pytest.fixture(scope="module")
+def lan(platform: Platform) -> Iterator[Lan]:
+    assert isinstance(platform, LocalNodes)
+    local = platform
+    addresses = start_backends(local)
+    macs = {
+        n.name: local.node_exec(n.name, "cat", "/sys/class/net/eth0/address").strip()
+        for n in local.cluster.node_list()
+    }
+    pods.wait_ready(local.env, RELEASE_NS, SPEAKERS, count=len(macs))
+    try:
+        yield Lan(local, addresses, macs)
+    finally:
+        kubectl(local, "delete", "llb", "--all", "-n", local.namespace, "--wait=true", "--timeout=120s")
+        kubectl(local, "delete", "vippool", POOL, "--ignore-not-found")
+
+
+@pytest.mark.parametrize(
+    ("file", "port", "transport"),
+    [
+        ("l7-proxy-routes.yaml", 8080, "TCP"),
+        ("l4-proxy-tcp.yaml", 8080, "TCP"),
+        ("l4-proxy-udp.yaml", 5353, "UDP"),
+    ],
+)
+def test_a_proxy_example_answers_the_lan_through_a_vip_one_of_its_nodes_announces(
+    lan: Lan, file: str, port: int, transport: str
+) -> None:
+    lb = deploy(lan.local, file, lan.addresses)
+    name, vip = lb["metadata"]["name"], lb["status"]["vip"]
+    holder = lan.announcer(vip, among=lan.pod_nodes(name))
+    if transport == "UDP":
+        answer = harness.wait_for(
+            f"{vip}:{port}/udp to answer the LAN client",
+            lambda: _udp(lan, vip, port),
+            timeout=120,
+        )
+    else:
+        answer = lan.answer(vip, port)
+    assert re.match(r"b[123]:", answer), answer
+    service = json.loads(
+        kubectl(lan.local, "get", "service", f"{name}-dataplane", "-n", lan.namespace, "-o", "json")
+    )
+    assert service["status"]["loadBalancer"]["ingress"] == [{"ip": vip, "ipMode": "VIP"}]
+    assert service["spec"]["externalTrafficPolicy"] == "Local"
+    announced = harness.wait_for(f"an Announcing Event on {name}", lambda: lan.events(name, "Announcing"), 60)
+    assert any(holder in message and vip in message for message in announced), announced
+    kubectl(lan.local, "delete", "llb", name, "-n", lan.namespace, "--wait=true", "--timeout=120s")
+
+
+def _udp(lan: Lan, vip: str, port: int) -> str | None:
+    try:
+        return lan.local.client_exec("python3", "-c", UDP_ASK, vip, str(port)).strip() or None
+    except PlatformError:
+        return None
+
+
+def test_kubectl_expose_type_load_balancer_gets_an_external_ip_the_lan_reaches(lan: Lan) -> None:
+    """The first thing a platform engineer types. Class-less Services are served once the chart is told to
+    (`services.serveClassless`, as the README's first ten minutes on bare metal do); the address comes
+    from the VIPPool, kube-proxy forwards it, and the speaker announces it from a Ready node."""
+    local, namespace = lan.local, lan.namespace
+    pods.helm(
+        local.env,
+        "upgrade",
+        RELEASE,
+        "charts/layerlb",
+        "--namespace",
+        RELEASE_NS,
+        "--reuse-values",
+        "--set",
+        "services.serveClassless=true",
+        "--wait",
+        "--timeout",
+        "180s",
+    )
+    template = pod(
+        local,
+        "web",
+        ["python3", "/scripts/backends.py", "--name", "web", "--host", "0.0.0.0", "--http=8080"],
+        {"app": "web"},
+        ready_port=8080,
+    )
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": template["spec"]},
+        },
+    }
+    try:
+        kubectl(local, "apply", "-f", "-", stdin=json.dumps(deployment))
+        pods.wait_ready(local.env, namespace, "app=web", count=2)
+        kubectl(
+            local,
+            "expose",
+            "deployment",
+            "web",
+            "--type=LoadBalancer",
+            "--port=80",
+            "--target-port=8080",
+            "-n",
+            namespace,
+        )
+        external = harness.wait_for(
+            "EXTERNAL-IP of service/web",
+            lambda: kubectl(
+                local,
+                "get",
+                "service",
+                "web",
+                "-n",
+                namespace,
+                "-o",
+                "jsonpath={.status.loadBalancer.ingress[0].ip}",
+            ).strip(),
+            timeout=60,
+        )
+        table = kubectl(local, "get", "service", "web", "-n", namespace)
+        assert re.search(rf"web\s+LoadBalancer\s+\S+\s+{re.escape(external)}\s", table), table
+        lan.announcer(external)
+        assert lan.answer(external, 80).startswith("web:8080 GET /"), external
+        described = kubectl(local, "describe", "service", "web", "-n", namespace)
+        assert "AddressAssigned" in described, described
+        harness.wait_for(
+            "an Announcing Event in kubectl describe",
+            lambda: "Announcing" in kubectl(local, "describe", "service", "web", "-n", namespace),
+            60,
+        )
+    finally:
+        kubectl(
+            local, "delete", "service,deployment", "web", "-n", namespace, "--ignore-not-found", "--wait=true"
+        )
+        pods.helm(
+            local.env,
+            "upgrade",
+            RELEASE,
+            "charts/layerlb",
+            "--namespace",
+            RELEASE_NS,
+            "--reuse-values",
+            "--set",
+            "services.serveClassless=false",
+            "--wait",
+            "--timeout",
+            "180s",
+        )
+
+
+def _speaker_pid(local: LocalNodes, node: str) -> int:
+    """The process of the speaker on `node`: a `layerlb speaker` in that node's network namespace."""
+    netns = os.stat(f"/run/netns/{local.netns(node)}").st_ino
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            inode = os.stat(proc / "ns" / "net").st_ino
+        except OSError:
+            continue
+        if inode == netns and b"speaker" in command and any(part.endswith(b"layerlb") for part in command):
+            return int(proc.name)
+    raise AssertionError(f"no speaker process in {node}'s network namespace")
+
+
+def _moved(lan: Lan, vip: str, port: int, to: str, since: float) -> float:
+    """Seconds from `since` until only `to` answers ARP for `vip` and the LAN client's request succeeds."""
+    lan.announcer(vip, among={to})
+    answer = lan.answer(vip, port)
+    took = time.monotonic() - since
+    assert re.match(r"b[123]:", answer), answer
+    return took
+
+
+@pytest.fixture
+def two_node_lb(lan: Lan) -> Iterator[tuple[str, str]]:
+    """An L4 proxy LoadBalancer with a forwarding pod on each node; yields its name and VIP."""
+    lb = deploy(lan.local, "l4-proxy-tcp.yaml", lan.addresses, name="failover", replicas=2)
+    name, vip = lb["metadata"]["name"], lb["status"]["vip"]
+    harness.wait_for("a forwarding pod on each node", lambda: len(lan.pod_nodes(name)) == len(lan.macs), 120)
+    try:
+        yield name, vip
+    finally:
+        kubectl(lan.local, "delete", "llb", name, "-n", lan.namespace, "--wait=true", "--timeout=120s")
+
+
+def test_killing_the_announcing_speaker_moves_the_vip_to_the_other_node(
+    lan: Lan, two_node_lb: tuple[str, str]
+) -> None:
+    _, vip = two_node_lb
+    holder = lan.announcer(vip)
+    lan.answer(vip, 8080)
+    [other] = set(lan.macs) - {holder}
+    killed = time.monotonic()
+    os.kill(_speaker_pid(lan.local, holder), signal.SIGKILL)
+    took = _moved(lan, vip, 8080, other, killed)
+    print(f"\nspeaker on {holder} killed: {other} answers for {vip} and serves after {took:.2f} s")
+    # The kubelet restarts the killed speaker; the VIP is answered by exactly one node again.
+    pods.wait_ready(lan.local.env, RELEASE_NS, SPEAKERS, count=len(lan.macs))
+    lan.announcer(vip)
+    assert not lan.get(vip, 8080).startswith("ERROR")
+
+
+def test_deleting_the_announcing_nodes_forwarding_pod_moves_the_vip_to_the_other_node(
+    lan: Lan, two_node_lb: tuple[str, str]
+) -> None:
+    name, vip = two_node_lb
+    holder = lan.announcer(vip)
+    [other] = set(lan.macs) - {holder}
+    [doomed] = [
+        p["metadata"]["name"]
+        for p in pods.wait_ready(lan.local.env, lan.namespace, f"layerlb.dev/loadbalancer={name}")
+        if p["spec"]["nodeName"] == holder
+    ]
+    kubectl(lan.local, "cordon", holder)  # the replacement pod goes to the other node
+    try:
+        deleted = time.monotonic()
+        kubectl(lan.local, "delete", "pod", doomed, "-n", lan.namespace, "--wait=false")
+        took = _moved(lan, vip, 8080, other, deleted)
+        print(
+            f"\nforwarding pod on {holder} deleted: {other} answers for {vip} and serves after {took:.2f} s"
+        )
+    finally:
+        kubectl(lan.local, "uncordon", holder)
+
+
+def test_the_lan_client_resolves_each_vip_with_its_own_kernel(lan: Lan) -> None:
+    """Not arping alone: the client's kernel ARP (its neighbour cache) holds the announcing node's MAC."""
+    lb = deploy(lan.local, "l4-proxy-tcp.yaml", lan.addresses, name="neighbour")
+    vip = lb["status"]["vip"]
+    holder = lan.announcer(vip)
+    lan.answer(vip, 8080)
+    neighbours = lan.local.client_exec("ip", "neigh", "show", vip)
+    assert lan.macs[holder] in neighbours.lower(), neighbours
+    assert CLIENT_IP not in neighbours
+    kubectl(lan.local, "delete", "llb", "neighbour", "-n", lan.namespace, "--wait=true", "--timeout=120s")
