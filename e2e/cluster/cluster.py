@@ -45,9 +45,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = Path(__file__).resolve().with_name("build.sh")
 
 SERVICE_CIDR = "10.0.0.0/24"
-# The API server is dual-stack for Services (IPv4 first, so a Service that asks nothing stays IPv4 as
-# before): a Service of type LoadBalancer may ask for PreferDualStack/RequireDualStack and get an address
-# of each family (tests of the operator's Service support). Nodes and kube-proxy stay IPv4.
+# The cluster is dual-stack, IPv4 first (a Service that asks nothing stays IPv4 single-stack): a Service
+# may ask for PreferDualStack/RequireDualStack and get an address of each family; with real nodes, pods and
+# nodes have both families too and kube-proxy serves both (``nodes.py``).
 SERVICE_CIDR_V6 = "fd00:10:96::/112"
 SERVICE_FIRST_IP = "10.0.0.1"
 # The host's loopback as a QEMU guest with user networking sees it: the IPVS e2e pods run in such a guest.
@@ -635,7 +635,8 @@ def up(
                 "--use-service-account-credentials=true",
                 f"--cluster-signing-cert-file={pki / 'ca.crt'}",
                 f"--cluster-signing-key-file={pki / 'ca.key'}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # As the API server's (node CIDRs are not allocated: each node's CNI config names its own).
+                f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR_V6}",
                 f"--flex-volume-plugin-dir={sdir / 'flexvolume'}",  # else it creates /usr/libexec/...
             ],
             sdir,
@@ -688,7 +689,7 @@ def _start_nodes(
     _kubectl(cluster, "apply", "-f", "-", stdin=_NODE_RBAC + _api_endpoint_slice(cluster))
     node_list = cluster.node_list()
     progress(f"creating the network of {len(node_list)} nodes ({node_kit.NODE_SUBNET})")
-    node_kit.create_network(cluster.tag, node_list, SERVICE_CIDR)
+    node_kit.create_network(cluster.tag, node_list, [SERVICE_CIDR, SERVICE_CIDR_V6])
     node_kit.record_sysctls(cluster.tag)
     pids.update(node_kit.start_network_services(cluster.tag, sdir, api_port))
     _write_state(cluster)
@@ -711,7 +712,8 @@ def _start_nodes(
         progress(f"{node.name}: {len(images)} images imported in {time.monotonic() - t:.1f} s")
         for name, pid in node_kit.start_kubelet(node, binaries, pki / "ca.crt").items():
             pids[f"{node.name}/{name}"] = pid
-        for name, pid in node_kit.start_kube_proxy(node, binaries, node_kit.POD_CIDR).items():
+        cluster_cidr = f"{node_kit.POD_CIDR},{node_kit.POD_CIDR6}"
+        for name, pid in node_kit.start_kube_proxy(node, binaries, cluster_cidr).items():
             pids[f"{node.name}/{name}"] = pid
         _write_state(cluster)
     names = set(cluster.nodes)

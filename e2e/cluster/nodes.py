@@ -11,14 +11,15 @@ kube-proxy, registered with the local control plane (``cluster.py``).
 A node is: a network namespace on the bridge (routes to the other nodes' pod CIDRs), containerd with its
 own root, state, socket and CNI folder (standard CNI plugins: bridge + host-local + portmap), a kubelet
 (cgroupfs driver, its own cgroup root in every hierarchy, its own root-dir and pod-log folder) and a
-kube-proxy (nftables mode).
+kube-proxy (nftables mode). The API server is reached through a relay in each node on port 6443, which
+the in-cluster ``kubernetes`` Service's EndpointSlice names, so pods reach it at 10.0.0.1:443.
 
 The cluster is dual-stack, IPv4 first: nodes, pods and the LAN have an address of each family (Node
 InternalIPs and pod IPs IPv4 then IPv6; a Service that asks nothing stays IPv4 single-stack), and
 kube-proxy serves both. IPv6 duplicate address detection and router advertisements are off in every
 namespace made here (and in pods, the bridge plugin's default), so an address is usable the moment it is
-added: nothing else on these links could hold it, and nobody sends router advertisements. The API server is reached through a relay in each node on port 6443, which
-the in-cluster ``kubernetes`` Service's EndpointSlice names, so pods reach it at 10.0.0.1:443.
+added: nothing else on these links could hold it, and nobody sends router advertisements. Nor ICMP
+redirects (see ``QUIET_LINKS``).
 
 Processes are started with ``nsenter --net`` rather than ``ip netns exec``: the latter remounts /sys
 (hiding the cgroup mounts from the kubelet) and gives a private mount namespace (so the kubelet's volume
@@ -165,14 +166,22 @@ def write_sysctls(netns: str, values: dict[str, str]) -> None:
     run(["nsenter", f"--net={NETNS_DIR / netns}", "sysctl", "-qw", *settings])
 
 
-# IPv6 in a namespace made here: interfaces created after this take these defaults, so their addresses
-# (link-local ones too) skip duplicate address detection and are usable at once, and no router
-# advertisement changes their routes.
-IPV6_QUIET = {
+# The links of every namespace made here: interfaces created after these are set take them as defaults.
+# IPv6 addresses (link-local ones too) skip duplicate address detection, so they are usable at once, and
+# no router advertisement changes a route. No ICMP redirects, sent or taken: a node forwards a packet it
+# has no rule for yet (a VIP's first SYN before kube-proxy's sync) back out of its one interface, and the
+# redirect it would send makes the LAN client bypass it for that address for minutes.
+QUIET_LINKS = {
     "net/ipv6/conf/all/accept_dad": "0",
     "net/ipv6/conf/default/accept_dad": "0",
     "net/ipv6/conf/all/accept_ra": "0",
     "net/ipv6/conf/default/accept_ra": "0",
+    "net/ipv6/conf/all/accept_redirects": "0",
+    "net/ipv6/conf/default/accept_redirects": "0",
+    "net/ipv4/conf/all/accept_redirects": "0",
+    "net/ipv4/conf/default/accept_redirects": "0",
+    "net/ipv4/conf/all/send_redirects": "0",
+    "net/ipv4/conf/default/send_redirects": "0",
 }
 
 
@@ -234,7 +243,7 @@ def create_network(tag: str, nodes: list[Node], service_cidrs: list[str]) -> Non
     ``service_cidrs`` (one per family) are routed from the bridge namespace through the first node."""
     net = network_netns(tag)
     ip("netns", "add", net)
-    write_sysctls(net, {**IPV6_QUIET, "net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1"})
+    write_sysctls(net, {**QUIET_LINKS, "net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1"})
     ip("link", "set", "lo", "up", netns=net)
     ip("link", "add", "br0", "type", "bridge", netns=net)
     ip("addr", "add", f"{NETWORK_IP}/24", "dev", "br0", netns=net)
@@ -242,7 +251,7 @@ def create_network(tag: str, nodes: list[Node], service_cidrs: list[str]) -> Non
     ip("link", "set", "br0", "up", netns=net)
     client = client_netns(tag)
     ip("netns", "add", client)
-    write_sysctls(client, IPV6_QUIET)
+    write_sysctls(client, QUIET_LINKS)
     ip("link", "set", "lo", "up", netns=client)
     ip("link", "add", "eth0", "type", "veth", "peer", "name", "client", "netns", net, netns=client)
     ip("link", "set", "client", "master", "br0", "up", netns=net)
@@ -254,7 +263,7 @@ def create_network(tag: str, nodes: list[Node], service_cidrs: list[str]) -> Non
         write_sysctls(
             node.netns,
             {
-                **IPV6_QUIET,
+                **QUIET_LINKS,
                 "net/ipv4/ip_forward": "1",
                 "net/ipv6/conf/all/forwarding": "1",
                 # Replies between pods of one node's bridge must pass netfilter, or a Service's DNAT is not
