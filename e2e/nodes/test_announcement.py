@@ -117,8 +117,9 @@ def lan(platform: Platform) -> Iterator[Lan]:
     assert isinstance(platform, LocalNodes)
     local = platform
     addresses = start_backends(local)
+    # From `ip`, not /sys/class/net: `nsenter --net` keeps the host's /sys, which shows the host's interfaces.
     macs = {
-        n.name: local.node_exec(n.name, "cat", "/sys/class/net/eth0/address").strip()
+        n.name: json.loads(local.node_exec(n.name, "ip", "-j", "link", "show", "eth0"))[0]["address"].lower()
         for n in local.cluster.node_list()
     }
     pods.wait_ready(local.env, RELEASE_NS, SPEAKERS, count=len(macs))
@@ -174,19 +175,9 @@ def test_kubectl_expose_type_load_balancer_gets_an_external_ip_the_lan_reaches(l
     (`services.serveClassless`, as the README's first ten minutes on bare metal do); the address comes
     from the VIPPool, kube-proxy forwards it, and the speaker announces it from a Ready node."""
     local, namespace = lan.local, lan.namespace
+    # The README's own command (its first ten minutes on bare metal), then the operator rolled out.
     pods.helm(
-        local.env,
-        "upgrade",
-        RELEASE,
-        "charts/layerlb",
-        "--namespace",
-        RELEASE_NS,
-        "--reuse-values",
-        "--set",
-        "services.serveClassless=true",
-        "--wait",
-        "--timeout",
-        "180s",
+        local.env, *harness.readme_command("upgrade", "serveClassless")[1:], "--wait", "--timeout", "180s"
     )
     template = pod(
         local,
