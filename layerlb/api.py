@@ -28,6 +28,15 @@ HOST = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*
 HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 # An HTTP path: starts with a slash, no whitespace, no query or fragment.
 HTTP_PATH = r"^/[^\s?#]*$"
+# A Linux network interface name: at most 15 bytes (IFNAMSIZ), no '/', ':' or whitespace; ASCII here.
+INTERFACE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$"
+# A Kubernetes label key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters.
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+# A Kubernetes label value: empty, or at most 63 characters alphanumeric at both ends.
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 
 # Bounds shared with the CRD: CEL's cost estimator needs every list and string bounded.
 MAX_LISTENERS = 64
@@ -422,8 +431,68 @@ class LoadBalancerStatus(Model):
     )
 
 
+class SelectorOperator(StrEnum):
+    """How a label selector requirement compares a node's label with its values (metav1.LabelSelector)."""
+
+    In = "In"
+    NotIn = "NotIn"
+    Exists = "Exists"
+    DoesNotExist = "DoesNotExist"
+
+
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+MAX_SELECTOR_TERMS = 32
+MAX_SELECTOR_VALUES = 64
+MAX_INTERFACES = 16
+
+
+class LabelSelectorRequirement(Model):
+    """One requirement on a label: In and NotIn compare with values, Exists and DoesNotExist take none."""
+
+    key: LabelKey = Field(description="The label key, such as topology.kubernetes.io/zone.")
+    operator: SelectorOperator = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[LabelValue] | None = Field(
+        default=None,
+        max_length=MAX_SELECTOR_VALUES,
+        description="In and NotIn: the values to compare with (at least one). Exists, DoesNotExist: none.",
+    )
+
+
+class LabelSelector(Model):
+    """A Kubernetes label selector (metav1.LabelSelector): every part must match; empty matches all."""
+
+    matchLabels: dict[LabelKey, LabelValue] | None = Field(
+        default=None,
+        max_length=MAX_SELECTOR_TERMS,
+        description="Labels that must be present with these values.",
+    )
+    matchExpressions: list[LabelSelectorRequirement] | None = Field(
+        default=None, max_length=MAX_SELECTOR_TERMS, description="Requirements that must all hold."
+    )
+
+
+class Announce(Model):
+    """Where a pool's addresses are announced (as MetalLB's L2Advertisement): which nodes, which interfaces."""
+
+    interfaces: list[Annotated[str, Field(min_length=1, max_length=15, pattern=INTERFACE_NAME)]] | None = (
+        Field(
+            default=None,
+            max_length=MAX_INTERFACES,
+            description=(
+                "Answer ARP/NDP only on these interfaces of a node (a node with none of them does not announce); "
+                "absent or empty: the interface holding the node's InternalIP."
+            ),
+        )
+    )
+    nodeSelector: LabelSelector | None = Field(
+        default=None,
+        description="Only nodes whose labels match may announce the pool's addresses; absent: every eligible node.",
+    )
+
+
 class VIPPoolSpec(Model):
-    """Addresses the operator may hand out as VIPs."""
+    """Addresses the operator may hand out as VIPs, and where the speakers announce them."""
 
     addresses: list[Annotated[str, Field(min_length=3, max_length=91)]] = Field(
         min_length=1,
@@ -437,6 +506,10 @@ class VIPPoolSpec(Model):
         default=True,
         strict=True,
         description="Hand out addresses to LoadBalancers that name no pool; false: only by name.",
+    )
+    announce: Announce | None = Field(
+        default=None,
+        description="Where the addresses are announced: nodes (nodeSelector) and interfaces; absent: everywhere.",
     )
 
 

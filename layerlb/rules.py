@@ -24,6 +24,7 @@ from layerlb.api import (
     Endpoint,
     HashOn,
     HealthCheck,
+    LabelSelectorRequirement,
     Listener,
     LoadBalancerSpec,
     Mode,
@@ -322,6 +323,21 @@ def _pool_order(value: str) -> str | None:
     return None
 
 
+def _selector_values(requirement: LabelSelectorRequirement) -> str | None:
+    if requirement.operator in ("In", "NotIn"):
+        if requirement.values:
+            return None
+        return f"operator {requirement.operator} needs at least one value"
+    if not requirement.values:
+        return None
+    return f"operator {requirement.operator} takes no values; remove them"
+
+
+def _interface_names(interfaces: list[str]) -> str | None:
+    repeated = _first_repeated(interfaces)
+    return None if repeated is None else f"interface names must be unique; repeated: {repeated}"
+
+
 def _endpoint_ip(endpoint: Endpoint) -> str | None:
     return _ip(endpoint.address)
 
@@ -484,6 +500,16 @@ RULES: tuple[Rule, ...] = (
          _pool_block),
     # Python only (empty CEL): CEL's IP library cannot compare addresses, so the operator reports it.
     Rule("VIPPool", "spec.addresses[*]", "", "", "", _pool_order),
+    Rule("VIPPool", "spec.announce.interfaces", "",
+         "self.all(i, self.exists_one(j, j == i))",
+         "'interface names must be unique; repeated: %s'.format([self.filter(i, !self.exists_one(j, j == i))[0]])",
+         _interface_names),
+    Rule("VIPPool", "spec.announce.nodeSelector.matchExpressions[*]", ".values",
+         "self.operator in ['In', 'NotIn'] ? (has(self.values) && self.values.size() > 0) : "
+         "(!has(self.values) || self.values.size() == 0)",
+         "self.operator in ['In', 'NotIn'] ? 'operator %s needs at least one value'.format([self.operator]) : "
+         "'operator %s takes no values; remove them'.format([self.operator])",
+         _selector_values),
 )
 # fmt: on
 

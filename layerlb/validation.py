@@ -56,6 +56,9 @@ PATTERNS = {
     api.HOST: "a host name (lower case, optionally *. first and :port last)",
     api.HEADER_NAME: "an HTTP header or cookie name (letters, digits and !#$%&'*+.^_`|~-)",
     api.HTTP_PATH: "an HTTP path (starting with /, no spaces, no ? or #)",
+    api.INTERFACE_NAME: "an interface name (at most 15 letters, digits, '_', '.' and '-', not starting with '.' or '-')",
+    api.LABEL_KEY: "a label key (an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' and '.', alphanumeric at both ends)",
+    api.LABEL_VALUE: "a label value (empty, or at most 63 letters, digits, '-', '_' and '.', alphanumeric at both ends)",
 }
 
 

@@ -269,7 +269,7 @@ def test_the_speakers_rbac_reads_what_it_announces_from_and_writes_events_only()
     writes = {key: verbs - {"get", "list", "watch"} for key, verbs in grants.items()}
     assert {key: verbs for key, verbs in writes.items() if verbs} == {("", "events", ()): {"create", "patch"}}
     assert {resource for _, resource, _ in grants} == {
-        "nodes", "pods", "services", "endpointslices", "loadbalancers", "events"
+        "nodes", "pods", "services", "endpointslices", "loadbalancers", "vippools", "events"
     }  # fmt: skip
     [binding] = [d for d in rendered if d["kind"] == "ClusterRoleBinding"]
     assert binding["subjects"] == [

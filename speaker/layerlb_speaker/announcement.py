@@ -5,6 +5,9 @@ talking to the others. The holder is chosen by rendezvous (highest-random-weight
 name) over the nodes that are both eligible for the VIP and alive: each node's weight for a VIP is fixed,
 so a VIP moves only when its holder leaves (or stops being eligible), and then to the next-highest node;
 VIPs held by other nodes stay put. A returning node takes back exactly the VIPs it ranks first for.
+A VIP restricted to interfaces (its VIPPool's `spec.announce.interfaces`) is held only by a node that has
+one of them: each speaker tells its peers which wanted interfaces it lacks (`membership`), so a node
+missing them drops out of the candidates the same way everywhere, and the weights never change.
 
 The weight is a wire contract between speakers: two versions that hash differently would both answer
 during a rolling upgrade. `tests/speaker/test_announcement.py` pins it with a golden file.
@@ -44,21 +47,30 @@ class Owner:
 class Vip:
     """One address to announce, the nodes that can serve it, and where to announce it.
 
-    `interfaces` empty means the speaker's default interfaces (the one holding the node's address).
+    `interfaces` empty means the speaker's default interfaces (the one holding the node's address);
+    otherwise only these, and a node that has none of them cannot serve the VIP. `pool` is the VIPPool the
+    address belongs to (whose `spec.announce` gave `interfaces` and narrowed `eligible`), for Events.
     """
 
     address: Address
     eligible: frozenset[str]
     owners: tuple[Owner, ...] = ()
     interfaces: tuple[str, ...] = ()
+    pool: Owner | None = None
 
 
 @dataclass(frozen=True)
 class Member:
-    """A live speaker as the membership sees it: its node name and whether its API view is fresh."""
+    """A live speaker as the membership sees it: its node name, whether its API view is fresh, and the
+    interfaces wanted by some VIP that it cannot answer on (missing or down on its node)."""
 
     node: str
     fresh: bool = True
+    unavailable: frozenset[str] = frozenset()
+
+    def serves(self, vip: Vip) -> bool:
+        """Whether this speaker can answer for `vip`: it has (up) at least one of the VIP's interfaces."""
+        return not vip.interfaces or any(name not in self.unavailable for name in vip.interfaces)
 
 
 def weight(address: Address, node: str) -> int:
@@ -75,9 +87,10 @@ def rank(address: Address, nodes: Iterable[str]) -> list[str]:
 def holder(vip: Vip, members: Mapping[str, Member]) -> str | None:
     """The node that announces `vip` given the live speakers, or None when no live speaker may serve it.
 
-    Candidates are the eligible live speakers whose view is fresh; if none is, the eligible live ones.
+    Candidates are the eligible live speakers that have one of the VIP's interfaces and whose view is
+    fresh; if none is fresh, the eligible live ones that have an interface.
     """
-    live = [node for node in vip.eligible if node in members]
+    live = [node for node in vip.eligible if node in members and members[node].serves(vip)]
     fresh = [node for node in live if members[node].fresh]
     pool = fresh or live
     if not pool:

@@ -11,6 +11,19 @@ same shape as what `inventory` derives from the API:
         nodes: [node-1, node-2]  # eligible nodes
         interfaces: [eth0]       # optional; default: the speaker's interfaces
         owner: LoadBalancer shop/web   # optional, for logs
+        pool: edge               # optional: the pool this VIP's owner names (as a LoadBalancer's vipPool)
+    labels:                      # optional: node name → its labels, for pools' nodeSelector
+      node-1: {topology.kubernetes.io/zone: a}
+    pools:                       # optional: VIPPools by name and spec, validated as the API server does
+      - name: edge
+        addresses: [10.0.0.96/29]
+        announce:
+          interfaces: [eth1]
+          nodeSelector: {matchLabels: {topology.kubernetes.io/zone: a}}
+
+A VIP inside a pool's addresses is narrowed by that pool exactly as `inventory` narrows a cluster's VIPs
+(`inventory.restricted`): its nodes to those whose labels match, its interfaces to the pool's when the
+pool names any (they replace its own). Notices (`NoEligibleNode`, `InvalidVIPPool`) go to the log.
 
 Bad entries are reported one line each (`vips[2].address: '10.0.0.300' is not an IP address`) and
 skipped; the others still count. A file that cannot be read makes the view stale (`fresh` false), and the
@@ -24,12 +37,15 @@ import ipaddress
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from layerlb_speaker.announcement import Owner, Vip
 from layerlb_speaker.runtime import Inventory
+
+if TYPE_CHECKING:
+    from layerlb_speaker import inventory
 
 log = logging.getLogger("layerlb.speaker")
 
@@ -63,6 +79,7 @@ def parse(document: Any) -> tuple[Inventory, list[str]]:
         except ValueError:
             problems.append(f"peers.{node}: {address!r} is not an IP address")
     vips: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, Vip] = {}
+    named: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
     raw_vips = document.get("vips") or []
     if not isinstance(raw_vips, list):
         problems.append(f"vips: {type(raw_vips).__name__} is not a list")
@@ -86,7 +103,50 @@ def parse(document: Any) -> tuple[Inventory, list[str]]:
             continue
         owners = (_owner(entry["owner"]),) if entry.get("owner") else ()
         vips[address] = Vip(address, frozenset(nodes), owners, interfaces)
-    return Inventory(tuple(vips.values()), peers, True), problems
+        if entry.get("pool"):
+            named[address] = str(entry["pool"])
+    if "pools" not in document and "labels" not in document:
+        return Inventory(tuple(vips.values()), peers, True), problems
+    restricted, notices = _restrict(document, tuple(vips.values()), named, problems)
+    return Inventory(restricted, peers, True, notices), problems
+
+
+def _restrict(
+    document: dict[Any, Any],
+    vips: tuple[Vip, ...],
+    named: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str],
+    problems: list[str],
+) -> tuple[tuple[Vip, ...], tuple[inventory.Notice, ...]]:
+    from layerlb_speaker import inventory  # pydantic and the API models load only for pools
+
+    known = document.get("peers") if isinstance(document.get("peers"), dict) else {}
+    labels: dict[str, dict[str, str]] = {str(node): {} for node in known or {}}
+    raw_labels = document.get("labels") or {}
+    if not isinstance(raw_labels, dict):
+        problems.append(f"labels: {raw_labels!r} is not a mapping of node name to labels")
+        raw_labels = {}
+    for node, node_labels in raw_labels.items():
+        if not isinstance(node_labels, dict):
+            problems.append(f"labels.{node}: {node_labels!r} is not a mapping of label to value")
+            continue
+        labels[str(node)] = {str(key): str(value) for key, value in node_labels.items()}
+    pools = []
+    raw_pools = document.get("pools") or []
+    if not isinstance(raw_pools, list):
+        problems.append(f"pools: {type(raw_pools).__name__} is not a list")
+        raw_pools = []
+    for index, entry in enumerate(raw_pools):
+        if not isinstance(entry, dict) or not entry.get("name"):
+            problems.append(f"pools[{index}]: {entry!r} is not a mapping with name and addresses")
+            continue
+        spec = {key: value for key, value in entry.items() if key != "name"}
+        parsed = inventory.pool({"metadata": {"name": str(entry["name"])}, "spec": spec})
+        if parsed is None:
+            continue
+        if parsed.invalid:
+            problems.append(f"pools[{index}]: {parsed.invalid}; its addresses are not announced")
+        pools.append(parsed)
+    return inventory.restricted(vips, pools, labels, named)
 
 
 def load(path: str) -> tuple[Inventory, list[str]]:
@@ -115,6 +175,6 @@ async def watch(path: str, update: Callable[[Inventory], None], poll: float = 0.
             if not failing:
                 failing = True
                 log.error("%s: %s; keeping the last known VIPs, view stale", path, error)
-                last = Inventory(last.vips, last.peers, fresh=False)
+                last = Inventory(last.vips, last.peers, fresh=False, notices=last.notices)
                 update(last)
         await asyncio.sleep(poll)

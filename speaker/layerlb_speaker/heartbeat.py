@@ -14,7 +14,7 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 
-from layerlb_speaker.membership import Heartbeat
+from layerlb_speaker.membership import Heartbeat, Unavailable
 
 log = logging.getLogger("layerlb.speaker")
 
@@ -29,13 +29,14 @@ def _canonical(address: str) -> str:
 
 
 class HeartbeatSocket:
-    """UDP on `port` of every address of the node; `received(beat)` runs for each valid heartbeat."""
+    """UDP on `port` of every address of the node; `received(message)` runs for each valid heartbeat or
+    `Unavailable` message."""
 
     def __init__(
         self,
         port: int,
         loop: asyncio.AbstractEventLoop,
-        received: Callable[[Heartbeat], None],
+        received: Callable[[Heartbeat | Unavailable], None],
         ipv6: bool,
     ) -> None:
         self.loop = loop
@@ -63,13 +64,13 @@ class HeartbeatSocket:
         """Reads every datagram waiting now (also called before liveness is judged, see `runtime`)."""
         for _ in range(4096):
             try:
-                data, source = self.sock.recvfrom(512)
+                data, source = self.sock.recvfrom(2048)
             except BlockingIOError:
                 return
             except OSError as error:
                 log.debug("heartbeat socket: %s", error)
                 return
-            beat = Heartbeat.decode(data)
+            beat: Heartbeat | Unavailable | None = Heartbeat.decode(data) or Unavailable.decode(data)
             if beat is None:
                 continue
             if self._nodes_by_address.get(_canonical(source[0])) != beat.node:
@@ -77,7 +78,7 @@ class HeartbeatSocket:
                 continue
             self.received(beat)
 
-    def send(self, beat: Heartbeat, me: str) -> None:
+    def send(self, beat: Heartbeat | Unavailable, me: str) -> None:
         """Sends `beat` to every peer but this node; unreachable peers are skipped (they are dead to us)."""
         data = beat.encode()
         for node, address in self.peers.items():

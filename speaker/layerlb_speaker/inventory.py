@@ -11,24 +11,37 @@
   the API documents). Nodes labelled `node.kubernetes.io/exclude-from-external-load-balancers` are
   never eligible, as for every cloud load balancer.
 - Peers are the Nodes' InternalIPs (the first one, IPv4 preferred): speakers heartbeat on the node network.
+- VIPPools say where their addresses are announced (`spec.announce`). A VIP belongs to the pool its owner
+  names (a LoadBalancer's `spec.vipPool`, a Service's `layerlb.dev/vip-pool` annotation) when that pool
+  holds the address, else to the first pool by name that holds it, as the allocator picks. Its eligible
+  nodes are narrowed to those whose labels match the pool's `nodeSelector`, and it is answered only on
+  the pool's `interfaces`. An address in no pool (a `spec.vip` written outside every pool) is announced
+  as before. A pool that does not validate (a stale CRD let it in) announces nothing: restrictions the
+  speaker cannot read are not silently dropped.
 
 Two objects claiming one address are merged (owners joined, eligible nodes united), so the address is
-announced once.
+announced once. What cannot be announced because of a pool comes out as `Notice`s (`NoEligibleNode`,
+`InvalidVIPPool`), which one speaker turns into Warning Events.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from layerlb_operator import objects
+from layerlb_operator.vips import Block
 
+from layerlb import api, validation
 from layerlb_speaker.announcement import Address, Owner, Vip
 
 SERVICE_CLASS = "layerlb.dev/loadbalancer"
 EXCLUDE_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+POOL_ANNOTATION = "layerlb.dev/vip-pool"  # service_frontend.POOL_ANNOTATION (a test keeps them equal)
 Object = Mapping[str, Any]
 
 
@@ -155,6 +168,178 @@ def service_vips(
     return vips
 
 
+# --- pools ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A VIPPool as the speaker reads it: its addresses and where they are announced.
+
+    `invalid` holds its validation problems: then its (parseable) addresses are announced nowhere."""
+
+    owner: Owner
+    blocks: tuple[Block, ...]
+    interfaces: tuple[str, ...] = ()
+    selector: api.LabelSelector | None = None
+    invalid: str = ""
+
+    def __contains__(self, address: object) -> bool:
+        return any(address in block for block in self.blocks)
+
+    @property
+    def name(self) -> str:
+        return self.owner.name
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something a pool prevents that a speaker reports as a Warning: on the VIP's owners and the pool."""
+
+    reason: str
+    message: str
+    vip: Vip | None = None
+    pool: Owner | None = None
+
+
+def pool_owner(name: str, uid: str = "") -> Owner:
+    """The Owner of a (cluster-scoped) VIPPool, for Events."""
+    return Owner("VIPPool", "", name, uid, api.API_VERSION)
+
+
+def pool(document: Object) -> Pool | None:
+    """The Pool of a VIPPool resource (None without a name); an invalid one keeps its problems."""
+    meta = _meta(document)
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    owner = pool_owner(name, str(meta.get("uid") or ""))
+    resource = {key: document.get(key) for key in ("apiVersion", "kind", "metadata", "spec")}
+    resource["apiVersion"] = resource.get("apiVersion") or api.API_VERSION
+    resource["kind"] = resource.get("kind") or "VIPPool"
+    try:
+        parsed = validation.validate(resource)
+    except validation.Invalid as error:
+        return Pool(owner, _blocks((document.get("spec") or {}).get("addresses")), invalid=str(error))
+    assert isinstance(parsed, api.VIPPool)
+    spec = parsed.spec
+    blocks = tuple(Block(*api.address_block(text)) for text in spec.addresses)
+    announce = spec.announce or api.Announce()
+    return Pool(owner, blocks, tuple(announce.interfaces or ()), announce.nodeSelector)
+
+
+def _blocks(addresses: object) -> tuple[Block, ...]:
+    found = []
+    for text in addresses if isinstance(addresses, list) else []:
+        try:
+            found.append(Block(*api.address_block(str(text))))
+        except ValueError:
+            continue
+    return tuple(found)
+
+
+def pools(documents: Iterable[Object]) -> tuple[Pool, ...]:
+    """The Pools of VIPPool resources, by name."""
+    found = [each for each in map(pool, documents) if each is not None]
+    return tuple(sorted(found, key=lambda each: each.name))
+
+
+def matches(selector: api.LabelSelector | None, labels: Mapping[str, str]) -> bool:
+    """Whether `labels` satisfy a label selector, as Kubernetes decides: every part holds; empty or None
+    matches everything. NotIn and DoesNotExist hold for a node without the label."""
+    if selector is None:
+        return True
+    for key, value in (selector.matchLabels or {}).items():
+        if labels.get(key) != value:
+            return False
+    for requirement in selector.matchExpressions or []:
+        present = requirement.key in labels
+        values = requirement.values or []
+        operator = requirement.operator
+        if operator == api.SelectorOperator.In and not (present and labels[requirement.key] in values):
+            return False
+        if operator == api.SelectorOperator.NotIn and present and labels[requirement.key] in values:
+            return False
+        if operator == api.SelectorOperator.Exists and not present:
+            return False
+        if operator == api.SelectorOperator.DoesNotExist and present:
+            return False
+    return True
+
+
+def node_labels(nodes: Iterable[Object]) -> dict[str, dict[str, str]]:
+    """Node name → its labels."""
+    return {
+        _meta(node)["name"]: dict(_meta(node).get("labels") or {})
+        for node in nodes
+        if _meta(node).get("name")
+    }
+
+
+def pool_of(address: Address, candidates: Iterable[Pool], named: str | None = None) -> Pool | None:
+    """The pool `address` belongs to: the one named by its owner when that holds it, else the first by name."""
+    holding = sorted((each for each in candidates if address in each), key=lambda each: each.name)
+    for each in holding:
+        if each.name == named:
+            return each
+    return holding[0] if holding else None
+
+
+def _selector_text(selector: api.LabelSelector | None) -> str:
+    return "" if selector is None else selector.model_dump_json(exclude_none=True)
+
+
+def restricted(
+    vips: Iterable[Vip],
+    candidates: Iterable[Pool],
+    labels: Mapping[str, Mapping[str, str]],
+    named: Mapping[Address, str] | None = None,
+) -> tuple[tuple[Vip, ...], tuple[Notice, ...]]:
+    """Each VIP narrowed by its pool (see the module): eligible nodes matching the pool's nodeSelector, the
+    pool's interfaces; and the notices of VIPs a pool keeps from being announced."""
+    candidates = tuple(candidates)
+    named = named or {}
+    out: list[Vip] = []
+    notices: list[Notice] = []
+    invalid_reported: set[str] = set()
+    for vip in vips:
+        found = pool_of(vip.address, candidates, named.get(vip.address))
+        if found is None:
+            out.append(vip)
+            continue
+        if found.invalid:
+            out.append(dataclasses.replace(vip, eligible=frozenset(), pool=found.owner))
+            if found.name not in invalid_reported:
+                invalid_reported.add(found.name)
+                notices.append(
+                    Notice(
+                        "InvalidVIPPool",
+                        f"VIPPool {found.name} is invalid, its addresses are not announced: {found.invalid}",
+                        None,
+                        found.owner,
+                    )
+                )
+            continue
+        eligible = frozenset(
+            node
+            for node in vip.eligible
+            if found.selector is None or (node in labels and matches(found.selector, labels[node]))
+        )
+        interfaces = found.interfaces or vip.interfaces
+        narrowed = dataclasses.replace(vip, eligible=eligible, interfaces=interfaces, pool=found.owner)
+        if vip.eligible and not eligible:
+            notices.append(
+                Notice(
+                    "NoEligibleNode",
+                    f"{vip.address} is not announced: none of its eligible nodes ({', '.join(sorted(vip.eligible))}) "
+                    f"matches VIPPool {found.name} spec.announce.nodeSelector {_selector_text(found.selector)}",
+                    narrowed,
+                    found.owner,
+                )
+            )
+        out.append(narrowed)
+    return tuple(out), tuple(notices)
+
+
 def merged(vips: Iterable[Vip]) -> tuple[Vip, ...]:
     """One Vip per address: owners joined, eligible nodes united (a shared address is announced once)."""
     by_address: dict[Address, Vip] = {}
@@ -168,8 +353,46 @@ def merged(vips: Iterable[Vip]) -> tuple[Vip, ...]:
                 seen.eligible | vip.eligible,
                 seen.owners + vip.owners,
                 seen.interfaces or vip.interfaces,
+                seen.pool or vip.pool,
             )
     return tuple(by_address[address] for address in sorted(by_address, key=lambda a: (a.version, a)))
+
+
+def named_pools(loadbalancers: Iterable[Object], services: Iterable[Object]) -> dict[Address, str]:
+    """Address → the pool its owner names (a LoadBalancer's `spec.vipPool`, a Service's annotation)."""
+    named: dict[Address, str] = {}
+    for lb in loadbalancers:
+        address = _address((lb.get("status") or {}).get("vip"))
+        name = (lb.get("spec") or {}).get("vipPool")
+        if address is not None and isinstance(name, str):
+            named.setdefault(address, name)
+    for service in services:
+        name = (_meta(service).get("annotations") or {}).get(POOL_ANNOTATION)
+        if not isinstance(name, str):
+            continue
+        for ingress in ((service.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []:
+            address = _address(ingress.get("ip"))
+            if address is not None:
+                named.setdefault(address, name)
+    return named
+
+
+def announced(
+    nodes: Iterable[Object],
+    loadbalancers: Iterable[Object],
+    pods: Iterable[Object],
+    services: Iterable[Object],
+    slices: Iterable[Object],
+    vippools: Iterable[Object] = (),
+    classless: bool = False,
+) -> tuple[tuple[Vip, ...], tuple[Notice, ...]]:
+    """Every VIP to announce, narrowed by its VIPPool, and the notices of what a pool prevents."""
+    nodes, loadbalancers, services = list(nodes), list(loadbalancers), list(services)
+    ready = ready_nodes(nodes)
+    all_vips = merged(
+        [*loadbalancer_vips(loadbalancers, pods), *service_vips(services, slices, ready, classless)]
+    )
+    return restricted(all_vips, pools(vippools), node_labels(nodes), named_pools(loadbalancers, services))
 
 
 def vips(
@@ -179,9 +402,7 @@ def vips(
     services: Iterable[Object],
     slices: Iterable[Object],
     classless: bool = False,
+    vippools: Iterable[Object] = (),
 ) -> tuple[Vip, ...]:
     """Every VIP to announce, from the cluster's objects as the API returns them (camelCase dicts)."""
-    ready = ready_nodes(nodes)
-    return merged(
-        [*loadbalancer_vips(loadbalancers, pods), *service_vips(services, slices, ready, classless)]
-    )
+    return announced(nodes, loadbalancers, pods, services, slices, vippools, classless)[0]

@@ -1,4 +1,4 @@
-"""The speaker's view of Kubernetes: list+watch of the five kinds it reads, and Events on takeover.
+"""The speaker's view of Kubernetes: list+watch of the six kinds it reads, and Events on takeover.
 
 Thin on purpose: every watch keeps a cache of raw objects (camelCase, as the API sends them) and pokes
 the loop; the loop turns the caches into an `Inventory` with the pure `inventory.vips`. The `kubernetes`
@@ -9,7 +9,9 @@ longer than `stale_after` (default 30 s, so a watch timeout or an API server res
 A stale view keeps its last known state; `announcement.holder` prefers fresh speakers.
 
 Events: a Normal `Announcing` Event on the LoadBalancer or Service ("announcing 192.0.2.10 from node-2
-on eth0") when this node takes a VIP over, and a Warning for a per-VIP problem (a missing interface),
+on eth0") when this node takes a VIP over, and Warnings for a per-VIP problem (a missing interface, no
+node matching the pool's nodeSelector) on the VIP's owners and, for a pool's problem, on the VIPPool
+(cluster-scoped: its Events go to the `default` namespace, where `kubectl describe vippool` finds them),
 sent from one worker thread so a slow API server never stalls the answers.
 """
 
@@ -102,6 +104,9 @@ class Cluster:
         def loadbalancers(**kwargs: Any) -> Any:
             return custom.list_cluster_custom_object("layerlb.dev", "v1alpha1", "loadbalancers", **kwargs)
 
+        def vippools(**kwargs: Any) -> Any:
+            return custom.list_cluster_custom_object("layerlb.dev", "v1alpha1", "vippools", **kwargs)
+
         changed = self._changed
         self.watches = {
             "nodes": _Watch("nodes", self.core.list_node, changed),
@@ -113,6 +118,7 @@ class Cluster:
                 "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, changed
             ),
             "loadbalancers": _Watch("loadbalancers", loadbalancers, changed),
+            "vippools": _Watch("vippools", vippools, changed),
         }
 
     @classmethod
@@ -137,10 +143,16 @@ class Cluster:
     def snapshot(self) -> Inventory:
         """The inventory the caches hold now."""
         w = {kind: list(each.objects.values()) for kind, each in self.watches.items()}
-        vips = inventory.vips(
-            w["nodes"], w["loadbalancers"], w["pods"], w["services"], w["endpointslices"], self.classless
+        vips, notices = inventory.announced(
+            w["nodes"],
+            w["loadbalancers"],
+            w["pods"],
+            w["services"],
+            w["endpointslices"],
+            w["vippools"],
+            self.classless,
         )
-        return Inventory(vips, inventory.peers(w["nodes"]), self.fresh())
+        return Inventory(vips, inventory.peers(w["nodes"]), self.fresh(), notices)
 
     async def synced(self, timeout: float) -> None:
         """Waits until every kind was listed once (or `timeout`: then the speaker starts stale)."""
@@ -178,15 +190,16 @@ class Cluster:
 
     def send_event(self, owner: Owner, kind: str, reason: str, message: str) -> None:
         """Queues one Event on `owner`; dropped (logged) when the API server is too far behind."""
-        if not owner.namespace or self._pending >= MAX_PENDING_EVENTS:
+        if not owner.name or self._pending >= MAX_PENDING_EVENTS:
             return
         self._pending += 1
         self._events.submit(self._create_event, owner, kind, reason, message)
 
     def _create_event(self, owner: Owner, kind: str, reason: str, message: str) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = owner.namespace or "default"  # a cluster-scoped object's Events live in default
         body: Any = {
-            "metadata": {"generateName": f"{owner.name}.", "namespace": owner.namespace},
+            "metadata": {"generateName": f"{owner.name}.", "namespace": namespace},
             "involvedObject": {
                 "kind": owner.kind,
                 "namespace": owner.namespace,
@@ -205,7 +218,7 @@ class Cluster:
             "reportingInstance": self.node,
         }
         try:
-            self.core.create_namespaced_event(owner.namespace, body)
+            self.core.create_namespaced_event(namespace, body)
         except Exception as error:
             log.warning("event on %s: %s", owner, error)
         finally:
@@ -228,3 +241,7 @@ class EventReporter:
         log.error("%s: %s (%s)", reason, message, ", ".join(map(str, vip.owners)))
         for owner in vip.owners:
             self.cluster.send_event(owner, "Warning", reason, message)
+
+    def pool_problem(self, pool: Owner, reason: str, message: str) -> None:
+        log.error("%s: VIPPool %s: %s", reason, pool.name, message)
+        self.cluster.send_event(pool, "Warning", reason, message)

@@ -19,6 +19,11 @@ Rules, in order:
    link does not come back announcing everything.
 4. Each heartbeat carries `fresh`: whether the sender's view of the Kubernetes API is current. The
    membership only carries the bit; `announcement.holder` prefers fresh speakers.
+5. Next to each heartbeat goes an `Unavailable` datagram: the interfaces some VIP asks for (its VIPPool's
+   `spec.announce.interfaces`) that the sender cannot answer on (missing or down). `announcement.holder`
+   passes over a node that has none of a VIP's interfaces, the same way on every speaker. It is a datagram
+   of its own, not more bytes in the heartbeat, because speakers of the previous version check a
+   heartbeat's exact length: they ignore the new datagram and still hear the heartbeat.
 """
 
 from __future__ import annotations
@@ -64,6 +69,55 @@ class Heartbeat:
         return cls(node, bool(flags & _READY), bool(flags & _FRESH))
 
 
+UNAVAILABLE_MAGIC = b"LLBU"
+_UNAVAILABLE = struct.Struct("!4sBBB")  # magic, version, name length, count; the name, then each interface
+MAX_UNAVAILABLE = 64  # 64 interface names of at most 15 bytes: one datagram of at most 1.3 kB
+MAX_INTERFACE = 15  # IFNAMSIZ - 1
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """One speaker's "I cannot answer on these interfaces" (wanted by some VIP, missing or down here)."""
+
+    node: str
+    interfaces: frozenset[str] = frozenset()
+
+    def encode(self) -> bytes:
+        """b"LLBU", version 1, name length, count, the UTF-8 node name, then each name as length + bytes.
+
+        At most `MAX_UNAVAILABLE` names (the first by name); longer names than an interface's are left out.
+        """
+        name = self.node.encode()
+        names = [each.encode() for each in sorted(self.interfaces)]
+        names = [each for each in names if 0 < len(each) <= MAX_INTERFACE][:MAX_UNAVAILABLE]
+        body = b"".join(bytes((len(each),)) + each for each in names)
+        return _UNAVAILABLE.pack(UNAVAILABLE_MAGIC, VERSION, len(name), len(names)) + name + body
+
+    @classmethod
+    def decode(cls, data: bytes) -> Unavailable | None:
+        """The message in a datagram, or None for anything else (a heartbeat, noise, a truncation)."""
+        if len(data) < _UNAVAILABLE.size:
+            return None
+        magic, version, length, count = _UNAVAILABLE.unpack_from(data)
+        if magic != UNAVAILABLE_MAGIC or version != VERSION or length == 0 or count > MAX_UNAVAILABLE:
+            return None
+        at = _UNAVAILABLE.size + length
+        try:
+            node = data[_UNAVAILABLE.size : at].decode()
+            names = []
+            for _ in range(count):
+                size = data[at]
+                names.append(data[at + 1 : at + 1 + size].decode())
+                if not 0 < size <= MAX_INTERFACE or len(names[-1].encode()) != size:
+                    return None
+                at += 1 + size
+        except (IndexError, UnicodeDecodeError):
+            return None
+        if at != len(data) or len(node.encode()) != length:
+            return None
+        return cls(node, frozenset(names))
+
+
 @dataclass(frozen=True)
 class Timing:
     """Heartbeat interval, how long a silent peer stays alive, and how long a starting speaker listens."""
@@ -96,9 +150,13 @@ class Membership:
         self.me = me
         self.timing = timing
         self.fresh = fresh
+        self.unavailable: frozenset[str] = frozenset()
         self._peers: dict[str, _Peer] = {}
+        self._unavailable: dict[str, frozenset[str]] = {}
         self._joined_at = now + timing.join
         self.joined = timing.join == 0
+        self.longest_gap: dict[str, float] = {}  # peer → longest time between two of its heartbeats heard
+        self.expired: list[tuple[str, float]] = []  # (peer, silence) dropped by the last `expire`
 
     def heartbeat(self) -> Heartbeat:
         """What this speaker sends now."""
@@ -109,17 +167,41 @@ class Membership:
         if beat.node == self.me:
             return False
         before = self._member(beat.node)
+        previous = self._peers.get(beat.node)
+        if previous is not None:
+            gap = now - previous.last_heard
+            self.longest_gap[beat.node] = max(gap, self.longest_gap.get(beat.node, 0.0))
         self._peers[beat.node] = _Peer(now, beat.ready, beat.fresh)
         return self._member(beat.node) != before
+
+    def unavailable_message(self) -> Unavailable:
+        """The interfaces this speaker cannot answer on, as sent next to its heartbeat."""
+        return Unavailable(self.me, self.unavailable)
+
+    def heard_unavailable(self, message: Unavailable) -> bool:
+        """Records which interfaces a peer lacks (the caller checked the address); True if members changed."""
+        if message.node == self.me:
+            return False
+        before = self._member(message.node)
+        self._unavailable[message.node] = message.interfaces
+        return self._member(message.node) != before
+
+    def set_unavailable(self, interfaces: frozenset[str]) -> bool:
+        """The wanted interfaces this speaker cannot answer on; True if that changed what it may hold."""
+        changed, self.unavailable = interfaces != self.unavailable, interfaces
+        return changed and self.joined
 
     def expire(self, now: float) -> bool:
         """Drops peers silent for longer than `dead_after`, and ends the join; True if members changed."""
         changed = False
+        self.expired = []
         if not self.joined and now >= self._joined_at:
             self.joined = changed = True
         for node, peer in list(self._peers.items()):
             if now - peer.last_heard > self.timing.dead_after:
+                self.expired.append((node, now - peer.last_heard))
                 del self._peers[node]
+                self._unavailable.pop(node, None)
                 changed = changed or peer.ready
         return changed
 
@@ -132,17 +214,20 @@ class Membership:
         """Starts over (our link came back): forget every peer, announce nothing until joined again."""
         changed = self.joined or any(peer.ready for peer in self._peers.values())
         self._peers.clear()
+        self._unavailable.clear()
         self.joined = self.timing.join == 0
         self._joined_at = now + self.timing.join
         return changed
 
     def _member(self, node: str) -> Member | None:
         peer = self._peers.get(node)
-        return Member(node, peer.fresh) if peer is not None and peer.ready else None
+        if peer is None or not peer.ready:
+            return None
+        return Member(node, peer.fresh, self._unavailable.get(node, frozenset()))
 
     def members(self) -> dict[str, Member]:
         """Node name → Member for every ready, live speaker, this one included once it has joined."""
-        members = {node: Member(node, peer.fresh) for node, peer in self._peers.items() if peer.ready}
+        members = {node: member for node in self._peers if (member := self._member(node)) is not None}
         if self.joined:
-            members[self.me] = Member(self.me, self.fresh)
+            members[self.me] = Member(self.me, self.fresh, self.unavailable)
         return members

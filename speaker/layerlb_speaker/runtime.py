@@ -12,22 +12,31 @@ interval before claiming, so the peers release first (no two answers). On SIGTER
 that is not ready before exiting, so the peers take its VIPs over at once instead of after `dead_after`.
 Each interface stands alone: one that is missing is reported for its VIPs and retried every `retry`
 seconds while the others keep answering; when every interface of the node's is down the speaker rejoins
-once one is up again.
+once one is up again. The interfaces VIPs ask for (their pool's `spec.announce.interfaces`) that this node
+lacks or has down go to the peers with every heartbeat (`membership.Unavailable`), so that a VIP is held
+by a node that has one of them. A missing one is reported as `InterfaceNotFound`: once per interface on
+the VIPPool, and per VIP on its owners by the node that would hold it otherwise. The inventory's
+`notices` (a VIP no node may announce under its pool's nodeSelector, an invalid pool) are reported by one
+speaker only: the live one ranking first for the VIP (for a pool's own notice, the first by name).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from layerlb_speaker import announcement, framing, heartbeat, links, membership, responder
-from layerlb_speaker.announcement import Address, Vip
+from layerlb_speaker.announcement import Address, Owner, Vip
+
+if TYPE_CHECKING:
+    from layerlb_speaker.inventory import Notice
 
 log = logging.getLogger("layerlb.speaker")
 
@@ -49,11 +58,12 @@ class Settings:
 class Inventory:
     """What the speakers announce: the VIPs with their eligible nodes, the peers' heartbeat addresses
     (node → address, this node included: its address selects the default interface), and whether this
-    view is current (`fresh`)."""
+    view is current (`fresh`), and what the pools keep from being announced (`notices`)."""
 
     vips: tuple[Vip, ...] = ()
     peers: Mapping[str, str] = field(default_factory=dict)
     fresh: bool = True
+    notices: tuple[Notice, ...] = ()
 
 
 class Reporter(Protocol):
@@ -62,6 +72,8 @@ class Reporter(Protocol):
     def announcing(self, vip: Vip, node: str, interface: str) -> None: ...
 
     def problem(self, vip: Vip, reason: str, message: str) -> None: ...
+
+    def pool_problem(self, pool: Owner, reason: str, message: str) -> None: ...
 
 
 class LogReporter:
@@ -72,6 +84,9 @@ class LogReporter:
 
     def problem(self, vip: Vip, reason: str, message: str) -> None:
         log.error("%s: %s (%s)", reason, message, _owners(vip))
+
+    def pool_problem(self, pool: Owner, reason: str, message: str) -> None:
+        log.error("%s: VIPPool %s: %s", reason, pool.name, message)
 
 
 def _owners(vip: Vip) -> str:
@@ -93,10 +108,15 @@ class Speaker:
         self.holders: dict[Address, str] = {}
         self._failed: dict[str, float] = {}  # interface → when opening it last failed
         self._reported: set[tuple[str, Address]] = set()
+        self._pool_reported: set[tuple[str, str]] = set()  # (pool, interface) reported missing
+        self._noticed: set[tuple[str, str]] = set()  # (reason, message) of notices reported
         self._up: dict[str, bool] = {}
         self._offline = False
         self._dirty = True
         self._claim_after = 0.0
+        self._logged_gap: dict[str, float] = {}  # peer → longest heartbeat gap logged
+        self._last_tick: float | None = None
+        self._longest_stall = 0.0
         self._socket: heartbeat.HeartbeatSocket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -111,10 +131,19 @@ class Speaker:
             self._socket.set_peers(inventory.peers)
         self._dirty = True
 
-    def _heard(self, beat: membership.Heartbeat) -> None:
-        if self.membership.heard(beat, self.clock()):
-            log.info("peer %s %s", beat.node, "joined" if beat.ready else "left")
-            self._dirty = True
+    def _heard(self, beat: membership.Heartbeat | membership.Unavailable) -> None:
+        if isinstance(beat, membership.Unavailable):
+            if self.membership.heard_unavailable(beat):
+                log.info("peer %s cannot answer on: %s", beat.node, ", ".join(sorted(beat.interfaces)) or "-")
+                self._dirty = True
+        else:
+            if self.membership.heard(beat, self.clock()):
+                log.info("peer %s %s", beat.node, "joined" if beat.ready else "left")
+                self._dirty = True
+            gap = self.membership.longest_gap.get(beat.node, 0.0)
+            if gap > max(2 * self.settings.timing.interval, self._logged_gap.get(beat.node, 0.0)):
+                self._logged_gap[beat.node] = gap
+                log.info("heartbeat gap: %s %.3f s (the longest from it so far)", beat.node, gap)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Heartbeats, link checks and reconciliation every interval until `stop`; then a goodbye."""
@@ -144,15 +173,25 @@ class Speaker:
         """One round: heartbeats in and out, links, and the desired state if anything changed."""
         assert self._socket is not None
         now = self.clock()
+        if self._last_tick is not None:
+            # How much later than asked this tick runs: the event loop was busy or the process not scheduled.
+            stall = now - self._last_tick - self.settings.timing.interval
+            if stall > max(self.settings.timing.interval, self._longest_stall):
+                self._longest_stall = stall
+                log.info("loop stalled %.3f s (the longest so far)", stall)
+        self._last_tick = now
         self._socket.drain()
         self._check_links(now)
         was_joined = self.membership.joined
         if self.membership.expire(now):
             self._dirty = True
+        for node, silence in self.membership.expired:
+            log.warning("peer %s dead after %.3f s without a heartbeat", node, silence)
         if self.membership.joined and not was_joined:
             log.info("joined: live peers %s", sorted(self.membership.members()))
             print(f"joined {self.settings.node}", flush=True)
             self._claim_after = now + self.settings.timing.interval
+        self._socket.send(self.membership.unavailable_message(), self.settings.node)
         self._socket.send(self.membership.heartbeat(), self.settings.node)
         if self._dirty and now >= self._claim_after:
             self._dirty = False
@@ -176,6 +215,11 @@ class Speaker:
             if self._up.get(name, True) != up:
                 log.warning("link %s %s", name, "up" if up else "down")
         self._up = states
+        asked = {name for vip in self.inventory.vips for name in vip.interfaces}
+        unavailable = frozenset(name for name in asked if not states.get(name, False))
+        if self.membership.set_unavailable(unavailable):
+            log.info("cannot answer on: %s", ", ".join(sorted(unavailable)) or "-")
+            self._dirty = True
         node_links = [name for name in self.default_interfaces() if name in states]
         offline = bool(node_links) and not any(states[name] for name in node_links)
         if offline:
@@ -224,13 +268,6 @@ class Speaker:
             for name in interfaces:
                 if name in self.responders:
                     wanted[(vip.address, name)] = vip
-                else:
-                    self._problem(
-                        vip,
-                        name,
-                        "InterfaceMissing",
-                        f"interface {name} not found on node {self.settings.node}; {vip.address} is not announced there",
-                    )
         per_interface: dict[str, list[Address]] = {name: [] for name in self.responders}
         for address, name in wanted:
             per_interface[name].append(address)
@@ -240,7 +277,11 @@ class Speaker:
         for address, name in self.held.keys() - wanted.keys():
             log.info("withdrawing %s on %s (now %s)", address, name, self.holders.get(address, "nobody"))
         self.held = wanted
-        self._reported = {key for key in self._reported if key[1] in self.holders}
+        self._report_missing(vips, members)
+        self._report_notices(members)
+        self._reported = {
+            key for key in self._reported if key[1] in self.holders or key[0].endswith("InterfaceNotFound")
+        }
         if taken:
             for pair in taken:
                 self.reporter.announcing(wanted[pair], self.settings.node, pair[1])
@@ -248,6 +289,67 @@ class Speaker:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         log.info("holding %d of %d VIPs; live speakers %s", len(mine), len(vips), sorted(members))
+
+    def _report_missing(self, vips: tuple[Vip, ...], members: Mapping[str, announcement.Member]) -> None:
+        """InterfaceNotFound for the interfaces VIPs ask for that this node lacks: once per pool and
+        interface on the VIPPool, once per VIP on its owners by the node that would hold it otherwise."""
+        me = self.settings.node
+        missing_now: set[tuple[str, Address]] = set()
+        pools_now: set[tuple[str, str]] = set()
+        for vip in vips:
+            if me not in vip.eligible:
+                continue
+            for name in vip.interfaces:
+                if name in self.responders:
+                    continue
+                missing_now.add((name + "InterfaceNotFound", vip.address))
+                if vip.pool is not None:
+                    pools_now.add((vip.pool.name, name))
+                    if (vip.pool.name, name) not in self._pool_reported:
+                        self._pool_reported.add((vip.pool.name, name))
+                        self.reporter.pool_problem(
+                            vip.pool,
+                            "InterfaceNotFound",
+                            f"spec.announce.interfaces: interface {name} not found on node {me}; "
+                            "the pool's addresses are not announced on it there",
+                        )
+                if announcement.holder(dataclasses.replace(vip, interfaces=()), members) != me:
+                    continue
+                now = self.holders.get(vip.address)
+                where = f"VIPPool {vip.pool.name} spec.announce.interfaces" if vip.pool else "its interfaces"
+                self._problem(
+                    vip,
+                    name,
+                    "InterfaceNotFound",
+                    f"interface {name} not found on node {me} ({where}); {vip.address} is not announced there"
+                    + (f", {now} announces it" if now and now != me else ""),
+                )
+        # Forget what is fixed, so that it is reported again if it comes back.
+        self._pool_reported &= pools_now
+        self._reported = {
+            key for key in self._reported if not key[0].endswith("InterfaceNotFound") or key in missing_now
+        }
+
+    def _report_notices(self, members: Mapping[str, announcement.Member]) -> None:
+        """The inventory's notices, from the one live speaker that ranks first for each."""
+        current: set[tuple[str, str]] = set()
+        for notice in self.inventory.notices:
+            key = (notice.reason, notice.message)
+            current.add(key)
+            if key in self._noticed or not members:
+                continue
+            if notice.vip is not None:
+                reporter = announcement.rank(notice.vip.address, members)[0]
+            else:
+                reporter = min(members)
+            if reporter != self.settings.node:
+                continue
+            self._noticed.add(key)
+            if notice.vip is not None:
+                self.reporter.problem(notice.vip, notice.reason, notice.message)
+            if notice.pool is not None:
+                self.reporter.pool_problem(notice.pool, notice.reason, notice.message)
+        self._noticed &= current
 
     def _problem(self, vip: Vip, interface: str, reason: str, message: str) -> None:
         key = (interface + reason, vip.address)

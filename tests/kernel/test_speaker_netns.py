@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from layerlb_speaker import announcement
 
 from tests.kernel.speaker_lan import NODES, Lan, lan, wait_until, watch_arp
@@ -251,3 +252,87 @@ def test_a_vip_on_a_missing_interface_is_reported_and_the_others_keep_answering(
         assert "vips[2].address: '10.0.50.300' is not an IP address" in network.speakers[holder].stderr()
         assert network.arping(ONLY_1_2) == set()
         assert all(each.process.poll() is None for each in network.speakers.values())
+
+
+def _first_ranked_by(node: str, start: int) -> str:
+    """An address of the LAN that `node` ranks first for among all three (so only a pool can move it)."""
+    return next(vip for n in range(start, start + 40) if ranked(vip := f"10.0.50.{n}")[0] == node)
+
+
+def test_a_pools_node_selector_keeps_its_vip_on_the_matching_node_only(tmp_path: Path) -> None:
+    selected = _first_ranked_by("node1", 210)  # node1 would hold it without the selector
+    nowhere = _first_ranked_by("node1", 160)
+    with lan(tmp_path, [selected, nowhere]) as network:
+        document = {
+            "peers": NODES,
+            "labels": {"node1": {"zone": "a"}, "node2": {"zone": "b"}, "node3": {"zone": "a"}},
+            "pools": [
+                {
+                    "name": "zone-b",
+                    "addresses": [f"{selected}/32"],
+                    "announce": {"nodeSelector": {"matchLabels": {"zone": "b"}}},
+                },
+                {
+                    "name": "zone-c",
+                    "addresses": [f"{nowhere}/32"],
+                    "announce": {
+                        "nodeSelector": {
+                            "matchExpressions": [{"key": "zone", "operator": "In", "values": ["c"]}]
+                        }
+                    },
+                },
+            ],
+            "vips": [
+                {"address": selected, "nodes": ALL, "owner": "LoadBalancer shop/web"},
+                {"address": nowhere, "nodes": ALL, "owner": "LoadBalancer shop/lost"},
+            ],
+        }
+        _write_all(network, document)
+        network.start_all()
+        wait_until(f"node2 answers {selected}", lambda: answered_by(network, selected, "node2"))
+        assert network.arping(selected, count=3) == {network.macs["node2"]}
+        assert network.arping(nowhere) == set()
+        reporter = ranked(nowhere)[0]
+        wait_until(
+            "NoEligibleNode reported by one speaker",
+            lambda: "NoEligibleNode" in network.speakers[reporter].stderr(),
+        )
+        assert "spec.announce.nodeSelector" in network.speakers[reporter].stderr()
+        assert all("NoEligibleNode" not in network.speakers[n].stderr() for n in ALL if n != reporter)
+        network.kill("node2")  # the only matching node: the VIP goes nowhere else
+        time.sleep(1.5)
+        assert network.arping(selected) == set()
+
+
+def test_a_node_lacking_the_pools_interface_yields_its_vip_and_reports_the_interface(tmp_path: Path) -> None:
+    vip = _first_ranked_by("node1", 210)  # node1 would hold it if it had the interface
+    with lan(tmp_path, [vip, VIP4]) as network:
+        node1 = network.nodes["node1"]  # node1's LAN link is called lan0: it has no eth0
+        node1.ip("link", "set", "eth0", "down")
+        node1.ip("link", "set", "eth0", "name", "lan0")
+        node1.ip("link", "set", "lan0", "up")
+        document = {
+            "peers": NODES,
+            "pools": [{"name": "on-eth0", "addresses": [f"{vip}/32"], "announce": {"interfaces": ["eth0"]}}],
+            "vips": [
+                {"address": vip, "nodes": ALL, "owner": "LoadBalancer shop/web"},
+                {"address": VIP4, "nodes": ALL},
+            ],
+        }
+        _write_all(network, document)
+        network.start_all()
+        successor = ranked(vip, ["node2", "node3"])[0]
+        wait_until(f"{successor} answers {vip}", lambda: answered_by(network, vip, successor))
+        assert network.arping(vip, count=3) == {network.macs[successor]}
+        stderr = network.speakers["node1"].stderr
+        wait_until("node1 reports the missing interface", lambda: "InterfaceNotFound" in stderr())
+        assert "VIPPool on-eth0: spec.announce.interfaces: interface eth0 not found on node node1" in stderr()
+        first = ranked(VIP4)[0]  # the VIP outside the pool: node1 still answers on its own link
+        wait_until(f"{first} answers {VIP4}", lambda: answered_by(network, VIP4, first))
+        assert all(each.process.poll() is None for each in network.speakers.values())
+
+
+def _write_all(network: Lan, document: dict[str, Any]) -> None:
+    """Every node's static configuration: `Lan.configure` writes peers and vips only; pools need more."""
+    for name in network.nodes:
+        (network.folder / f"{name}.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")

@@ -66,3 +66,18 @@ def test_fresh_speakers_are_preferred_and_stale_ones_hold_only_when_no_fresh_one
     assert holder(vip(address), live(*NODES, stale=(first,))) == second
     assert holder(vip(address), live(*NODES, stale=tuple(NODES))) == first  # all stale: last known state
     assert holder(vip(address, [first]), live(*NODES, stale=(first,))) == first  # no fresh one can
+
+
+def test_a_node_lacking_every_interface_of_a_vip_is_passed_over_without_moving_other_vips() -> None:
+    restricted = Vip(ipaddress.ip_address("10.0.3.1"), frozenset(NODES), interfaces=("eth1", "eth2"))
+    first, second = rank(restricted.address, NODES)[:2]
+    members = live(*NODES)
+    assert holder(restricted, members) == first
+    members[first] = Member(first, True, frozenset({"eth1"}))  # still has eth2: still the holder
+    assert holder(restricted, members) == first
+    members[first] = Member(first, True, frozenset({"eth1", "eth2"}))
+    assert holder(restricted, members) == second
+    plain = vip("10.0.3.1")  # the same address without interfaces: its default interface serves
+    assert holder(plain, members) == first
+    members = {node: Member(node, True, frozenset({"eth1", "eth2"})) for node in NODES}
+    assert holder(restricted, members) is None

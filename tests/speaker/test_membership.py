@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from layerlb_speaker.announcement import Member
-from layerlb_speaker.membership import Heartbeat, Membership, Timing
+from layerlb_speaker.membership import Heartbeat, Membership, Timing, Unavailable
 
 TIMING = Timing(interval=0.1, dead_after=0.5, join=0.5)
 
@@ -93,3 +93,49 @@ def test_its_own_heartbeat_echoed_back_is_ignored() -> None:
 def test_timings_that_cannot_work_are_refused(interval: float, dead_after: float) -> None:
     with pytest.raises(ValueError, match="heartbeat interval"):
         Timing(interval, dead_after)
+
+
+def test_unavailable_interfaces_round_trip_in_a_datagram_of_their_own() -> None:
+    message = Unavailable("node-2.example", frozenset({"eth1", "bond0.100"}))
+    data = message.encode()
+    assert Unavailable.decode(data) == message
+    assert Heartbeat.decode(data) is None  # a speaker of the previous version ignores it
+    assert Unavailable.decode(Heartbeat("node-2", True, True).encode()) is None
+    assert Unavailable.decode(Unavailable("node-2").encode()) == Unavailable("node-2", frozenset())
+    for noise in (
+        b"",
+        b"LLBU",
+        data[:-1],
+        data + b"x",
+        b"LLBU\x01\x01\x01a\x00",
+        b"LLBU\x01\x01\x01a\x10" + b"x" * 16,
+    ):
+        assert Unavailable.decode(noise) is None
+
+
+def test_at_most_64_interface_names_travel() -> None:
+    message = Unavailable("n", frozenset(f"if{n}" for n in range(100)))
+    decoded = Unavailable.decode(message.encode())
+    assert decoded is not None and len(decoded.interfaces) == 64
+
+
+def test_a_peers_unavailable_interfaces_reach_its_member_and_go_when_it_dies() -> None:
+    membership = joined(0.0, "node-2")
+    assert membership.heard_unavailable(Unavailable("node-2", frozenset({"eth1"})))
+    assert membership.members()["node-2"] == Member("node-2", True, frozenset({"eth1"}))
+    assert not membership.heard_unavailable(Unavailable("node-2", frozenset({"eth1"})))  # no change
+    assert membership.heard_unavailable(Unavailable("node-2", frozenset()))
+    assert membership.members()["node-2"].unavailable == frozenset()
+    membership.heard_unavailable(Unavailable("node-2", frozenset({"eth1"})))
+    membership.expire(TIMING.join + 10)
+    membership.heard(Heartbeat("node-2", True, True), TIMING.join + 10)
+    assert membership.members()["node-2"].unavailable == frozenset()
+
+
+def test_its_own_unavailable_interfaces_are_in_its_member_and_its_message() -> None:
+    membership = joined(0.0)
+    assert membership.set_unavailable(frozenset({"eth9"}))
+    assert not membership.set_unavailable(frozenset({"eth9"}))
+    assert membership.members()["node-1"].unavailable == {"eth9"}
+    assert membership.unavailable_message() == Unavailable("node-1", frozenset({"eth9"}))
+    assert not membership.heard_unavailable(Unavailable("node-1", frozenset()))  # our own echo
