@@ -58,6 +58,7 @@ POD_CIDR = "10.244.0.0/16"
 NODE_SUBNET6 = "fd00:28::/64"
 NETWORK_IP6 = "fd00:28::1"
 CLIENT_IP6 = "fd00:28::100"
+LAN_VIPS6 = "fd00:28::200-fd00:28::250"  # as LAN_VIPS: the LAN's hosts find them by NDP
 POD_CIDR6 = "fd00:244::/48"
 API_RELAY_PORT = 6443
 CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e import harness
-from e2e.cluster.nodes import CLIENT_IP, client_netns
+from e2e import examples, harness
+from e2e.cluster.nodes import CLIENT_IP, LAN_VIPS, LAN_VIPS6, client_netns
 from e2e.nodes import pods
 from e2e.nodes.chart_operator import RELEASE, RELEASE_NS
 from e2e.nodes.platform import LocalNodes, Platform, PlatformError
@@ -77,10 +77,24 @@ class Lan:
 
         return harness.wait_for(f"exactly one node of {among or 'the LAN'} to answer ARP for {vip}", one, 120)
 
+    def solicited(self, vip: str) -> set[str]:
+        """The nodes whose MAC answered a Neighbor Solicitation for IPv6 `vip` from the LAN client (ndisc6)."""
+        netns = f"--net=/run/netns/{client_netns(self.local.cluster.tag)}"
+        out = subprocess.run(
+            ["nsenter", netns, "ndisc6", "-m", "-n", "-r", "2", "-w", "500", vip, "eth0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+        found = {mac.lower() for mac in re.findall(r"link-layer address:\s*([0-9A-Fa-f:]{17})", out)}
+        return {node for node, mac in self.macs.items() if mac in found} | (found - set(self.macs.values()))
+
     def get(self, vip: str, port: int, seconds: float = 2) -> str:
+        host = f"[{vip}]" if ":" in vip else vip
         try:
             return self.local.client_exec(
-                "curl", "-s", "--max-time", str(seconds), f"http://{vip}:{port}/"
+                "curl", "-s", "--max-time", str(seconds), f"http://{host}:{port}/"
             ).strip()
         except PlatformError as error:
             return f"ERROR {error}"
@@ -253,6 +267,64 @@ def test_kubectl_expose_type_load_balancer_gets_an_external_ip_the_lan_reaches(l
             "--timeout",
             "180s",
         )
+
+
+def test_a_dual_stack_service_gets_an_address_of_each_family_and_both_answer_the_lan(lan: Lan) -> None:
+    """PreferDualStack on a dual-stack cluster: one address per family from a pool of both; the IPv4 one is
+    found by ARP, the IPv6 one by NDP (each answered by exactly one node), and both serve the LAN client."""
+    local, namespace = lan.local, lan.namespace
+    pool = examples.vip_pool("llb-dual", [namespace], LAN_VIPS)
+    pool["spec"]["addresses"].append(LAN_VIPS6)
+    pool["spec"]["autoAssign"] = False  # only for Services that name it
+    backend = pod(
+        local,
+        "dual",
+        ["python3", "/scripts/backends.py", "--name", "dual", "--host", "::", "--http=8080"],
+        {"app": "dual"},
+        ready_port=8080,
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "dual",
+            "namespace": namespace,
+            "annotations": {"layerlb.dev/vip-pool": "llb-dual"},
+        },
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "layerlb.dev/loadbalancer",
+            "ipFamilyPolicy": "PreferDualStack",
+            "selector": {"app": "dual"},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        },
+    }
+    kubectl(
+        local,
+        "apply",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": [pool, backend, service]}),
+    )
+    try:
+        pods.wait_ready(local.env, namespace, "app=dual")
+
+        def both() -> list[str] | None:
+            listed = kubectl(local, "get", "service", "dual", "-n", namespace, "-o", "json")
+            found = [e["ip"] for e in json.loads(listed)["status"].get("loadBalancer", {}).get("ingress", [])]
+            return found if len(found) == 2 else None
+
+        four, six = harness.wait_for("an address of each family on service/dual", both, 60)
+        assert ":" not in four and ":" in six, (four, six)
+        lan.announcer(four)
+        harness.wait_for(
+            f"exactly one node to answer NDP for {six}", lambda: len(lan.solicited(six)) == 1, 120
+        )
+        assert lan.answer(four, 80).startswith("dual:8080 GET /")
+        assert lan.answer(six, 80).startswith("dual:8080 GET /")
+    finally:
+        kubectl(local, "delete", "service,pod", "dual", "-n", namespace, "--ignore-not-found", "--wait=true")
+        kubectl(local, "delete", "vippool", "llb-dual", "--ignore-not-found")
 
 
 def _speaker_pid(local: LocalNodes, node: str) -> int:
