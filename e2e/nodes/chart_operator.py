@@ -11,7 +11,8 @@ from e2e.nodes import pods
 from e2e.nodes.platform import Platform
 
 RELEASE, RELEASE_NS = "layerlb", "layerlb-system"  # as in the README
-INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
+INSTANCE = f"app.kubernetes.io/instance={RELEASE}"  # every object of the release
+OPERATOR_PODS = f"{INSTANCE},app.kubernetes.io/component=operator"  # not the speaker DaemonSet's pods
 
 
 def install(platform: Platform) -> None:
@@ -20,7 +21,7 @@ def install(platform: Platform) -> None:
     events and logs)."""
     pods.kubectl(platform.env, "create", "namespace", platform.namespace)
     pods.helm(platform.env, *harness.readme_command("install")[1:])
-    pods.wait_ready(platform.env, RELEASE_NS, INSTANCE, timeout=180)
+    pods.wait_ready(platform.env, RELEASE_NS, OPERATOR_PODS, timeout=180)
 
 
 def _get(kubectl: Kubectl, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
@@ -37,7 +38,9 @@ class ChartOperator:
         self.kubectl = kubectl
 
     def pods(self) -> list[dict[str, Any]]:
-        listed = json.loads(self.kubectl.ok("get", "pods", "-n", RELEASE_NS, "-l", INSTANCE, "-o", "json"))
+        listed = json.loads(
+            self.kubectl.ok("get", "pods", "-n", RELEASE_NS, "-l", OPERATOR_PODS, "-o", "json")
+        )
         return [p for p in listed["items"] if not p["metadata"].get("deletionTimestamp")]
 
     def leader(self) -> str | None:

@@ -18,7 +18,7 @@ import pytest
 
 from e2e import harness
 from e2e.nodes import pods
-from e2e.nodes.chart_operator import INSTANCE as OPERATOR
+from e2e.nodes.chart_operator import OPERATOR_PODS as OPERATOR
 from e2e.nodes.chart_operator import RELEASE_NS as RELEASE_NAMESPACE
 from e2e.nodes.conftest import LOCAL_NODES
 from e2e.nodes.platform import LocalNodes, Platform, PlatformError
@@ -96,7 +96,8 @@ def test_every_node_registers_and_is_ready(local: LocalNodes) -> None:
         ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
         assert ready["status"] == "True", ready
         internal = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]
-        assert internal == [n.ip for n in local.cluster.node_list() if n.name == node["metadata"]["name"]]
+        [own] = [n for n in local.cluster.node_list() if n.name == node["metadata"]["name"]]
+        assert internal == [own.ip, own.ip6]  # dual-stack, IPv4 first
         assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
 
 

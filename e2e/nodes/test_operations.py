@@ -24,7 +24,7 @@ from layerlb_operator import objects
 from e2e import examples, harness
 from e2e.kube import Kubectl
 from e2e.nodes import pods
-from e2e.nodes.chart_operator import INSTANCE, RELEASE_NS, ChartOperator
+from e2e.nodes.chart_operator import OPERATOR_PODS, RELEASE_NS, ChartOperator
 from e2e.nodes.platform import LocalNodes, Platform
 from e2e.nodes.suite import POOL, ask, call, count, deploy, kubectl, requests_throughout, start_backends
 
@@ -234,7 +234,7 @@ def test_losing_the_operator_leader_leaves_serving_pods_and_their_status_alone(l
         )
         deployment = kubectl(lab.platform, "get", "deployment", "layerlb", "-n", RELEASE_NS, "-o", "json")
         replicas = json.loads(deployment)["spec"]["replicas"]
-        pods.wait_ready(lab.platform.env, RELEASE_NS, INSTANCE, count=replicas, timeout=180)
+        pods.wait_ready(lab.platform.env, RELEASE_NS, OPERATOR_PODS, count=replicas, timeout=180)
     assert snapshot() == (uids, statuses), "forwarding pods were replaced or statuses changed"
     counted = count(background)
     assert sum(counted.values()) > 5 and counted["ERROR"] == 0, background[:5]
