@@ -170,8 +170,13 @@ def test_install_creates_the_operator_its_rbac_and_the_crds(installed: str, kube
     } <= found, found  # fmt: skip
     assert labelled(kubectl, "clusterrole,clusterrolebinding", INSTANCE, None) == [
         "ClusterRole/layerlb",
+        "ClusterRole/layerlb-speaker",  # the L2 speaker DaemonSet's read-mostly rules
         "ClusterRoleBinding/layerlb",
+        "ClusterRoleBinding/layerlb-speaker",
     ]
+    assert {"DaemonSet/layerlb-speaker", "ServiceAccount/layerlb-speaker"} <= set(
+        labelled(kubectl, "daemonset,serviceaccount", INSTANCE, RELEASE_NS)
+    )
     assert "kubectl apply -f - <<'YAML'" in installed and "kind: LoadBalancer" in installed
 
 
@@ -206,7 +211,8 @@ def test_upgrade_with_changed_values_updates_and_removes_what_the_values_say(
     assert not {"Service/layerlb-metrics", "PodDisruptionBudget/layerlb"} & found, found
     # Watching one namespace: the namespaced permissions move from a cluster-wide binding to that namespace.
     assert sorted(labelled(kubectl, "clusterrole,clusterrolebinding", INSTANCE, None)) == [
-        "ClusterRole/layerlb", "ClusterRole/layerlb-cluster", "ClusterRoleBinding/layerlb-cluster",
+        "ClusterRole/layerlb", "ClusterRole/layerlb-cluster", "ClusterRole/layerlb-speaker",
+        "ClusterRoleBinding/layerlb-cluster", "ClusterRoleBinding/layerlb-speaker",
     ]  # fmt: skip
     assert labelled(kubectl, "rolebinding", INSTANCE, NS) == ["RoleBinding/layerlb"]
     deployment = get(kubectl, "deployment", "layerlb", RELEASE_NS) or {}
@@ -258,7 +264,8 @@ def operator(
     assert (can("list", "services", "-n", NS), can("list", "services", "-n", "default")) == ("yes", "no")
     assert can("watch", "vippools") == "yes"
     kubectl.ok("rollout", "status", "deployment/layerlb", "-n", RELEASE_NS, "--timeout=180s")
-    pods.wait_ready(kubectl.env, RELEASE_NS, INSTANCE, count=deployment["spec"]["replicas"], timeout=180)
+    operator_pods = f"{INSTANCE},app.kubernetes.io/component=operator"
+    pods.wait_ready(kubectl.env, RELEASE_NS, operator_pods, count=deployment["spec"]["replicas"], timeout=180)
     running = ChartOperator(kubectl)
     wait_for(
         "the operator to lead", lambda: running.metrics().get("layerlb_operator_leader") == 1, timeout=90
