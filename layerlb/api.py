@@ -420,14 +420,33 @@ class BackendStatus(Model):
     total: int = Field(description="All endpoints.")
 
 
+class Announcement(Model):
+    """Who announces the VIP on the network, written by the L2 speaker of the node that holds it."""
+
+    address: str = Field(description="The VIP announced (equal to status.vip while it is current).")
+    node: str = Field(description="The node whose speaker answers ARP/NDP for the VIP.")
+    interfaces: list[str] = Field(
+        default_factory=list, description="The node's interfaces the VIP is answered on."
+    )
+    protocol: Literal["L2"] = Field(default="L2", description="How the VIP is announced: L2 (ARP/NDP).")
+    since: str | None = Field(default=None, description="When this node took the VIP over (RFC 3339).")
+
+
 class LoadBalancerStatus(Model):
-    """What the operator observed and did."""
+    """What the operator observed and did; `announcement` is the speaker's (the operator never writes it)."""
 
     vip: str | None = Field(default=None, description="The VIP in use.")
     observedGeneration: int | None = Field(default=None, description="The generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Accepted, Programmed, Ready.")
     backends: list[BackendStatus] = Field(
         default_factory=list, description="Ready and total endpoints per backend."
+    )
+    announcement: Announcement | None = Field(
+        default=None,
+        description=(
+            "The node announcing the VIP, written by its layerlb speaker when it takes the VIP over; absent "
+            "when no node announces it."
+        ),
     )
 
 

@@ -131,6 +131,7 @@ _LB_COLUMNS = [
     {"name": "Architecture", "type": "string", "jsonPath": ".spec.architecture"},
     {"name": "VIP", "type": "string", "jsonPath": ".status.vip"},
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Announced By", "type": "string", "jsonPath": ".status.announcement.node"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 _POOL_COLUMNS = [

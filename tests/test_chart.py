@@ -262,14 +262,21 @@ def test_the_speaker_runs_on_every_node_on_the_host_network_with_net_raw_only() 
     assert pod["serviceAccountName"] == daemonset["metadata"]["name"]
 
 
-def test_the_speakers_rbac_reads_what_it_announces_from_and_writes_events_only() -> None:
+def test_the_speakers_rbac_reads_what_it_announces_from_and_writes_events_and_status_only() -> None:
     rendered = [d for d in documents(template()) if _speakers(d)]
     [role] = [d for d in rendered if d["kind"] == "ClusterRole"]
     grants = _grants(role["rules"])
     writes = {key: verbs - {"get", "list", "watch"} for key, verbs in grants.items()}
-    assert {key: verbs for key, verbs in writes.items() if verbs} == {("", "events", ()): {"create", "patch"}}
+    assert {key: verbs for key, verbs in writes.items() if verbs} == {
+        ("", "events", ()): {"create", "patch"},
+        ("layerlb.dev", "loadbalancers/status", ()): {"patch"},  # status.announcement
+        ("", "services/status", ()): {"patch"},  # the layerlb.dev/AnnouncedIPv4|6 conditions
+    }
+    assert grants[("layerlb.dev", "loadbalancers/status", ())] == {"patch"}  # no get, no update
+    assert grants[("", "services/status", ())] == {"patch"}
     assert {resource for _, resource, _ in grants} == {
-        "nodes", "pods", "services", "endpointslices", "loadbalancers", "vippools", "events"
+        "nodes", "pods", "services", "endpointslices", "loadbalancers", "vippools", "events",
+        "loadbalancers/status", "services/status",
     }  # fmt: skip
     [binding] = [d for d in rendered if d["kind"] == "ClusterRoleBinding"]
     assert binding["subjects"] == [

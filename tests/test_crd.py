@@ -46,8 +46,18 @@ def test_loadbalancer_is_namespaced_with_short_name_status_and_columns() -> None
         "Architecture",
         "VIP",
         "Ready",
+        "Announced By",
         "Age",
     ]
+    assert version["additionalPrinterColumns"][4]["jsonPath"] == ".status.announcement.node"
+
+
+def test_the_speakers_announcement_is_part_of_the_status_schema() -> None:
+    announced = _schema("LoadBalancer")["properties"]["status"]["properties"]["announcement"]
+    assert announced["type"] == "object"
+    assert set(announced["properties"]) == {"address", "node", "interfaces", "protocol", "since"}
+    assert announced["properties"]["protocol"]["enum"] == ["L2"]
+    assert "default" not in announced["properties"]["protocol"]  # status carries no defaults
 
 
 def test_vippool_is_cluster_scoped() -> None:

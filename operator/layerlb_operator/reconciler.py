@@ -189,7 +189,7 @@ class Reconciler:
         written = self._written.get(key)
         if written is not None and written[0] == uid:
             return written[1]
-        return _comparable(dict(document.get("status") or {}))
+        return _comparable(status.operator_owned(document.get("status") or {}))
 
     async def sync(self, document: Mapping[str, Any]) -> Result:
         """Reconcile one LoadBalancer document now; never raises for its content, only reports."""

@@ -16,6 +16,11 @@ PROGRAMMED = "Programmed"
 READY = "Ready"
 TYPES = (ACCEPTED, PROGRAMMED, READY)
 
+# Status fields another writer owns: the L2 speaker holding the VIP writes `status.announcement` (a merge
+# patch of that key only). The operator never writes them (its merge patches name only its own keys, so
+# they stay) and never compares them, so a speaker's write never makes the operator write again.
+SPEAKER_FIELDS = ("announcement",)
+
 # What a pod writes into the serving ConfigMap once it applied the empty Plan list of a deleted LoadBalancer.
 REMOVED = "removed"
 
@@ -43,6 +48,11 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+
+
+def operator_owned(status: Mapping[str, Any]) -> dict[str, Any]:
+    """A LoadBalancer's `status` without the fields the speakers write (`SPEAKER_FIELDS`)."""
+    return {key: value for key, value in status.items() if key not in SPEAKER_FIELDS}
 
 
 def condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:

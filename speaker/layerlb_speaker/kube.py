@@ -13,6 +13,11 @@ on eth0") when this node takes a VIP over, and Warnings for a per-VIP problem (a
 node matching the pool's nodeSelector) on the VIP's owners and, for a pool's problem, on the VIPPool
 (cluster-scoped: its Events go to the `default` namespace, where `kubectl describe vippool` finds them),
 sent from one worker thread so a slow API server never stalls the answers.
+
+Status: the holder of a VIP shows itself in its owners' status (`statuses`: a LoadBalancer's
+`status.announcement` by merge patch, a Service's `layerlb.dev/AnnouncedIPv4|6` condition by server-side
+apply), written from a worker thread of its own (retried a few times), so Events and answers never wait
+for it. RBAC: `patch` on `loadbalancers/status` and `services/status`, nothing more.
 """
 
 from __future__ import annotations
@@ -24,17 +29,19 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from layerlb_speaker import inventory
-from layerlb_speaker.announcement import Owner, Vip
+from layerlb_speaker import announcement, inventory, statuses
+from layerlb_speaker.announcement import Address, Owner, Vip
 from layerlb_speaker.runtime import Inventory
 
 log = logging.getLogger("layerlb.speaker")
 
 DATAPLANE_PODS = "app.kubernetes.io/name=layerlb,app.kubernetes.io/component=dataplane"
 MAX_PENDING_EVENTS = 2000
+MAX_PENDING_STATUSES = 5000
+STATUS_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds before each retry of a failed status write
 
 
 class _Watch(threading.Thread):
@@ -98,8 +105,12 @@ class Cluster:
         self._poke: Callable[[], None] = lambda: None
         self._events = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
         self._pending = 0
+        self._statuses = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="statuses")
+        self._pending_statuses = 0
+        self._status_written: set[tuple[str, str]] = set()  # (owner uid, family) this process wrote
         discovery = k8s.DiscoveryV1Api(client)
         custom = k8s.CustomObjectsApi(client)
+        self.custom = custom
 
         def loadbalancers(**kwargs: Any) -> Any:
             return custom.list_cluster_custom_object("layerlb.dev", "v1alpha1", "loadbalancers", **kwargs)
@@ -223,6 +234,75 @@ class Cluster:
             log.warning("event on %s: %s", owner, error)
         finally:
             self._pending -= 1
+
+    def publisher(self) -> StatusPublisher:
+        return StatusPublisher(self)
+
+    def send_status(self, write: statuses.Write) -> None:
+        """Queues one status write; dropped (logged) when the API server is too far behind."""
+        if not write.owner.name or self._pending_statuses >= MAX_PENDING_STATUSES:
+            log.warning("status of %s not written: too many pending", write.owner)
+            return
+        self._pending_statuses += 1
+        self._statuses.submit(self._write_status, write)
+
+    def _write_status(self, write: statuses.Write) -> None:
+        try:
+            key = (write.owner.uid, statuses.family(write.address))
+            kind = "loadbalancers" if write.owner.kind == "LoadBalancer" else "services"
+            # An object this process never wrote that already says so needs no write (a restart, a
+            # second clear). After a write of ours the watch may lag, so it is not trusted then.
+            if key not in self._status_written and write.written(
+                self.watches[kind].objects.get(write.owner.uid)
+            ):
+                return
+            for delay in (*STATUS_RETRIES, None):
+                try:
+                    self._send_status(write)
+                except Exception as error:
+                    if getattr(error, "status", None) == 404 or delay is None:
+                        log.warning("status of %s: %s", write.owner, error)
+                        return
+                    time.sleep(delay)
+                else:
+                    self._status_written.add(key)
+                    return
+        finally:
+            self._pending_statuses -= 1
+
+    def _send_status(self, write: statuses.Write) -> None:
+        owner = write.owner
+        if owner.kind == "LoadBalancer":
+            self.custom.patch_namespaced_custom_object_status(
+                "layerlb.dev", "v1alpha1", owner.namespace, "loadbalancers", owner.name,
+                write.loadbalancer_patch(), field_manager=statuses.FIELD_MANAGER,
+                _content_type="application/merge-patch+json",
+            )  # fmt: skip
+        elif owner.kind == "Service":
+            self.core.patch_namespaced_service_status(
+                owner.name, owner.namespace, write.service_apply(),
+                field_manager=statuses.field_manager(write.address, self.node), force=True,
+                _content_type="application/apply-patch+yaml",
+            )  # fmt: skip
+
+
+class StatusPublisher:
+    """`runtime.Publisher` in a cluster: `statuses.Publisher` decides, `Cluster.send_status` writes."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.state = statuses.Publisher(cluster.node)
+
+    def publish(
+        self,
+        vips: tuple[Vip, ...],
+        holders: Mapping[Address, str],
+        members: Mapping[str, announcement.Member],
+        held_on: Mapping[Address, tuple[str, ...]],
+    ) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for write in self.state.update(vips, holders, members, held_on, now):
+            self.cluster.send_status(write)
 
 
 class EventReporter:

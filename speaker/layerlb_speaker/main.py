@@ -141,6 +141,7 @@ async def _run(settings: runtime.Settings, args: argparse.Namespace) -> int:
             print(f"layerlb speaker: Kubernetes API: {error}", file=sys.stderr)
             return 1
         speaker = runtime.Speaker(settings, cluster.reporter())
+        speaker.publisher = cluster.publisher()
         source = asyncio.create_task(cluster.watch(speaker.update))
         await cluster.synced(timeout=30.0)
     try:

@@ -5,7 +5,7 @@ never mistaken for silent peers), expires silent peers, sends its own heartbeat,
 and — when membership, inventory or links changed — recomputes the whole desired state with
 `announcement.mine` and applies the difference: responders hold the new sets at once, newly held VIPs
 get `announce_count` gratuitous ARP / unsolicited NA spaced `announce_spacing` apart, and each takeover is
-reported (log line; an Event in Kubernetes).
+reported (log line; an Event in Kubernetes, and the holder in the owners' status: `statuses`).
 
 Rules beyond `membership`'s: on joining, the speaker sends its first ready heartbeat and waits one
 interval before claiming, so the peers release first (no two answers). On SIGTERM it sends a heartbeat
@@ -76,6 +76,20 @@ class Reporter(Protocol):
     def pool_problem(self, pool: Owner, reason: str, message: str) -> None: ...
 
 
+class Publisher(Protocol):
+    """Where the whole desired state goes after each recomputation, to show who announces in status
+    (`kube.StatusPublisher`; `statuses` decides what to write): every VIP, every VIP's holder, the live
+    speakers, and the interfaces this node answers each of its VIPs on."""
+
+    def publish(
+        self,
+        vips: tuple[Vip, ...],
+        holders: Mapping[Address, str],
+        members: Mapping[str, announcement.Member],
+        held_on: Mapping[Address, tuple[str, ...]],
+    ) -> None: ...
+
+
 class LogReporter:
     """The reporter of a static configuration: log lines only."""
 
@@ -100,6 +114,7 @@ class Speaker:
     def __init__(self, settings: Settings, reporter: Reporter, clock: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.reporter = reporter
+        self.publisher: Publisher | None = None  # who announces, into status (Kubernetes only)
         self.clock = clock
         self.inventory = Inventory()
         self.membership = membership.Membership(settings.node, settings.timing, clock())
@@ -277,6 +292,11 @@ class Speaker:
         for address, name in self.held.keys() - wanted.keys():
             log.info("withdrawing %s on %s (now %s)", address, name, self.holders.get(address, "nobody"))
         self.held = wanted
+        if self.publisher is not None:
+            held_on: dict[Address, tuple[str, ...]] = {}
+            for address, name in wanted:
+                held_on[address] = (*held_on.get(address, ()), name)
+            self.publisher.publish(vips, self.holders, members, held_on)
         self._report_missing(vips, members)
         self._report_notices(members)
         self._reported = {

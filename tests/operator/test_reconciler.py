@@ -278,3 +278,29 @@ def test_a_pods_change_moves_ready_at_once_while_endpoint_changes_wait_for_the_d
     ready = next(c for c in patched["conditions"] if c["type"] == "Ready")
     assert key == "shop/a" and ready["status"] == "True", patched
     assert took < 5, f"Ready followed the pod after {took:.2f} s"
+
+
+def test_the_speakers_announcement_is_never_written_compared_or_dropped_by_the_operator() -> None:
+    worker, client, store = _setup(_lb("a"))
+    _run(worker.sync(store["shop/a"][0]))
+    assert len(client.patched) == 1
+    # The speaker holding the VIP merge-patches `status.announcement` (the watch brings it back).
+    announced = {"address": "192.0.2.0", "node": "node2", "interfaces": ["eth0"], "protocol": "L2"}
+    body = store["shop/a"][0]
+    store["shop/a"] = [{**body, "status": {**body["status"], "announcement": announced}}]
+    _run(worker.sync(store["shop/a"][0]))
+    assert len(client.patched) == 1  # nothing of the operator's changed: no write, no loop
+
+    # A restarted operator (nothing remembered) compares the stored status without the speaker's field.
+    restarted, again, _ = _setup(store["shop/a"][0])
+    _run(restarted.sync(store["shop/a"][0]))
+    assert again.patched == []
+
+    # A change of its own is written as a merge patch of its keys only: `announcement` stays.
+    changed = store["shop/a"][0]
+    store["shop/a"] = [{**changed, "metadata": {**changed["metadata"], "generation": 2}}]
+    _run(worker.sync(store["shop/a"][0]))
+    assert len(client.patched) == 2
+    written = client.patched[-1][1]
+    assert "announcement" not in written and written["observedGeneration"] == 2
+    assert status.SPEAKER_FIELDS == ("announcement",)

@@ -178,3 +178,25 @@ def test_a_users_load_balancer_of_the_derived_name_is_never_applied_nor_deleted(
     assert not [c for c in client.calls if c[0] in ("apply", "delete")]
     assert client.loadbalancers["shop/svc-web"] == [theirs]
     assert [e["reason"] for e in client.events][:2] == ["AddressAssigned", "NameInUse"]
+
+
+def test_the_speakers_announced_condition_neither_triggers_a_write_nor_is_applied_by_the_operator() -> None:
+    web = _service("web")
+    worker, client = _setup(web)
+    asyncio.run(worker.services.sync(web))
+    announced = {
+        "type": "layerlb.dev/AnnouncedIPv4", "status": "True", "reason": "Announced",
+        "message": "192.0.2.0 from node2 on eth0", "lastTransitionTime": "2026-01-01T00:00:01Z",
+    }  # fmt: skip
+    # The speaker's server-side apply, back through the watch (a new object, as the watch delivers).
+    web["status"] = {**web["status"], "conditions": [*web["status"]["conditions"], announced]}
+    asyncio.run(worker.services.sync(web))
+    assert [kind for kind, _ in client.calls] == ["finalizers", "status"]  # no write, no loop
+    # A restarted operator does not see it as its own either.
+    restarted, again = _setup(web)
+    asyncio.run(restarted.services.sync(web))
+    assert [kind for kind, _ in again.calls] == []
+    # What the operator applies (its whole intent as a field manager) never names the speaker's type, so
+    # server-side apply leaves that entry to the speaker's manager.
+    applied = [status for kind, status in client.calls if kind == "status"]
+    assert all(c["type"] in service_frontend.CONDITION_TYPES for s in applied for c in s["conditions"])

@@ -1,0 +1,462 @@
+"""Who announces a VIP, in status, on a real API server: two speakers and the operator as processes.
+
+Two `layerlb speaker` processes, each in a network namespace of its own (tests/netns.py), linked by a
+veth `eth0` holding their Nodes' InternalIPs (heartbeats, ARP), under a ServiceAccount bound
+to exactly the chart's speaker ClusterRole; the API server (bound to 127.0.0.1 on the host) reached
+through a socat relay over a Unix socket, so the kubeconfig and its TLS name stay as they are. The Nodes
+are objects only (no kubelet): Ready, their Leases renewed by the test, tainted so nothing is scheduled.
+A LoadBalancer is made eligible by a forwarding pod object the test marks Running and Ready.
+
+Shown: the LoadBalancer's `status.announcement` (and `kubectl get llb`'s ANNOUNCED BY), its VIP Service's
+`layerlb.dev/AnnouncedIPv4` condition, a dual-stack Service whose two addresses are held by the two nodes
+(one condition per family, each under its node's field manager), the operator's conditions untouched
+and still its own, no write loop (resourceVersions stable), and a VIP nobody may announce cleared.
+Needs root (network namespaces) and socat.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from layerlb_operator import objects
+from layerlb_speaker import announcement
+
+from e2e import harness
+from e2e.cluster.cluster import Cluster
+from e2e.harness import Operator, fresh_namespace, wait_for
+from e2e.kube import ROOT, Kubectl
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("socat") is None, reason="needs root (network namespaces) and socat"
+)
+
+NS = "llb-announce"
+TIMEOUT = 60.0
+LB_VIP = "198.51.100.70"
+SVC_V4, SVC_V6 = "198.51.100.71", "2001:db8:77::1"
+LONELY_VIP = "198.51.100.72"
+PORT = 17947  # the speakers' heartbeat port inside their namespaces
+ADDRESSES = {0: "10.77.0.2", 1: "10.77.0.3"}
+
+
+def _node_names() -> tuple[str, str]:
+    """Two node names such that each ranks first for one family of the dual-stack Service (so the two
+    addresses are announced by two nodes), the first also ranking first for the LoadBalancer's VIP."""
+    v4, v6 = ipaddress.ip_address(SVC_V4), ipaddress.ip_address(SVC_V6)
+    for n in range(1000):
+        pair = (f"llb-ann-a{n}", f"llb-ann-b{n}")
+        if (
+            announcement.rank(v4, pair)[0] == pair[0]
+            and announcement.rank(v6, pair)[0] == pair[1]
+            and announcement.rank(ipaddress.ip_address(LB_VIP), pair)[0] == pair[0]
+        ):
+            return pair
+    raise AssertionError("no pair of names")
+
+
+NODES = _node_names()
+
+
+def apply(kubectl: Kubectl, *documents: dict[str, Any]) -> None:
+    kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+
+
+def _now(micro: bool = False) -> str:
+    moment = datetime.datetime.now(datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _node(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"taints": [{"key": "layerlb.dev/e2e-no-kubelet", "effect": "NoSchedule"}]},
+    }
+
+
+def _node_status(kubectl: Kubectl, name: str, address: str) -> None:
+    now = _now()
+    ready = {
+        "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "the test says so",
+        "lastHeartbeatTime": now, "lastTransitionTime": now,
+    }  # fmt: skip
+    status = {"status": {"conditions": [ready], "addresses": [{"type": "InternalIP", "address": address}]}}
+    kubectl.ok("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+
+
+def _renew_leases(kubectl: Kubectl, stop: threading.Event) -> None:
+    """Node Leases renewed as a kubelet would, so the node lifecycle controller keeps the Nodes Ready."""
+    while not stop.is_set():
+        leases = [
+            {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": node, "namespace": "kube-node-lease"},
+                "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": _now(micro=True)},
+            }
+            for node in NODES
+        ]
+        kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(leases))
+        stop.wait(5.0)
+
+
+def _speaker_kubeconfig(k8s: Cluster, kubectl: Kubectl, folder: Path) -> Path:
+    """A kubeconfig for a ServiceAccount bound to exactly the chart's speaker ClusterRole."""
+    from tests.test_chart import template
+
+    rendered = list(yaml.safe_load_all(template("--show-only", "templates/speaker.yaml")))
+    [role] = [d for d in rendered if d and d["kind"] == "ClusterRole"]
+    system = f"{NS}-system"
+    account = {"kind": "ServiceAccount", "name": "speaker", "namespace": system}
+    apply(
+        kubectl,
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": system}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "speaker", "namespace": system}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": f"{NS}-speaker"},
+            "rules": role["rules"],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{NS}-speaker"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"{NS}-speaker",
+            },
+            "subjects": [account],
+        },
+    )
+    token = kubectl.ok("create", "token", "speaker", "-n", system, "--duration=2h").strip()
+    admin = yaml.safe_load(k8s.kubeconfig.read_text())
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": "speaker", "user": {"token": token}}],
+        "contexts": [{"name": "speaker", "context": {"cluster": "e2e", "user": "speaker"}}],
+        "current-context": "speaker",
+    }
+    path = folder / "speaker.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _api_port(k8s: Cluster) -> int:
+    server = yaml.safe_load(k8s.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    return int(server.rsplit(":", 1)[1].strip("/"))
+
+
+def _get(kubectl: Kubectl, kind: str, name: str) -> dict[str, Any]:
+    return harness.get(kubectl, kind, name, NS) or {}
+
+
+def _condition(body: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    found = (body.get("status") or {}).get("conditions") or []
+    return next((c for c in found if c.get("type") == kind), None)
+
+
+def _managers(body: dict[str, Any], kind: str) -> set[str]:
+    """The field managers owning condition `kind` of a Service's status."""
+    key = f'k:{{"type":"{kind}"}}'
+    owners = set()
+    for entry in body["metadata"].get("managedFields") or []:
+        fields = ((entry.get("fieldsV1") or {}).get("f:status") or {}).get("f:conditions") or {}
+        if key in fields:
+            owners.add(entry["manager"])
+    return owners
+
+
+@pytest.fixture(scope="module")
+def lab(
+    k8s: Cluster, kubectl: Kubectl, crds_installed: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The operator, two Nodes with their speakers in network namespaces, the pools."""
+    from tests.netns import Topology
+
+    folder = tmp_path_factory.mktemp("announce")
+    fresh_namespace(kubectl, NS)
+    nobody = {"nodeSelector": {"matchLabels": {"no-such": "label"}}}  # its VIP is announced by nobody
+    pools: list[tuple[str, list[str], dict[str, Any]]] = [
+        ("ann-lb", [f"{LB_VIP}/32"], {}),
+        ("ann-svc", [f"{SVC_V4}/32", f"{SVC_V6}/128"], {}),
+        ("ann-lonely", [f"{LONELY_VIP}/32"], {"announce": nobody}),
+    ]
+    apply(
+        kubectl,
+        *(
+            {
+                "apiVersion": "layerlb.dev/v1alpha1",
+                "kind": "VIPPool",
+                "metadata": {"name": name},
+                "spec": {"addresses": addresses, "namespaces": [NS], "autoAssign": False, **extra},
+            }
+            for name, addresses, extra in pools
+        ),
+    )
+    for index, name in enumerate(NODES):
+        apply(kubectl, _node(name))
+        _node_status(kubectl, name, ADDRESSES[index])
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew_leases, args=(kubectl, stop), daemon=True)
+    renewer.start()
+
+    lease = f"{NS}/layerlb-operator"
+    config = harness.operator_kubeconfig(k8s, kubectl, folder, NS, f"{NS}-op-system", lease)
+    operator = Operator(config, folder / "operator.log", NS, lease)
+    speaker_config = _speaker_kubeconfig(k8s, kubectl, folder)
+    port = _api_port(k8s)
+    socket_path = folder / "api.sock"
+    relay = subprocess.Popen(
+        ["socat", f"UNIX-LISTEN:{socket_path},fork,unlink-early", f"TCP:127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    topology = Topology("announce")
+    speakers = []
+    try:
+        spaces = [topology.namespace(f"n{index}") for index in range(len(NODES))]
+        topology.link(spaces[0], "eth0", spaces[1], "eth0")  # the node network: heartbeats, ARP
+        for index, (space, node) in enumerate(zip(spaces, NODES, strict=True)):
+            space.ip("link", "set", "lo", "up")
+            space.addr("eth0", f"{ADDRESSES[index]}/24")
+            space.popen(
+                [
+                    "socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
+                    f"UNIX-CONNECT:{socket_path}",
+                ],
+                "api relay",
+            )  # fmt: skip
+            command = [
+                "env", f"KUBECONFIG={speaker_config}", f"PYTHONPATH={ROOT}", sys.executable, "-m",
+                "layerlb.cli", "speaker", "--node", node, "--port", str(PORT), "--interface", "eth0",
+                "--announce-count", "1",
+            ]  # fmt: skip
+            speakers.append(space.popen(command, f"speaker {node}"))
+        wait_for(
+            "the operator to lead", lambda: operator.metrics().get("layerlb_operator_leader") == 1, TIMEOUT
+        )
+        for each in speakers:
+            each.wait_for_line("joined", timeout=TIMEOUT)
+        yield {"operator": operator, "speakers": speakers}
+    finally:
+        try:
+            for each in speakers:
+                log = each.stderr()
+                (folder / f"{each.what.split()[-1]}.log").write_text(log)
+            kubectl("delete", "svc,llb,pod", "--all", "-n", NS, "--wait=true", "--timeout=60s")
+            operator.stop()
+        finally:
+            topology.close()
+            relay.terminate()
+            relay.wait(timeout=10)
+            stop.set()
+            renewer.join(timeout=10)
+            kubectl("delete", "node", *NODES, "--ignore-not-found")
+            kubectl("delete", "lease", "-n", "kube-node-lease", *NODES, "--ignore-not-found")
+            kubectl("delete", "vippool", *(name for name, _, _ in pools), "--ignore-not-found")
+            kubectl("delete", "clusterrole,clusterrolebinding", f"{NS}-speaker", "--ignore-not-found")
+            kubectl("delete", "namespace", NS, "--wait=false")
+
+
+def _loadbalancer(name: str, pool: str) -> dict[str, Any]:
+    document: dict[str, Any] = next(
+        d
+        for d in yaml.safe_load_all((ROOT / "examples" / "l4-proxy-tcp.yaml").read_text())
+        if d["kind"] == "LoadBalancer"
+    )
+    document["metadata"] = {"name": name, "namespace": NS}
+    document["spec"].pop("vip", None)
+    document["spec"]["vipPool"] = pool
+    return document
+
+
+def _forwarding_pod(kubectl: Kubectl, loadbalancer: str, node: str) -> None:
+    """A forwarding pod object of `loadbalancer` on `node`, Running and Ready (no kubelet runs here)."""
+    labels = {
+        objects.NAME_LABEL: "layerlb",
+        objects.COMPONENT_LABEL: "dataplane",
+        objects.INSTANCE_LABEL: objects.label_value(loadbalancer),
+        objects.LOADBALANCER_LABEL: objects.label_value(loadbalancer),
+    }
+    name = f"{loadbalancer}-fake-{node}"
+    apply(
+        kubectl,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": {
+                "nodeName": node,
+                "containers": [{"name": "dataplane", "image": "layerlb:e2e"}],
+                "tolerations": [{"operator": "Exists"}],
+            },
+        },
+    )
+    now = _now()
+    status = {
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+        }
+    }
+    kubectl.ok(
+        "patch", "pod", name, "-n", NS, "--subresource=status", "--type=merge", "-p", json.dumps(status)
+    )
+
+
+def _stable(kubectl: Kubectl, objects_: list[tuple[str, str]], seconds: float = 5.0) -> None:
+    """No write to any of `objects_` (kind, name) for `seconds`: no loop between the writers."""
+    before = {key: _get(kubectl, *key)["metadata"]["resourceVersion"] for key in objects_}
+    time.sleep(seconds)
+    after = {key: _get(kubectl, *key)["metadata"]["resourceVersion"] for key in objects_}
+    assert after == before
+
+
+def test_a_loadbalancer_shows_its_announcing_node_and_the_operator_leaves_it_alone(
+    lab: dict[str, Any], kubectl: Kubectl
+) -> None:
+    holder = NODES[0]
+    apply(kubectl, _loadbalancer("web", "ann-lb"))
+    wait_for(
+        "the VIP", lambda: (_get(kubectl, "llb", "web").get("status") or {}).get("vip") == LB_VIP, TIMEOUT
+    )
+    _forwarding_pod(kubectl, "web", NODES[0])
+    _forwarding_pod(kubectl, "web", NODES[1])
+    announced = wait_for(
+        "status.announcement",
+        lambda: (_get(kubectl, "llb", "web").get("status") or {}).get("announcement"),
+        TIMEOUT,
+    )
+    assert {k: v for k, v in announced.items() if k != "since"} == {
+        "address": LB_VIP,
+        "node": holder,
+        "interfaces": ["eth0"],
+        "protocol": "L2",
+    }
+    datetime.datetime.strptime(announced["since"], "%Y-%m-%dT%H:%M:%SZ")
+    table = kubectl.ok("get", "llb", "web", "-n", NS)
+    header, row = table.splitlines()
+    assert "ANNOUNCED BY" in header and holder in row.split()
+
+    # Its VIP Service (layerlb's class, the VIP as ingress) gets the family's condition from the holder.
+    service = objects.dataplane_name("web")
+    condition = wait_for(
+        "the VIP Service's condition",
+        lambda: _condition(_get(kubectl, "svc", service), "layerlb.dev/AnnouncedIPv4"),
+        TIMEOUT,
+    )
+    assert (condition["status"], condition["reason"], condition["message"]) == (
+        "True",
+        "Announced",
+        f"{LB_VIP} from {holder} on eth0",
+    )
+
+    # The operator's conditions are intact, and a write of its own (a spec change) keeps the speaker's field.
+    wait_for(
+        "Accepted",
+        lambda: _condition(_get(kubectl, "llb", "web"), "Accepted") or None,
+        TIMEOUT,
+    )
+    kubectl.ok(
+        "patch", "llb", "web", "-n", NS, "--type=merge", "-p", '{"spec": {"timeouts": {"idleSeconds": 301}}}'
+    )
+    body = wait_for(
+        "the operator to observe generation 2",
+        lambda: (
+            found
+            if (found := _get(kubectl, "llb", "web")).get("status", {}).get("observedGeneration") == 2
+            else None
+        ),
+        TIMEOUT,
+    )
+    assert body["status"]["announcement"] == announced
+    assert {c["type"] for c in body["status"]["conditions"]} >= {"Accepted", "Programmed", "Ready"}
+    time.sleep(1.0)
+    _stable(kubectl, [("llb", "web"), ("svc", service)])
+
+
+def test_a_dual_stack_service_shows_each_family_from_its_node_next_to_the_operators_conditions(
+    lab: dict[str, Any], kubectl: Kubectl
+) -> None:
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "dual", "namespace": NS, "annotations": {"layerlb.dev/vip-pool": "ann-svc"}},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "layerlb.dev/loadbalancer",
+            "ipFamilyPolicy": "PreferDualStack",
+            "ipFamilies": ["IPv4", "IPv6"],
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        },
+    }
+    apply(kubectl, service)
+
+    def both() -> dict[str, Any] | None:
+        body = _get(kubectl, "svc", "dual")
+        found = [_condition(body, f"layerlb.dev/AnnouncedIPv{v}") for v in (4, 6)]
+        return body if all(c and c["status"] == "True" for c in found) else None
+
+    body = wait_for("both families' conditions", both, TIMEOUT)
+    v4 = _condition(body, "layerlb.dev/AnnouncedIPv4")
+    v6 = _condition(body, "layerlb.dev/AnnouncedIPv6")
+    assert v4 and v4["message"] == f"{SVC_V4} from {NODES[0]} on eth0"
+    assert v6 and v6["message"] == f"{SVC_V6} from {NODES[1]} on eth0"
+    assert _managers(body, "layerlb.dev/AnnouncedIPv4") == {f"layerlb-speaker/IPv4/{NODES[0]}"}
+    assert _managers(body, "layerlb.dev/AnnouncedIPv6") == {f"layerlb-speaker/IPv6/{NODES[1]}"}
+    assigned = _condition(body, "layerlb.dev/AddressAssigned")
+    assert assigned and assigned["status"] == "True"
+    assert _managers(body, "layerlb.dev/AddressAssigned") == {"layerlb-operator"}
+    ingress = [i["ip"] for i in body["status"]["loadBalancer"]["ingress"]]
+    assert ingress == [SVC_V4, SVC_V6]
+    _stable(kubectl, [("svc", "dual")])
+
+
+def test_a_vip_nobody_may_announce_is_said_so_by_one_speaker(lab: dict[str, Any], kubectl: Kubectl) -> None:
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "lonely",
+            "namespace": NS,
+            "annotations": {"layerlb.dev/vip-pool": "ann-lonely"},
+        },
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "layerlb.dev/loadbalancer",
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        },
+    }
+    apply(kubectl, service)
+    condition = wait_for(
+        "NotAnnounced",
+        lambda: _condition(_get(kubectl, "svc", "lonely"), "layerlb.dev/AnnouncedIPv4"),
+        TIMEOUT,
+    )
+    assert (condition["status"], condition["reason"], condition["message"]) == (
+        "False",
+        "NotAnnounced",
+        f"{LONELY_VIP} is not announced: no node is eligible to announce it",
+    )
+    clearer = announcement.rank(ipaddress.ip_address(LONELY_VIP), NODES)[0]
+    assert _managers(_get(kubectl, "svc", "lonely"), "layerlb.dev/AnnouncedIPv4") == {
+        f"layerlb-speaker/IPv4/{clearer}"
+    }
+    _stable(kubectl, [("svc", "lonely")])
