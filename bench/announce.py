@@ -1,6 +1,7 @@
 """The speaker at scale and under failover, on a network-namespace LAN (tests/kernel/speaker_lan.py).
 
     .venv/bin/python -m bench.announce [--vips 1000] [--trials 20]    (root)
+    .venv/bin/python -m bench.announce --soak 600                      (root; the soak only)
 
 1. Scale: one speaker with N VIPs (default 1,000) eligible on its node. A prober in the client namespace
    sends an ARP request for every VIP every 200 ms (its own framing, not the speaker's) until each is
@@ -10,6 +11,8 @@
    times the holder's link is cut; printed: p50/p95 of the time until the client's kernel neighbour
    cache points at the next node (moved by the gratuitous ARP), and how many of the client's pings
    (one every 20 ms, each waiting 50 ms) went unanswered during each takeover. Target: p95 ≤ 1 s.
+3. Soak (`--soak SECONDS`, alone): three healthy speakers sharing 50 VIPs on a machine kept busy, with
+   requests to every VIP; every move of a VIP is a false takeover (bench/announce_soak.py). Target: none.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import ipaddress
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from layerlb_speaker import announcement
 
+from bench import announce_soak
 from tests.kernel import speaker_lan
 from tests.kernel.speaker_lan import NODES, wait_until
 
@@ -128,7 +133,18 @@ def main() -> None:
     )
     parser.add_argument("--vips", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="run only the soak")
+    parser.add_argument("--soak-vips", type=int, default=50)
+    parser.add_argument("--soak-workers", type=int, default=4, help="busy processes during the soak")
+    parser.add_argument("--soak-rate", type=float, default=200, help="UDP requests per second")
+    parser.add_argument(
+        "--soak-speaker-args", default="", help='extra speaker options, e.g. "--dead-after 0.3"'
+    )
     args = parser.parse_args()
+    if args.soak:
+        extra = tuple(args.soak_speaker_args.split())
+        healthy = announce_soak.run(args.soak, args.soak_vips, args.soak_workers, args.soak_rate, extra)
+        sys.exit(0 if healthy else 1)
     scale(args.vips)
     if args.trials:
         failover(args.trials)

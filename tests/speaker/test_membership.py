@@ -139,3 +139,17 @@ def test_its_own_unavailable_interfaces_are_in_its_member_and_its_message() -> N
     assert membership.members()["node-1"].unavailable == {"eth9"}
     assert membership.unavailable_message() == Unavailable("node-1", frozenset({"eth9"}))
     assert not membership.heard_unavailable(Unavailable("node-1", frozenset()))  # our own echo
+
+
+def test_the_longest_heartbeat_gap_per_peer_and_who_expired_after_how_long_are_kept() -> None:
+    membership = joined(0.0, "node-2", "node-3")
+    for now in (0.6, 0.7, 1.05, 1.15):
+        membership.heard(Heartbeat("node-2", True, True), now)
+    assert membership.longest_gap["node-2"] == pytest.approx(0.6)  # 0.0 (joining) to 0.6
+    assert "node-3" not in membership.longest_gap  # heard once: no gap yet
+    assert membership.expire(0.8)  # node-3 silent since 0.0
+    [(node, silence)] = membership.expired
+    assert node == "node-3"
+    assert silence == pytest.approx(0.8)
+    assert not membership.expire(0.9)
+    assert membership.expired == []
