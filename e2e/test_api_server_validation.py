@@ -70,10 +70,10 @@ def test_the_api_server_refuses_each_invalid_example_with_layerlbs_message(
 
 
 @pytest.mark.usefixtures("crds_installed")
-def test_printer_columns_show_mode_architecture_vip_ready_age(kubectl: Kubectl) -> None:
+def test_printer_columns_show_mode_architecture_vip_ready_announcer_age(kubectl: Kubectl) -> None:
     kubectl.ok("apply", "-f", str(ROOT / "examples" / "l7-proxy-routes.yaml"))
     header = kubectl.ok("get", "llb", "-n", "demo").splitlines()[0].split()
-    assert header == ["NAME", "MODE", "ARCHITECTURE", "VIP", "READY", "AGE"]
+    assert header == ["NAME", "MODE", "ARCHITECTURE", "VIP", "READY", "ANNOUNCED", "BY", "AGE"]
 
 
 @pytest.mark.usefixtures("crds_installed")

@@ -52,7 +52,7 @@ def test_a_proxy_pod_runs_its_own_command_as_the_non_root_user_with_no_capabilit
         "10.0.0.1",
         "443",
     )
-    assert launch.readiness == pods.Probe("/readyz", 9090, 2.0, 1.0, 1)
+    assert launch.readiness == pods.Probe("/readyz", 9090, 1.0, 1.0, 3)
 
 
 def test_a_kernel_pod_is_root_on_the_host_network_with_only_net_admin_and_net_raw() -> None:
