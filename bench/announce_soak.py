@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -188,16 +189,19 @@ _GAP = re.compile(r"heartbeat gap: (\S+) ([\d.]+) s")
 _STALL = re.compile(r"loop stalled ([\d.]+) s")
 
 
-def speaker_log_figures(log: str) -> tuple[dict[str, int], float, float, list[str]]:
-    """From one speaker's log after it joined: counts of takeovers, withdrawals and peers declared dead or
-    left; the longest heartbeat gap and loop stall it logged; the lines counted."""
-    lines = log.splitlines()
-    joined = next((n for n, line in enumerate(lines) if "joined: live peers" in line), 0)
-    # Its first claim follows the join: everything up to and including the first "holding" is start-up.
-    first = next((n for n in range(joined, len(lines)) if "holding " in lines[n]), joined)
+def speaker_log_figures(log: str, since: float) -> tuple[dict[str, int], float, float, list[str]]:
+    """From one speaker's log lines stamped at or after `since` (wall clock; start-up claims come before):
+    counts of takeovers, withdrawals and peers declared dead or left; the longest heartbeat gap and loop
+    stall it logged; the lines counted."""
     counts = {"announcing": 0, "withdrawing": 0, "peer dead or left": 0}
     counted = []
-    for line in lines[first + 1 :]:
+    for line in log.splitlines():
+        try:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        if stamp < since:
+            continue
         for word, key in (
             ("announcing ", "announcing"),
             ("withdrawing ", "withdrawing"),
@@ -244,6 +248,7 @@ def soak(
         client = network.client.spawn(requests, vips, ECHO_PORT, rate, seconds, out)
         client.wait_for_line("requesting")
         figures = Figures(seconds)
+        since = time.time()
         cpu_before = _cpu()
         samples: list[tuple[str, str]] = []
         started = time.monotonic()
@@ -281,12 +286,13 @@ def soak(
     figures.wrong = sorted(set(figures.wrong) | strangers)
     totals = {"announcing": 0, "withdrawing": 0, "peer dead or left": 0}
     for node, log in logs.items():
-        counts, gap, stall, lines = speaker_log_figures(log)
+        counts, gap, stall, lines = speaker_log_figures(log, since)
         for key, value in counts.items():
             totals[key] += value
         figures.gaps[node], figures.stalls[node] = gap, stall
         figures.details += [f"{node}: {line}" for line in lines]
     figures.moves["speakers' logs (takeovers)"] = totals["announcing"]
+    figures.moves["speakers' logs (withdrawals)"] = totals["withdrawing"]
     figures.moves["speakers' logs (peers declared dead)"] = totals["peer dead or left"]
     return figures
 
