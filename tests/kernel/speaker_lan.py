@@ -67,6 +67,34 @@ def watch_arp(path: str, interface: str) -> None:
             out.flush()
 
 
+def probe_all(interface: str, vips: list[str], deadline: float) -> None:
+    """Runs in the client: ARP requests (framed here, not by the speaker's code) for every VIP, every 200 ms
+    for those not answered yet; prints "answered WALLTIME_OF_THE_LAST COUNT" when all answered or at the
+    deadline."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    sock.bind((interface, 0x0806))
+    mac = sock.getsockname()[4]
+    sock.settimeout(0.02)
+    pending = {socket.inet_aton(vip) for vip in vips}
+    last = 0.0
+    print("probing", flush=True)
+    while pending and time.time() < deadline:
+        for target in list(pending):
+            frame = b"\xff" * 6 + mac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+            frame += mac + socket.inet_aton(CLIENT) + b"\x00" * 6 + target
+            sock.send(frame + bytes(60 - len(frame)))
+        until = time.time() + 0.2
+        while time.time() < until:
+            try:
+                reply = sock.recv(2048)
+            except TimeoutError:
+                continue
+            if len(reply) >= 42 and reply[20:22] == b"\x00\x02" and reply[28:32] in pending:
+                pending.discard(reply[28:32])
+                last = time.time()
+    print(f"answered {last} {len(vips) - len(pending)}", flush=True)
+
+
 @dataclass
 class Lan:
     """The topology, its namespaces by name, each node's MAC, and the speakers running now."""
