@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # helm comes from the local cluster's Go-module build, in the same cache the e2e fixtures use.
 HELM := $(or $(LAYERLB_CACHE),$(CURDIR)/.cache)/k8s/bin/helm
 
-.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs bench-announce bench-announce-soak kind-e2e crds chart goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs bench-announce bench-announce-kube bench-announce-soak kind-e2e crds chart goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -76,6 +76,12 @@ bench-ipvs: setup
 # speaker's RSS, then 20 failovers each for a killed speaker and a cut link (p50/p95, pings lost).
 bench-announce: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane:$(CURDIR)/speaker" $(PY) -m bench.announce $(ANNOUNCE_ARGS)
+
+# Issue 15's "1,000 VIPs announced by one speaker within 10 s of its start, RSS <= 100 MB" in Kubernetes mode (root;
+# ~3 min): the local control plane, 1,000 Services of layerlb's class, one speaker in a netns; p50/max over RUNS.
+RUNS ?= 3
+bench-announce-kube: setup
+	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane:$(CURDIR)/speaker" $(PY) -m bench.announce_kube --runs $(RUNS) $(ANNOUNCE_KUBE_ARGS)
 
 # Issue 15's "no false takeover in 10 minutes of a healthy, loaded cluster" (root; SOAK seconds, default 600):
 # three speakers and 50 VIPs, busy workers and UDP requests to every VIP; counts moves and lost requests.

@@ -44,6 +44,13 @@ MAX_PENDING_STATUSES = 5000
 STATUS_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds before each retry of a failed status write
 
 
+def _slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without `metadata.managedFields`, which the speaker never reads and which is most of a cached
+    Service's size (every writer of a status, the speakers too, adds an entry)."""
+    (obj.get("metadata") or {}).pop("managedFields", None)
+    return obj
+
+
 class _Watch(threading.Thread):
     """List, then watch from that resourceVersion; relist on any error. `objects` is the cache by uid."""
 
@@ -57,6 +64,11 @@ class _Watch(threading.Thread):
         self.synced = False
         self.failing_since: float | None = None
 
+    def _raw(self, **kwargs: Any) -> Any:
+        """The lister without a return type, which the client's `Watch` would otherwise turn every event's
+        object into (a tree of model objects per event, thrown away here): events stay plain dicts."""
+        return self.lister(**kwargs)
+
     def run(self) -> None:
         from kubernetes import watch as watches
 
@@ -65,12 +77,13 @@ class _Watch(threading.Thread):
             try:
                 response = self.lister(_preload_content=False, **self.query)
                 listing = json.loads(response.data)
-                self.objects = {o["metadata"]["uid"]: o for o in listing.get("items") or []}
+                del response
+                self.objects = {o["metadata"]["uid"]: _slim(o) for o in listing.get("items") or []}
                 self.synced, self.failing_since = True, None
                 self.changed()
                 version = listing["metadata"]["resourceVersion"]
                 for event in streams.Watch().stream(
-                    self.lister, resource_version=version, timeout_seconds=300, **self.query
+                    self._raw, resource_version=version, timeout_seconds=300, **self.query
                 ):
                     raw = event.get("raw_object") or {}
                     if event["type"] == "ERROR":
@@ -81,7 +94,7 @@ class _Watch(threading.Thread):
                     if event["type"] == "DELETED":
                         self.objects.pop(uid, None)
                     else:
-                        self.objects[uid] = raw
+                        self.objects[uid] = _slim(raw)
                     self.changed()
             except Exception as error:
                 if self.failing_since is None:
@@ -183,6 +196,7 @@ class Cluster:
         for each in self.watches.values():
             each.start()
         fresh = None
+        last: Inventory | None = None
         while True:
             try:
                 await asyncio.wait_for(poked.wait(), 5.0)  # also re-judges freshness while nothing changes
@@ -194,7 +208,11 @@ class Cluster:
             poked.clear()
             snapshot = self.snapshot()
             fresh = snapshot.fresh
-            update(snapshot)
+            # A change the inventory does not show (a status written, the speakers' own writes among them)
+            # recomputes nothing: at a start over 1,000 Services, each write coming back would otherwise.
+            if snapshot != last:
+                last = snapshot
+                update(snapshot)
 
     def reporter(self) -> EventReporter:
         return EventReporter(self)
