@@ -362,7 +362,14 @@ def test_the_operator_owns_no_spec_field_and_keeps_fields_others_own(
     operator: ChartOperator, kubectl: Kubectl, installed: str
 ) -> None:
     _, load_balancer = notes_manifests(installed)
-    web = get(kubectl, "llb", "web") or {}
+    web = wait_for(
+        "the speaker holding web's VIP to write status.announcement",
+        lambda: (
+            found
+            if ((found := get(kubectl, "llb", "web") or {}).get("status") or {}).get("announcement")
+            else None
+        ),
+    )
     spec_owners = {
         e["manager"] for e in web["metadata"]["managedFields"] if "f:spec" in e.get("fieldsV1", {})
     }
@@ -370,7 +377,10 @@ def test_the_operator_owns_no_spec_field_and_keeps_fields_others_own(
     status_owners = {
         e["manager"] for e in web["metadata"]["managedFields"] if e.get("subresource") == "status"
     }
-    assert status_owners == {"layerlb-operator"}, status_owners
+    # The operator writes the status; the speaker holding the VIP writes only `status.announcement`.
+    assert status_owners == {"layerlb-operator", "layerlb-speaker"}, status_owners
+    speaker = next(e for e in web["metadata"]["managedFields"] if e["manager"] == "layerlb-speaker")
+    assert set(speaker["fieldsV1"]["f:status"]) == {"f:announcement"}, speaker
 
     # Someone else's annotation on the operator's Deployment survives the operator's next apply.
     kubectl.ok("annotate", "deployment", "web-dataplane", "-n", NS, "example.com/owner=team-a")
