@@ -41,9 +41,7 @@ import os
 import random
 import re
 import shutil
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -71,33 +69,6 @@ HOLDING = re.compile(r"^(\S+ \S+) layerlb-speaker: holding (\d+) of (\d+) VIPs")
 
 def vips(count: int) -> list[str]:
     return [str(VIP_BASE + n) for n in range(1, count + 1)]
-
-
-def probe(interface: str, targets: list[str], source: str, deadline: float) -> None:
-    """Runs in the client: an ARP request for each target not answered yet, every 200 ms (framed here);
-    prints "answered WALLTIME_OF_THE_LAST COUNT" once all answered or at the deadline."""
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-    sock.bind((interface, 0x0806))
-    mac = sock.getsockname()[4]
-    sock.settimeout(0.02)
-    pending = {socket.inet_aton(each) for each in targets}
-    head = b"\xff" * 6 + mac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
-    head += mac + socket.inet_aton(source) + b"\x00" * 6
-    last = 0.0
-    print("probing", flush=True)
-    while pending and time.time() < deadline:
-        for target in list(pending):
-            sock.send((head + target).ljust(60, b"\x00"))
-        until = time.time() + 0.2
-        while time.time() < until:
-            try:
-                reply = sock.recv(2048)
-            except TimeoutError:
-                continue
-            if len(reply) >= 42 and reply[20:22] == b"\x00\x02" and reply[28:32] in pending:
-                pending.discard(reply[28:32])
-                last = time.time()
-    print(f"answered {last} {len(targets) - len(pending)}", flush=True)
 
 
 def proc(pid: int) -> tuple[float, float, float]:
@@ -297,16 +268,16 @@ def one_run(
     log: Path | None,
     source: Path | None,
 ) -> Run:
-    from tests.kernel.speaker_lan import CLIENT, TIMING, wait_until
+    from tests.kernel.speaker_lan import TIMING, wait_until
 
     targets = vips(count)
     clear_conditions(core, count)
     core.delete_collection_namespaced_event(NAMESPACE)
     wait_until("old Events gone", lambda: count_events(core) == 0, timeout=30, every=0.2)
 
-    from bench import announce_kube  # under its own name: `probe` must be importable in the namespace
+    from tests.kernel import speaker_lan  # the client's own ARP requests, framed there
 
-    prober = network.client.spawn(announce_kube.probe, "eth0", targets, CLIENT, time.time() + 60)
+    prober = network.client.spawn(speaker_lan.probe_all, "eth0", targets, time.time() + 60)
     prober.wait_for_line("probing")
     argv = ["env", f"NODE_NAME={SPEAKER_NODE}", f"KUBECONFIG={kubeconfig}"]
     if source is not None:  # another checkout's speaker (a before/after comparison)
