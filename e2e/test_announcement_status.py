@@ -429,6 +429,33 @@ def test_a_dual_stack_service_shows_each_family_from_its_node_next_to_the_operat
     _stable(kubectl, [("svc", "dual")])
 
 
+def test_a_service_no_longer_served_loses_the_speakers_conditions_with_the_operators(
+    lab: dict[str, Any], kubectl: Kubectl
+) -> None:
+    """A Service that stops being a LoadBalancer gives its addresses back; nobody announces them any more, so
+    the operator's release removes the speakers' `AnnouncedIPv4|6` next to its own status."""
+    body = wait_for(
+        "both families' conditions on service/dual",
+        lambda: found if all(_condition(found := _get(kubectl, "svc", "dual"), f"layerlb.dev/AnnouncedIPv{v}")
+                             for v in (4, 6)) else None,
+        TIMEOUT,
+    )  # fmt: skip
+    assert body["status"]["loadBalancer"]["ingress"]
+    kubectl.ok("patch", "svc", "dual", "-n", NS, "--type=merge", "-p",
+               '{"spec": {"type": "ClusterIP", "loadBalancerClass": null}}')  # fmt: skip
+
+    def released() -> dict[str, Any] | None:
+        found = _get(kubectl, "svc", "dual")
+        kinds = [c["type"] for c in (found.get("status") or {}).get("conditions") or []]
+        done = not kinds and not (found.get("status") or {}).get("loadBalancer", {}).get("ingress")
+        return (
+            found if done and "layerlb.dev/service" not in found["metadata"].get("finalizers", []) else None
+        )
+
+    wait_for("the Service released, every layerlb condition gone", released, TIMEOUT)
+    _stable(kubectl, [("svc", "dual")])
+
+
 def test_a_vip_nobody_may_announce_is_said_so_by_one_speaker(lab: dict[str, Any], kubectl: Kubectl) -> None:
     service = {
         "apiVersion": "v1",

@@ -20,6 +20,7 @@ k8s_config: Any = _config  # the kubernetes package ships no types for its confi
 FIELD_MANAGER: Final = "layerlb-operator"
 APPLY_PATCH: Final = "application/apply-patch+yaml"
 MERGE_PATCH: Final = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH: Final = "application/strategic-merge-patch+json"
 
 log = logging.getLogger("layerlb.operator")
 
@@ -166,6 +167,15 @@ class Client:
             "ServiceStatus", "PATCH", collection_path("v1", "Service", namespace) + f"/{name}/status",
             query=[("fieldManager", self.field_manager), ("force", "true")],
             body=body, content_type=APPLY_PATCH,
+        )  # fmt: skip
+
+    def drop_service_conditions(self, namespace: str, name: str, types: list[str]) -> dict[str, Any]:
+        """Delete a Service's status conditions of `types`, whoever wrote them (a strategic merge patch:
+        conditions are a list keyed by type), leaving every other condition as it is."""
+        body = {"status": {"conditions": [{"type": kind, "$patch": "delete"} for kind in types]}}
+        return self.write(
+            "ServiceStatus", "PATCH", collection_path("v1", "Service", namespace) + f"/{name}/status",
+            query=[("fieldManager", self.field_manager)], body=body, content_type=STRATEGIC_MERGE_PATCH,
         )  # fmt: skip
 
     def set_service_finalizers(

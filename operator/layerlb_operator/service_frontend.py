@@ -117,6 +117,17 @@ def served(service: Mapping[str, Any], serve_classless: bool) -> bool:
     return cls == CLASS or (cls is None and serve_classless)
 
 
+# The speakers' conditions on a Service: `layerlb.dev/AnnouncedIPv4|6`, who announces each address
+# (speaker/layerlb_speaker/statuses.py; tests/test_speaker_statuses_contract.py keeps the two in step).
+SPEAKER_CONDITION_PREFIX: Final = "layerlb.dev/Announced"
+
+
+def speaker_conditions(service: Mapping[str, Any]) -> list[str]:
+    """The types of the speakers' conditions the Service carries."""
+    conditions = (service.get("status") or {}).get("conditions") or []
+    return [str(c["type"]) for c in conditions if str(c.get("type", "")).startswith(SPEAKER_CONDITION_PREFIX)]
+
+
 def has_finalizer(service: Mapping[str, Any]) -> bool:
     """Whether the Service carries layerlb's finalizer, i.e. layerlb served it and has not released it."""
     return FINALIZER in ((service.get("metadata") or {}).get("finalizers") or [])

@@ -336,9 +336,17 @@ class ServiceReconciler:
             return
         version = str(meta.get("resourceVersion", ""))
         written = service_frontend.ingress_addresses(body) or service_frontend.our_conditions(body)
+        announced = service_frontend.speaker_conditions(body)
         if written and not meta.get("deletionTimestamp"):
             cleared = await asyncio.to_thread(self.owner.client.apply_service_status, namespace, name, {})
             version = str((cleared.get("metadata") or {}).get("resourceVersion") or version)
+        if announced and not meta.get("deletionTimestamp"):
+            # The speakers' "who announces" conditions describe an address the Service no longer holds;
+            # no speaker writes them again (it announces only served Services), so they go with ours.
+            dropped = await asyncio.to_thread(
+                self.owner.client.drop_service_conditions, namespace, name, announced
+            )
+            version = str((dropped.get("metadata") or {}).get("resourceVersion") or version)
         finalizers = [f for f in meta.get("finalizers") or [] if f != service_frontend.FINALIZER]
         await asyncio.to_thread(
             self.owner.client.set_service_finalizers, namespace, name, finalizers, version

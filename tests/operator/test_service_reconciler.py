@@ -28,6 +28,13 @@ class FakeClient(apiserver.Client):
         body["status"] = status
         return {"metadata": {"resourceVersion": "2"}}
 
+    def drop_service_conditions(self, namespace: str, name: str, types: list[str]) -> dict[str, Any]:
+        self.calls.append(("drop", types))
+        body = self._body(namespace, name)
+        kept = [c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] not in types]
+        body.setdefault("status", {})["conditions"] = kept
+        return {"metadata": {"resourceVersion": "3"}}
+
     def set_service_finalizers(
         self, namespace: str, name: str, finalizers: list[str], resource_version: str
     ) -> dict[str, Any]:
@@ -102,6 +109,22 @@ def test_a_release_keeps_other_controllers_finalizers_and_tells_once() -> None:
     asyncio.run(worker.services.sync(web))  # a later view: nothing more to release or tell
     assert len(client.events) == 2
     assert worker.ledger.holders(worker.services.holdings()) == {}
+
+
+def test_a_release_drops_the_speakers_announced_conditions_too() -> None:
+    """Nobody announces an address the Service gave back: the speakers' conditions go with the operator's
+    (the speakers stop writing for a Service no longer served, so nothing else would remove them)."""
+    web = _service("web")
+    worker, client = _setup(web)
+    asyncio.run(worker.services.sync(web))
+    announced = {"type": "layerlb.dev/AnnouncedIPv4", "status": "True", "reason": "Announced",
+                 "message": "192.0.2.0 from node1 on eth0", "lastTransitionTime": "2026-12-07T00:00:00Z"}  # fmt: skip
+    web["status"]["conditions"] = [*web["status"].get("conditions", []), announced]
+    web["spec"] = {"type": "ClusterIP"}
+    asyncio.run(worker.services.sync(web))
+    assert ("drop", ["layerlb.dev/AnnouncedIPv4"]) in client.calls
+    assert client.calls[-1] == ("finalizers", [])
+    assert not service_frontend.speaker_conditions(web)
 
 
 def test_a_waiting_service_gets_the_address_another_service_releases() -> None:
