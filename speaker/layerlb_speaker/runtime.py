@@ -123,6 +123,10 @@ class Speaker:
         self.holders: dict[Address, str] = {}
         self._failed: dict[str, float] = {}  # interface → when opening it last failed
         self._reported: set[tuple[str, Address]] = set()
+        # Per held (address, interface): the owners told `Announcing`. An address keeps its holder when
+        # its owner changes (a LoadBalancer deleted, another given the same address): the new owner is
+        # told too, though nothing was taken over.
+        self._told: dict[tuple[Address, str], frozenset[Owner]] = {}
         self._pool_reported: set[tuple[str, str]] = set()  # (pool, interface) reported missing
         self._noticed: set[tuple[str, str]] = set()  # (reason, message) of notices reported
         self._up: dict[str, bool] = {}
@@ -302,9 +306,13 @@ class Speaker:
         self._reported = {
             key for key in self._reported if key[1] in self.holders or key[0].endswith("InterfaceNotFound")
         }
+        for pair, vip in wanted.items():
+            untold = [owner for owner in vip.owners if owner not in self._told.get(pair, frozenset())]
+            if pair in taken or untold:
+                told = vip if pair in taken else dataclasses.replace(vip, owners=tuple(untold))
+                self.reporter.announcing(told, self.settings.node, pair[1])
+        self._told = {pair: frozenset(vip.owners) for pair, vip in wanted.items()}
         if taken:
-            for pair in taken:
-                self.reporter.announcing(wanted[pair], self.settings.node, pair[1])
             task = asyncio.get_running_loop().create_task(self._announce(taken))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

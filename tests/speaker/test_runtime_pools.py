@@ -181,3 +181,19 @@ def test_a_vippools_events_go_to_the_default_namespace_naming_the_cluster_scoped
         "apiVersion": "layerlb.dev/v1alpha1",
     }
     assert (body["type"], body["reason"]) == ("Warning", "InterfaceNotFound")
+
+
+def test_a_new_owner_of_an_address_this_node_keeps_is_told_who_announces() -> None:
+    """A LoadBalancer deleted and another given the same address a moment later: the holder does not change,
+    nothing is taken over, and still the new owner gets its `Announcing` (once), the old one nothing more."""
+    address = address_ranked_first_by("n1")
+    each, recorder = speaker("n1", ("eth0",), {"n2": frozenset(), "n3": frozenset()})
+    first = Vip(address, frozenset(NODES), (WEB,))
+    run(each, (first,))
+    assert recorder.lines == [("announcing", str(address), "n1", "eth0")]
+    shop = Owner("LoadBalancer", "shop", "shop")
+    run(each, (Vip(address, frozenset(NODES), (shop,)),))
+    run(each, (Vip(address, frozenset(NODES), (shop,)),))
+    assert recorder.lines == [("announcing", str(address), "n1", "eth0")] * 2
+    told = [line for line in recorder.lines if line[0] == "announcing"]
+    assert len(told) == 2
