@@ -184,18 +184,11 @@ def speaker_kubeconfig(env: dict[str, str], admin: Path, folder: Path) -> Path:
     account = next(doc["metadata"]["name"] for doc in wanted if doc["kind"] == "ServiceAccount")
     kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(wanted))
     token = kubectl(env, "create", "token", account, "-n", SYSTEM_NAMESPACE, "--duration=2h").strip()
+    from e2e import harness
+
     cluster = yaml.safe_load(admin.read_text())["clusters"][0]["cluster"]
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "bench", "cluster": {**cluster, "server": f"https://127.0.0.1:{RELAY_PORT}"}}],
-        "users": [{"name": "speaker", "user": {"token": token}}],
-        "contexts": [{"name": "speaker", "context": {"cluster": "bench", "user": "speaker"}}],
-        "current-context": "speaker",
-    }
-    path = folder / "speaker.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    relayed = {**cluster, "server": f"https://127.0.0.1:{RELAY_PORT}"}
+    return harness.token_kubeconfig(folder / "speaker.kubeconfig", relayed, "speaker", token)
 
 
 def populate(core: Any, count: int, addresses: dict[str, str]) -> None:

@@ -150,15 +150,22 @@ def operator_kubeconfig(
     kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump_all(manifests))
     token = kubectl.ok("create", "token", "layerlb-operator", "-n", system_namespace, "--duration=2h").strip()
     admin = yaml.safe_load(k8s.kubeconfig.read_text())
+    return token_kubeconfig(
+        folder / "operator.kubeconfig", admin["clusters"][0]["cluster"], "operator", token
+    )
+
+
+def token_kubeconfig(path: Path, cluster: dict[str, Any], user: str, token: str) -> Path:
+    """A kubeconfig at `path` that reaches `cluster` (a kubeconfig's cluster entry) as `user` with a
+    ServiceAccount `token`: a component run under exactly its own RBAC."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "e2e", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator"}}],
-        "current-context": "operator",
+        "clusters": [{"name": "e2e", "cluster": cluster}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": user, "context": {"cluster": "e2e", "user": user}}],
+        "current-context": user,
     }
-    path = folder / "operator.kubeconfig"
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -146,17 +146,9 @@ def _speaker_kubeconfig(k8s: Cluster, kubectl: Kubectl, folder: Path) -> Path:
     )
     token = kubectl.ok("create", "token", "speaker", "-n", system, "--duration=2h").strip()
     admin = yaml.safe_load(k8s.kubeconfig.read_text())
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "e2e", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": "speaker", "user": {"token": token}}],
-        "contexts": [{"name": "speaker", "context": {"cluster": "e2e", "user": "speaker"}}],
-        "current-context": "speaker",
-    }
-    path = folder / "speaker.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return harness.token_kubeconfig(
+        folder / "speaker.kubeconfig", admin["clusters"][0]["cluster"], "speaker", token
+    )
 
 
 def _api_port(k8s: Cluster) -> int:
