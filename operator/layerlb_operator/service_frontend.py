@@ -48,9 +48,9 @@ from typing import Any, Final
 
 from layerlb.resolve import Unresolvable
 from layerlb.validation import Problem
-from layerlb_operator import service_loadbalancer, status, vips
+from layerlb_operator import objects, service_loadbalancer, status, vips
 
-CLASS: Final = "layerlb.dev/loadbalancer"
+CLASS: Final = objects.SERVICE_CLASS
 FINALIZER: Final = "layerlb.dev/service"
 ADDRESSES_ANNOTATION: Final = "layerlb.dev/addresses"
 POOL_ANNOTATION: Final = "layerlb.dev/vip-pool"
