@@ -532,6 +532,37 @@ class VIPPoolSpec(Model):
     )
 
 
+class PoolCondition(Condition):
+    """A VIPPool's condition, written by the operator from what the speakers report."""
+
+    type: str = Field(description="InterfacesFound.")
+
+
+class PoolNodeStatus(Model):
+    """What one node's speaker says about a pool: each node writes (and removes) its own entry only."""
+
+    node: str = Field(description="The node whose speaker wrote this entry.")
+    missingInterfaces: list[str] = Field(
+        default_factory=list,
+        description="Interfaces of spec.announce.interfaces this node lacks or has down.",
+    )
+    observedGeneration: int | None = Field(
+        default=None, description="The pool's generation this entry describes."
+    )
+
+
+class VIPPoolStatus(Model):
+    """What the speakers found on their nodes (`nodes`) and the operator's verdict on it (`conditions`)."""
+
+    conditions: list[PoolCondition] = Field(
+        default_factory=list, description="InterfacesFound: every selected node has the pool's interfaces."
+    )
+    nodes: list[PoolNodeStatus] = Field(
+        default_factory=list,
+        description="One entry per node whose speaker has something to report (a missing interface); absent: nothing.",
+    )
+
+
 def address_block(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """Parse a CIDR or an inclusive range into its first address and size; ValueError says why."""
     if "-" in value:
@@ -586,6 +617,7 @@ class VIPPool(Model):
     kind: Literal["VIPPool"] = "VIPPool"
     metadata: ObjectMeta
     spec: VIPPoolSpec
+    status: VIPPoolStatus | None = None
 
 
 KINDS: dict[str, type[Model]] = {"LoadBalancer": LoadBalancer, "VIPPool": VIPPool}

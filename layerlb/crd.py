@@ -95,6 +95,10 @@ def _structural(model: type[api.Model]) -> dict[str, Any]:
     return _resolve(raw, defs)
 
 
+_STATUS: dict[str, type[api.Model]] = {"LoadBalancer": api.LoadBalancerStatus, "VIPPool": api.VIPPoolStatus}
+_LIST_MAP_KEYS = {"conditions": "type", "nodes": "node"}
+
+
 def open_api_schema(model: type[api.Model], kind: str) -> dict[str, Any]:
     """The `openAPIV3Schema` of one kind."""
     spec_model = model.model_fields["spec"].annotation
@@ -111,10 +115,15 @@ def open_api_schema(model: type[api.Model], kind: str) -> dict[str, Any]:
         "spec": spec,
     }
     if "status" in model.model_fields:
-        status = _structural(api.LoadBalancerStatus)
+        status_model = _STATUS[kind]
+        status = _structural(status_model)
         _strip_status_defaults(status)
-        status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
-        status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
+        # Lists of entries keyed by a field: under server-side apply each writer owns its own entries (the
+        # operator its condition types, each node's speaker its `nodes` entry), so none drops another's.
+        for field_name, key in _LIST_MAP_KEYS.items():
+            if field_name in status["properties"]:
+                status["properties"][field_name]["x-kubernetes-list-type"] = "map"
+                status["properties"][field_name]["x-kubernetes-list-map-keys"] = [key]
         properties["status"] = status
     schema = {
         "type": "object",
@@ -137,6 +146,11 @@ _LB_COLUMNS = [
 _POOL_COLUMNS = [
     {"name": "Addresses", "type": "string", "jsonPath": ".spec.addresses"},
     {"name": "AutoAssign", "type": "boolean", "jsonPath": ".spec.autoAssign"},
+    {
+        "name": "Interfaces Found",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="InterfacesFound")].status',
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -152,8 +166,7 @@ def definition(kind: str) -> dict[str, Any]:
         "schema": {"openAPIV3Schema": open_api_schema(api.KINDS[kind], kind)},
         "additionalPrinterColumns": _LB_COLUMNS if lb else _POOL_COLUMNS,
     }
-    if lb:
-        version["subresources"] = {"status": {}}
+    version["subresources"] = {"status": {}}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

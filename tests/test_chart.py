@@ -145,7 +145,7 @@ def test_rbac_of_a_namespaced_install_binds_namespaced_rules_in_the_watched_name
     namespaced, cluster_scoped = roles["lb-operator"], roles["lb-operator-cluster"]
     assert _grants(namespaced["rules"]) | _grants(cluster_scoped["rules"]) == _grants(rbac.cluster_rules())
     assert not _grants(namespaced["rules"]).keys() & _grants(cluster_scoped["rules"]).keys()
-    assert {resource for _, resource, _ in _grants(cluster_scoped["rules"])} == {"vippools"}
+    assert {resource for _, resource, _ in _grants(cluster_scoped["rules"])} == {"vippools", "vippools/status"}
     [binding] = _named(rendered, "ClusterRoleBinding").values()
     assert binding["roleRef"]["name"] == "lb-operator-cluster"
     bindings = [d for d in rendered if d["kind"] == "RoleBinding"]
@@ -271,12 +271,14 @@ def test_the_speakers_rbac_reads_what_it_announces_from_and_writes_events_and_st
         ("", "events", ()): {"create", "patch"},
         ("layerlb.dev", "loadbalancers/status", ()): {"patch"},  # status.announcement
         ("", "services/status", ()): {"patch"},  # the layerlb.dev/AnnouncedIPv4|6 conditions
+        ("layerlb.dev", "vippools/status", ()): {"patch"},  # its node's entry of status.nodes
     }
     assert grants[("layerlb.dev", "loadbalancers/status", ())] == {"patch"}  # no get, no update
     assert grants[("", "services/status", ())] == {"patch"}
+    assert grants[("layerlb.dev", "vippools/status", ())] == {"patch"}
     assert {resource for _, resource, _ in grants} == {
         "nodes", "pods", "services", "endpointslices", "loadbalancers", "vippools", "events",
-        "loadbalancers/status", "services/status",
+        "loadbalancers/status", "services/status", "vippools/status",
     }  # fmt: skip
     [binding] = [d for d in rendered if d["kind"] == "ClusterRoleBinding"]
     assert binding["subjects"] == [

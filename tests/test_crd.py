@@ -52,6 +52,20 @@ def test_loadbalancer_is_namespaced_with_short_name_status_and_columns() -> None
     assert version["additionalPrinterColumns"][4]["jsonPath"] == ".status.announcement.node"
 
 
+def test_a_vippool_has_a_status_whose_node_entries_and_conditions_are_keyed_lists() -> None:
+    """Each speaker owns its node's entry and the operator its condition types under server-side apply:
+    that needs list-maps keyed by `node` and `type`, on a status subresource."""
+    version = crd.definition("VIPPool")["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    status = _schema("VIPPool")["properties"]["status"]["properties"]
+    assert status["nodes"]["x-kubernetes-list-type"] == "map"
+    assert status["nodes"]["x-kubernetes-list-map-keys"] == ["node"]
+    assert set(status["nodes"]["items"]["properties"]) == {"node", "missingInterfaces", "observedGeneration"}
+    assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Interfaces Found"] == '.status.conditions[?(@.type=="InterfacesFound")].status'
+
+
 def test_the_speakers_announcement_is_part_of_the_status_schema() -> None:
     announced = _schema("LoadBalancer")["properties"]["status"]["properties"]["announcement"]
     assert announced["type"] == "object"

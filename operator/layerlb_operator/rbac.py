@@ -18,6 +18,8 @@ Least privilege, verb by verb:
   to the Service (`update` on `services/finalizers`), and deleted when the Service stops asking for it:
   `delete` on loadbalancers is the operator's only delete verb (a uid precondition limits it to the
   derived LoadBalancer the Service controls; everything else goes through the garbage collector);
+- a VIPPool's `InterfacesFound` condition (pool_status) is its own server-side apply on `vippools/status`
+  (`patch`); the speakers' per-node entries next to it are theirs;
 - kopf posts Events; the Lease of leader election is read and updated by name only;
 - a pod-network LoadBalancer's VIP Service (objects.vip_service) is written like its other objects
   (`create` + `patch` on services) and its ingress by server-side apply on `services/status`;
@@ -51,6 +53,7 @@ def cluster_rules() -> list[dict[str, Any]]:
         _rule("layerlb.dev", ["loadbalancers/status"], ["patch"]),
         _rule("layerlb.dev", ["loadbalancers/finalizers"], ["update"]),
         _rule("layerlb.dev", ["vippools"], READ),
+        _rule("layerlb.dev", ["vippools/status"], ["patch"]),
         _rule("", ["services", "pods"], READ),
         _rule("", ["services"], APPLY),
         _rule("", ["services/status"], ["patch"]),

@@ -30,6 +30,12 @@
   - list
   - watch
 - apiGroups:
+  - layerlb.dev
+  resources:
+  - vippools/status
+  verbs:
+  - patch
+- apiGroups:
   - ''
   resources:
   - services
@@ -238,6 +244,12 @@
   verbs:
   - list
   - watch
+- apiGroups:
+  - layerlb.dev
+  resources:
+  - vippools/status
+  verbs:
+  - patch
 {{- end }}
 {{- define "layerlb.leaseRules" }}
 - apiGroups:
