@@ -35,6 +35,7 @@ PLURALS: Final = {
     "Lease": "leases",
     "LoadBalancer": "loadbalancers",
     "Service": "services",
+    "VIPPool": "vippools",
 }
 
 
@@ -165,6 +166,15 @@ class Client:
         }
         return self.write(
             "ServiceStatus", "PATCH", collection_path("v1", "Service", namespace) + f"/{name}/status",
+            query=[("fieldManager", self.field_manager), ("force", "true")],
+            body=body, content_type=APPLY_PATCH,
+        )  # fmt: skip
+
+    def apply_pool_status(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply a VIPPool's status (`body`: the whole apply object, see pool_status): the
+        operator owns its condition types only, so the speakers' `status.nodes` entries stay."""
+        return self.write(
+            "VIPPoolStatus", "PATCH", collection_path(body["apiVersion"], "VIPPool", None) + f"/{name}/status",
             query=[("fieldManager", self.field_manager), ("force", "true")],
             body=body, content_type=APPLY_PATCH,
         )  # fmt: skip

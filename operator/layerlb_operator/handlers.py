@@ -228,7 +228,7 @@ async def loadbalancer_changed(body: kopf.Body, type: str | None, **kwargs: Any)
 
 
 @kopf.on.event(*VIPPOOLS)
-async def pool_changed(**kwargs: Any) -> None:
-    worker = _bound(kwargs)
-    worker.touch_all()
-    worker.services.touch_waiting()
+async def pool_changed(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
+    """A new or changed pool re-renders what draws from it; every event (the speakers' status writes
+    too) brings its `InterfacesFound` condition up to date."""
+    _bound(kwargs).pool_changed(_plain(body), deleted=type == "DELETED")

@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerlb import validation
-from layerlb_operator import admin_ports, apiserver, objects, reconcile, service_reconciler, status, vips
+from layerlb_operator import (
+    admin_ports,
+    apiserver,
+    objects,
+    pool_status,
+    reconcile,
+    service_reconciler,
+    status,
+    vips,
+)
 from layerlb_operator.cluster_view import ClusterView, Store
 from layerlb_operator.debounce import Debouncer
 from layerlb_operator.metrics import Metrics
@@ -32,6 +41,9 @@ log = logging.getLogger("layerlb.operator")
 
 # How long a deletion waits for the forwarding pods to confirm their kernel state is gone.
 CLEANUP_SECONDS = 60.0
+
+# The queue key of a VIPPool's status (LoadBalancers are "namespace/name", Services vips.SERVICE_OWNER...).
+POOL_KEY = "VIPPool "
 
 # Accepted reasons that a VIP (or host admin port) released elsewhere may cure.
 WAITING_FOR_VIP = ("VIPConflict", "NoVIPAvailable", admin_ports.REASON)
@@ -125,6 +137,7 @@ class Reconciler:
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # key → (uid, status last written)
         self._attempts: Counter[str] = Counter()
         self._pools: dict[tuple[str, str], vips.Pool | str] = {}
+        self._pool_specs: dict[str, tuple[str, int]] = {}  # VIPPool name → (uid, generation) last handled
         # Services of type LoadBalancer: the same ledger, queue, pools and client (service_reconciler).
         self.services = service_reconciler.ServiceReconciler(self, serve_classless)
         metrics.vips = self.vips_allocated
@@ -169,7 +182,10 @@ class Reconciler:
         pools, broken = [], {}
         for name, bodies in sources.pools.items():
             for body in bodies:
-                version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+                # By generation, not resourceVersion: status writes (the speakers', the operator's) leave
+                # the spec as it was and must neither re-parse it nor grow this cache.
+                meta = body.get("metadata") or {}
+                version = f"{meta.get('uid', '')}/{meta.get('generation', '')}"
                 cached = self._pools.get((str(name), version))
                 if cached is None:
                     try:
@@ -413,9 +429,43 @@ class Reconciler:
         conditions = (body.get("status") or {}).get("conditions") or []
         return status.reason_of(conditions, status.ACCEPTED) in WAITING_FOR_VIP
 
+    def pool_changed(self, document: Mapping[str, Any], deleted: bool) -> None:
+        """A VIPPool event: LoadBalancers and waiting Services re-render when its spec changed (not on a
+        status write), and its `InterfacesFound` condition is brought up to date through the queue."""
+        name = str((document.get("metadata") or {}).get("name") or "")
+        if pool_status.spec_changed(self._pool_specs, document, deleted):
+            self.touch_all()
+            self.services.touch_waiting()
+        if deleted:
+            self._pool_specs.pop(name, None)
+            self.queue.discard(POOL_KEY + name)
+            return
+        meta = document.get("metadata") or {}
+        self._pool_specs[name] = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
+        self.queue.touch(POOL_KEY + name)
+
+    async def sync_pool(self, name: str) -> Result:
+        """Write a VIPPool's `InterfacesFound` condition when it changed (`pool_status`)."""
+        document = _first(self.sources.pools, name) if self.sources else None
+        if document is None:
+            return Result("skipped")
+        wanted = pool_status.conditions(document, self.now())
+        if not pool_status.stale(document, wanted):
+            return Result("unchanged")
+        try:
+            await asyncio.to_thread(self.client.apply_pool_status, name, pool_status.apply_body(name, wanted))
+        except apiserver.ApiError as error:
+            if error.status == 404:  # deleted meanwhile
+                return Result("skipped")
+            log.warning("could not write the status of VIPPool %s: %s", name, error)
+            return Result("failed", str(error))
+        return Result("written")
+
     async def _queued(self, key: str) -> None:
         if key.startswith(vips.SERVICE_OWNER):
             work = self.services.sync_key(key)
+        elif key.startswith(POOL_KEY):
+            work = self.sync_pool(key.removeprefix(POOL_KEY))
         else:
             document = _first(self.sources.loadbalancers, key) if self.sources else None
             if document is None:

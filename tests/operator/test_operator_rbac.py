@@ -23,6 +23,7 @@ def test_the_operator_reads_what_it_watches_and_writes_only_what_it_owns() -> No
         ("layerlb.dev", "loadbalancers/status"): {"patch"},
         ("layerlb.dev", "loadbalancers/finalizers"): {"update"},
         ("layerlb.dev", "vippools"): {"list", "watch"},
+        ("layerlb.dev", "vippools/status"): {"patch"},  # its InterfacesFound condition (pool_status)
         # patch: its finalizer on Services it serves; create + patch: the VIP Services of pod-network LoadBalancers
         ("", "services"): {"list", "watch", "create", "patch"},
         ("", "services/status"): {"patch"},  # status.loadBalancer.ingress and its conditions
