@@ -294,6 +294,6 @@ def test_the_speaker_takes_its_settings_and_can_be_switched_off() -> None:
     args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args == [
         "speaker", "--port", "7947", "--heartbeat-interval", "0.1", "--dead-after", "0.5",
-        "--interface", "eth1", "--interface", "eth2", "--classless-services",
+        "--max-dead-after", "2", "--interface", "eth1", "--interface", "eth2", "--classless-services",
     ]  # fmt: skip
     assert not [d for d in documents(template("--set", "speaker.enabled=false")) if _speakers(d)]

@@ -14,7 +14,7 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 
-from layerlb_speaker.membership import Heartbeat, Unavailable
+from layerlb_speaker.membership import Heartbeat, Pressure, Unavailable
 
 log = logging.getLogger("layerlb.speaker")
 
@@ -29,14 +29,14 @@ def _canonical(address: str) -> str:
 
 
 class HeartbeatSocket:
-    """UDP on `port` of every address of the node; `received(message)` runs for each valid heartbeat or
-    `Unavailable` message."""
+    """UDP on `port` of every address of the node; `received(message)` runs for each valid heartbeat,
+    `Unavailable` or `Pressure` message."""
 
     def __init__(
         self,
         port: int,
         loop: asyncio.AbstractEventLoop,
-        received: Callable[[Heartbeat | Unavailable], None],
+        received: Callable[[Heartbeat | Unavailable | Pressure], None],
         ipv6: bool,
     ) -> None:
         self.loop = loop
@@ -70,7 +70,9 @@ class HeartbeatSocket:
             except OSError as error:
                 log.debug("heartbeat socket: %s", error)
                 return
-            beat: Heartbeat | Unavailable | None = Heartbeat.decode(data) or Unavailable.decode(data)
+            beat: Heartbeat | Unavailable | Pressure | None = (
+                Heartbeat.decode(data) or Unavailable.decode(data) or Pressure.decode(data)
+            )
             if beat is None:
                 continue
             if self._nodes_by_address.get(_canonical(source[0])) != beat.node:
@@ -78,7 +80,7 @@ class HeartbeatSocket:
                 continue
             self.received(beat)
 
-    def send(self, beat: Heartbeat | Unavailable, me: str) -> None:
+    def send(self, beat: Heartbeat | Unavailable | Pressure, me: str) -> None:
         """Sends `beat` to every peer but this node; unreachable peers are skipped (they are dead to us)."""
         data = beat.encode()
         for node, address in self.peers.items():

@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a silent peer is dead after this long",
     )
     parser.add_argument(
+        "--max-dead-after",
+        type=float,
+        metavar="SECONDS",
+        help="at most this long for a peer that reports its rounds running late "
+        "(dead after --dead-after plus twice its lateness; default: 2 s, or --dead-after if longer)",
+    )
+    parser.add_argument(
         "--join",
         type=float,
         metavar="SECONDS",
@@ -92,7 +99,10 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     try:
         timing = membership.Timing(
-            args.heartbeat_interval, args.dead_after, args.dead_after if args.join is None else args.join
+            args.heartbeat_interval,
+            args.dead_after,
+            args.dead_after if args.join is None else args.join,
+            max(2.0, args.dead_after) if args.max_dead_after is None else args.max_dead_after,
         )
     except ValueError as error:
         print(f"layerlb speaker: {error}", file=sys.stderr)

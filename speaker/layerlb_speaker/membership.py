@@ -24,6 +24,14 @@ Rules, in order:
    passes over a node that has none of a VIP's interfaces, the same way on every speaker. It is a datagram
    of its own, not more bytes in the heartbeat, because speakers of the previous version check a
    heartbeat's exact length: they ignore the new datagram and still hear the heartbeat.
+6. Next to each heartbeat also goes a `Pressure` datagram: how late the sender's own rounds ran lately
+   (its longest loop stall over the last `Timing.pressure_window` seconds). A peer is dead after
+   `dead_after` plus twice that lateness, at most `max_dead_after` (default 2 s): the suspicion adapts, as
+   Lifeguard's local health does for memberlist (MetalLB's member list). A node that was healthy when it
+   died is dead after `dead_after`, so failover keeps its speed; a node whose speaker is starved of CPU
+   (the rounds run late, the heartbeats with them) says so while it still can, and its peers wait for it
+   longer instead of taking its VIPs for a stall (a false takeover: two ARP answers, then a move back).
+   An old peer sends no `Pressure`: it is judged by `dead_after` alone.
 """
 
 from __future__ import annotations
@@ -118,13 +126,55 @@ class Unavailable:
         return cls(node, frozenset(names))
 
 
+PRESSURE_MAGIC = b"LLBP"
+_PRESSURE = struct.Struct("!4sBHB")  # magic, version, lateness in ms, name length; the node name follows
+MAX_LATE_MS = 65535
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """One speaker's "my rounds ran this late lately" (its longest recent loop stall, in milliseconds)."""
+
+    node: str
+    late_ms: int = 0
+
+    def encode(self) -> bytes:
+        """b"LLBP", version 1, the lateness (ms, at most 65,535), name length, the UTF-8 node name."""
+        name = self.node.encode()
+        late = min(max(self.late_ms, 0), MAX_LATE_MS)
+        return _PRESSURE.pack(PRESSURE_MAGIC, VERSION, late, len(name)) + name
+
+    @classmethod
+    def decode(cls, data: bytes) -> Pressure | None:
+        """The message in a datagram, or None for anything else (a heartbeat, noise, a truncation)."""
+        if len(data) < _PRESSURE.size:
+            return None
+        magic, version, late, length = _PRESSURE.unpack_from(data)
+        if (
+            magic != PRESSURE_MAGIC
+            or version != VERSION
+            or length == 0
+            or len(data) != _PRESSURE.size + length
+        ):
+            return None
+        try:
+            node = data[_PRESSURE.size :].decode()
+        except UnicodeDecodeError:
+            return None
+        return cls(node, late)
+
+
 @dataclass(frozen=True)
 class Timing:
-    """Heartbeat interval, how long a silent peer stays alive, and how long a starting speaker listens."""
+    """Heartbeat interval, how long a silent peer stays alive (at least `dead_after`, at most
+    `max_dead_after` for a peer under pressure), how long a starting speaker listens, and how far back a
+    speaker's own lateness counts."""
 
     interval: float = 0.1
     dead_after: float = 0.5
     join: float = 0.5
+    max_dead_after: float = 2.0
+    pressure_window: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 < self.interval < self.dead_after:
@@ -133,6 +183,16 @@ class Timing:
             )
         if self.join < 0:
             raise ValueError(f"join {self.join}s must not be negative")
+        if self.max_dead_after < self.dead_after:
+            raise ValueError(
+                f"max_dead_after {self.max_dead_after}s must not be below dead_after {self.dead_after}s"
+            )
+        if self.pressure_window <= 0:
+            raise ValueError(f"pressure_window {self.pressure_window}s must be positive")
+
+    def dead_after_for(self, late: float) -> float:
+        """How long a peer whose rounds ran up to `late` seconds late lately stays alive in silence."""
+        return min(self.dead_after + 2 * max(late, 0.0), self.max_dead_after)
 
 
 @dataclass
@@ -153,6 +213,7 @@ class Membership:
         self.unavailable: frozenset[str] = frozenset()
         self._peers: dict[str, _Peer] = {}
         self._unavailable: dict[str, frozenset[str]] = {}
+        self._late: dict[str, float] = {}  # peer → its last reported lateness, seconds
         self._joined_at = now + timing.join
         self.joined = timing.join == 0
         self.longest_gap: dict[str, float] = {}  # peer → longest time between two of its heartbeats heard
@@ -186,6 +247,15 @@ class Membership:
         self._unavailable[message.node] = message.interfaces
         return self._member(message.node) != before
 
+    def heard_pressure(self, message: Pressure) -> None:
+        """Records how late a peer's rounds ran lately (the caller checked the address)."""
+        if message.node != self.me:
+            self._late[message.node] = message.late_ms / 1000
+
+    def dead_after(self, node: str) -> float:
+        """How long `node` may stay silent before it is dead, given the lateness it reported."""
+        return self.timing.dead_after_for(self._late.get(node, 0.0))
+
     def set_unavailable(self, interfaces: frozenset[str]) -> bool:
         """The wanted interfaces this speaker cannot answer on; True if that changed what it may hold."""
         changed, self.unavailable = interfaces != self.unavailable, interfaces
@@ -198,10 +268,11 @@ class Membership:
         if not self.joined and now >= self._joined_at:
             self.joined = changed = True
         for node, peer in list(self._peers.items()):
-            if now - peer.last_heard > self.timing.dead_after:
+            if now - peer.last_heard > self.dead_after(node):
                 self.expired.append((node, now - peer.last_heard))
                 del self._peers[node]
                 self._unavailable.pop(node, None)
+                self._late.pop(node, None)
                 changed = changed or peer.ready
         return changed
 
@@ -215,6 +286,7 @@ class Membership:
         changed = self.joined or any(peer.ready for peer in self._peers.values())
         self._peers.clear()
         self._unavailable.clear()
+        self._late.clear()
         self.joined = self.timing.join == 0
         self._joined_at = now + self.timing.join
         return changed

@@ -7,6 +7,9 @@ and — when membership, inventory or links changed — recomputes the whole des
 get `announce_count` gratuitous ARP / unsolicited NA spaced `announce_spacing` apart, and each takeover is
 reported (log line; an Event in Kubernetes, and the holder in the owners' status: `statuses`).
 
+Each round also tells the peers how late this speaker's own rounds ran lately (`membership.Pressure`, the
+longest loop stall in the window), so that they give a starved speaker longer before taking its VIPs.
+
 Rules beyond `membership`'s: on joining, the speaker sends its first ready heartbeat and waits one
 interval before claiming, so the peers release first (no two answers). On SIGTERM it sends a heartbeat
 that is not ready before exiting, so the peers take its VIPs over at once instead of after `dead_after`.
@@ -23,6 +26,7 @@ speaker only: the live one ranking first for the VIP (for a pool's own notice, t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import ipaddress
@@ -136,6 +140,9 @@ class Speaker:
         self._logged_gap: dict[str, float] = {}  # peer → longest heartbeat gap logged
         self._last_tick: float | None = None
         self._longest_stall = 0.0
+        # The stalls of the last `pressure_window` seconds as a sliding-window maximum: (when, stall), the
+        # stalls decreasing from the left, so the first is the longest still in the window.
+        self._stalls: collections.deque[tuple[float, float]] = collections.deque()
         self._socket: heartbeat.HeartbeatSocket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -150,8 +157,19 @@ class Speaker:
             self._socket.set_peers(inventory.peers)
         self._dirty = True
 
-    def _heard(self, beat: membership.Heartbeat | membership.Unavailable) -> None:
-        if isinstance(beat, membership.Unavailable):
+    def _heard(self, beat: membership.Heartbeat | membership.Unavailable | membership.Pressure) -> None:
+        if isinstance(beat, membership.Pressure):
+            before = self.membership.dead_after(beat.node)
+            self.membership.heard_pressure(beat)
+            after = self.membership.dead_after(beat.node)
+            if abs(after - before) >= self.settings.timing.interval / 2:
+                log.info(
+                    "peer %s: its rounds run up to %.3f s late; dead after %.3f s of silence",
+                    beat.node,
+                    beat.late_ms / 1000,
+                    after,
+                )
+        elif isinstance(beat, membership.Unavailable):
             if self.membership.heard_unavailable(beat):
                 log.info("peer %s cannot answer on: %s", beat.node, ", ".join(sorted(beat.interfaces)) or "-")
                 self._dirty = True
@@ -198,6 +216,7 @@ class Speaker:
             if stall > max(self.settings.timing.interval, self._longest_stall):
                 self._longest_stall = stall
                 log.info("loop stalled %.3f s (the longest so far)", stall)
+            self._record_stall(now, stall)
         self._last_tick = now
         self._socket.drain()
         self._check_links(now)
@@ -211,10 +230,26 @@ class Speaker:
             print(f"joined {self.settings.node}", flush=True)
             self._claim_after = now + self.settings.timing.interval
         self._socket.send(self.membership.unavailable_message(), self.settings.node)
+        self._socket.send(
+            membership.Pressure(self.settings.node, round(self.late() * 1000)), self.settings.node
+        )
         self._socket.send(self.membership.heartbeat(), self.settings.node)
         if self._dirty and now >= self._claim_after:
             self._dirty = False
             self.reconcile()
+
+    def _record_stall(self, now: float, stall: float) -> None:
+        window = self.settings.timing.pressure_window
+        while self._stalls and self._stalls[-1][1] <= stall:
+            self._stalls.pop()
+        self._stalls.append((now, max(stall, 0.0)))
+        while self._stalls[0][0] < now - window:
+            self._stalls.popleft()
+
+    def late(self) -> float:
+        """This speaker's longest loop stall in the last `pressure_window` seconds: how late its heartbeats
+        may come, told to the peers (`membership.Pressure`) so that they wait that much longer for it."""
+        return self._stalls[0][1] if self._stalls else 0.0
 
     def default_interfaces(self) -> tuple[str, ...]:
         """The configured interfaces, else the one holding this node's address."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from layerlb_speaker.announcement import Member
-from layerlb_speaker.membership import Heartbeat, Membership, Timing, Unavailable
+from layerlb_speaker.membership import Heartbeat, Membership, Pressure, Timing, Unavailable
 
 TIMING = Timing(interval=0.1, dead_after=0.5, join=0.5)
 
@@ -153,3 +153,49 @@ def test_the_longest_heartbeat_gap_per_peer_and_who_expired_after_how_long_are_k
     assert silence == pytest.approx(0.8)
     assert not membership.expire(0.9)
     assert membership.expired == []
+
+
+def test_pressure_messages_round_trip_and_noise_is_ignored() -> None:
+    message = Pressure("node-2.example", 271)
+    assert Pressure.decode(message.encode()) == message
+    assert Pressure.decode(Pressure("n", 10**6).encode()) == Pressure("n", 65535)  # clamped, not wrapped
+    for noise in (
+        b"",
+        b"LLBP",
+        message.encode()[:-1],
+        message.encode() + b"x",
+        Heartbeat("n", True, True).encode(),
+        Unavailable("n", frozenset({"eth1"})).encode(),
+    ):
+        assert Pressure.decode(noise) is None
+    assert Heartbeat.decode(message.encode()) is None
+    assert Unavailable.decode(message.encode()) is None
+
+
+def test_a_peer_reporting_late_rounds_is_given_twice_its_lateness_more_before_it_is_dead() -> None:
+    membership = joined(0.0, "node-2", "node-3")
+    membership.heard_pressure(Pressure("node-2", 300))  # its loop ran up to 300 ms late lately
+    membership.heard(Heartbeat("node-2", True, True), 1.0)
+    membership.heard(Heartbeat("node-3", True, True), 1.0)
+    assert membership.expire(1.51)  # node-3, which reported nothing, is dead after dead_after
+    assert set(membership.members()) == {"node-1", "node-2"}
+    assert not membership.expire(2.1)  # 0.5 s + 2 x 0.3 s
+    assert membership.expire(2.11)
+    assert set(membership.members()) == {"node-1"}
+
+
+def test_the_extra_time_is_capped_and_forgotten_with_the_peer() -> None:
+    membership = joined(0.0, "node-2")
+    membership.heard_pressure(Pressure("node-2", 5000))
+    assert membership.dead_after("node-2") == TIMING.max_dead_after == 2.0
+    membership.heard(Heartbeat("node-2", True, True), 1.0)
+    assert not membership.expire(3.0)
+    assert membership.expire(3.01)
+    assert membership.dead_after("node-2") == TIMING.dead_after  # a new life starts unsuspected
+    membership.heard_pressure(Pressure("node-1", 5000))  # our own echo changes nothing
+    assert membership.dead_after("node-1") == TIMING.dead_after
+
+
+def test_timing_refuses_a_ceiling_below_dead_after() -> None:
+    with pytest.raises(ValueError, match=r"max_dead_after 0\.4s must not be below dead_after 0\.5s"):
+        Timing(interval=0.1, dead_after=0.5, join=0.5, max_dead_after=0.4)
