@@ -182,6 +182,7 @@ class Pool:
     interfaces: tuple[str, ...] = ()
     selector: api.LabelSelector | None = None
     invalid: str = ""
+    generation: int = 0  # metadata.generation: which spec a node's status entry describes (pool_status)
 
     def __contains__(self, address: object) -> bool:
         return any(address in block for block in self.blocks)
@@ -224,7 +225,8 @@ def pool(document: Object) -> Pool | None:
     spec = parsed.spec
     blocks = tuple(Block(*api.address_block(text)) for text in spec.addresses)
     announce = spec.announce or api.Announce()
-    return Pool(owner, blocks, tuple(announce.interfaces or ()), announce.nodeSelector)
+    generation = int(meta.get("generation") or 0)
+    return Pool(owner, blocks, tuple(announce.interfaces or ()), announce.nodeSelector, "", generation)
 
 
 def _blocks(addresses: object) -> tuple[Block, ...]:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from layerlb_speaker import announcement, inventory, statuses
+from layerlb_speaker import announcement, inventory, pool_status, statuses
 from layerlb_speaker.announcement import Address, Owner, Vip
 from layerlb_speaker.runtime import Inventory
 
@@ -176,7 +176,9 @@ class Cluster:
             w["vippools"],
             self.classless,
         )
-        return Inventory(vips, inventory.peers(w["nodes"]), self.fresh(), notices)
+        labels = inventory.node_labels(w["nodes"])
+        wanted = pool_status.wanted(inventory.pools(w["vippools"]), labels.get(self.node))
+        return Inventory(vips, inventory.peers(w["nodes"]), self.fresh(), notices, wanted, frozenset(labels))
 
     async def synced(self, timeout: float) -> None:
         """Waits until every kind was listed once (or `timeout`: then the speaker starts stale)."""
@@ -288,6 +290,40 @@ class Cluster:
         finally:
             self._pending_statuses -= 1
 
+    def pool_publisher(self) -> PoolStatusPublisher:
+        return PoolStatusPublisher(self)
+
+    def send_pool_status(self, write: pool_status.Write, state: pool_status.Publisher) -> None:
+        """Queues one apply of a node's entry in a VIPPool's status (after the other status writes)."""
+        if self._pending_statuses >= MAX_PENDING_STATUSES:
+            log.warning("status of VIPPool %s not written: too many pending", write.pool.name)
+            state.forget(write.pool.uid or write.pool.name)
+            return
+        self._pending_statuses += 1
+        self._statuses.submit(self._write_pool_status, write, state)
+
+    def _write_pool_status(self, write: pool_status.Write, state: pool_status.Publisher) -> None:
+        try:
+            for delay in (*STATUS_RETRIES, None):
+                try:
+                    self.custom.patch_cluster_custom_object_status(
+                        "layerlb.dev", "v1alpha1", "vippools", write.pool.name, write.body(),
+                        field_manager=write.field_manager(), force=True,
+                        _content_type="application/apply-patch+yaml",
+                    )  # fmt: skip
+                except Exception as error:
+                    # 404: deleted; 409: re-created under the name (the uid precondition); nothing to write.
+                    if getattr(error, "status", None) in (404, 409) or delay is None:
+                        log.warning("status of VIPPool %s: %s", write.pool.name, error)
+                        if write.node == self.node:
+                            state.forget(write.pool.uid or write.pool.name)
+                        return
+                    time.sleep(delay)
+                else:
+                    return
+        finally:
+            self._pending_statuses -= 1
+
     def _send_status(self, write: statuses.Write) -> None:
         owner = write.owner
         if owner.kind == "LoadBalancer":
@@ -321,6 +357,25 @@ class StatusPublisher:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         for write in self.state.update(vips, holders, members, held_on, now):
             self.cluster.send_status(write)
+
+
+class PoolStatusPublisher:
+    """`runtime.PoolStatus` in a cluster: `pool_status.Publisher` decides, `Cluster.send_pool_status` writes.
+    The live speaker first by name removes the entries of Nodes that are gone, from a fresh view only."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.state = pool_status.Publisher(cluster.node)
+
+    def publish(
+        self, missing: Mapping[Owner, pool_status.Entry], members: Mapping[str, announcement.Member]
+    ) -> None:
+        pools = list(self.cluster.watches["vippools"].objects.values())
+        fresh = self.cluster.fresh()
+        nodes = inventory.node_labels(self.cluster.watches["nodes"].objects.values())
+        clears = fresh and bool(members) and min(members) == self.cluster.node
+        for write in self.state.update(missing, pools, set(nodes) if fresh else None, clears):
+            self.cluster.send_pool_status(write, self.state)
 
 
 class EventReporter:

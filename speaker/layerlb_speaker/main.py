@@ -152,6 +152,7 @@ async def _run(settings: runtime.Settings, args: argparse.Namespace) -> int:
             return 1
         speaker = runtime.Speaker(settings, cluster.reporter())
         speaker.publisher = cluster.publisher()
+        speaker.pool_status = cluster.pool_publisher()
         source = asyncio.create_task(cluster.watch(speaker.update))
         await cluster.synced(timeout=30.0)
     try:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from layerlb_speaker import announcement, framing, heartbeat, links, membership, responder
+from layerlb_speaker import announcement, framing, heartbeat, links, membership, pool_status, responder
 from layerlb_speaker.announcement import Address, Owner, Vip
 
 if TYPE_CHECKING:
@@ -62,12 +62,16 @@ class Settings:
 class Inventory:
     """What the speakers announce: the VIPs with their eligible nodes, the peers' heartbeat addresses
     (node → address, this node included: its address selects the default interface), and whether this
-    view is current (`fresh`), and what the pools keep from being announced (`notices`)."""
+    view is current (`fresh`), and what the pools keep from being announced (`notices`), and the pools
+    whose `spec.announce.interfaces` this node should have (`pool_interfaces`, for their status) and the
+    Nodes that exist (`nodes`: one deleted recomputes, so that its entries in pools' status are removed)."""
 
     vips: tuple[Vip, ...] = ()
     peers: Mapping[str, str] = field(default_factory=dict)
     fresh: bool = True
     notices: tuple[Notice, ...] = ()
+    pool_interfaces: tuple[pool_status.Wanted, ...] = ()
+    nodes: frozenset[str] = frozenset()
 
 
 class Reporter(Protocol):
@@ -91,6 +95,15 @@ class Publisher(Protocol):
         holders: Mapping[Address, str],
         members: Mapping[str, announcement.Member],
         held_on: Mapping[Address, tuple[str, ...]],
+    ) -> None: ...
+
+
+class PoolStatus(Protocol):
+    """Where this node's missing pool interfaces go after each recomputation (`kube.PoolStatusPublisher`:
+    the VIPPools' `status.nodes`), with the live speakers (the first by name removes Nodes' stale entries)."""
+
+    def publish(
+        self, missing: Mapping[Owner, pool_status.Entry], members: Mapping[str, announcement.Member]
     ) -> None: ...
 
 
@@ -119,6 +132,8 @@ class Speaker:
         self.settings = settings
         self.reporter = reporter
         self.publisher: Publisher | None = None  # who announces, into status (Kubernetes only)
+        self.pool_status: PoolStatus | None = None  # missing pool interfaces, into status (Kubernetes only)
+        self._pool_missing: dict[Owner, pool_status.Entry] = {}
         self.clock = clock
         self.inventory = Inventory()
         self.membership = membership.Membership(settings.node, settings.timing, clock())
@@ -274,6 +289,7 @@ class Speaker:
         if self.membership.set_unavailable(unavailable):
             log.info("cannot answer on: %s", ", ".join(sorted(unavailable)) or "-")
             self._dirty = True
+        self._check_pool_interfaces(states, asked)
         node_links = [name for name in self.default_interfaces() if name in states]
         offline = bool(node_links) and not any(states[name] for name in node_links)
         if offline:
@@ -288,6 +304,19 @@ class Speaker:
         elif self._offline:
             log.warning("link up again: rejoining")
         self._offline = offline
+
+    def _check_pool_interfaces(self, states: Mapping[str, bool], asked: set[str]) -> None:
+        """The pools' interfaces this node lacks or has down, judged as for the peers where a VIP asks for
+        them (its responder up), else by the link itself (a pool with no address in use opens no socket);
+        a change recomputes, which publishes it."""
+        if self.pool_status is None:
+            return
+        names = {name for each in self.inventory.pool_interfaces for name in each.interfaces}
+        up = {name: states.get(name, False) if name in asked else links.is_up(name) for name in names}
+        found = pool_status.missing(self.inventory.pool_interfaces, up)
+        if found != self._pool_missing:
+            self._pool_missing = found
+            self._dirty = True
 
     def _open(self, name: str, now: float) -> None:
         try:
@@ -337,6 +366,8 @@ class Speaker:
                 held_on[address] = (*held_on.get(address, ()), name)
             self.publisher.publish(vips, self.holders, members, held_on)
         self._report_missing(vips, members)
+        if self.pool_status is not None:
+            self.pool_status.publish(self._pool_missing, members)
         self._report_notices(members)
         self._reported = {
             key for key in self._reported if key[1] in self.holders or key[0].endswith("InterfaceNotFound")
