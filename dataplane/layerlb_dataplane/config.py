@@ -55,8 +55,10 @@ class PlanSource(abc.ABC):
         """Return once `load()` has something to give (files: at once; the API: the first valid Plans)."""
         return None
 
-    def applied(self, serving: Mapping[str, int]) -> None:
-        """What is now fully served (LoadBalancer key → Plan generation), after every apply; most ignore it."""
+    def applied(self, serving: Mapping[str, int], warnings: Sequence[str] = ()) -> None:
+        """What is now fully served (LoadBalancer key → Plan generation), after every apply, and what the node
+        lacks though it serves (`warnings`, e.g. strict ARP not set; also when only they change); most
+        ignore it."""
         return None
 
 

@@ -12,6 +12,10 @@ The contract with the operator (`layerlb_operator.objects`):
   serves: `data[POD_NAME]` is the generation once that Plan is fully applied (kernel engines: after their
   sync succeeded), or `removed` once the empty list is applied. The pod's Role may patch that one object
   and nothing else, so a compromised data plane cannot touch pods or other ConfigMaps.
+  `data[POD_NAME.warnings]` holds what the node lacks though the pod serves (one warning a line: today
+  strict ARP that could not be set, `kernel.strict_arp`), and is absent when nothing is wrong; the
+  operator turns it into a condition. It is written with the pod's first report (absent: null, which also
+  drops one a restarted container left) and whenever it changes.
 
 - TLS private keys are not in the ConfigMap: a certificate whose `key_pem` is empty and whose `source`
   is `Secret/NAME` takes its chain and key from that `kubernetes.io/tls` Secret of the pod's namespace
@@ -36,7 +40,7 @@ import os
 import random
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from layerlb import plan
@@ -47,6 +51,8 @@ log = logging.getLogger("layerlb.source")
 PLAN_KEY: Final = "plan.json"
 SERVING_ANNOTATION: Final = "layerlb.dev/serving-configmap"
 REMOVED: Final = "removed"
+WARNINGS_SUFFIX: Final = ".warnings"  # data[POD_NAME + WARNINGS_SUFFIX]: the pod's warnings
+_UNSENT: Final = "\0unsent"  # no warnings reported yet by this process (not even "none")
 WATCH_SECONDS: Final = 240  # the API server ends each watch after this; the next resumes where it ended
 REQUEST_SECONDS: Final = 30.0
 BACKOFF_FIRST: Final = 0.5
@@ -238,6 +244,8 @@ class ConfigMapSource(config.PlanSource):
         self.loaded: list[plan.Plan] | None = None  # what load() last returned
         self.report: str | None = None  # what should be reported now
         self.reported: tuple[str, str] | None = None  # (target, value) last reported
+        self.warnings: str | None = None  # what should be reported as warnings now (None: none)
+        self.reported_warnings: str | None = _UNSENT  # the warnings last reported (to the same target)
         self.event = asyncio.Event()  # new plan.json since load()
         self.valid = asyncio.Event()  # a valid plan.json was received (start() waits for it)
         self.reporting = asyncio.Event()  # the report (or its target) changed
@@ -269,7 +277,11 @@ class ConfigMapSource(config.PlanSource):
     async def changed(self) -> None:
         await self.event.wait()
 
-    def applied(self, serving: Mapping[str, int]) -> None:
+    def applied(self, serving: Mapping[str, int], warnings: Sequence[str] = ()) -> None:
+        text = "\n".join(warnings) or None
+        if text != self.warnings:
+            self.warnings = text
+            self.reporting.set()
         if self.loaded is None:
             return
         if not self.loaded:
@@ -464,10 +476,16 @@ class ConfigMapSource(config.PlanSource):
                     )
                 continue
             wanted = (self.target, self.report)
-            if wanted == self.reported:
+            warnings = self.warnings
+            if self.reported is None or self.reported[0] != wanted[0]:
+                self.reported_warnings = _UNSENT
+            if wanted == self.reported and warnings == self.reported_warnings:
                 continue
             try:
-                body = {"data": {self.pod: wanted[1]}}
+                data: dict[str, str | None] = {self.pod: wanted[1]}
+                if warnings != self.reported_warnings:
+                    data[self.pod + WARNINGS_SUFFIX] = warnings
+                body = {"data": data}
                 await asyncio.to_thread(self.api.patch, self.namespace, wanted[0], body)
             except ApiFailure as error:
                 log.warning(
@@ -483,6 +501,7 @@ class ConfigMapSource(config.PlanSource):
                 continue
             delay = BACKOFF_FIRST
             self.reported = wanted
+            self.reported_warnings = warnings
             log.info("reported serving %s to ConfigMap %s/%s", wanted[1], self.namespace, wanted[0])
 
 

@@ -14,6 +14,8 @@ Reload semantics (a new Plan from the source, SIGHUP, or the parent):
 Kernel architectures (nat, dsr, tunnel) go to an `engines` entry; without one, that LoadBalancer serves
 nothing and says so (`/readyz` is 503 with the reason), and the others are unaffected. On exit every
 engine's `close()` runs; what stays in the kernel is that engine's documented choice (issue 4, item 5).
+What the node lacks though a Plan is served (strict ARP that could not be set, `kernel.strict_arp`) is a
+warning, not a problem: `/readyz` stays 200 and the source hears it with what is served.
 
 Graceful stop (SIGTERM, SIGINT): every listener stops accepting at once, open connections and requests
 get `drain_timeout` seconds to finish, then the rest are cut and the process exits 0. Health probes run
@@ -36,7 +38,7 @@ from typing import Protocol
 
 from layerlb import api, plan
 from layerlb_dataplane import admin, config, probes, tls, transparent
-from layerlb_dataplane.kernel import addresses
+from layerlb_dataplane.kernel import addresses, strict_arp
 from layerlb_dataplane.metrics import Dump, Metrics, render
 from layerlb_dataplane.proxy_http import HttpListener
 from layerlb_dataplane.proxy_l4 import TcpListener, UdpListener
@@ -186,6 +188,7 @@ class Instance:
     engine: KernelEngine | None = None
     health: probes.HealthChecker = field(default_factory=probes.HealthChecker)
     loopback_vip: str | None = None  # a transparent Plan's VIP this process put on the node's loopback
+    arp_warning: str | None = None  # transparent: strict ARP could not be set before the VIP went on lo
 
     def current(self) -> Snapshot:
         """The Snapshot new requests and connections are served from."""
@@ -234,6 +237,10 @@ class Dataplane:
         self.reloading = asyncio.Event()
         self.admin: admin.AdminServer | None = None
         self.transparent_routing = False  # set up once per process, for the first transparent Plan
+        # A transparent VIP goes on the node's loopback: with strict ARP (the operator's pods) the node must
+        # not answer ARP for it, as the kernel engines do (`strict_arp`).
+        self.strict_arp = strict_arp.StrictArp() if strict_arp.enabled() else None
+        self.reported_warnings: list[str] = []
 
     # --- what the admin server shows -----------------------------------------------------------------
 
@@ -259,6 +266,17 @@ class Dataplane:
             for key, inst in self.instances.items()
             if inst.problem is None and inst.snapshot is not None and inst.snapshot.plan == inst.desired
         }
+
+    def warnings(self) -> list[str]:
+        """What the node lacks though the Plans are served (the engines' and the transparent proxy's strict
+        ARP warnings), each once, for the serving report."""
+        found: list[str] = []
+        for _, inst in sorted(self.instances.items()):
+            engine_warnings = getattr(inst.engine, "warnings", ()) if inst.engine is not None else ()
+            for warning in (*engine_warnings, *([inst.arp_warning] if inst.arp_warning else [])):
+                if warning not in found:
+                    found.append(warning)
+        return found
 
     def plans(self) -> list[plan.Plan]:
         """The Plans being served (a rejected newer Plan is not among them)."""
@@ -345,6 +363,9 @@ class Dataplane:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
             for inst in self.instances.values():
                 inst.registry.forget_drained()
+            # The engines re-sync in the background: a warning that appears or clears there is reported too.
+            if self.warnings() != self.reported_warnings:
+                self._report()
 
     async def stop(self, timeout: float) -> None:
         """Stop accepting everywhere, let open connections finish for up to `timeout`, stop probes and engines."""
@@ -390,8 +411,12 @@ class Dataplane:
         if self.on_applied is not None:
             self.on_applied([inst.problem for inst in self.instances.values() if inst.problem])
         if fatal is None:
-            self.source.applied(self.serving())
+            self._report()
         return fatal
+
+    def _report(self) -> None:
+        self.reported_warnings = self.warnings()
+        self.source.applied(self.serving(), self.reported_warnings)
 
     def set_verdicts(self, verdicts: dict[str, list[probes.Verdict]]) -> None:
         """The active health verdicts of every LoadBalancer, from the prober in the parent (all of them)."""
@@ -434,6 +459,9 @@ class Dataplane:
             # be local there (as the kernel engines make it), or the node forwards them instead.
             await self._release_loopback(inst)
             try:
+                if self.strict_arp is not None and ":" not in new.vip:  # before the VIP is there to answer
+                    checked = await asyncio.to_thread(self.strict_arp.check)
+                    inst.arp_warning = checked.warning
                 if await asyncio.to_thread(addresses.add_to_loopback, new.vip):
                     inst.loopback_vip = new.vip
             except OSError as error:
@@ -521,6 +549,7 @@ class Dataplane:
         return None
 
     async def _release_loopback(self, inst: Instance) -> None:
+        inst.arp_warning = None
         if inst.loopback_vip is not None:
             await asyncio.to_thread(addresses.remove_from_loopback, inst.loopback_vip)
             inst.loopback_vip = None

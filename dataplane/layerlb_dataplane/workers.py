@@ -12,7 +12,7 @@ reset it), and a fresh interpreter costs a fraction of a second once per worker 
 
 The control channel is a socketpair carrying JSON lines:
 - parent → worker: `{"op": "plans", "seq": N, "plans": [...]}`, `{"op": "report", "id": N}`;
-- worker → parent: `{"op": "applied", "seq": N, "problems": [...]}` after every apply, and
+- worker → parent: `{"op": "applied", "seq": N, "problems": [...], "warnings": [...]}` after every apply, and
   `{"op": "report", "id": N, "dumps": [[key, dump], ...]}` answering a report request.
 Health checks run once, in the parent, not once per worker (that would multiply the probes every
 backend receives by the number of workers, and workers could disagree): the parent follows every pushed
@@ -61,6 +61,7 @@ class Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.applied_seq = 0
         self.problems: list[str] = []
+        self.warnings: list[str] = []  # what its node lacks though it serves (strict ARP)
         self.applied = asyncio.Event()
         self.dumps: list[tuple[str, Dump]] = []
         self.waiting: dict[int, asyncio.Future[list[tuple[str, Dump]]]] = {}
@@ -113,6 +114,7 @@ class Worker:
             message = json.loads(line)
             if message["op"] == "applied":
                 self.applied_seq, self.problems = message["seq"], message["problems"]
+                self.warnings = list(message.get("warnings") or [])
                 self.applied.set()
                 self.on_applied()
             elif message["op"] == "report":
@@ -329,7 +331,8 @@ class Supervisor:
         """A worker applied Plans: once all run the current ones without problems, the source hears it."""
         workers = [self.workers.get(index) for index in range(self.count)]
         if all(w is not None and w.applied_seq == self.seq and not w.problems for w in workers):
-            self.source.applied({p.key: p.generation for p in self.current})
+            warnings = [w for worker in workers if worker is not None for w in worker.warnings]
+            self.source.applied({p.key: p.generation for p in self.current}, list(dict.fromkeys(warnings)))
 
     def _reload(self) -> None:
         try:
@@ -435,7 +438,14 @@ async def _worker(control_fd: int, drain_timeout: float, index: int) -> int:
             writer.write(json.dumps(message).encode() + b"\n")
 
     def applied(problems: list[str]) -> None:
-        send({"op": "applied", "seq": source.loaded_seq, "problems": problems})
+        send(
+            {
+                "op": "applied",
+                "seq": source.loaded_seq,
+                "problems": problems,
+                "warnings": dataplane.warnings(),
+            }
+        )
 
     # The kernel is programmed once per node: by worker 0 only (the others serve the proxy architectures).
     engines = driver.default_engines() if index == 0 else None

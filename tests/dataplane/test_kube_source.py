@@ -15,7 +15,7 @@ import queue
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -213,8 +213,30 @@ def test_reports_follow_what_is_applied_and_retry_when_the_patch_fails() -> None
         return [first, second]
 
     assert run(scenario()) == [
-        ("shop/web-serving", {"data": {"web-1": "4"}}),
+        # The first report also clears warnings a previous container of this pod may have left.
+        ("shop/web-serving", {"data": {"web-1": "4", "web-1.warnings": None}}),
         ("shop/web-serving", {"data": {"web-1": "removed"}}),
+    ]
+
+
+def test_warnings_are_reported_beside_the_generation_and_cleared_when_they_go() -> None:
+    api = FakeApi(configmap(plan_json(4)))
+
+    async def scenario() -> list[tuple[str, dict[str, Any]]]:
+        source = kube_source.ConfigMapSource("shop", "web-plan", api, "web-1")
+        await source.start()
+        [p] = source.load()
+        source.applied({p.key: 4}, ["strict ARP: eth0 answers"])
+        first = await next_patch(api)
+        source.applied({p.key: 4}, ["strict ARP: eth0 answers"])  # the same: nothing new to write
+        source.applied({p.key: 4}, [])  # the administrator fixed the node
+        second = await next_patch(api)
+        await stopped(source, api)
+        return [first, second]
+
+    assert run(scenario()) == [
+        ("shop/web-serving", {"data": {"web-1": "4", "web-1.warnings": "strict ARP: eth0 answers"}}),
+        ("shop/web-serving", {"data": {"web-1": "4", "web-1.warnings": None}}),
     ]
 
 
@@ -303,7 +325,7 @@ def test_with_workers_the_parent_reports_once_every_worker_applied_the_plans() -
             super().__init__([served])
             self.reports: asyncio.Queue[dict[str, int]] = asyncio.Queue()
 
-        def applied(self, serving: Mapping[str, int]) -> None:
+        def applied(self, serving: Mapping[str, int], warnings: Sequence[str] = ()) -> None:
             self.reports.put_nowait(dict(serving))
 
     async def scenario() -> tuple[dict[str, int], int]:

@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +172,43 @@ def test_a_kernel_engine_plugs_into_the_engines_seam(loop_thread: LoopThread, tc
 
     loop_thread.run(run())
     assert applied == [1, 2, -1]  # process stop: kernel state stays for the next process to adopt
+
+
+def test_a_kernel_engines_warning_reaches_the_source_and_leaves_the_pod_ready(
+    loop_thread: LoopThread, tcp: list[TcpBackend]
+) -> None:
+    """Strict ARP that could not be set is for the user to hear (the operator's StrictARP condition), but
+    the VIP is forwarded: the pod stays ready and reports what it serves."""
+    reports: list[tuple[dict[str, int], list[str]]] = []
+
+    class Source(config.StaticSource):
+        def applied(self, serving: Mapping[str, int], warnings: Sequence[str] = ()) -> None:
+            reports.append((dict(serving), list(warnings)))
+
+    class Engine:
+        warnings: tuple[str, ...] = ("strict ARP: eth0 answers",)
+
+        async def apply(self, snapshot: Any) -> None:
+            return None
+
+        async def close(self, remove: bool = False) -> None:
+            return None
+
+    engine = Engine()
+
+    async def run() -> None:
+        p = l4_plan(
+            "127.0.0.23", [("k", 80, "TCP")], [tcp[1].port], name="nat", architecture=api.Architecture.nat
+        )
+        dataplane = runtime.Dataplane(Source([p]), engines={api.Architecture.nat: lambda _: engine})
+        assert await dataplane.apply([p]) is None
+        assert dataplane.ready() == (True, [])
+        engine.warnings = ()  # fixed on the node; the next apply reports it gone
+        await dataplane.apply([p.model_copy(update={"generation": 2})])
+        await dataplane.stop(1)
+
+    loop_thread.run(run())
+    assert reports == [({"test/nat": 1}, ["strict ARP: eth0 answers"]), ({"test/nat": 2}, [])]
 
 
 def test_a_kernel_engine_removes_its_state_only_when_the_load_balancer_goes(

@@ -29,10 +29,12 @@ from layerlb_dataplane.state import Target
 
 @dataclass
 class SyncReport:
-    """What one sync did: how many kernel changes it made (0: already in place) and how long it took."""
+    """What one sync did: how many kernel changes it made (0: already in place), how long it took, and what
+    the node still lacks that the user should hear of (`strict_arp`'s warning), though forwarding works."""
 
     changes: int
     seconds: float
+    warnings: tuple[str, ...] = ()
 
 
 class KernelEngine(Protocol):

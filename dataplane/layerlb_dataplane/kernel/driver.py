@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 
 from layerlb import api, plan
-from layerlb_dataplane.kernel import KernelEngine
+from layerlb_dataplane.kernel import KernelEngine, strict_arp
 from layerlb_dataplane.state import Snapshot
 
 log = logging.getLogger("layerlb.kernel")
@@ -34,6 +34,7 @@ class Driver:
         self.snapshot: Snapshot | None = None
         self.lock = asyncio.Lock()
         self.ticker: asyncio.Task[None] | None = None
+        self.warnings: tuple[str, ...] = ()  # the last sync's: what the node lacks (forwarding works)
 
     async def apply(self, snapshot: Snapshot) -> None:
         """Program `snapshot` now; keep it programmed in the background."""
@@ -49,6 +50,7 @@ class Driver:
         targets = {name: list(pool.targets) for name, pool in snapshot.pools.items()}
         async with self.lock:
             report = await asyncio.to_thread(self.engine.sync, snapshot.plan, targets)
+        self.warnings = report.warnings
         if report.changes:
             log.info(
                 "%s: kernel sync made %d change(s) in %.3f s",
@@ -78,14 +80,16 @@ class Driver:
 
 
 def engine_for(p: plan.Plan) -> KernelEngine:
-    """The engine the Plan names (ipvs or nftables)."""
+    """The engine the Plan names (ipvs or nftables), enforcing strict ARP where the operator asks
+    (`strict_arp.ENV`: its forwarding pods' VIPs are announced by the speaker)."""
+    strict = strict_arp.enabled()
     if p.engine is api.Engine.nftables:
         from layerlb_dataplane.kernel.nftables import NftablesEngine
 
-        return NftablesEngine()
+        return NftablesEngine(strict_arp=strict)
     from layerlb_dataplane.kernel.ipvs import IpvsEngine
 
-    return IpvsEngine()
+    return IpvsEngine(strict_arp=strict)
 
 
 def default_engines() -> dict[api.Architecture, Callable[[plan.Plan], Driver]]:

@@ -66,6 +66,14 @@ the label `<device>:llb`, so that `remove` deletes only an address the engine ad
 forwarding (the backends' replies are routed through the node, and IPVS translates them on the way);
 `forwarding=True` (the default) turns it on, and nothing turns it off again.
 
+**Strict ARP** (`strict_arp=True`, what a forwarding pod gets from the operator): the L2 speaker answers
+ARP/NDP for the VIP from one elected node, so no node's kernel may answer for it too. Every architecture
+then puts the VIP on `lo` (IPVS takes packets for any local address, as kube-proxy's IPVS mode does with
+its dummy interface) and, for an IPv4 VIP, `strict_arp.check` sets `arp_ignore=1` / `arp_announce=2`
+before the VIP is added; a node where that cannot be done is reported in `SyncReport.warnings`. An address
+on an interface would be answered by that interface's kernel whatever `arp_ignore` says, so `dsr` and
+`tunnel` leave the interface only here: standalone (no speaker) they keep needing the kernel's answer.
+
 `remove(plan)` (an explicit shutdown of the LoadBalancer) deletes the VIP's services at once, without
 draining, and the VIP address. The engine runs `ip` in the network namespace of the
 calling thread, and its netlink socket is opened there. Not thread-safe: one engine per thread.
@@ -87,6 +95,7 @@ from layerlb import api, render
 from layerlb import plan as plan_model
 from layerlb_dataplane.kernel import SyncReport, addresses
 from layerlb_dataplane.kernel import ipvs_netlink as netlink
+from layerlb_dataplane.kernel import strict_arp as strict_arp_module
 from layerlb_dataplane.state import Target
 
 log = logging.getLogger("layerlb.kernel.ipvs")
@@ -393,6 +402,7 @@ class IpvsEngine:
     `device` (dsr, tunnel): the interface that gets the VIP, instead of the one the route to the VIP
     leaves by. `drain_seconds`: the longest a removed real server keeps its connections. `forwarding`
     (nat): turn IP forwarding on. `expire_quiescent` (persistence): set `expire_quiescent_template`.
+    `strict_arp`: the speaker answers for the VIP, so it goes on `lo` and the node stops answering ARP.
     `full_check_seconds`: the longest the fast path goes without checking the services' settings that
     /proc does not show (0: at every sync). `clock` is for tests.
     """
@@ -405,9 +415,11 @@ class IpvsEngine:
         forwarding: bool = True,
         expire_quiescent: bool = True,
         full_check_seconds: float = DEFAULT_FULL_CHECK_SECONDS,
+        strict_arp: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
+        self.strict_arp = strict_arp_module.StrictArp() if strict_arp else None
         self.drain_seconds = drain_seconds
         self.forwarding = forwarding
         self.expire_quiescent = expire_quiescent
@@ -455,9 +467,14 @@ class IpvsEngine:
                 self._checked[plan.key] = _Checked(desired, fingerprint, self.clock())
             else:
                 self._next[plan.key] = next_sync
+        warnings: tuple[str, ...] = ()
+        if self.strict_arp is not None and not render.is_ipv6(vip):  # before the VIP is there to answer
+            checked = self.strict_arp.check()
+            changes += checked.changes
+            warnings = (checked.warning,) if checked.warning else ()
         changes += self._ensure_vip(plan, vip)
         changes += self._ensure_sysctls(plan, vip)
-        return SyncReport(changes=changes, seconds=time.perf_counter() - started)
+        return SyncReport(changes=changes, seconds=time.perf_counter() - started, warnings=warnings)
 
     def remove(self, plan: plan_model.Plan) -> None:
         """Deletes every virtual service on the Plan's VIP and the VIP, because the LoadBalancer is gone (so
@@ -648,7 +665,7 @@ class IpvsEngine:
     # --- the node ------------------------------------------------------------------------------------
 
     def _vip_device(self, plan: plan_model.Plan, vip: str) -> str:
-        if plan.architecture is api.Architecture.nat:
+        if plan.architecture is api.Architecture.nat or self.strict_arp is not None:
             return "lo"
         if self.device is not None:
             return self.device

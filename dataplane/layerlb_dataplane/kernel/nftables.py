@@ -29,7 +29,11 @@ other. The engine adds only what the kernel state at sync time decides:
 - **The VIP.** Both architectures need VIP packets delivered to this node: the engine adds the VIP as a
   host address (/32, /128) on `lo`, IPv4 labelled `lo:llb` so that `remove` deletes only the address it
   added. With the default `arp_ignore=0` the node answers ARP for it on every interface (clients on the
-  link of a `dsr` LB need that). If the VIP is already local (any interface), nothing is added.
+  link of a standalone `dsr` LB need that). If the VIP is already local (any interface), nothing is added.
+- **Strict ARP** (`strict_arp=True`, what a forwarding pod gets from the operator): the L2 speaker answers
+  for the VIP from one elected node, so before an IPv4 VIP is added `strict_arp.check` makes the node stop
+  answering ARP for loopback addresses (`arp_ignore=1`, `arp_announce=2`); a node where that cannot be
+  done is reported in `SyncReport.warnings` (forwarding works regardless).
 - **Masquerade** (`nat` only) is not in the Plan: it is a property of the node's network (do backends
   route replies back through it?), so it is the constructor option `masquerade`. `nat` also needs IP
   forwarding; `forwarding=True` (the default) turns it on (it is never turned off again).
@@ -69,6 +73,7 @@ from typing import Final, Protocol
 from layerlb import api, render
 from layerlb import plan as plan_model
 from layerlb_dataplane.kernel import SyncReport, addresses
+from layerlb_dataplane.kernel import strict_arp as strict_arp_module
 from layerlb_dataplane.state import Target
 
 log = logging.getLogger("layerlb.kernel.nftables")
@@ -275,7 +280,8 @@ class NftablesEngine:
     `masquerade` (nat): backends see this node's address instead of the client's, for backends that do
     not route replies back through it. `device` (dsr): the interface instead of the route's.
     `drain_seconds` (dsr): how long a draining target keeps its hash slots. `forwarding` (nat): turn IP
-    forwarding on. `nft` and `clock` are for tests.
+    forwarding on. `strict_arp`: the speaker answers for the VIP, so the node must not. `nft` and `clock`
+    are for tests.
     """
 
     def __init__(
@@ -286,10 +292,12 @@ class NftablesEngine:
         drain_seconds: float = DEFAULT_DRAIN_SECONDS,
         neighbour_timeout: float = DEFAULT_NEIGHBOUR_TIMEOUT,
         forwarding: bool = True,
+        strict_arp: bool = False,
         nft: Nft | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.masquerade = masquerade
+        self.strict_arp = strict_arp_module.StrictArp() if strict_arp else None
         self.device = device
         self.drain_seconds = drain_seconds
         self.neighbour_timeout = neighbour_timeout
@@ -333,10 +341,15 @@ class NftablesEngine:
                 changes += 1
         if plan.architecture is api.Architecture.dsr:
             self._layouts[desired.table] = desired.order
+        warnings: tuple[str, ...] = ()
+        if self.strict_arp is not None and not render.is_ipv6(plan.vip):  # before the VIP is there to answer
+            checked = self.strict_arp.check()
+            changes += checked.changes
+            warnings = (checked.warning,) if checked.warning else ()
         changes += self._ensure_vip(plan.vip)
         if plan.architecture is api.Architecture.nat and self.forwarding:
             changes += self._ensure_forwarding(plan.vip)
-        return SyncReport(changes=changes, seconds=time.perf_counter() - started)
+        return SyncReport(changes=changes, seconds=time.perf_counter() - started, warnings=warnings)
 
     def remove(self, plan: plan_model.Plan) -> None:
         """Deletes this LoadBalancer's table (in whichever family it is) and the VIP address the engine added."""
