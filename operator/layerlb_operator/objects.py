@@ -50,6 +50,8 @@ MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 LOADBALANCER_LABEL: Final = "layerlb.dev/loadbalancer"
 SERVICE_CLASS: Final = "layerlb.dev/loadbalancer"  # the loadBalancerClass layerlb serves
 REPORT_LABEL: Final = "layerlb.dev/report"  # "serving" on the ConfigMap the operator watches for reports
+# On the operator (the setting) and on host-network forwarding pods ("1": enforce strict ARP).
+STRICT_ARP_ENV: Final = "LAYERLB_STRICT_ARP"
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,22 @@ class Settings:
     image: str = DEFAULT_IMAGE
     admin_port: int = ADMIN_PORT  # of pod-network forwarding pods
     host_admin_ports: range = admin_ports.DEFAULT  # host-network ones: one port each (admin_ports.py)
+    # Host-network forwarding pods make their node leave ARP for loopback VIPs to the speaker (the
+    # dataplane's kernel.strict_arp). Off only where nothing announces the VIPs and the nodes' own ARP
+    # answers are what attracts them (one replica, no speaker, no MetalLB).
+    strict_arp: bool = True
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from `LAYERLB_DATAPLANE_IMAGE` (the image the operator's chart pins) and
-        `LAYERLB_HOST_ADMIN_PORTS`; ValueError for a malformed port range."""
+        """Settings from `LAYERLB_DATAPLANE_IMAGE` (the image the operator's chart pins),
+        `LAYERLB_HOST_ADMIN_PORTS` and `LAYERLB_STRICT_ARP` (`0` or `false` turns it off); ValueError for a
+        malformed port range."""
         env = os.environ if environ is None else environ
         ports = env.get(admin_ports.ENV)
         return cls(
             image=env.get(IMAGE_ENV) or DEFAULT_IMAGE,
             host_admin_ports=admin_ports.parse_range(ports) if ports else admin_ports.DEFAULT,
+            strict_arp=env.get(STRICT_ARP_ENV, "1").strip().lower() not in ("0", "false", "no", "off"),
         )
 
 
@@ -326,6 +334,10 @@ def deployment(
         # The transparent proxy puts the VIP on the node's loopback itself, after its listeners are
         # checked: it binds the VIP before it is local.
         container["env"].append({"name": "LAYERLB_FREEBIND", "value": "1"})
+    if host and settings.strict_arp:
+        # The pod puts the VIP on the node's loopback, which the speaker announces from one node: the node's
+        # own kernel must not answer ARP for it too (strict ARP, as kube-proxy's IPVS mode).
+        container["env"].append({"name": STRICT_ARP_ENV, "value": "1"})
     if host:
         pod_spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
         # Host ports cannot surge on the same node: replace pods one at a time instead.

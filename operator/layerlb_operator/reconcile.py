@@ -33,6 +33,7 @@ class Outcome:
     vip: str | None = None  # the VIP allocated now (None: none could be)
     admin_port: int | None = None  # the node port of host-network forwarding pods (None: pod network)
     backends: list[dict[str, Any]] | None = None  # status.backends; None: keep what the status says
+    strict_arp: bool = False  # its forwarding pods make their nodes strict about ARP (status.STRICT_ARP)
 
     @property
     def transient(self) -> bool:
@@ -144,6 +145,7 @@ def reconcile(
         vip=view.allocated,
         admin_port=admin_port,
         backends=_backend_counts(resource, view),
+        strict_arp=settings.strict_arp and objects.privileged(resource.spec),
     )
 
 
@@ -189,11 +191,13 @@ def status_for(
     )
     conditions: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
     invalid = outcome.verdict == "invalid"
+    current = [outcome.accepted, programmed_condition, ready_condition]
+    strict = status.strict_arp(generation=outcome.generation, reports=reports) if outcome.strict_arp else None
+    if strict is not None:
+        current.append(strict)
     return {
         "vip": previous.get("vip") if invalid else outcome.vip,
         "observedGeneration": outcome.generation,
-        "conditions": status.merge(
-            conditions, [outcome.accepted, programmed_condition, ready_condition], now
-        ),
+        "conditions": status.merge(conditions, current, now),
         "backends": (previous.get("backends") or []) if outcome.backends is None else outcome.backends,
     }

@@ -340,7 +340,7 @@ class Reconciler:
             await asyncio.to_thread(
                 self.client.write, "ConfigMap", "PATCH", path,
                 query=[("fieldManager", self.client.field_manager)],
-                body={"data": {pod: None}}, content_type=apiserver.MERGE_PATCH,
+                body={"data": {pod: None, pod + status.WARNINGS_SUFFIX: None}}, content_type=apiserver.MERGE_PATCH,
             )  # fmt: skip
         except apiserver.ApiError as error:
             if error.status != 404:  # gone with its LoadBalancer: nothing to prune

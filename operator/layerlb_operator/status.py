@@ -1,7 +1,8 @@
 """The LoadBalancer's conditions, so that users and `kubectl wait` read one truthful story.
 
-Conditions follow the Kubernetes API conventions: one per type (`Accepted`, `Programmed`, `Ready`), each
-with the generation it describes, and a `lastTransitionTime` that moves only when its status flips.
+Conditions follow the Kubernetes API conventions: one per type (`Accepted`, `Programmed`, `Ready`, and
+`StrictARP` for host-network forwarding pods), each with the generation it describes, and a
+`lastTransitionTime` that moves only when its status flips.
 Everything here is pure; the caller passes the time.
 """
 
@@ -15,6 +16,9 @@ ACCEPTED = "Accepted"
 PROGRAMMED = "Programmed"
 READY = "Ready"
 TYPES = (ACCEPTED, PROGRAMMED, READY)
+# Host-network forwarding pods put the VIP on their node's loopback; the node must then leave ARP for it to
+# the speaker (`layerlb_dataplane.kernel.strict_arp`). Only there, and only once a pod has reported.
+STRICT_ARP = "StrictARP"
 
 # Status fields another writer owns: the L2 speaker holding the VIP writes `status.announcement` (a merge
 # patch of that key only). The operator never writes them (its merge patches name only its own keys, so
@@ -23,14 +27,18 @@ SPEAKER_FIELDS = ("announcement",)
 
 # What a pod writes into the serving ConfigMap once it applied the empty Plan list of a deleted LoadBalancer.
 REMOVED = "removed"
+# data[<pod> + WARNINGS_SUFFIX]: what the pod's node lacks though it serves (layerlb_dataplane.kube_source).
+WARNINGS_SUFFIX = ".warnings"
 
 
 @dataclass(frozen=True)
 class PodReport:
-    """What one forwarding pod says: the Plan generation it serves, and whether its readiness passes."""
+    """What one forwarding pod says: the Plan generation it serves, whether its readiness passes, and what
+    its node lacks though it serves (its warnings, one a line)."""
 
     generation: int | None
     ready: bool
+    warnings: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,12 @@ def reports(pods: Iterable[tuple[str, PodState]], serving: Mapping[str, Any] | N
     Entries of pods that no longer exist are ignored: a pod's name is never reused by its ReplicaSet.
     """
     served = serving or {}
-    return {name: PodReport(_generation(served.get(name)), state.ready) for name, state in pods}
+    return {
+        name: PodReport(
+            _generation(served.get(name)), state.ready, served.get(name + WARNINGS_SUFFIX) or None
+        )
+        for name, state in pods
+    }
 
 
 def cleanup_pending(pods: Iterable[tuple[str, PodState]], serving: Mapping[str, Any] | None) -> list[str]:
@@ -116,6 +129,27 @@ def ready(
     if serving >= 1:
         return condition(READY, True, "Serving", message, generation)
     return condition(READY, False, "Pending", message, generation)
+
+
+def strict_arp(*, generation: int, reports: Mapping[str, PodReport]) -> dict[str, Any] | None:
+    """`StrictARP`: whether the nodes of the (host-network) forwarding pods leave ARP for the VIP to the speaker.
+
+    False (`NodeAnswersARP`, with each pod's warning: what could not be set and what the administrator must
+    set) as soon as one live pod reports it could not make its node strict: that node answers ARP for the
+    VIP next to the speaker, and clients may flip between MACs. True once a pod has reported and none
+    warns. None (no condition) before any pod has reported: nothing is known yet.
+    """
+    warned = {name: r.warnings for name, r in sorted(reports.items()) if r.warnings}
+    if warned:
+        message = "; ".join(f"pod {name}: {text}" for name, text in warned.items())
+        return condition(STRICT_ARP, False, "NodeAnswersARP", message, generation)
+    if any(r.generation is not None for r in reports.values()):
+        message = (
+            "the forwarding pods' nodes leave ARP for the VIP to the speaker "
+            "(arp_ignore=1, arp_announce=2 on their interfaces)"
+        )
+        return condition(STRICT_ARP, True, "Enforced", message, generation)
+    return None
 
 
 def merge(

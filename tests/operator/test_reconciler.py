@@ -249,7 +249,11 @@ def test_a_deleted_pods_report_is_dropped_from_the_serving_configmap() -> None:
 
     _run(scenario())
     assert client.requests == [
-        ("PATCH", "/api/v1/namespaces/shop/configmaps/a-serving", {"data": {"a-1": None}})
+        (
+            "PATCH",
+            "/api/v1/namespaces/shop/configmaps/a-serving",
+            {"data": {"a-1": None, "a-1.warnings": None}},
+        )
     ]
 
 
