@@ -479,3 +479,134 @@ def test_a_vip_nobody_may_announce_is_said_so_by_one_speaker(lab: dict[str, Any]
         f"layerlb-speaker/IPv4/{clearer}"
     }
     _stable(kubectl, [("svc", "lonely")])
+
+
+def _pool(name: str, interfaces: list[str]) -> dict[str, Any]:
+    """A pool of one address nobody uses (no Service, no LoadBalancer), announced on `interfaces`."""
+    return {
+        "apiVersion": "layerlb.dev/v1alpha1",
+        "kind": "VIPPool",
+        "metadata": {"name": name},
+        "spec": {
+            "addresses": ["198.51.100.90/32"],
+            "namespaces": [NS],
+            "autoAssign": False,
+            "announce": {"interfaces": interfaces},
+        },
+    }
+
+
+def _pool_status(
+    kubectl: Kubectl, name: str
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """The pool, its node entries by node, and its InterfacesFound condition (empty dicts when absent)."""
+    body = harness.get(kubectl, "vippool", name, None) or {}
+    entries = {e["node"]: e for e in (body.get("status") or {}).get("nodes") or []}
+    return body, entries, _condition(body, "InterfacesFound") or {}
+
+
+def _entry_managers(body: dict[str, Any]) -> dict[str, set[str]]:
+    """Node → the field managers owning its entry of the pool's status.nodes."""
+    owners: dict[str, set[str]] = {}
+    for entry in body["metadata"].get("managedFields") or []:
+        for key in ((entry.get("fieldsV1") or {}).get("f:status") or {}).get("f:nodes") or {}:
+            if key.startswith("k:"):
+                owners.setdefault(json.loads(key[2:])["node"], set()).add(entry["manager"])
+    return owners
+
+
+def test_a_pool_naming_a_missing_interface_says_so_per_node_and_in_its_condition_until_fixed(
+    lab: dict[str, Any], kubectl: Kubectl
+) -> None:
+    """Issue 15's bad input: each speaker writes its node's entry, the operator a False InterfacesFound
+    naming the field, the interface and the nodes; a Warning Event too; all gone once the spec is fixed."""
+    apply(kubectl, _pool("ann-iface", ["eth0", "llb9"]))
+    try:
+
+        def reported() -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]] | None:
+            found = _pool_status(kubectl, "ann-iface")
+            return found if set(found[1]) == set(NODES) and found[2].get("status") == "False" else None
+
+        body, entries, condition = wait_for(
+            "both nodes' entries and InterfacesFound=False", reported, TIMEOUT
+        )
+        for node in NODES:
+            assert entries[node] == {"node": node, "missingInterfaces": ["llb9"], "observedGeneration": 1}
+        assert _entry_managers(body) == {node: {f"layerlb-speaker/{node}"} for node in NODES}
+        assert (condition["reason"], condition["observedGeneration"]) == ("InterfaceNotFound", 1)
+        assert condition["message"] == (
+            f"spec.announce.interfaces: llb9 not found or down on {', '.join(sorted(NODES))}"
+        )
+        header, row = kubectl.ok("get", "vippool", "ann-iface").splitlines()
+        assert "INTERFACES FOUND" in header and row.split()[-2] == "False"
+        events = wait_for(
+            "the InterfaceNotFound Warnings",
+            lambda: [
+                e
+                for e in json.loads(
+                    kubectl.ok("get", "events", "-n", "default", "-o", "json",
+                               "--field-selector", "involvedObject.name=ann-iface,reason=InterfaceNotFound")
+                )["items"]
+                if "llb9" in e["message"]
+            ],
+            TIMEOUT,
+        )  # fmt: skip
+        assert all(e["type"] == "Warning" and "spec.announce.interfaces" in e["message"] for e in events)
+
+        kubectl.ok("patch", "vippool", "ann-iface", "--type=merge", "-p",
+                   '{"spec": {"announce": {"interfaces": ["eth0"]}}}')  # fmt: skip
+        body, entries, condition = wait_for(
+            "no entry and InterfacesFound=True for generation 2",
+            lambda: (
+                found
+                if not (found := _pool_status(kubectl, "ann-iface"))[1]
+                and found[2].get("status") == "True"
+                and found[2].get("observedGeneration") == 2
+                else None
+            ),
+            TIMEOUT,
+        )
+        assert condition["reason"] == "InterfacesFound"
+        assert "f:nodes" not in json.dumps(body["metadata"]["managedFields"])  # the speakers own nothing now
+        _stable(kubectl, [("vippool", "ann-iface")])
+    finally:
+        kubectl("delete", "vippool", "ann-iface", "--ignore-not-found")
+
+
+def test_the_entry_of_a_deleted_node_is_removed_by_a_live_speaker(
+    lab: dict[str, Any], kubectl: Kubectl
+) -> None:
+    """A Node gone for good leaves its entry with nobody to remove it but the speakers, which watch Nodes."""
+    gone = "llb-ann-gone"
+    apply(kubectl, _pool("ann-gone", ["llb9"]), _node(gone))
+    try:
+        wait_for(
+            "the live nodes' entries",
+            lambda: set(_pool_status(kubectl, "ann-gone")[1]) == set(NODES),
+            TIMEOUT,
+        )
+        entry = {"node": gone, "missingInterfaces": ["llb9"], "observedGeneration": 1}
+        document = {"apiVersion": "layerlb.dev/v1alpha1", "kind": "VIPPool", "metadata": {"name": "ann-gone"},
+                    "status": {"nodes": [entry]}}  # fmt: skip
+        kubectl.ok("apply", "--server-side", "--subresource=status", f"--field-manager=layerlb-speaker/{gone}",
+                   "-f", "-", stdin=json.dumps(document))  # fmt: skip
+        wait_for(
+            "the operator to name the third node",
+            lambda: gone in _pool_status(kubectl, "ann-gone")[2].get("message", ""),
+            TIMEOUT,
+        )
+        time.sleep(2.0)
+        assert gone in _pool_status(kubectl, "ann-gone")[1]  # its Node exists: nobody touches its entry
+
+        kubectl.ok("delete", "node", gone)
+        body, _, condition = wait_for(
+            "the deleted node's entry removed",
+            lambda: found if set((found := _pool_status(kubectl, "ann-gone"))[1]) == set(NODES)
+            and gone not in found[2].get("message", "") else None,
+            TIMEOUT,
+        )  # fmt: skip
+        assert condition["status"] == "False"  # the live nodes still lack llb9
+        assert set(_entry_managers(body)) == set(NODES)
+    finally:
+        kubectl("delete", "vippool", "ann-gone", "--ignore-not-found")
+        kubectl("delete", "node", gone, "--ignore-not-found")

@@ -399,14 +399,7 @@ class Speaker:
                 missing_now.add((name + "InterfaceNotFound", vip.address))
                 if vip.pool is not None:
                     pools_now.add((vip.pool.name, name))
-                    if (vip.pool.name, name) not in self._pool_reported:
-                        self._pool_reported.add((vip.pool.name, name))
-                        self.reporter.pool_problem(
-                            vip.pool,
-                            "InterfaceNotFound",
-                            f"spec.announce.interfaces: interface {name} not found on node {me}; "
-                            "the pool's addresses are not announced on it there",
-                        )
+                    self._pool_interface_missing(vip.pool, name)
                 if announcement.holder(dataclasses.replace(vip, interfaces=()), members) != me:
                     continue
                 now = self.holders.get(vip.address)
@@ -418,11 +411,29 @@ class Speaker:
                     f"interface {name} not found on node {me} ({where}); {vip.address} is not announced there"
                     + (f", {now} announces it" if now and now != me else ""),
                 )
+        # A pool whose addresses are not in use yet (so no VIP above) still names interfaces this node
+        # should have (`_check_pool_interfaces`, Kubernetes only): the same Warning, before the first Service.
+        for pool, entry in self._pool_missing.items():
+            for name in entry.missing:
+                pools_now.add((pool.name, name))
+                self._pool_interface_missing(pool, name)
         # Forget what is fixed, so that it is reported again if it comes back.
         self._pool_reported &= pools_now
         self._reported = {
             key for key in self._reported if not key[0].endswith("InterfaceNotFound") or key in missing_now
         }
+
+    def _pool_interface_missing(self, pool: Owner, name: str) -> None:
+        """InterfaceNotFound on the VIPPool, once per pool and interface while it stays missing."""
+        if (pool.name, name) in self._pool_reported:
+            return
+        self._pool_reported.add((pool.name, name))
+        self.reporter.pool_problem(
+            pool,
+            "InterfaceNotFound",
+            f"spec.announce.interfaces: interface {name} not found on node {self.settings.node}; "
+            "the pool's addresses are not announced on it there",
+        )
 
     def _report_notices(self, members: Mapping[str, announcement.Member]) -> None:
         """The inventory's notices, from the one live speaker that ranks first for each."""

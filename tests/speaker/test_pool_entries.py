@@ -126,16 +126,19 @@ class PoolRecorder:
         self.published.append(dict(missing))
 
 
-def test_the_speaker_publishes_what_its_node_lacks_and_again_when_it_changes() -> None:
+def test_the_speaker_publishes_and_warns_of_what_its_node_lacks_and_again_when_it_changes() -> None:
     """An interface a VIP asks for counts by its responder; any other by the link itself ("lo" is up in
     every network namespace; "llbnope9" exists in none)."""
 
-    class Quiet:
+    warnings: list[tuple[str, str, str]] = []
+
+    class Warnings:
         def announcing(self, *_: Any) -> None: ...
         def problem(self, *_: Any) -> None: ...
-        def pool_problem(self, *_: Any) -> None: ...
+        def pool_problem(self, pool: Owner, reason: str, message: str) -> None:
+            warnings.append((pool.name, reason, message))
 
-    speaker = Speaker(Settings(node="n1", interfaces=("lan0",), timing=Timing(0.1, 0.5, 0.0)), Quiet())
+    speaker = Speaker(Settings(node="n1", interfaces=("lan0",), timing=Timing(0.1, 0.5, 0.0)), Warnings())
     recorder = PoolRecorder()
     speaker.pool_status = recorder
     speaker.update(Inventory(pool_interfaces=(Wanted(EDGE, 1, ("lan0", "lo", "llbnope9")),)))
@@ -152,3 +155,13 @@ def test_the_speaker_publishes_what_its_node_lacks_and_again_when_it_changes() -
     assert not asyncio.run(go({"lan0": True}))  # nothing changed: no recomputation for it
     assert asyncio.run(go({"lan0": False}))  # lan0 went down
     assert recorder.published[-1] == {EDGE: Entry(1, ("lan0", "llbnope9"))}
+    # The pool has no address in use (no VIP), yet its Warning is posted, once per interface.
+    assert warnings == [
+        (
+            "edge",
+            "InterfaceNotFound",
+            "spec.announce.interfaces: interface " + name + " not found on node n1; "
+            "the pool's addresses are not announced on it there",
+        )
+        for name in ("llbnope9", "lan0")
+    ]
