@@ -176,7 +176,7 @@ def test_the_deployment_runs_the_operator_with_the_chart_settings() -> None:
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["args"] == [
         "operator", "--peering", "lb-leader", "--metrics", "0.0.0.0:8080",
-        "--namespace", "shop", "--namespace", "payments", "--verbose",
+        "--namespace", "shop", "--namespace", "payments", "--verbose", "--ready-needs-announcement",
     ]  # fmt: skip
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LAYERLB_DATAPLANE_IMAGE"] == "registry.example.com/layerlb/layerlb-dataplane:0.1.0"
@@ -189,6 +189,15 @@ def test_the_deployment_runs_the_operator_with_the_chart_settings() -> None:
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "platform-lb"
     kinds = {d["kind"] for d in rendered if not _speakers(d)}
     assert not kinds & {"ServiceAccount", "Service", "PodDisruptionBudget", "ServiceMonitor"}, kinds
+
+
+def test_ready_waits_for_the_announcement_only_where_the_chart_runs_speakers() -> None:
+    def args(*extra: str) -> list[str]:
+        [deployment] = [d for d in documents(template(*extra)) if d["kind"] == "Deployment"]
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    assert "--ready-needs-announcement" in args()
+    assert "--ready-needs-announcement" not in args("--set", "speaker.enabled=false")
 
 
 def test_the_dataplane_image_defaults_to_the_operator_image() -> None:
@@ -206,7 +215,7 @@ def test_classless_services_are_served_only_when_the_value_says_so() -> None:
         return list(container["args"])
 
     assert "--serve-classless-services" not in args()
-    assert args("--set", "services.serveClassless=true")[-1] == "--serve-classless-services"
+    assert "--serve-classless-services" in args("--set", "services.serveClassless=true")
     done = helm("template", RELEASE, str(CHART), "--set", "services.serveClassless=yes")
     assert done.returncode != 0 and "at '/services/serveClassless'" in done.stderr, done.stderr
 

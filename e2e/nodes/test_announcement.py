@@ -33,7 +33,7 @@ from e2e.cluster.nodes import CLIENT_IP, LAN_VIPS, LAN_VIPS6, client_netns
 from e2e.nodes import pods
 from e2e.nodes.chart_operator import RELEASE, RELEASE_NS
 from e2e.nodes.platform import LocalNodes, Platform, PlatformError
-from e2e.nodes.suite import POOL, deploy, kubectl, pod, start_backends
+from e2e.nodes.suite import POOL, apply_example, deploy, kubectl, pod, start_backends
 
 SPEAKERS = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=speaker"
 UDP_ASK = (
@@ -403,3 +403,61 @@ def test_the_lan_client_resolves_each_vip_with_its_own_kernel(lan: Lan) -> None:
     assert lan.macs[holder] in neighbours.lower(), neighbours
     assert CLIENT_IP not in neighbours
     kubectl(lan.local, "delete", "llb", "neighbour", "-n", lan.namespace, "--wait=true", "--timeout=120s")
+
+
+def _ready(lan: Lan, name: str) -> tuple[str, str, str] | None:
+    found = json.loads(kubectl(lan.local, "get", "llb", name, "-n", lan.namespace, "-o", "json"))
+    ready = next((c for c in found.get("status", {}).get("conditions", []) if c["type"] == "Ready"), None)
+    return None if ready is None else (ready["status"], ready["reason"], ready["message"])
+
+
+def _not_announced(lan: Lan, name: str) -> tuple[str, str, str] | None:
+    state = _ready(lan, name)
+    return state if state is not None and state[1] == "NotAnnounced" else None
+
+
+def test_ready_waits_until_a_node_announces_the_vip(lan: Lan) -> None:
+    """The chart's operator runs with the speakers, so Ready means reachable from the LAN: a LoadBalancer
+    whose pool lets no node announce serves on its pods yet stays NotAnnounced until a node may."""
+    label = "layerlb.dev/e2e-announce"
+    pool = examples.vip_pool("quiet", [lan.namespace], "172.28.0.251-172.28.0.252")
+    pool["spec"]["autoAssign"] = False
+    pool["spec"]["announce"] = {"nodeSelector": {"matchLabels": {label: "yes"}}}
+    kubectl(lan.local, "apply", "-f", "-", stdin=json.dumps(pool))
+    name = "unannounced"
+    try:
+        apply_example(lan.local, "l4-proxy-tcp.yaml", lan.addresses, name=name, vipPool="quiet")
+        [node] = lan.pod_nodes(name)  # its forwarding pod is Ready...
+        state: tuple[str, str, str] = harness.wait_for(
+            f"{name} serving but NotAnnounced", lambda: _not_announced(lan, name), 120
+        )
+        assert state[0] == "False" and "no node announces 172.28.0.25" in state[2], state
+        quiet_vip = state[2].split("no node announces ")[1].split()[0]
+        assert lan.answering(quiet_vip) == set()  # ...but no node answers ARP for its VIP
+        kubectl(lan.local, "label", "node", node, f"{label}=yes")
+        kubectl(
+            lan.local, "wait", "--for=condition=Ready", "--timeout=120s", "-n", lan.namespace, f"llb/{name}"
+        )
+        found = json.loads(kubectl(lan.local, "get", "llb", name, "-n", lan.namespace, "-o", "json"))
+        vip = found["status"]["vip"]
+        assert found["status"]["announcement"]["node"] == node
+        assert (
+            f"{vip} announced by {node}"
+            in next(c for c in found["status"]["conditions"] if c["type"] == "Ready")["message"]
+        )
+        assert lan.announcer(vip) == node
+        assert re.match(r"b[123]:", lan.answer(vip, 8080))
+    finally:
+        kubectl(lan.local, "label", "node", "--all", f"{label}-")
+        kubectl(
+            lan.local,
+            "delete",
+            "llb",
+            name,
+            "-n",
+            lan.namespace,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        )
+        kubectl(lan.local, "delete", "vippool", "quiet", "--ignore-not-found")

@@ -223,8 +223,12 @@ async def pod_changed(
 @kopf.on.event(*LOADBALANCERS)
 async def loadbalancer_changed(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
     """A Service's derived LoadBalancer reads on the Service (its status included, which kopf's update
-    handlers do not see); a deleted LoadBalancer may free a name a Service waits for."""
-    _bound(kwargs).services.loadbalancer_changed(_plain(body), deleted=type == "DELETED")
+    handlers do not see); a deleted LoadBalancer may free a name a Service waits for; a speaker's
+    announcement may make it Ready."""
+    worker = _bound(kwargs)
+    worker.services.loadbalancer_changed(_plain(body), deleted=type == "DELETED")
+    if type != "DELETED":
+        worker.announcement_changed(_plain(body))
 
 
 @kopf.on.event(*VIPPOOLS)

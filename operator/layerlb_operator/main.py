@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also serve Services of type LoadBalancer without spec.loadBalancerClass (default: only those "
         f"of class {CLASS}; env {CLASSLESS_ENV}=true)",
     )
+    parser.add_argument(
+        "--ready-needs-announcement",
+        action="store_true",
+        help="a LoadBalancer is Ready only once a speaker announces its VIP (status.announcement); the "
+        "chart sets it when it runs the speakers",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's own messages too")
 
 
@@ -105,7 +111,13 @@ async def run(args: argparse.Namespace) -> int:
     client = apiserver.Client(apiserver.load_configuration())
     counters = metrics.Metrics()
     client.writes = counters.writes  # one counter: the metrics show every write the client makes
-    worker = reconciler.Reconciler(client, settings, counters, serve_classless=args.serve_classless_services)
+    worker = reconciler.Reconciler(
+        client,
+        settings,
+        counters,
+        serve_classless=args.serve_classless_services,
+        ready_needs_announcement=args.ready_needs_announcement,
+    )
     log.info(
         "serving Services of type LoadBalancer of class %s%s",
         CLASS,

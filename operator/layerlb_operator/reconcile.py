@@ -179,8 +179,12 @@ def status_for(
     deployment_status: Mapping[str, Any] | None,
     reports: Mapping[str, status.PodReport],
     now: str,
+    announced: str | None = None,
+    needs_announcement: bool = False,
 ) -> dict[str, Any]:
-    """The whole `status` to write; an invalid spec keeps the VIP and counts of the last good one."""
+    """The whole `status` to write; an invalid spec keeps the VIP and counts of the last good one.
+
+    `needs_announcement`: Ready also waits for a speaker to announce the VIP (`announced`: the node)."""
     programmed_condition = programmed(outcome, apply_error)
     ready_condition = status.ready(
         generation=outcome.generation,
@@ -188,6 +192,8 @@ def status_for(
         programmed=programmed_condition["status"] == "True",
         deployment_status=deployment_status,
         reports=reports,
+        announced=announced,
+        vip=outcome.vip if needs_announcement else None,
     )
     conditions: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
     invalid = outcome.verdict == "invalid"

@@ -119,8 +119,12 @@ class Reconciler:
         now: Callable[[], str] = rfc3339,
         cleanup_timeout: float = CLEANUP_SECONDS,
         serve_classless: bool = False,
+        ready_needs_announcement: bool = False,
     ) -> None:
         self.client = client
+        # Ready waits for a speaker's `status.announcement` (the chart's operator, when it runs speakers).
+        self.ready_needs_announcement = ready_needs_announcement
+        self._announced: dict[str, str | None] = {}  # key → the announcing node the last status used
         self.settings = settings
         self.metrics = metrics
         self.now = now
@@ -261,7 +265,10 @@ class Reconciler:
                 deployment_status=_first(sources.deployments, instance),
                 reports=status.reports(sources.pods.get(instance, ()), _first(sources.serving, instance)),
                 now=self.now(),
+                announced=status.announced_by(document.get("status") or {}, outcome.vip),
+                needs_announcement=self.ready_needs_announcement,
             )
+            self._announced[key] = status.announced_by(document.get("status") or {}, new.get("vip"))
             result = Result(
                 "failed" if apply_error else outcome.verdict, apply_error or outcome.accepted["message"]
             )
@@ -319,6 +326,19 @@ class Reconciler:
             )
             for key in self.sources.references.get(reference, ()):
                 self.queue.touch(str(key), delay)
+
+    def announcement_changed(self, document: Mapping[str, Any]) -> None:
+        """A LoadBalancer event: when a speaker wrote (or removed) its VIP's announcement since the last
+        status was computed, and Ready depends on it, compute the status again (kopf's update handlers
+        never see a status-only change)."""
+        if not self.ready_needs_announcement:
+            return
+        key = reconcile.key_of(document)
+        current = document.get("status") or {}
+        if key in self._announced and self._announced[key] != status.announced_by(
+            current, current.get("vip")
+        ):
+            self.queue.touch(key, self.status_delay)
 
     def pod_gone(self, instance: tuple[str, str | None, str | None], pod: str) -> None:
         """A forwarding pod was deleted: drop its entry from the serving ConfigMap so entries do not pile up.

@@ -25,6 +25,10 @@ STRICT_ARP = "StrictARP"
 # they stay) and never compares them, so a speaker's write never makes the operator write again.
 SPEAKER_FIELDS = ("announcement",)
 
+# `Ready` False for a LoadBalancer that serves but whose VIP no speaker announces yet (operators started
+# with --ready-needs-announcement: the chart's, when it runs the speakers).
+NOT_ANNOUNCED = "NotAnnounced"
+
 # What a pod writes into the serving ConfigMap once it applied the empty Plan list of a deleted LoadBalancer.
 REMOVED = "removed"
 # data[<pod> + WARNINGS_SUFFIX]: what the pod's node lacks though it serves (layerlb_dataplane.kube_source).
@@ -116,8 +120,13 @@ def ready(
     programmed: bool,
     deployment_status: Mapping[str, Any] | None,
     reports: Mapping[str, PodReport],
+    announced: str | None = None,
+    vip: str | None = None,
 ) -> dict[str, Any]:
-    """`Ready`: at least one forwarding pod passes its readiness and serves this generation's Plan.
+    """`Ready`: at least one forwarding pod passes its readiness and serves this generation's Plan, and,
+    where the speakers announce VIPs (`vip` given), one of them announces it: the node named in
+    `announced` (the speaker's `status.announcement`), else the VIP answers nobody's ARP outside the node
+    and "Ready" would be a promise the network does not keep.
 
     Both the Deployment's `readyReplicas` (the kubelet's view of `/readyz`) and the pods' own reports
     must agree: a ready pod still on the previous generation does not count.
@@ -126,9 +135,28 @@ def ready(
     reporting = sum(1 for r in reports.values() if r.ready and r.generation == generation)
     serving = min(reporting, ready_replicas) if programmed else 0
     message = f"{serving}/{replicas} forwarding pods serve generation {generation}"
-    if serving >= 1:
-        return condition(READY, True, "Serving", message, generation)
-    return condition(READY, False, "Pending", message, generation)
+    if serving < 1:
+        return condition(READY, False, "Pending", message, generation)
+    if vip is not None:
+        if not announced:
+            return condition(
+                READY,
+                False,
+                NOT_ANNOUNCED,
+                f"{message}; no node announces {vip} yet (status.announcement: the speakers'; their "
+                "Events on this LoadBalancer say why)",
+                generation,
+            )
+        message += f"; {vip} announced by {announced}"
+    return condition(READY, True, "Serving", message, generation)
+
+
+def announced_by(status_: Mapping[str, Any], vip: str | None) -> str | None:
+    """The node a speaker says announces `vip` (`status.announcement`), or None."""
+    announcement = status_.get("announcement") or {}
+    if vip is None or announcement.get("address") != vip or not announcement.get("node"):
+        return None
+    return str(announcement["node"])
 
 
 def strict_arp(*, generation: int, reports: Mapping[str, PodReport]) -> dict[str, Any] | None:

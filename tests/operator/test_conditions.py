@@ -119,3 +119,27 @@ def test_events_are_posted_for_changed_conditions_only() -> None:
     assert events == [status.Event("Normal", "Valid", "Accepted=True: ok")]
     warning = status.transitions([], [_accepted(False, "VIPConflict", "taken")])
     assert warning == [status.Event("Warning", "VIPConflict", "Accepted=False: taken")]
+
+
+def test_where_speakers_announce_ready_also_waits_for_the_vips_announcement() -> None:
+    reports = {"p1": status.PodReport(generation=4, ready=True)}
+    serving = {"generation": 4, "replicas": 1, "programmed": True, "deployment_status": {"readyReplicas": 1}}
+    waiting = status.ready(**serving, reports=reports, vip="192.0.2.7")  # type: ignore[arg-type]
+    assert (waiting["status"], waiting["reason"]) == ("False", "NotAnnounced")
+    assert waiting["message"].startswith(
+        "1/1 forwarding pods serve generation 4; no node announces 192.0.2.7"
+    )
+    done = status.ready(**serving, reports=reports, vip="192.0.2.7", announced="node-2")  # type: ignore[arg-type]
+    assert (done["status"], done["reason"], done["message"]) == (
+        "True", "Serving", "1/1 forwarding pods serve generation 4; 192.0.2.7 announced by node-2",
+    )  # fmt: skip
+    pending = status.ready(**{**serving, "programmed": False}, reports=reports, vip="192.0.2.7")  # type: ignore[arg-type]
+    assert pending["reason"] == "Pending"  # not serving comes first: no announcement makes it Ready
+
+
+def test_an_announcement_counts_only_for_the_current_vip() -> None:
+    announcement = {"announcement": {"address": "192.0.2.7", "node": "node-2", "protocol": "L2"}}
+    assert status.announced_by(announcement, "192.0.2.7") == "node-2"
+    assert status.announced_by(announcement, "192.0.2.8") is None  # a VIP changed: the old one's holder
+    assert status.announced_by({}, "192.0.2.7") is None
+    assert status.announced_by(announcement, None) is None

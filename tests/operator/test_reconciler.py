@@ -308,3 +308,27 @@ def test_the_speakers_announcement_is_never_written_compared_or_dropped_by_the_o
     written = client.patched[-1][1]
     assert "announcement" not in written and written["observedGeneration"] == 2
     assert status.SPEAKER_FIELDS == ("announcement",)
+
+
+def test_with_speakers_ready_waits_for_the_announcement_and_a_speakers_write_recomputes_it() -> None:
+    worker, client, store = _setup(_lb("a"))
+    worker.ready_needs_announcement = True
+    _pods(worker, ("a-1", True), serving={"a-1": "1"})
+    _run(worker.sync(store["shop/a"][0]))
+    ready = next(c for c in client.patched[-1][1]["conditions"] if c["type"] == "Ready")
+    vip = client.patched[-1][1]["vip"]
+    assert (ready["status"], ready["reason"]) == ("False", "NotAnnounced")
+    document = store["shop/a"][0]
+    document["status"] = {**client.patched[-1][1], "announcement": {"address": vip, "node": "n2"}}
+
+    worker.announcement_changed(document)  # the speaker's status write, as the LB's watch event
+    assert "shop/a" in worker.queue
+    worker.queue.discard("shop/a")
+    _run(worker.sync(document))
+    worker.announcement_changed(document)  # the operator's own write: nothing new to recompute
+    assert "shop/a" not in worker.queue
+    ready = next(c for c in client.patched[-1][1]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["message"]) == (
+        "True",
+        f"1/1 forwarding pods serve generation 1; {vip} announced by n2",
+    )
