@@ -243,6 +243,20 @@ def test_what_a_derived_load_balancer_cannot_serve_is_refused_while_kube_proxy_f
     assert derived(kubectl, name) is None
 
 
+def test_an_engine_without_an_architecture_is_a_warning_while_kube_proxy_forwards(
+    operator: Operator, kubectl: Kubectl
+) -> None:
+    apply(kubectl, service("engine-only", None, annotations={"layerlb.dev/engine": "nftables"}))
+    refused = wait_condition(kubectl, "engine-only", ARCHITECTURE, "False", "InvalidEngine")
+    assert refused["message"].startswith(
+        "metadata.annotations[layerlb.dev/engine]: 'nftables' takes effect only with "
+        "metadata.annotations[layerlb.dev/architecture]"
+    ), refused["message"]
+    assert wait_event(kubectl, "engine-only", "InvalidEngine")["message"] == refused["message"]
+    assert [e["ipMode"] for e in ingress(get_service(kubectl, "engine-only"))] == ["VIP"]
+    assert derived(kubectl, "engine-only") is None
+
+
 def test_removing_the_annotation_deletes_the_derived_load_balancer_and_keeps_the_address(
     operator: Operator, kubectl: Kubectl
 ) -> None:

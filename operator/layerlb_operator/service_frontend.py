@@ -442,6 +442,14 @@ def forwarding(
     except Unresolvable as error:  # its message says kube-proxy forwards
         return kube_proxy(False, error.reason, _message(error))
     if architecture is None:
+        engine = (meta.get("annotations") or {}).get(service_loadbalancer.ENGINE_ANNOTATION)
+        if engine is not None:  # an engine alone would be silently ignored: say so instead
+            return kube_proxy(
+                False,
+                service_loadbalancer.INVALID_ENGINE,
+                f"{service_loadbalancer.ENGINE_PATH}: {engine!r} takes effect only with {ARCHITECTURE_PATH} "
+                f"(nat, dsr or tunnel); add that annotation or remove this one; {KUBE_PROXY}",
+            )
         return kube_proxy(True, "KubeProxy", KUBE_PROXY)
     if not addresses:
         return kube_proxy(

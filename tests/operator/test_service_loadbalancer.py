@@ -345,3 +345,15 @@ def test_a_service_and_its_derived_load_balancer_share_the_address_and_nobody_el
     # A Service whose derived name a user's LoadBalancer holds does not share with it.
     theirs = {**ours, "metadata": {"name": "svc-web", "namespace": "shop"}}
     assert _decide(_service(), theirs, holders={"192.0.2.0": "shop/svc-web"}).addresses == ("192.0.2.1",)
+
+
+def test_an_engine_without_an_architecture_is_refused_aloud_and_kube_proxy_forwards() -> None:
+    decision = _decide(_service(None, annotations={"layerlb.dev/engine": "nftables"}))
+    assert decision.loadbalancer is None
+    accepted = decision.conditions[1]
+    assert (accepted["status"], accepted["reason"]) == ("False", "InvalidEngine")
+    assert accepted["message"].startswith(
+        "metadata.annotations[layerlb.dev/engine]: 'nftables' takes effect only with "
+        "metadata.annotations[layerlb.dev/architecture] (nat, dsr or tunnel)"
+    )
+    assert decision.ingress[0]["ipMode"] == "VIP"
