@@ -10,7 +10,9 @@ A LoadBalancer is made eligible by a forwarding pod object the test marks Runnin
 Shown: the LoadBalancer's `status.announcement` (and `kubectl get llb`'s ANNOUNCED BY), its VIP Service's
 `layerlb.dev/AnnouncedIPv4` condition, a dual-stack Service whose two addresses are held by the two nodes
 (one condition per family, each under its node's field manager), the operator's conditions untouched
-and still its own, no write loop (resourceVersions stable), and a VIP nobody may announce cleared.
+and still its own, no write loop (resourceVersions stable), and a VIP nobody may announce cleared. A VIPPool
+naming an interface the nodes lack: each speaker's `status.nodes` entry, the operator's `InterfacesFound`
+condition, both gone when the spec is fixed; a deleted Node's entry removed by a live speaker.
 Needs root (network namespaces) and socat.
 """
 

@@ -17,7 +17,9 @@ sent from one worker thread so a slow API server never stalls the answers.
 Status: the holder of a VIP shows itself in its owners' status (`statuses`: a LoadBalancer's
 `status.announcement` by merge patch, a Service's `layerlb.dev/AnnouncedIPv4|6` condition by server-side
 apply), written from a worker thread of its own (retried a few times), so Events and answers never wait
-for it. RBAC: `patch` on `loadbalancers/status` and `services/status`, nothing more.
+for it. A node's missing pool interfaces go into the VIPPools' `status.nodes` the same way (`pool_status`:
+its own entry by server-side apply). RBAC: `patch` on `loadbalancers/status`, `services/status` and
+`vippools/status`, nothing more.
 """
 
 from __future__ import annotations
