@@ -374,7 +374,8 @@ class PoolStatusPublisher:
     ) -> None:
         pools = list(self.cluster.watches["vippools"].objects.values())
         fresh = self.cluster.fresh()
-        nodes = inventory.node_labels(self.cluster.watches["nodes"].objects.values())
+        # list() copies in one step: the watch threads change the caches meanwhile.
+        nodes = inventory.node_labels(list(self.cluster.watches["nodes"].objects.values()))
         clears = fresh and bool(members) and min(members) == self.cluster.node
         for write in self.state.update(missing, pools, set(nodes) if fresh else None, clears):
             self.cluster.send_pool_status(write, self.state)
