@@ -1,7 +1,8 @@
 """Node addresses for the kernel engines: whether a VIP is already local, read with `ip -j`.
 
-Both engines place the VIP on the node (nat on `lo`, dsr/tunnel on the interface) and must not add or
-later remove an address the node already had; this is the one place that decides it.
+Both engines place the VIP on the node (nat on `lo`, dsr/tunnel on the interface, or on `lo` too with
+strict ARP: `strict_arp`) and must not add or later remove an address the node already had; this is the
+one place that decides it.
 """
 
 from __future__ import annotations
