@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,6 +176,12 @@ def _udp(lan: Lan, vip: str, port: int) -> str | None:
         return None
 
 
+def _http_backend(local: LocalNodes, name: str, host: str) -> dict[str, Any]:
+    """A backend pod labelled app=NAME answering HTTP on :8080 (bound to `host`) with its name."""
+    argv = ["python3", "/scripts/backends.py", "--name", name, "--host", host, "--http=8080"]
+    return pod(local, name, argv, {"app": name}, ready_port=8080)
+
+
 def test_kubectl_expose_type_load_balancer_gets_an_external_ip_the_lan_reaches(lan: Lan) -> None:
     """The first thing a platform engineer types. Class-less Services are served once the chart is told to
     (`services.serveClassless`, as the README's first ten minutes on bare metal do); the address comes
@@ -184,13 +191,7 @@ def test_kubectl_expose_type_load_balancer_gets_an_external_ip_the_lan_reaches(l
     pods.helm(
         local.env, *harness.readme_command("upgrade", "serveClassless")[1:], "--wait", "--timeout", "180s"
     )
-    template = pod(
-        local,
-        "web",
-        ["python3", "/scripts/backends.py", "--name", "web", "--host", "0.0.0.0", "--http=8080"],
-        {"app": "web"},
-        ready_port=8080,
-    )
+    template = _http_backend(local, "web", "0.0.0.0")
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -267,13 +268,7 @@ def test_a_dual_stack_service_gets_an_address_of_each_family_and_both_answer_the
     pool = examples.vip_pool("llb-dual", [namespace], LAN_VIPS)
     pool["spec"]["addresses"].append(LAN_VIPS6)
     pool["spec"]["autoAssign"] = False  # only for Services that name it
-    backend = pod(
-        local,
-        "dual",
-        ["python3", "/scripts/backends.py", "--name", "dual", "--host", "::", "--http=8080"],
-        {"app": "dual"},
-        ready_port=8080,
-    )
+    backend = _http_backend(local, "dual", "::")
     service = {
         "apiVersion": "v1",
         "kind": "Service",
