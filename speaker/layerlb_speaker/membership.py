@@ -48,6 +48,20 @@ _HEADER = struct.Struct("!4sBBB")  # magic, version, flags, name length; the nod
 MAX_NAME = 253  # a Node name is a DNS subdomain
 
 
+def _named(data: bytes, header: struct.Struct, magic: bytes) -> tuple[int, str] | None:
+    """A datagram of `header` (magic, version, one value, name length) and exactly the node name after it:
+    the value and the name, or None for anything else (another kind or version, noise, a truncation)."""
+    if len(data) < header.size:
+        return None
+    found, version, value, length = header.unpack_from(data)
+    if found != magic or version != VERSION or length == 0 or len(data) != header.size + length:
+        return None
+    try:
+        return value, data[header.size :].decode()
+    except UnicodeDecodeError:
+        return None
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     """One speaker's "I am here": its node name, whether it has joined, whether its API view is fresh."""
@@ -65,15 +79,10 @@ class Heartbeat:
     @classmethod
     def decode(cls, data: bytes) -> Heartbeat | None:
         """The heartbeat in a datagram, or None for anything else (another version, noise, a truncation)."""
-        if len(data) < _HEADER.size:
+        found = _named(data, _HEADER, MAGIC)
+        if found is None:
             return None
-        magic, version, flags, length = _HEADER.unpack_from(data)
-        if magic != MAGIC or version != VERSION or len(data) != _HEADER.size + length or length == 0:
-            return None
-        try:
-            node = data[_HEADER.size :].decode()
-        except UnicodeDecodeError:
-            return None
+        flags, node = found
         return cls(node, bool(flags & _READY), bool(flags & _FRESH))
 
 
@@ -147,20 +156,10 @@ class Pressure:
     @classmethod
     def decode(cls, data: bytes) -> Pressure | None:
         """The message in a datagram, or None for anything else (a heartbeat, noise, a truncation)."""
-        if len(data) < _PRESSURE.size:
+        found = _named(data, _PRESSURE, PRESSURE_MAGIC)
+        if found is None:
             return None
-        magic, version, late, length = _PRESSURE.unpack_from(data)
-        if (
-            magic != PRESSURE_MAGIC
-            or version != VERSION
-            or length == 0
-            or len(data) != _PRESSURE.size + length
-        ):
-            return None
-        try:
-            node = data[_PRESSURE.size :].decode()
-        except UnicodeDecodeError:
-            return None
+        late, node = found
         return cls(node, late)
 
 
