@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from layerlb_dataplane import probes
-from layerlb_dataplane.kernel import ipvs
+from layerlb_dataplane.kernel.ipvs import engine as ipvs
 from layerlb_dataplane.state import Target
 
 from layerlb import api, plan, render

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from layerlb_dataplane.kernel.ipvs import DEFAULT_FULL_CHECK_SECONDS
+from layerlb_dataplane.kernel.ipvs.engine import DEFAULT_FULL_CHECK_SECONDS
 
 from e2e.guest.guest import ROOT, run_guest
 from tests.kernel import guest_scenarios as scenarios
@@ -379,7 +379,7 @@ FWM  00000005 rr
 
 def test_parse_listing() -> None:
     """`ipvsadm -Ln --exact`: flags, persistence, extra settings, IPv6; fwmark services are skipped."""
-    from layerlb_dataplane.kernel import ipvs
+    from layerlb_dataplane.kernel.ipvs import engine as ipvs
 
     services = scenarios.parse_listing(LISTING)
     assert set(services) == {
@@ -400,7 +400,7 @@ def test_parse_listing() -> None:
 
 
 def test_proc_fingerprint_ignores_counts_and_other_vips() -> None:
-    from layerlb_dataplane.kernel import ipvs
+    from layerlb_dataplane.kernel.ipvs import engine as ipvs
 
     v6 = ipvs.proc_fingerprint(PROC, "2001:db8::1")
     assert v6 == (
@@ -415,7 +415,7 @@ def test_proc_fingerprint_ignores_counts_and_other_vips() -> None:
 
 def test_parse_connections() -> None:
     """/proc/net/ip_vs_conn: connections that are over (TIME_WAIT, CLOSE) and templates do not count."""
-    from layerlb_dataplane.kernel import ipvs
+    from layerlb_dataplane.kernel.ipvs import engine as ipvs
 
     table = """Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData
 TCP 0A000102 C350 0A006401 0050 0A00020C 1F90 ESTABLISHED    899

@@ -8,8 +8,8 @@ import socket
 import struct
 
 import pytest
-from layerlb_dataplane.kernel import ipvs
-from layerlb_dataplane.kernel import ipvs_netlink as netlink
+from layerlb_dataplane.kernel.ipvs import engine as ipvs
+from layerlb_dataplane.kernel.ipvs import netlink
 
 KEY = ipvs.ServiceKey("TCP", "10.0.100.1", 80)
 KEY6 = ipvs.ServiceKey("UDP", "2001:db8::1", 53)

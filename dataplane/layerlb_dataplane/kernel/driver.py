@@ -87,7 +87,7 @@ def engine_for(p: plan.Plan) -> KernelEngine:
         from layerlb_dataplane.kernel.nftables import NftablesEngine
 
         return NftablesEngine(strict_arp=strict)
-    from layerlb_dataplane.kernel.ipvs import IpvsEngine
+    from layerlb_dataplane.kernel.ipvs.engine import IpvsEngine
 
     return IpvsEngine(strict_arp=strict)
 

@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from layerlb_dataplane.kernel import ipvs_netlink as netlink
+from layerlb_dataplane.kernel.ipvs import netlink
 
 log = logging.getLogger("layerlb.kernel.strict_arp")
 

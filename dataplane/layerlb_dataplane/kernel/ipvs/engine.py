@@ -11,7 +11,7 @@ weight 0 and then find no destination, so the clients of a down or draining serv
 of moved (checked in the guest); with it they go to the next available server. (The render carries the flag: `render.IPVS_SCHEDULER_FLAGS`.)
 
 **Why netlink, and not `ipvsadm` or pyroute2.** The engine speaks IPVS's generic netlink family itself
-(`ipvs_netlink`): a sync's changes go to the kernel in a few batched `sendmsg` calls, and the table is
+(`netlink`): a sync's changes go to the kernel in a few batched `sendmsg` calls, and the table is
 read by one dump of the services plus `/proc/net/ip_vs` for their real servers (the kernel's own listing
 of servers, weights, methods and connection counts, read without a process). `ipvsadm -R` (one message
 and one round trip per line, one process) took 6.4 s for 11,000 changes in the QEMU/TCG guest where this
@@ -94,8 +94,8 @@ from typing import Final
 from layerlb import api, render
 from layerlb import plan as plan_model
 from layerlb_dataplane.kernel import SyncReport, addresses
-from layerlb_dataplane.kernel import ipvs_netlink as netlink
 from layerlb_dataplane.kernel import strict_arp as strict_arp_module
+from layerlb_dataplane.kernel.ipvs import netlink
 from layerlb_dataplane.state import Target
 
 log = logging.getLogger("layerlb.kernel.ipvs")
