@@ -69,11 +69,11 @@ ROUTES = [  # for --routed: the request matches none of them and goes to the def
 
 async def measure(requests: int, connections: int, passes: int, routed: bool = False) -> float:
     """Seconds of process CPU per request, the best of `passes`."""
-    from layerlb_dataplane import upstream
-    from layerlb_dataplane.http_connection import ClientConnection
-    from layerlb_dataplane.metrics import Metrics
-    from layerlb_dataplane.proxy_http import HttpListener
-    from layerlb_dataplane.state import Registry
+    from layerlb_dataplane.core.metrics import Metrics
+    from layerlb_dataplane.core.state import Registry
+    from layerlb_dataplane.http import upstream
+    from layerlb_dataplane.http.connection import ClientConnection
+    from layerlb_dataplane.http.proxy import HttpListener
 
     from bench import resources
     from layerlb import api, resolve, validation

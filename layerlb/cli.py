@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from layerlb import crd, documents, render
 
 if TYPE_CHECKING:
-    from layerlb_dataplane.config import PlanSource
+    from layerlb_dataplane.control.config import PlanSource
 
 EXIT_INVALID = 2
 
@@ -96,7 +96,7 @@ def _dataplane_options(command: argparse.ArgumentParser) -> None:
 def _run_dataplane(args: argparse.Namespace, source: PlanSource) -> int:
     import logging
 
-    from layerlb_dataplane import admin, runtime
+    from layerlb_dataplane.control import admin, runtime
 
     if args.workers < 1:
         print(f"layerlb {args.command}: --workers must be 1 or more", file=sys.stderr)
@@ -116,7 +116,7 @@ def _run_dataplane(args: argparse.Namespace, source: PlanSource) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from layerlb_dataplane import config
+    from layerlb_dataplane.control import config
 
     if "-" in args.files:
         print("layerlb serve: files only (standard input cannot be watched for changes)", file=sys.stderr)
@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dataplane(args: argparse.Namespace) -> int:
-    from layerlb_dataplane import config, kube_source
+    from layerlb_dataplane.control import config, kube_source
 
     if args.plan is not None:
         return _run_dataplane(args, config.PlanFile([args.plan], args.poll_interval))

@@ -2,7 +2,7 @@
 
 Per LoadBalancer: the ConfigMap `<name>-plan` holding the Plan JSON; the ConfigMap `<name>-serving`
 where each forwarding pod reports the Plan generation it serves (`data[<pod name>]`, see
-`layerlb_dataplane.kube_source`); the ServiceAccount, Role and RoleBinding `<name>-dataplane` that let
+`layerlb_dataplane.control.kube_source`); the ServiceAccount, Role and RoleBinding `<name>-dataplane` that let
 the forwarding pods read (get/list/watch) the first and patch the second, by name, and nothing else; the
 Deployment `<name>-dataplane`. All are owned by the LoadBalancer (controller reference), so
 kube-controller-manager's garbage collector removes them with it.

@@ -31,7 +31,7 @@ NOT_ANNOUNCED = "NotAnnounced"
 
 # What a pod writes into the serving ConfigMap once it applied the empty Plan list of a deleted LoadBalancer.
 REMOVED = "removed"
-# data[<pod> + WARNINGS_SUFFIX]: what the pod's node lacks though it serves (layerlb_dataplane.kube_source).
+# data[<pod> + WARNINGS_SUFFIX]: what the pod's node lacks though it serves (layerlb_dataplane.control.kube_source).
 WARNINGS_SUFFIX = ".warnings"
 
 

@@ -151,7 +151,7 @@ class Cluster:
     def connect(cls, node: str, stale_after: float, classless: bool) -> Cluster:
         """The data plane's client: the ServiceAccount in a pod (its token re-read as it rotates), else the
         kubeconfig; OSError with one readable line when neither loads."""
-        from layerlb_dataplane import kube_source
+        from layerlb_dataplane.control import kube_source
 
         return cls(kube_source.api_client(), node, stale_after, classless)
 

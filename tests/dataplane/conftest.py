@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from layerlb_dataplane.metrics import Metrics
-from layerlb_dataplane.proxy_http import HttpListener
-from layerlb_dataplane.state import Registry, Snapshot, Target
+from layerlb_dataplane.core.metrics import Metrics
+from layerlb_dataplane.core.state import Registry, Snapshot, Target
+from layerlb_dataplane.http.proxy import HttpListener
 
 from layerlb import api, plan, resolve, validation
 

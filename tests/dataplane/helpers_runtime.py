@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from layerlb_dataplane import config, runtime
+from layerlb_dataplane.control import config, runtime
 
 from layerlb import api, plan
 

@@ -11,7 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layerlb_dataplane import admin, metrics
+from layerlb_dataplane.control import admin
+from layerlb_dataplane.core import metrics
 
 from layerlb import api, documents, plan
 from tests.dataplane.conftest import RawClient, TcpBackend, get, lb_document, plan_of

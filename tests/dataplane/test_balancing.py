@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
-from layerlb_dataplane import balancing, state
+from layerlb_dataplane.core import balancing, state
 
 from layerlb.api import Algorithm
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from layerlb_dataplane import runtime
+from layerlb_dataplane.control import runtime
 
 from tests.dataplane.helpers_runtime import l4_plan
 from tests.netns import Topology
@@ -103,7 +103,7 @@ def transparent_vip_on_loopback(example: str, vip: str) -> list[str]:
     import asyncio
     import json
 
-    from layerlb_dataplane import config
+    from layerlb_dataplane.control import config
 
     from layerlb import plan as plan_model
 

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
-from layerlb_dataplane import health, probes, state
+from layerlb_dataplane.control import probes
+from layerlb_dataplane.core import health, state
 
 from layerlb import plan
 from layerlb.api import Algorithm, Architecture, HealthProtocol, Mode, Protocol

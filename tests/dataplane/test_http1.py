@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import httptools
 import pytest
-from layerlb_dataplane import http1
-from layerlb_dataplane.http1 import ChunkedDecoder, ParseError, check_head
-from layerlb_dataplane.http1_request import Request, RequestParser
-from layerlb_dataplane.http1_response import Response, ResponseParser
+from layerlb_dataplane.http.h1 import framing
+from layerlb_dataplane.http.h1.framing import ChunkedDecoder, ParseError, check_head
+from layerlb_dataplane.http.h1.request import Request, RequestParser
+from layerlb_dataplane.http.h1.response import Response, ResponseParser
 
 
 class Recorder:
@@ -223,7 +223,7 @@ def test_llhttp_probe_matches_llhttp() -> None:
         lenient = True
     except httptools.HttpParserError:
         pass
-    assert not (lenient and http1.LLHTTP_STRICT)
+    assert not (lenient and framing.LLHTTP_STRICT)
 
 
 # --- responses --------------------------------------------------------------------------------------------
@@ -355,11 +355,11 @@ def test_chunk_decoder_across_arbitrary_splits() -> None:
 )
 def test_content_length_values_are_strict(values: list[bytes]) -> None:
     with pytest.raises(ParseError):
-        http1.parse_length(values)
+        framing.parse_length(values)
 
 
 def test_content_length_lists_that_agree_are_one_length() -> None:
-    assert http1.parse_length([b"5, 5", b" 5 "]) == 5
+    assert framing.parse_length([b"5, 5", b" 5 "]) == 5
 
 
 @pytest.mark.parametrize(
@@ -368,9 +368,9 @@ def test_content_length_lists_that_agree_are_one_length() -> None:
 )
 def test_transfer_codings_must_end_with_one_known_chunked(values: list[bytes]) -> None:
     with pytest.raises(ParseError):
-        http1.parse_codings(values)
+        framing.parse_codings(values)
 
 
 def test_known_codings_before_chunked_are_kept() -> None:
-    assert http1.parse_codings([b"GZip", b"chunked"]) == b"gzip"
-    assert http1.parse_codings([b"chunked"]) == b""
+    assert framing.parse_codings([b"GZip", b"chunked"]) == b"gzip"
+    assert framing.parse_codings([b"chunked"]) == b""

@@ -19,7 +19,7 @@ from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pytest
-from layerlb_dataplane import config, kube_source, runtime, workers
+from layerlb_dataplane.control import config, kube_source, runtime, workers
 from layerlb_operator import objects, status
 
 from tests.dataplane.helpers_runtime import free_port, l4_plan

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from layerlb_dataplane import affinity, http1_request, http1_response, proxy_protocol, transparent
-from layerlb_dataplane.state import BackendPool, Target
+from layerlb_dataplane.core import affinity
+from layerlb_dataplane.core.state import BackendPool, Target
+from layerlb_dataplane.http.h1 import request as h1_request
+from layerlb_dataplane.http.h1 import response as h1_response
+from layerlb_dataplane.net import proxy_protocol, transparent
 
 from layerlb import plan
 from layerlb.api import Algorithm, Protocol, ProxyProtocolVersion
@@ -919,8 +922,8 @@ def strict_proxy(
 ) -> Iterator[tuple[Backend, ProxyUnderTest]]:
     """The proxy with small limits; a second time with the raw-head checks on (as for a lenient llhttp)."""
     if request.param == "raw-checks-first":
-        monkeypatch.setattr(http1_request, "LLHTTP_STRICT", False)
-        monkeypatch.setattr(http1_response, "LLHTTP_STRICT", False)
+        monkeypatch.setattr(h1_request, "LLHTTP_STRICT", False)
+        monkeypatch.setattr(h1_response, "LLHTTP_STRICT", False)
     backend = backends()
     yield backend, proxies(one(backend, limits={"maxRequestLineBytes": 256, "maxHeaderBytes": 1024}))
 

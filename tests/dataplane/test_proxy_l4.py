@@ -10,8 +10,8 @@ import threading
 from typing import TYPE_CHECKING
 
 import pytest
-from layerlb_dataplane import proxy_l4
-from layerlb_dataplane.runtime import Served
+from layerlb_dataplane.control.runtime import Served
+from layerlb_dataplane.l4 import relay
 
 from layerlb import api, plan
 from tests.dataplane.conftest import TcpBackend, UdpBackend
@@ -95,10 +95,10 @@ def test_backpressure_keeps_the_proxy_buffer_bounded(loop_thread: LoopThread) ->
         client.recv(1)
         assert blocked.wait(20)
         handler = served(running)[0].handler
-        assert isinstance(handler, proxy_l4.TcpListener)
+        assert isinstance(handler, relay.TcpListener)
         (connection,) = handler.connections
         buffered = loop_thread.call(connection.transport.get_write_buffer_size)
-        assert buffered <= proxy_l4.HIGH_WATER + 1024 * 1024
+        assert buffered <= relay.HIGH_WATER + 1024 * 1024
         rest = read_exactly(client, size - 1)
     expected = hashlib.sha256(chunk * (size // len(chunk))).hexdigest()
     assert hashlib.sha256(chunk[:1] + rest).hexdigest() == expected
@@ -271,7 +271,7 @@ def test_udp_clients_each_get_their_own_replies_and_flows_expire(loop_thread: Lo
     assert all(len(seen) == 1 for seen in names.values())  # a flow keeps its backend
     assert {name for seen in names.values() for name in seen} == {b"u1", b"u2"}
     (udp,) = served(running)
-    assert isinstance(udp.handler, proxy_l4.UdpListener)
+    assert isinstance(udp.handler, relay.UdpListener)
     handler = udp.handler
     wait_until(lambda: loop_thread.call(lambda: len(handler.flows)) == 0, what="flows expired")
     metrics = running.dataplane.instances["test/l4"].metrics
@@ -293,7 +293,7 @@ def test_udp_flows_are_capped(loop_thread: LoopThread) -> None:
     port = free_port(VIP, socket.SOCK_DGRAM)
     running = Running(loop_thread, [l4_plan(VIP, [("dns", port, "UDP")], [backend.port])])
     (udp,) = served(running)
-    assert isinstance(udp.handler, proxy_l4.UdpListener)
+    assert isinstance(udp.handler, relay.UdpListener)
     udp.handler.max_flows = 2
     clients = [_udp_client() for _ in range(3)]
     for client in clients[:2]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from layerlb_dataplane.proxy_protocol import (
+from layerlb_dataplane.net.proxy_protocol import (
     MAX_V1_HEADER,
     V2_SIGNATURE,
     HeaderParser,

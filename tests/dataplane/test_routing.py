@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import pytest
-from layerlb_dataplane import routing
+from layerlb_dataplane.core import routing
 
 from layerlb import plan
 from layerlb.api import HTTPMethod

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from layerlb_dataplane import config, runtime
+from layerlb_dataplane.control import config, runtime
 
 from layerlb import api, plan, render
 from tests.dataplane.helpers_runtime import (

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from layerlb_dataplane import tls
+from layerlb_dataplane.net import tls
 
 from layerlb import plan
 from tests.dataplane.conftest import ServerThread

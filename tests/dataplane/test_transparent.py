@@ -24,7 +24,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from layerlb_dataplane import transparent
+from layerlb_dataplane.net import transparent
 
 from tests.netns import PREFIX, Namespace, RemoteError, Topology, remove_stale
 

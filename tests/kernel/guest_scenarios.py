@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from layerlb_dataplane import probes
+from layerlb_dataplane.control import probes
+from layerlb_dataplane.core.state import Target
 from layerlb_dataplane.kernel.ipvs import engine as ipvs
-from layerlb_dataplane.state import Target
 
 from layerlb import api, plan, render
 

@@ -35,8 +35,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
+from layerlb_dataplane.core.state import Target
 from layerlb_dataplane.kernel import addresses, nftables
-from layerlb_dataplane.state import Target
 
 from layerlb import api, plan, render
 from tests.netns import Namespace, Spawned, Topology

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from layerlb_dataplane import kube_source
+from layerlb_dataplane.control import kube_source
 from layerlb_dataplane.kernel import strict_arp
 from layerlb_operator import objects, reconcile, status
 

@@ -17,8 +17,8 @@ import logging
 from collections.abc import Callable
 
 from layerlb import api, plan
+from layerlb_dataplane.core.state import Snapshot
 from layerlb_dataplane.kernel import KernelEngine, strict_arp
-from layerlb_dataplane.state import Snapshot
 
 log = logging.getLogger("layerlb.kernel")
 

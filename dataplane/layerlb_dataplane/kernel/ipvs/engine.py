@@ -93,10 +93,10 @@ from typing import Final
 
 from layerlb import api, render
 from layerlb import plan as plan_model
+from layerlb_dataplane.core.state import Target
 from layerlb_dataplane.kernel import SyncReport, addresses
 from layerlb_dataplane.kernel import strict_arp as strict_arp_module
 from layerlb_dataplane.kernel.ipvs import netlink
-from layerlb_dataplane.state import Target
 
 log = logging.getLogger("layerlb.kernel.ipvs")
 

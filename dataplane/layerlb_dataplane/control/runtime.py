@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from layerlb import api, plan
-from layerlb_dataplane import admin, config, probes, tls, transparent
+from layerlb_dataplane.control import admin, config, probes
+from layerlb_dataplane.core.metrics import Dump, Metrics, render
+from layerlb_dataplane.core.state import Registry, Snapshot
+from layerlb_dataplane.http.proxy import HttpListener
 from layerlb_dataplane.kernel import addresses, strict_arp
-from layerlb_dataplane.metrics import Dump, Metrics, render
-from layerlb_dataplane.proxy_http import HttpListener
-from layerlb_dataplane.proxy_l4 import TcpListener, UdpListener
-from layerlb_dataplane.state import Registry, Snapshot
+from layerlb_dataplane.l4.relay import TcpListener, UdpListener
+from layerlb_dataplane.net import tls, transparent
 
 log = logging.getLogger("layerlb")
 
@@ -616,8 +617,8 @@ def run(
     """Serve `source` on uvloop until stopped: in this process, or with `workers` worker processes."""
     import uvloop
 
+    from layerlb_dataplane.control.workers import Supervisor
     from layerlb_dataplane.kernel import driver
-    from layerlb_dataplane.workers import Supervisor
 
     async def main() -> int:
         if workers > 1:

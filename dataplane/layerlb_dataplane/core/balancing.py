@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from layerlb.api import Algorithm
 
 if TYPE_CHECKING:
-    from layerlb_dataplane.state import Target
+    from layerlb_dataplane.core.state import Target
 
 MAGLEV_TABLE_SIZE = 65537
 RING_POINTS_PER_WEIGHT = 100

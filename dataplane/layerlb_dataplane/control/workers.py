@@ -38,10 +38,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from layerlb import plan
-from layerlb_dataplane import admin, config, probes, runtime
+from layerlb_dataplane.control import admin, config, probes, runtime
+from layerlb_dataplane.core.metrics import Dump, merge, render
+from layerlb_dataplane.core.state import Registry
 from layerlb_dataplane.kernel import driver
-from layerlb_dataplane.metrics import Dump, merge, render
-from layerlb_dataplane.state import Registry
 
 log = logging.getLogger("layerlb")
 
@@ -76,7 +76,7 @@ class Worker:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "layerlb_dataplane.workers",
+                "layerlb_dataplane.control.workers",
                 "--control-fd",
                 str(child.fileno()),
                 "--index",

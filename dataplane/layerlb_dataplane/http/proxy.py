@@ -2,7 +2,7 @@
 
 The listener holds what its connections share: the Snapshot-derived settings (computed once per reload,
 not per request), the upstream keep-alive pool, session affinity, the connection cap, and the sweeper
-that closes idle pooled connections. Each client connection is an `http_connection.ClientConnection`.
+that closes idle pooled connections. Each client connection is an `connection.ClientConnection`.
 
 Behaviour, in short:
 
@@ -27,12 +27,13 @@ from collections.abc import Callable
 
 from layerlb import plan
 from layerlb.api import AffinityType, Architecture, HashSource, Protocol
-from layerlb_dataplane import affinity, upstream
-from layerlb_dataplane.http1 import error_response
-from layerlb_dataplane.http_connection import ClientConnection
-from layerlb_dataplane.http_exchange import QUEUED
-from layerlb_dataplane.metrics import Metrics, RequestSeries
-from layerlb_dataplane.state import Snapshot, Target
+from layerlb_dataplane.core import affinity
+from layerlb_dataplane.core.metrics import Metrics, RequestSeries
+from layerlb_dataplane.core.state import Snapshot, Target
+from layerlb_dataplane.http import upstream
+from layerlb_dataplane.http.connection import ClientConnection
+from layerlb_dataplane.http.exchange import QUEUED
+from layerlb_dataplane.http.h1.framing import error_response
 
 
 class Settings:

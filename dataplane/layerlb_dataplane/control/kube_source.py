@@ -44,7 +44,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from layerlb import plan
-from layerlb_dataplane import config
+from layerlb_dataplane.control import config
 
 log = logging.getLogger("layerlb.source")
 

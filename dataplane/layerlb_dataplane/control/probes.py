@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from layerlb import plan
 from layerlb.api import HealthProtocol
-from layerlb_dataplane import state
+from layerlb_dataplane.core import state
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import math
 from collections.abc import Collection
 from weakref import WeakKeyDictionary
 
-from layerlb_dataplane.state import BackendPool, Target
+from layerlb_dataplane.core.state import BackendPool, Target
 
 
 def token(plan_key: str, target: Target) -> bytes:

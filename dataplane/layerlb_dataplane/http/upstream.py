@@ -16,10 +16,10 @@ import asyncio
 import socket
 from typing import Protocol, cast
 
-from layerlb_dataplane import transparent
-from layerlb_dataplane.http1 import ParseError
-from layerlb_dataplane.http1_response import Response, ResponseHandler, ResponseParser
-from layerlb_dataplane.state import Target
+from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.http.h1.framing import ParseError
+from layerlb_dataplane.http.h1.response import Response, ResponseHandler, ResponseParser
+from layerlb_dataplane.net import transparent
 
 
 class Owner(ResponseHandler, Protocol):

@@ -1,6 +1,6 @@
 """The response half of a client connection of the L7 proxy: responses, tunnels, endings, timeouts.
 
-`http_connection.ClientConnection` reads requests, picks targets and sends; this base class carries the
+`connection.ClientConnection` reads requests, picks targets and sends; this base class carries the
 response back, as protocol callbacks. Throughput decides whether a Python proxy is worth running, so
 the common request (a whole head in one read, a pooled upstream connection, a small response) runs in
 callbacks only: no task, no closure, no timer operation, and writes made while one read is handled
@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from layerlb_dataplane import http1_request, proxy_protocol
-from layerlb_dataplane.http1 import ParseError, error_response
-from layerlb_dataplane.http1_response import Response
-from layerlb_dataplane.state import BackendPool, Target
-from layerlb_dataplane.upstream import UpstreamConnection
+from layerlb_dataplane.core.state import BackendPool, Target
+from layerlb_dataplane.http.h1 import request
+from layerlb_dataplane.http.h1.framing import ParseError, error_response
+from layerlb_dataplane.http.h1.response import Response
+from layerlb_dataplane.http.upstream import UpstreamConnection
+from layerlb_dataplane.net import proxy_protocol
 
 if TYPE_CHECKING:
-    from layerlb_dataplane.proxy_http import HttpListener, Settings
+    from layerlb_dataplane.http.proxy import HttpListener, Settings
 
 IDLE, LOCAL, CONNECTING, WAITING, RESPONDING, TUNNEL, LINGER, CLOSED, QUEUED = range(9)
 # What the connection's single deadline means when it passes.
@@ -108,7 +109,7 @@ class Exchange:
     lb: HttpListener
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
-    parser: http1_request.RequestParser
+    parser: request.RequestParser
     state: int
     admitted: bool
     client_ip: str
@@ -117,8 +118,8 @@ class Exchange:
     local: tuple[str, int]
     proxy_parser: proxy_protocol.HeaderParser | None
     settings: Settings
-    req: http1_request.Request
-    routed_req: http1_request.Request | None
+    req: request.Request
+    routed_req: request.Request | None
     routed_settings: Settings | None
     routed_name: str | None
     pool: BackendPool | None
@@ -159,7 +160,7 @@ class Exchange:
         """Open a connection to `target` for the request in flight (ClientConnection does it)."""
         raise NotImplementedError
 
-    # --- responses (http1_response.ResponseHandler, upstream.Owner) --------------------------------------
+    # --- responses (response.ResponseHandler, upstream.Owner) --------------------------------------
 
     def upstream_data(self, connection: UpstreamConnection, data: bytes) -> None:
         """Backend bytes: frame them; what they produce for the client leaves in one write."""
@@ -556,7 +557,7 @@ class Exchange:
             self.transport.close()
 
 
-def _head_lines(out: list[bytes | bytearray], resp: Response, req: http1_request.Request) -> bool:
+def _head_lines(out: list[bytes | bytearray], resp: Response, req: request.Request) -> bool:
     """The framing lines of a forwarded response head (after its block); True when its body is re-chunked."""
     status = resp.status
     if resp.content_length is not None:

@@ -25,9 +25,9 @@ from typing import Any, cast
 
 from layerlb import plan
 from layerlb.api import ProxyProtocolVersion
-from layerlb_dataplane import proxy_protocol
-from layerlb_dataplane.metrics import Metrics
-from layerlb_dataplane.state import BackendPool, Snapshot, Target
+from layerlb_dataplane.core.metrics import Metrics
+from layerlb_dataplane.core.state import BackendPool, Snapshot, Target
+from layerlb_dataplane.net import proxy_protocol
 
 log = logging.getLogger("layerlb.l4")
 

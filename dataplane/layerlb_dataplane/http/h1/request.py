@@ -18,7 +18,7 @@ from typing import Final, Protocol
 
 import httptools
 
-from layerlb_dataplane.http1 import (
+from layerlb_dataplane.http.h1.framing import (
     _VALIDATOR,
     HOP_BY_HOP,
     IDEMPOTENT,

@@ -5,7 +5,7 @@ requests wait unparsed until the response is done. Each request is routed with t
 its start, its target chosen (session affinity, the backend's hash key, the balancer), and its head
 sent on a pooled upstream connection, or on a new one (a task: the slow path, with retries on another
 target). Bodies stream both ways: a full write buffer on one side pauses reading on the other. The
-response half is `http_exchange.Exchange`; see there for what the hot path avoids.
+response half is `exchange.Exchange`; see there for what the hot path avoids.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import asyncio
 from typing import TYPE_CHECKING, cast
 
 from layerlb.api import AffinityType, HashSource
-from layerlb_dataplane import http1_request, proxy_protocol, upstream
-from layerlb_dataplane.http1 import ParseError
-from layerlb_dataplane.http_exchange import (
+from layerlb_dataplane.core.state import BackendPool, Target
+from layerlb_dataplane.http import upstream
+from layerlb_dataplane.http.exchange import (
     _D_HEADER,
     _D_REQUEST,
     _P_CONNECTING,
@@ -39,11 +39,13 @@ from layerlb_dataplane.http_exchange import (
     Exchange,
     send,
 )
-from layerlb_dataplane.state import BackendPool, Target
-from layerlb_dataplane.upstream import UpstreamConnection
+from layerlb_dataplane.http.h1 import request
+from layerlb_dataplane.http.h1.framing import ParseError
+from layerlb_dataplane.http.upstream import UpstreamConnection
+from layerlb_dataplane.net import proxy_protocol
 
 if TYPE_CHECKING:
-    from layerlb_dataplane.proxy_http import HttpListener, Settings
+    from layerlb_dataplane.http.proxy import HttpListener, Settings
 
 
 def _forwarded_node(ip: str) -> bytes:
@@ -66,7 +68,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.lb = lb
         self.loop = lb.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
-        self.parser = http1_request.RequestParser(self)
+        self.parser = request.RequestParser(self)
         self.state = IDLE
         self.admitted = False
         self.client_ip = ""
@@ -75,13 +77,13 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.local: tuple[str, int] = ("", 0)
         self.proxy_parser: proxy_protocol.HeaderParser | None = None
         self.settings: Settings = None  # type: ignore[assignment]  # set on admission and per request
-        self.req: http1_request.Request = None  # type: ignore[assignment]  # set per request
+        self.req: request.Request = None  # type: ignore[assignment]  # set per request
         self.pool: BackendPool | None = None
         self.target: Target | None = None
         self.up: UpstreamConnection | None = None
         self.private: UpstreamConnection | None = None  # kept per client: PROXY protocol or transparent
         self.head = b""  # the request head as sent upstream (kept for a retry, reused for an equal request)
-        self.head_of: http1_request.Request | None = None
+        self.head_of: request.Request | None = None
         self.head_settings: Settings | None = None
         self.tail = b""  # what follows the request line in `head`: reused while the header block repeats
         self.tail_of = b""
@@ -106,7 +108,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         # The route of the last routed request: a repeated head (the same Request) routes the same way.
-        self.routed_req: http1_request.Request | None = None
+        self.routed_req: request.Request | None = None
         self.routed_settings: Settings | None = None
         self.routed_name: str | None = None
         self.fwd_key: tuple[bytes, Settings] | None = None
@@ -239,9 +241,9 @@ class ClientConnection(Exchange, asyncio.Protocol):
         else:
             self.close_after = True
 
-    # --- requests (http1_request.RequestHandler) ---------------------------------------------------------------
+    # --- requests (request.RequestHandler) ---------------------------------------------------------------
 
-    def on_request(self, req: http1_request.Request) -> None:
+    def on_request(self, req: request.Request) -> None:
         """A request head: route it with the current Snapshot, pick a target, send it (or answer 404/503)."""
         self.req = req
         self.settings = settings = self.lb.settings()
@@ -317,7 +319,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
     # --- choosing a target and sending ------------------------------------------------------------------
 
     def _choose(
-        self, pool: BackendPool, req: http1_request.Request, exclude: list[Target] | None = None
+        self, pool: BackendPool, req: request.Request, exclude: list[Target] | None = None
     ) -> Target | None:
         """Session affinity first, then the balancer with the backend's hash key."""
         settings = self.settings
@@ -480,7 +482,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         else:
             self._connect_later(target)
 
-    def _request_head(self, req: http1_request.Request) -> bytes:
+    def _request_head(self, req: request.Request) -> bytes:
         """The head sent upstream, in one join: request line, kept lines, forwarding and framing lines.
 
         All after the request line is kept as `tail` for the next head with the same header block.
@@ -504,7 +506,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.tail_of = req.block
         return b"".join((req.method, b" ", req.target, self.tail))
 
-    def _forwarding(self, req: http1_request.Request) -> bytes:
+    def _forwarding(self, req: request.Request) -> bytes:
         """X-Forwarded-For (appended), X-Forwarded-Proto, X-Forwarded-Host, Forwarded (appended)."""
         fresh = req.forwarded_for is None and req.forwarded is None
         if (

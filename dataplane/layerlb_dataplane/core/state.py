@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from layerlb import plan
-from layerlb_dataplane import balancing, health, routing
+from layerlb_dataplane.core import balancing, health, routing
 
 
 @dataclass(eq=False)

@@ -1,0 +1,1 @@
+"""The userspace L4 proxy: TCP and UDP relayed over asyncio."""

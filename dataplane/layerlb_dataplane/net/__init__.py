@@ -1,0 +1,1 @@
+"""What a connection carries below HTTP: the PROXY protocol codec, TLS contexts, transparent sockets."""
