@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from layerlb import crd, documents, render
+from layerlb import crd, documents
+from layerlb.render import formats
 
 if TYPE_CHECKING:
     from layerlb_dataplane.control.config import PlanSource
@@ -45,11 +46,11 @@ def _render(args: argparse.Namespace) -> int:
     errors += unresolved
     outputs = []
     for item, plan in resolved:
-        reason = render.unsupported(plan, args.format)
+        reason = formats.unsupported(plan, args.format)
         if reason is not None:
             errors.append(f"{item.file}: {item.name}: {reason}")
         else:
-            outputs.append(render.render(plan, args.format))
+            outputs.append(formats.render(plan, args.format))
     if not resolved and not errors:
         errors.append(f"{', '.join(args.files)}: no LoadBalancer to render")
     if errors:
@@ -153,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     validate.set_defaults(run=_validate)
 
     rend = sub.add_parser("render", help="print the configuration a LoadBalancer file renders to")
-    rend.add_argument("--format", "-f", choices=render.FORMATS, default="dataplane")
+    rend.add_argument("--format", "-f", choices=formats.FORMATS, default="dataplane")
     rend.add_argument("files", nargs="+", metavar="FILE")
     rend.set_defaults(run=_render)
 

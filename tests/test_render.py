@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from layerlb import api, cli, documents, plan, render
+from layerlb import api, cli, documents, plan
+from layerlb.render import formats, haproxy_config, ipvs_rules, nftables_ruleset, shared
 
 ROOT = Path(__file__).resolve().parent.parent
 IN = ROOT / "testdata" / "in"
@@ -42,7 +43,7 @@ PLANS = {case.stem: _plan(case) for case in CASES}
 
 
 def _applies(fmt: str) -> list[str]:
-    return [name for name, p in PLANS.items() if render.unsupported(p, fmt) is None]
+    return [name for name, p in PLANS.items() if formats.unsupported(p, fmt) is None]
 
 
 def _tool(name: str) -> str:
@@ -61,20 +62,20 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 # --- goldens ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", render.FORMATS)
+@pytest.mark.parametrize("fmt", formats.FORMATS)
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_golden(name: str, fmt: str, request: pytest.FixtureRequest) -> None:
     p = PLANS[name]
     golden = OUT / f"{name}.{fmt}"
     update = bool(request.config.getoption("--update-goldens"))
-    reason = render.unsupported(p, fmt)
+    reason = formats.unsupported(p, fmt)
     if reason is not None:
         assert reason.startswith("spec."), reason
         if update:
             golden.unlink(missing_ok=True)
         assert not golden.exists(), f"{golden.name} is stale: {reason}; run pytest --update-goldens"
         return
-    actual = render.render(p, fmt)
+    actual = formats.render(p, fmt)
     if update:
         OUT.mkdir(parents=True, exist_ok=True)
         golden.write_text(actual, encoding="utf-8")
@@ -97,7 +98,9 @@ def test_golden(name: str, fmt: str, request: pytest.FixtureRequest) -> None:
 def test_every_golden_has_an_input_and_a_format() -> None:
     for golden in sorted(OUT.iterdir()):
         stem, _, fmt = golden.name.rpartition(".")
-        assert stem in PLANS and fmt in render.FORMATS, f"{golden.name}: no testdata/in/{stem}.yaml or format"
+        assert stem in PLANS and fmt in formats.FORMATS, (
+            f"{golden.name}: no testdata/in/{stem}.yaml or format"
+        )
 
 
 def test_the_goldens_cover_every_architecture_engine_and_protocol() -> None:
@@ -111,7 +114,7 @@ def test_the_goldens_cover_every_architecture_engine_and_protocol() -> None:
                 assert (mode, architecture, engine) in seen, (mode, architecture, engine)
     protocols = {listener.protocol for p in PLANS.values() for listener in p.listeners}
     assert protocols == set(api.Protocol)
-    assert any(render.is_ipv6(p.vip) for p in PLANS.values())
+    assert any(shared.is_ipv6(p.vip) for p in PLANS.values())
 
 
 def test_the_cli_prints_the_golden(capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,11 +146,11 @@ def _nft_check(ruleset: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", _applies("nftables"))
 def test_nft_accepts_the_nftables_render(name: str, tmp_path: Path) -> None:
-    _nft_check(render.render(PLANS[name], "nftables"), tmp_path)
+    _nft_check(formats.render(PLANS[name], "nftables"), tmp_path)
 
 
 def test_nft_catches_an_invalid_ruleset(tmp_path: Path) -> None:
-    broken = render.render(PLANS["l4-nat-nftables-weighted"], "nftables").replace("4-5 :", "3-5 :")
+    broken = formats.render(PLANS["l4-nat-nftables-weighted"], "nftables").replace("4-5 :", "3-5 :")
     with pytest.raises(AssertionError, match="conflicting intervals"):
         _nft_check(broken, tmp_path)
 
@@ -155,11 +158,11 @@ def test_nft_catches_an_invalid_ruleset(tmp_path: Path) -> None:
 def _haproxy_check(p: plan.Plan, tmp_path: Path) -> str:
     """`haproxy -c` on a render whose certificates exist in `tmp_path` (-c binds nothing)."""
     cert_dir = tmp_path / "certs"
-    for file, pem in render.haproxy_certificates(p, str(cert_dir)).items():
+    for file, pem in haproxy_config.haproxy_certificates(p, str(cert_dir)).items():
         Path(file).parent.mkdir(parents=True, exist_ok=True)
         Path(file).write_text(pem, encoding="utf-8")
     config = tmp_path / "haproxy.cfg"
-    config.write_text(render.render(p, "haproxy", cert_dir=str(cert_dir)), encoding="utf-8")
+    config.write_text(formats.render(p, "haproxy", cert_dir=str(cert_dir)), encoding="utf-8")
     result = _run([_tool("haproxy"), "-c", "-f", str(config)])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -174,14 +177,14 @@ def test_haproxy_accepts_the_haproxy_render(name: str, tmp_path: Path) -> None:
 
 def test_haproxy_reads_both_certificates_of_an_https_listener(tmp_path: Path) -> None:
     p = PLANS["l7-https"]
-    files = render.haproxy_certificates(p, str(tmp_path / "certs"))
+    files = haproxy_config.haproxy_certificates(p, str(tmp_path / "certs"))
     assert sorted(Path(f).relative_to(tmp_path) for f in files) == [
         Path("certs/https/00-shop-tls.pem"),
         Path("certs/https/01-api-tls.pem"),
     ]
     assert all("BEGIN CERTIFICATE" in pem and "PRIVATE KEY" in pem for pem in files.values())
     _haproxy_check(p, tmp_path)
-    assert f"ssl crt {tmp_path}/certs/https/" in render.render(p, "haproxy", cert_dir=f"{tmp_path}/certs/")
+    assert f"ssl crt {tmp_path}/certs/https/" in formats.render(p, "haproxy", cert_dir=f"{tmp_path}/certs/")
 
 
 class _Named(http.server.BaseHTTPRequestHandler):
@@ -240,7 +243,7 @@ def routed_haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         }
     )
     config = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
-    config.write_text(render.render(local, "haproxy"), encoding="utf-8")
+    config.write_text(formats.render(local, "haproxy"), encoding="utf-8")
     process = subprocess.Popen(
         [_tool("haproxy"), "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -305,9 +308,9 @@ def test_haproxy_routes_requests_as_the_plan_says(
 
 
 def test_weight_ranges_size_each_endpoint_by_weight_and_skip_weight_zero() -> None:
-    assert render.weight_ranges([3, 1, 0, 2]) == [(0, 2), (3, 3), None, (4, 5)]
-    assert render.weight_ranges([0, 0]) == [None, None]
-    assert [render.nft_range(0, 2), render.nft_range(3, 3)] == ["0-2", "3"]
+    assert nftables_ruleset.weight_ranges([3, 1, 0, 2]) == [(0, 2), (3, 3), None, (4, 5)]
+    assert nftables_ruleset.weight_ranges([0, 0]) == [None, None]
+    assert [nftables_ruleset.nft_range(0, 2), nftables_ruleset.nft_range(3, 3)] == ["0-2", "3"]
 
 
 def _backend(algorithm: api.Algorithm, weights: tuple[int, ...] = (1, 1), **hash_on: str) -> plan.Backend:
@@ -336,7 +339,7 @@ def _backend(algorithm: api.Algorithm, weights: tuple[int, ...] = (1, 1), **hash
 def test_ipvs_scheduler_follows_the_algorithm(
     algorithm: api.Algorithm, weights: tuple[int, ...], scheduler: str
 ) -> None:
-    assert render.ipvs_scheduler(_backend(algorithm, weights)) == scheduler
+    assert ipvs_rules.ipvs_scheduler(_backend(algorithm, weights)) == scheduler
 
 
 @pytest.mark.parametrize(
@@ -353,46 +356,46 @@ def test_ipvs_scheduler_follows_the_algorithm(
 def test_haproxy_balance_follows_the_algorithm(
     backend: plan.Backend, balance: tuple[str, str | None]
 ) -> None:
-    assert render.haproxy_balance(PLANS["l7-proxy-routes"], backend) == balance
+    assert haproxy_config.haproxy_balance(PLANS["l7-proxy-routes"], backend) == balance
 
 
 def test_haproxy_words_are_quoted_only_when_needed() -> None:
-    assert render.haproxy_word("/v1/x") == "/v1/x"
-    assert render.haproxy_word("a b#c") == "'a b#c'"
-    assert render.haproxy_word("it's $x \\") == '"it\'s \\$x \\\\"'
-    assert render.haproxy_word("") == "''"
-    assert render.haproxy_duration(2.5) == "2500ms"
-    assert render.haproxy_duration(60) == "60s"
+    assert haproxy_config.haproxy_word("/v1/x") == "/v1/x"
+    assert haproxy_config.haproxy_word("a b#c") == "'a b#c'"
+    assert haproxy_config.haproxy_word("it's $x \\") == '"it\'s \\$x \\\\"'
+    assert haproxy_config.haproxy_word("") == "''"
+    assert haproxy_config.haproxy_duration(2.5) == "2500ms"
+    assert haproxy_config.haproxy_duration(60) == "60s"
 
 
 def test_nftables_dsr_uses_the_neighbours_given(tmp_path: Path) -> None:
     p = PLANS["l4-dsr-nftables"]
-    ruleset = render.render(
+    ruleset = formats.render(
         p,
         "nftables",
         device="lan0",
         device_mac="02:00:00:00:00:01",
         neighbours={"10.3.0.5": "02:00:00:00:00:05", "10.3.0.6": "02:00:00:00:00:06"},
     )
-    assert render.PLACEHOLDER_MAC not in ruleset
+    assert nftables_ruleset.PLACEHOLDER_MAC not in ruleset
     assert 'hook ingress device "lan0"' in ruleset
     assert (
         "ether saddr set 02:00:00:00:00:01 ether daddr set jhash ip saddr . tcp sport mod 3 seed "
-        f"{render.nft_seed(p)} map {{ 0-1 : 02:00:00:00:00:05, 2 : 02:00:00:00:00:06 }} "
+        f"{nftables_ruleset.nft_seed(p)} map {{ 0-1 : 02:00:00:00:00:05, 2 : 02:00:00:00:00:06 }} "
         'fwd to "lan0"'
     ) in ruleset
     _nft_check(ruleset.replace('"lan0"', '"eth0"'), tmp_path)
     with pytest.raises(ValueError, match="not a MAC address"):
-        render.render(p, "nftables", neighbours={"10.3.0.5": "nope"})
+        formats.render(p, "nftables", neighbours={"10.3.0.5": "nope"})
     with pytest.raises(ValueError, match="not an interface name"):
-        render.render(p, "nftables", device='eth0" accept')
+        formats.render(p, "nftables", device='eth0" accept')
 
 
 def test_nftables_nat_masquerades_only_when_asked(tmp_path: Path) -> None:
     p = PLANS["l4-nat-nftables-weighted"]
     rule = "ct status dnat ct original ip daddr 192.0.2.20 masquerade"
-    assert f"# {rule}" in render.render(p, "nftables")
-    masquerading = render.render(p, "nftables", masquerade=True)
+    assert f"# {rule}" in formats.render(p, "nftables")
+    masquerading = formats.render(p, "nftables", masquerade=True)
     assert f"\t\t{rule}\n" in masquerading
     _nft_check(masquerading, tmp_path)
 
@@ -402,7 +405,7 @@ def test_nftables_skips_a_listener_without_usable_endpoints(tmp_path: Path) -> N
     drained = p.model_copy(
         update={"backends": (_backend(api.Algorithm.round_robin, (0, 0)),), "default_backend": "app"}
     )
-    ruleset = render.render(drained, "nftables")
+    ruleset = formats.render(drained, "nftables")
     assert "dnat" not in ruleset.replace("ct status dnat", "")
     assert "no endpoint of weight above 0" in ruleset
     _nft_check(ruleset, tmp_path)
@@ -410,9 +413,9 @@ def test_nftables_skips_a_listener_without_usable_endpoints(tmp_path: Path) -> N
 
 def test_long_names_still_give_a_valid_nftables_table(tmp_path: Path) -> None:
     p = PLANS["l4-nat-nftables-weighted"].model_copy(update={"namespace": "n" * 63, "name": "a." * 126 + "b"})
-    name = render.nft_table_name(p)
-    assert len(name) == render.NFT_NAME_MAX
-    _nft_check(render.render(p, "nftables"), tmp_path)
+    name = nftables_ruleset.nft_table_name(p)
+    assert len(name) == nftables_ruleset.NFT_NAME_MAX
+    _nft_check(formats.render(p, "nftables"), tmp_path)
 
 
 # --- formats that do not apply ----------------------------------------------------------------------
@@ -420,13 +423,13 @@ def test_long_names_still_give_a_valid_nftables_table(tmp_path: Path) -> None:
 
 def test_every_format_that_does_not_apply_says_why() -> None:
     for name, p in PLANS.items():
-        rendered = [fmt for fmt in render.FORMATS if render.unsupported(p, fmt) is None]
+        rendered = [fmt for fmt in formats.FORMATS if formats.unsupported(p, fmt) is None]
         assert "dataplane" in rendered, name
         assert len(rendered) >= 2 or name == "l4-proxy-udp", (name, rendered)  # only layerlb relays UDP
-        for fmt in set(render.FORMATS) - set(rendered):
+        for fmt in set(formats.FORMATS) - set(rendered):
             with pytest.raises(ValueError, match=r"^spec\.") as refused:
-                render.render(p, fmt)
-            assert str(refused.value) == render.unsupported(p, fmt)
+                formats.render(p, fmt)
+            assert str(refused.value) == formats.unsupported(p, fmt)
 
 
 @pytest.mark.parametrize(
@@ -471,7 +474,7 @@ def test_every_format_that_does_not_apply_says_why() -> None:
     ],
 )
 def test_unsupported_names_the_field(name: str, fmt: str, message: str) -> None:
-    assert render.unsupported(PLANS[name], fmt) == message
+    assert formats.unsupported(PLANS[name], fmt) == message
 
 
 def test_kernel_formats_refuse_to_mix_address_families() -> None:
@@ -482,11 +485,11 @@ def test_kernel_formats_refuse_to_mix_address_families() -> None:
         }
     )
     mixed = p.model_copy(update={"backends": (backend,)})
-    assert render.unsupported(mixed, "ipvs") == (
+    assert ipvs_rules.unsupported(mixed) == (
         "spec.backends[0].endpoints: format ipvs cannot forward the IPv4 VIP 192.0.2.10 to the IPv6 endpoint "
         "2001:db8::5; the kernel does not translate between address families"
     )
-    assert render.unsupported(mixed, "dataplane") is None
+    assert formats.unsupported(mixed, "dataplane") is None
 
 
 def _with_endpoint(p: plan.Plan, address: str, port: int | None) -> plan.Plan:
@@ -502,27 +505,27 @@ def _with_endpoint(p: plan.Plan, address: str, port: int | None) -> plan.Plan:
 def test_ipvs_and_haproxy_refuse_an_endpoint_listed_twice() -> None:
     # 10.1.0.7 has no port: on listener 80 it is 10.1.0.7:80, the endpoint added.
     twice = _with_endpoint(PLANS["l4-nat-ipvs"], "10.1.0.7", 80)
-    assert render.unsupported(twice, "ipvs") == (
+    assert ipvs_rules.unsupported(twice) == (
         "spec.backends[0].endpoints: format ipvs cannot list the endpoint 10.1.0.7:80 twice; "
         "merge them into one whose weight is the sum"
     )
     twice = _with_endpoint(PLANS["l4-proxy-tcp"], "10.4.0.5", 5432)
-    assert render.unsupported(twice, "haproxy") == (
+    assert formats.unsupported(twice, "haproxy") == (
         "spec.backends[0].endpoints: format haproxy cannot list the endpoint 10.4.0.5:5432 twice; "
         "merge them into one whose weight is the sum"
     )
-    assert render.unsupported(_with_endpoint(PLANS["l4-proxy-tcp"], "10.4.0.5", None), "haproxy") is None
+    assert formats.unsupported(_with_endpoint(PLANS["l4-proxy-tcp"], "10.4.0.5", None), "haproxy") is None
 
 
 def test_nftables_refuses_what_validation_refuses_too() -> None:
     p = PLANS["l4-nat-nftables-weighted"]
     maglev = p.model_copy(update={"backends": (_backend(api.Algorithm.maglev),), "default_backend": "app"})
-    assert render.unsupported(maglev, "nftables") == (
+    assert formats.unsupported(maglev, "nftables") == (
         "spec.backends[0].algorithm: format nftables renders round-robin and source-hash, not maglev; "
         "use engine ipvs"
     )
     sticky = p.model_copy(update={"session_affinity": plan.SessionAffinity(type=api.AffinityType.ClientIP)})
-    assert render.unsupported(sticky, "nftables") == (
+    assert formats.unsupported(sticky, "nftables") == (
         "spec.sessionAffinity.type: format nftables cannot keep ClientIP affinity; "
         "use algorithm source-hash or engine ipvs"
     )
@@ -530,4 +533,4 @@ def test_nftables_refuses_what_validation_refuses_too() -> None:
 
 def test_an_unknown_format_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown format 'yaml'"):
-        render.unsupported(PLANS["l4-nat-ipvs"], "yaml")
+        formats.unsupported(PLANS["l4-nat-ipvs"], "yaml")

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from layerlb import api, plan, render, resolve, validation
+from layerlb import api, plan, resolve, validation
+from layerlb.render import formats
 from layerlb_operator import admin_ports, objects, status
 from layerlb_operator.cluster_view import ClusterView
 
@@ -118,7 +119,7 @@ def reconcile(
             vip=view.allocated,
             backends=_backend_counts(resource, view),
         )
-    problem = render.unsupported(resolved, "dataplane")
+    problem = formats.unsupported(resolved, "dataplane")
     if problem is not None:
         accepted = status.condition(status.ACCEPTED, False, "InvalidSpec", problem, generation)
         return Outcome("invalid", accepted, generation, replicas, vip=view.allocated)
@@ -126,7 +127,7 @@ def reconcile(
     desired = objects.desired(
         resource,
         str(meta.get("uid", "")),
-        render.dataplane(stored),
+        formats.dataplane(stored),
         settings,
         admin_port,
         secrets,

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from layerlb_dataplane.control import config, runtime
 
-from layerlb import api, plan, render
+from layerlb import api, plan
+from layerlb.render import formats
 from tests.dataplane.helpers_runtime import (
     Running,
     closed_by_peer,
@@ -369,7 +370,7 @@ def test_plan_file_reads_what_render_writes(tmp_path: Path) -> None:
         l4_plan(VIP, [("t", 2, "TCP")], [1], name="two"),
     )
     path = tmp_path / "plan.json"
-    path.write_text(render.dataplane(one) + render.dataplane(two))  # what `render a.yaml b.yaml` prints
+    path.write_text(formats.dataplane(one) + formats.dataplane(two))  # what `render a.yaml b.yaml` prints
     assert config.PlanFile([str(path)]).load() == [one, two]
     path.write_text(json.dumps([one.model_dump(mode="json")]))
     assert config.PlanFile([str(path)]).load() == [one]
@@ -382,7 +383,7 @@ def test_plan_file_reads_what_render_writes(tmp_path: Path) -> None:
 def test_file_sources_reload_on_content_change_only(tmp_path: Path) -> None:
     path = tmp_path / "plan.json"
     p = l4_plan(VIP, [("t", 1, "TCP")], [1])
-    path.write_text(render.dataplane(p))
+    path.write_text(formats.dataplane(p))
     source = config.PlanFile([str(path)], poll_seconds=0.01)
     source.load()
 
@@ -393,9 +394,9 @@ def test_file_sources_reload_on_content_change_only(tmp_path: Path) -> None:
             return False
         return True
 
-    path.write_text(render.dataplane(p))  # rewritten, same bytes: a new mtime, no change
+    path.write_text(formats.dataplane(p))  # rewritten, same bytes: a new mtime, no change
     assert not asyncio.run(changed_within(0.2))
-    path.write_text(render.dataplane(p.model_copy(update={"generation": 7})))
+    path.write_text(formats.dataplane(p.model_copy(update={"generation": 7})))
     assert asyncio.run(changed_within(10))
     assert source.load()[0].generation == 7
 

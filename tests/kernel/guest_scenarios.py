@@ -38,7 +38,8 @@ from layerlb_dataplane.control import probes
 from layerlb_dataplane.core.state import Target
 from layerlb_dataplane.kernel.ipvs import engine as ipvs
 
-from layerlb import api, plan, render
+from layerlb import api, plan
+from layerlb.render import formats, shared
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -302,7 +303,7 @@ def make_plan(
 
 
 def targets_of(p: plan.Plan) -> dict[str, list[Target]]:
-    backend = render.serving_backend(p)
+    backend = shared.serving_backend(p)
     return {backend.name: [Target(backend.name, e.address, e.port, e.weight) for e in backend.endpoints]}
 
 
@@ -359,12 +360,12 @@ def engine_table(ns: str, vip: str) -> dict[str, Any]:
 
 def as_json(services: Mapping[ipvs.ServiceKey, ipvs.VirtualService], vip: str | None) -> dict[str, Any]:
     return {
-        f"{key.protocol} {render.host_port(key.address, key.port)}": {
+        f"{key.protocol} {shared.host_port(key.address, key.port)}": {
             "scheduler": service.scheduler,
             "flags": service.flags,
             "persistence": service.persistence,
             "servers": {
-                render.host_port(*server.key): {
+                shared.host_port(*server.key): {
                     "forward": server.forward,
                     "weight": server.weight,
                     "active": server.active,
@@ -389,7 +390,7 @@ def saved(ns: str, needle: str) -> list[str]:
 
 def rendered(p: plan.Plan) -> list[str]:
     """The render's `-A`/`-a` lines for `p`: what the kernel must hold once the engine synced it."""
-    return sorted(line for line in render.render(p, "ipvs").splitlines() if line.startswith(("-A", "-a")))
+    return sorted(line for line in formats.render(p, "ipvs").splitlines() if line.startswith(("-A", "-a")))
 
 
 def ipvs_stats(ns: str, vip: str) -> dict[str, dict[str, int]]:
@@ -801,7 +802,7 @@ def direct_return(found: Findings, p: plan.Plan, lb: LB, client: Client, vip: st
     found["lb_rx_bytes_during_download"] = lb_after["rx_bytes"] - lb_before["rx_bytes"]
     found["lb_tx_bytes_during_download"] = lb_after["tx_bytes"] - lb_before["tx_bytes"]
     found["client_rx_bytes_during_download"] = client_after["rx_bytes"] - client_before["rx_bytes"]
-    service = f"TCP {render.host_port(vip, DIRECT_PORT)}"
+    service = f"TCP {shared.host_port(vip, DIRECT_PORT)}"
     # IPVS folds its per-CPU counters into what it reports every 2 s: wait for all 21 connections.
     wait_until(lambda: ipvs_stats("lb", vip)[service]["conns"] >= 21, timeout=20)
     found["stats"] = ipvs_stats("lb", vip)

@@ -38,7 +38,8 @@ import pytest
 from layerlb_dataplane.core.state import Target
 from layerlb_dataplane.kernel import addresses, nftables
 
-from layerlb import api, plan, render
+from layerlb import api, plan
+from layerlb.render import nftables_ruleset
 from tests.netns import Namespace, Spawned, Topology
 
 VIP_NAT = "10.0.100.1"
@@ -660,7 +661,7 @@ def test_sync_of_1008_services_by_10_servers_then_a_noop(capsys: pytest.CaptureF
         )
         for index in range(16)
     ]
-    assert all(render.unsupported(p, "nftables") is None for p in plans)
+    assert all(nftables_ruleset.unsupported(p) is None for p in plans)
     with Topology("nftbench", timeout=120) as topo:
         figures = topo.namespace("lb").call(bench_sync, [p.model_dump_json() for p in plans], 10)
     assert figures["services"] == 16 * 63
@@ -704,7 +705,7 @@ def test_a_down_dsr_endpoint_hands_its_slots_to_the_others_and_the_total_stays()
     spread = nftables._spread(slots)
     assert [(e.address, e.weight) for e in spread] == [("a", 2), ("a", 1), ("c", 1), ("a", 1), ("c", 1)]
     assert sum(e.weight for e in spread) == 6
-    ranges = render.weight_ranges([e.weight for e in spread])
+    ranges = nftables_ruleset.weight_ranges([e.weight for e in spread])
     assert ranges[0] == (0, 1) and ranges[-1] == (5, 5)  # a and c keep exactly the slots they had
     nobody = nftables._spread([nftables._Slot("a", None, 2, False)])
     assert [e.weight for e in nobody] == [0]

@@ -13,7 +13,7 @@ import socket
 import subprocess
 from collections.abc import Mapping
 
-from layerlb import render
+from layerlb.render import shared
 
 
 def ip(*args: str) -> subprocess.CompletedProcess[str]:
@@ -38,7 +38,7 @@ def infos(link: Mapping[str, object]) -> list[Mapping[str, object]]:
 
 def is_local(vip: str) -> bool:
     """Whether `vip` is an address of this node: binding to it succeeds (unless non-local binds are allowed)."""
-    v6 = render.is_ipv6(vip)
+    v6 = shared.is_ipv6(vip)
     try:
         with open(f"/proc/sys/net/{'ipv6' if v6 else 'ipv4'}/ip_nonlocal_bind") as file:
             nonlocal_bind = file.read().strip() != "0"
@@ -66,7 +66,7 @@ def add_to_loopback(vip: str) -> bool:
     True when it was added. Raises OSError with `ip`'s message when the kernel refuses."""
     if is_local(vip):
         return False
-    if render.is_ipv6(vip):
+    if shared.is_ipv6(vip):
         done = ip("-6", "addr", "add", f"{vip}/128", "dev", "lo", "nodad")
     else:
         done = ip("addr", "add", f"{vip}/32", "dev", "lo", "label", LOOPBACK_LABEL)
@@ -78,7 +78,7 @@ def add_to_loopback(vip: str) -> bool:
 
 def remove_from_loopback(vip: str) -> None:
     """Take `vip` off the loopback again (an IPv4 address only when it carries layerlb's label)."""
-    if render.is_ipv6(vip):
+    if shared.is_ipv6(vip):
         ip("-6", "addr", "del", f"{vip}/128", "dev", "lo")
     else:
         ip("addr", "del", f"{vip}/32", "dev", "lo", "label", LOOPBACK_LABEL)

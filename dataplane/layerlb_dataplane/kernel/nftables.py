@@ -1,6 +1,6 @@
 """The nftables kernel engine, so that `nat` and `dsr` LoadBalancers forward in the kernel where IPVS is absent.
 
-What it programs is exactly what `layerlb.render` renders for the Plan (format `nftables`), loaded as one
+What it programs is exactly what `layerlb.render.nftables_ruleset` renders for the Plan (format `nftables`), loaded as one
 `nft -f` transaction that replaces this LoadBalancer's own table, `layerlb_<namespace>_<name>`, and no
 other. The engine adds only what the kernel state at sync time decides:
 
@@ -70,8 +70,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from layerlb import api, render
+from layerlb import api
 from layerlb import plan as plan_model
+from layerlb.render import nftables_ruleset, shared
 from layerlb_dataplane.core.state import Target
 from layerlb_dataplane.kernel import SyncReport, addresses
 from layerlb_dataplane.kernel import strict_arp as strict_arp_module
@@ -218,7 +219,7 @@ def table_family(p: plan_model.Plan) -> str:
     """The nftables family of a Plan's table: netdev for dsr, ip or ip6 (the VIP's) for nat."""
     if p.architecture is api.Architecture.dsr:
         return "netdev"
-    return "ip6" if render.is_ipv6(p.vip) else "ip"
+    return "ip6" if shared.is_ipv6(p.vip) else "ip"
 
 
 @dataclass
@@ -342,7 +343,7 @@ class NftablesEngine:
         if plan.architecture is api.Architecture.dsr:
             self._layouts[desired.table] = desired.order
         warnings: tuple[str, ...] = ()
-        if self.strict_arp is not None and not render.is_ipv6(plan.vip):  # before the VIP is there to answer
+        if self.strict_arp is not None and not shared.is_ipv6(plan.vip):  # before the VIP is there to answer
             checked = self.strict_arp.check()
             changes += checked.changes
             warnings = (checked.warning,) if checked.warning else ()
@@ -353,7 +354,7 @@ class NftablesEngine:
 
     def remove(self, plan: plan_model.Plan) -> None:
         """Deletes this LoadBalancer's table (in whichever family it is) and the VIP address the engine added."""
-        table = render.nft_table_name(plan)
+        table = nftables_ruleset.nft_table_name(plan)
         families = self._families_holding(table)
         if families:
             self.nft.run("".join(f"delete table {family} {table}\n" for family in families))
@@ -383,12 +384,12 @@ class NftablesEngine:
 
     def desired(self, plan: plan_model.Plan, targets: Mapping[str, Sequence[Target]]) -> Desired:
         """The ruleset `sync` would load now (resolving DSR neighbours as needed), without loading it."""
-        reason = render.unsupported(plan, "nftables")
+        reason = nftables_ruleset.unsupported(plan)
         if reason is not None:
             raise ValueError(reason)
-        table = render.nft_table_name(plan)
+        table = nftables_ruleset.nft_table_name(plan)
         family = table_family(plan)
-        backend = render.serving_backend(plan)
+        backend = shared.serving_backend(plan)
         given = {(t.address, t.port): t for t in targets.get(backend.name, ())}
         if plan.architecture is api.Architecture.nat:
             endpoints = tuple(
@@ -400,7 +401,7 @@ class NftablesEngine:
             effective = _with_endpoints(plan, backend, endpoints)
 
             def draw(comment: str | None) -> str:
-                return render.render(effective, "nftables", masquerade=self.masquerade, comment=comment)
+                return nftables_ruleset.nftables(effective, masquerade=self.masquerade, comment=comment)
 
             # The digest covers what nft loads; the comment that carries it needs a second render.
             return Desired(family, table, draw, ruleset_digest(draw(None)), effective)
@@ -422,9 +423,8 @@ class NftablesEngine:
         dsr_effective = _with_endpoints(plan, backend, _spread(slots))
 
         def draw_dsr(comment: str | None) -> str:
-            return render.render(
+            return nftables_ruleset.nftables(
                 dsr_effective,
-                "nftables",
                 device=device,
                 device_mac=device_mac,
                 neighbours=neighbours,
@@ -437,7 +437,7 @@ class NftablesEngine:
 
     def next_resync(self, plan: plan_model.Plan) -> float | None:
         """When (on `clock`) a DSR drain of this Plan ends and a sync should drop the drained target; or None."""
-        table = render.nft_table_name(plan)
+        table = nftables_ruleset.nft_table_name(plan)
         ends = [since + self.drain_seconds for (name, _), since in self._drain_since.items() if name == table]
         return min(ends) if ends else None
 
@@ -562,7 +562,7 @@ class NftablesEngine:
     def _ensure_forwarding(vip: str) -> int:
         path = (
             "/proc/sys/net/ipv6/conf/all/forwarding"
-            if render.is_ipv6(vip)
+            if shared.is_ipv6(vip)
             else "/proc/sys/net/ipv4/ip_forward"
         )
         with open(path) as file:
@@ -657,7 +657,7 @@ def _weighted_turns(weighted: list[tuple[str, int | None, int]]) -> list[Key]:
 
 def _nudge(address: str) -> None:
     """One empty UDP datagram to the discard port: the kernel resolves (or re-verifies) the neighbour."""
-    family = socket.AF_INET6 if render.is_ipv6(address) else socket.AF_INET
+    family = socket.AF_INET6 if shared.is_ipv6(address) else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         try:
@@ -671,7 +671,7 @@ def _read_neighbours(device: str, addresses: Sequence[str]) -> dict[str, str]:
     """Complete neighbour entries for `addresses` on `device` (IPv4 from /proc/net/arp, IPv6 from `ip`)."""
     wanted = set(addresses)
     found: dict[str, str] = {}
-    if any(not render.is_ipv6(address) for address in wanted):
+    if any(not shared.is_ipv6(address) for address in wanted):
         with open("/proc/net/arp") as file:
             for line in file.read().splitlines()[1:]:
                 fields = line.split()
@@ -680,7 +680,7 @@ def _read_neighbours(device: str, addresses: Sequence[str]) -> dict[str, str]:
                 )
                 if complete and fields[0] in wanted and fields[5] == device:
                     found[fields[0]] = fields[3].lower()
-    if any(render.is_ipv6(address) for address in wanted):
+    if any(shared.is_ipv6(address) for address in wanted):
         for entry in _ip_json("-6", "neigh", "show", "dev", device):
             state = entry.get("state") or []
             address = str(ipaddress.ip_address(str(entry.get("dst", "::"))))

@@ -1,14 +1,14 @@
 """The IPVS kernel engine, so that `nat`, `dsr` and `tunnel` LoadBalancers forward in the kernel with IPVS.
 
-**What it programs** is exactly what `layerlb.render` renders for the Plan (format `ipvs`): the engine
-takes `render.ipvs_services(plan)` — one virtual service per listener (TCP `-t`, UDP `-u`), the scheduler
-from `render.ipvs_scheduler`, persistence (`-p`) for ClientIP affinity, real servers with their weights
+**What it programs** is exactly what `layerlb.render.ipvs_rules` renders for the Plan (format `ipvs`): the engine
+takes `ipvs_rules.ipvs_services(plan)` — one virtual service per listener (TCP `-t`, UDP `-u`), the scheduler
+from `ipvs_rules.ipvs_scheduler`, persistence (`-p`) for ClientIP affinity, real servers with their weights
 and `-m` (nat), `-g` (dsr) or `-i` (tunnel) — and changes two things only. The weight of a real server
 whose target is not usable (health down) becomes 0: IPVS schedules no new connection to a server of
 weight 0 and keeps forwarding the ones it has. And the hashing schedulers get their fallback flag
 (`-b sh-fallback`, `-b mh-fallback`): without it, `sh` and `mh` keep hashing clients to a server of
 weight 0 and then find no destination, so the clients of a down or draining server are refused instead
-of moved (checked in the guest); with it they go to the next available server. (The render carries the flag: `render.IPVS_SCHEDULER_FLAGS`.)
+of moved (checked in the guest); with it they go to the next available server. (The render carries the flag: `ipvs_rules.IPVS_SCHEDULER_FLAGS`.)
 
 **Why netlink, and not `ipvsadm` or pyroute2.** The engine speaks IPVS's generic netlink family itself
 (`netlink`): a sync's changes go to the kernel in a few batched `sendmsg` calls, and the table is
@@ -91,8 +91,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from layerlb import api, render
+from layerlb import api
 from layerlb import plan as plan_model
+from layerlb.render import ipvs_rules, shared
 from layerlb_dataplane.core.state import Target
 from layerlb_dataplane.kernel import SyncReport, addresses
 from layerlb_dataplane.kernel import strict_arp as strict_arp_module
@@ -133,7 +134,7 @@ class ServiceKey:
     def option(self) -> str:
         """`-t 192.0.2.10:80`: how ipvsadm names the service."""
         flag = "-u" if self.protocol == "UDP" else "-t"
-        return f"{flag} {render.host_port(self.address, self.port)}"
+        return f"{flag} {shared.host_port(self.address, self.port)}"
 
 
 @dataclass
@@ -154,7 +155,7 @@ class RealServer:
     @property
     def target(self) -> str:
         """`-r 10.0.2.11:8080`."""
-        return f"-r {render.host_port(self.address, self.port)}"
+        return f"-r {shared.host_port(self.address, self.port)}"
 
     def option(self, *, forward: str | None = None, weight: int | None = None) -> str:
         """`-r 10.0.2.11:8080 -m -w 2`, the render's own spelling."""
@@ -468,7 +469,7 @@ class IpvsEngine:
             else:
                 self._next[plan.key] = next_sync
         warnings: tuple[str, ...] = ()
-        if self.strict_arp is not None and not render.is_ipv6(vip):  # before the VIP is there to answer
+        if self.strict_arp is not None and not shared.is_ipv6(vip):  # before the VIP is there to answer
             checked = self.strict_arp.check()
             changes += checked.changes
             warnings = (checked.warning,) if checked.warning else ()
@@ -506,10 +507,10 @@ class IpvsEngine:
 
         A target marked `draining` is left out (it drains like an endpoint gone from the Plan).
         """
-        reason = render.unsupported(plan, "ipvs")
+        reason = ipvs_rules.unsupported(plan)
         if reason is not None:
             raise ValueError(reason)
-        backend = render.serving_backend(plan)
+        backend = shared.serving_backend(plan)
         given = {(t.address, t.port): t for t in targets.get(backend.name, ())}
         verdicts = [given.get((e.address, e.port)) for e in backend.endpoints]
         kept = [target is None or not target.draining for target in verdicts]
@@ -517,7 +518,7 @@ class IpvsEngine:
         # Listeners repeat the same real servers: one (never mutated) object per line and verdict.
         made: dict[tuple[str, bool], RealServer] = {}
         services: dict[ServiceKey, VirtualService] = {}
-        for rendered in render.ipvs_services(plan):
+        for rendered in ipvs_rules.ipvs_services(plan):
             key = parse_service_option(rendered.service)
             service = VirtualService(key, rendered.scheduler, rendered.persistence, rendered.flags)
             for text, keep, up in zip(rendered.servers, kept, usable, strict=True):
@@ -610,7 +611,7 @@ class IpvsEngine:
     ) -> tuple[list[Change], float | None]:
         """The changes that turn `owned` into `desired`, and when a pending drain wants a sync."""
         now = self.clock()
-        method = render.IPVS_FORWARDING[plan.architecture]
+        method = ipvs_rules.IPVS_FORWARDING[plan.architecture]
         drains = _Drains(self, now, method)
         commands: list[Change] = []
         for key, want in desired.items():
@@ -680,7 +681,7 @@ class IpvsEngine:
         if addresses.is_local(vip):
             return 0
         device = self._vip_device(plan, vip)
-        if render.is_ipv6(vip):
+        if shared.is_ipv6(vip):
             done = _ip("-6", "addr", "add", f"{vip}/128", "dev", device, "nodad")
         else:
             label = f"{device}{VIP_LABEL_SUFFIX}"
@@ -694,7 +695,7 @@ class IpvsEngine:
         return 1
 
     def _remove_vip(self, vip: str) -> None:
-        v6 = render.is_ipv6(vip)
+        v6 = shared.is_ipv6(vip)
         host = 128 if v6 else 32
         for link in addresses.ip_json("addr", "show", "to", f"{vip}/{host}"):
             device = str(link.get("ifname", ""))
@@ -713,7 +714,7 @@ class IpvsEngine:
     def _ensure_sysctls(self, plan: plan_model.Plan, vip: str) -> int:
         changes = 0
         if plan.architecture is api.Architecture.nat and self.forwarding:
-            v6 = render.is_ipv6(vip)
+            v6 = shared.is_ipv6(vip)
             path = "/proc/sys/net/ipv6/conf/all/forwarding" if v6 else "/proc/sys/net/ipv4/ip_forward"
             changes += _set_sysctl(path, "1")
         if self.expire_quiescent and plan.session_affinity.type is api.AffinityType.ClientIP:
@@ -742,7 +743,7 @@ class _Checked:
 
 def _verdicts(plan: plan_model.Plan, targets: Mapping[str, Sequence[Target]]) -> tuple[str, ...]:
     """What `desired` reads of the targets, endpoint by endpoint: equal verdicts, equal desired state."""
-    backend = render.serving_backend(plan)
+    backend = shared.serving_backend(plan)
     given = {(t.address, t.port): t for t in targets.get(backend.name, ())}
     return tuple(_verdict(given.get((e.address, e.port))) for e in backend.endpoints)
 
