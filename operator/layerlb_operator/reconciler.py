@@ -2,7 +2,7 @@
 
 `Reconciler.sync` is the one path for every trigger (a LoadBalancer created, changed or resumed; a
 Service, EndpointSlice, Secret, VIPPool, Deployment or forwarding pod that it refers to changed):
-read the cluster view from the watched state in memory, run the pure `reconcile`, claim the VIP,
+read the cluster view from the watched state in memory, run the pure `desired_state.reconcile`, claim the VIP,
 server-side apply the objects, and patch the status when it differs. Triggers from watched objects
 go through a debounced queue, so a burst of endpoint changes costs one re-render per LoadBalancer.
 Changes of a LoadBalancer's own forwarding pods, their serving reports and their Deployment only move
@@ -26,9 +26,9 @@ from layerlb import validation
 from layerlb_operator import (
     admin_ports,
     apiserver,
+    desired_state,
     objects,
     pool_status,
-    reconcile,
     service_reconciler,
     status,
     vips,
@@ -213,7 +213,7 @@ class Reconciler:
 
     async def sync(self, document: Mapping[str, Any]) -> Result:
         """Reconcile one LoadBalancer document now; never raises for its content, only reports."""
-        key = reconcile.key_of(document)
+        key = desired_state.key_of(document)
         meta = document.get("metadata") or {}
         sources = self.sources
         if meta.get("deletionTimestamp") or sources is None:
@@ -239,7 +239,7 @@ class Reconciler:
                     for port in ports
                 }
             )
-            outcome = reconcile.reconcile(
+            outcome = desired_state.reconcile(
                 document,
                 view,
                 self.settings,
@@ -258,7 +258,7 @@ class Reconciler:
                 except apiserver.ApiError as error:
                     apply_error = str(error)
             instance = (str(meta.get("namespace") or "default"), objects.label_value(str(meta.get("name"))))
-            new = reconcile.status_for(
+            new = desired_state.status_for(
                 previous,
                 outcome,
                 apply_error=apply_error,
@@ -333,7 +333,7 @@ class Reconciler:
         never see a status-only change)."""
         if not self.ready_needs_announcement:
             return
-        key = reconcile.key_of(document)
+        key = desired_state.key_of(document)
         current = document.get("status") or {}
         if key in self._announced and self._announced[key] != status.announced_by(
             current, current.get("vip")
@@ -430,7 +430,7 @@ class Reconciler:
 
     async def forget(self, document: Mapping[str, Any]) -> None:
         """A LoadBalancer is being deleted: run the cleanup hook, release its VIP, and wake who waits for one."""
-        key = reconcile.key_of(document)
+        key = desired_state.key_of(document)
         async with self._locks.setdefault(key, asyncio.Lock()):
             await self.before_delete(document)
             self.ledger.release(key)

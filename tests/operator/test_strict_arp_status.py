@@ -7,9 +7,9 @@ from typing import Any
 
 from layerlb_dataplane.control import kube_source
 from layerlb_dataplane.kernel import strict_arp
-from layerlb_operator import objects, reconcile, status
+from layerlb_operator import desired_state, objects, status
 
-from tests.operator.test_operator_reconcile import NOW, _document, _slice, _view
+from tests.operator.test_desired_state import NOW, _document, _slice, _view
 
 NAT: dict[str, Any] = {
     "mode": "L4",
@@ -21,19 +21,19 @@ NAT: dict[str, Any] = {
 WARNING = "this node answers ARP for its loopback VIPs on eth0 next to the L2 speaker (...)"
 
 
-def _env(outcome: reconcile.Outcome) -> dict[str, Any]:
+def _env(outcome: desired_state.Outcome) -> dict[str, Any]:
     [deployment] = [o for o in outcome.objects if o["kind"] == "Deployment"]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e.get("value") for e in container["env"]}
 
 
-def _outcome(settings: objects.Settings | None = None, **spec: Any) -> reconcile.Outcome:
+def _outcome(settings: objects.Settings | None = None, **spec: Any) -> desired_state.Outcome:
     view = _view([_slice(("10.1.0.1", True))])
-    return reconcile.reconcile(_document(**spec), view, settings or objects.Settings())
+    return desired_state.reconcile(_document(**spec), view, settings or objects.Settings())
 
 
-def _strict(outcome: reconcile.Outcome, reports: dict[str, status.PodReport]) -> dict[str, Any] | None:
-    new = reconcile.status_for(
+def _strict(outcome: desired_state.Outcome, reports: dict[str, status.PodReport]) -> dict[str, Any] | None:
+    new = desired_state.status_for(
         {}, outcome, apply_error=None, deployment_status=None, reports=reports, now=NOW
     )
     return next((c for c in new["conditions"] if c["type"] == status.STRICT_ARP), None)

@@ -1,4 +1,4 @@
-"""`reconcile` turns a LoadBalancer and the cluster view into objects and a status, never raising for bad input."""
+"""`desired_state.reconcile` turns a LoadBalancer and the cluster view into objects and a status, never raising for bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from layerlb_operator import cluster_view, objects, reconcile, status, vips
+from layerlb_operator import cluster_view, desired_state, objects, status, vips
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = "2026-01-01T00:00:00Z"
@@ -69,7 +69,7 @@ def _view(
     )
 
 
-def _plan(outcome: reconcile.Outcome) -> dict[str, Any]:
+def _plan(outcome: desired_state.Outcome) -> dict[str, Any]:
     config_map = next(obj for obj in outcome.objects if obj["kind"] == "ConfigMap")
     plan: dict[str, Any] = json.loads(config_map["data"]["plan.json"])
     return plan
@@ -77,7 +77,7 @@ def _plan(outcome: reconcile.Outcome) -> dict[str, Any]:
 
 def test_a_service_backend_resolves_to_its_ready_endpoints_on_the_target_port() -> None:
     view = _view([_slice(("10.1.0.2", True), ("10.1.0.1", None), ("10.1.0.3", False))])
-    outcome = reconcile.reconcile(_document(), view, objects.Settings())
+    outcome = desired_state.reconcile(_document(), view, objects.Settings())
     assert outcome.verdict == "accepted"
     assert outcome.accepted["status"] == "True"
     endpoints = _plan(outcome)["backends"][0]["endpoints"]
@@ -106,14 +106,14 @@ def test_endpoints_repeated_across_slices_count_once() -> None:
             _slice(("10.1.0.9", True), port_name="other"),
         ]
     )
-    outcome = reconcile.reconcile(_document(), view, objects.Settings())
+    outcome = desired_state.reconcile(_document(), view, objects.Settings())
     assert outcome.backends == [{"name": "app", "ready": 1, "total": 1}]
 
 
 def test_a_missing_service_is_backend_not_found_and_transient() -> None:
     view = _view()
     view.services = {}
-    outcome = reconcile.reconcile(_document(), view, objects.Settings())
+    outcome = desired_state.reconcile(_document(), view, objects.Settings())
     assert (outcome.verdict, outcome.accepted["reason"]) == ("unresolvable", "BackendNotFound")
     assert outcome.transient
     assert (
@@ -127,7 +127,7 @@ def test_a_missing_service_is_backend_not_found_and_transient() -> None:
 
 def test_a_service_without_the_port_says_which_ports_it_has() -> None:
     view = _view(service_ports=[{"name": "grpc", "port": 9000, "protocol": "TCP"}])
-    outcome = reconcile.reconcile(_document(), view, objects.Settings())
+    outcome = desired_state.reconcile(_document(), view, objects.Settings())
     assert (
         outcome.accepted["message"]
         == "spec.backends[0].service.port: Service app has no port 80; its ports: 9000 (grpc)"
@@ -136,7 +136,7 @@ def test_a_service_without_the_port_says_which_ports_it_has() -> None:
 
 def test_an_invalid_spec_is_refused_with_validation_problems_and_is_permanent() -> None:
     document = _document(vip="not-an-ip", replicas=0)
-    outcome = reconcile.reconcile(document, _view(), objects.Settings())
+    outcome = desired_state.reconcile(document, _view(), objects.Settings())
     assert (outcome.verdict, outcome.accepted["reason"]) == ("invalid", "InvalidSpec")
     assert not outcome.transient
     assert "spec.replicas: 0 is out of range; must be >= 1" in outcome.accepted["message"]
@@ -147,11 +147,11 @@ def test_tls_secrets_missing_or_unusable_have_their_own_reasons() -> None:
     https: dict[str, Any] = {
         "listeners": [{"name": "https", "port": 8443, "protocol": "HTTPS", "tls": {"secretName": "cert"}}],
     }
-    missing = reconcile.reconcile(_document(**https), _view(), objects.Settings())
+    missing = desired_state.reconcile(_document(**https), _view(), objects.Settings())
     assert missing.accepted["reason"] == "SecretNotFound"
     broken = _view(secrets={("shop", "cert"): cluster_view.secret_summary("cert", {"tls.crt": "eA=="})})
     assert (
-        reconcile.reconcile(_document(**https), broken, objects.Settings()).accepted["reason"]
+        desired_state.reconcile(_document(**https), broken, objects.Settings()).accepted["reason"]
         == "InvalidCertificate"
     )
     example = next(
@@ -159,21 +159,21 @@ def test_tls_secrets_missing_or_unusable_have_their_own_reasons() -> None:
     )
     data = {key: base64.b64encode(value.encode()).decode() for key, value in example["stringData"].items()}
     good = _view(secrets={("shop", "cert"): cluster_view.secret_summary("cert", data)})
-    outcome = reconcile.reconcile(_document(**https), good, objects.Settings())
+    outcome = desired_state.reconcile(_document(**https), good, objects.Settings())
     assert outcome.verdict == "accepted"
     assert _plan(outcome)["listeners"][0]["certificates"][0]["names"] == ["shop.example.com"]
 
 
 def test_a_vip_held_elsewhere_is_a_conflict() -> None:
     view = _view(holders={"192.0.2.70": "demo/other"})
-    outcome = reconcile.reconcile(_document(vip="192.0.2.70"), view, objects.Settings())
+    outcome = desired_state.reconcile(_document(vip="192.0.2.70"), view, objects.Settings())
     assert outcome.accepted["reason"] == "VIPConflict"
     assert outcome.vip is None
 
 
 def test_the_status_reports_vip_counts_and_three_conditions_for_the_generation() -> None:
-    outcome = reconcile.reconcile(_document(), _view([_slice(("10.1.0.1", True))]), objects.Settings())
-    new = reconcile.status_for({}, outcome, apply_error=None, deployment_status=None, reports={}, now=NOW)
+    outcome = desired_state.reconcile(_document(), _view([_slice(("10.1.0.1", True))]), objects.Settings())
+    new = desired_state.status_for({}, outcome, apply_error=None, deployment_status=None, reports={}, now=NOW)
     assert new["vip"] == "192.0.2.64"
     assert new["observedGeneration"] == 2
     assert new["backends"] == [{"name": "app", "ready": 1, "total": 1}]
@@ -187,8 +187,8 @@ def test_the_status_reports_vip_counts_and_three_conditions_for_the_generation()
 
 
 def test_a_failed_apply_is_not_programmed() -> None:
-    outcome = reconcile.reconcile(_document(), _view(), objects.Settings())
-    new = reconcile.status_for(
+    outcome = desired_state.reconcile(_document(), _view(), objects.Settings())
+    new = desired_state.status_for(
         {}, outcome, apply_error="500: boom", deployment_status=None, reports={}, now=NOW
     )
     programmed = next(c for c in new["conditions"] if c["type"] == status.PROGRAMMED)
@@ -201,8 +201,8 @@ def test_a_failed_apply_is_not_programmed() -> None:
 
 def test_an_invalid_spec_keeps_the_last_good_vip_and_counts() -> None:
     previous = {"vip": "192.0.2.99", "backends": [{"name": "app", "ready": 3, "total": 3}], "conditions": []}
-    outcome = reconcile.reconcile(_document(replicas=0), _view(), objects.Settings())
-    new = reconcile.status_for(
+    outcome = desired_state.reconcile(_document(replicas=0), _view(), objects.Settings())
+    new = desired_state.status_for(
         previous, outcome, apply_error=None, deployment_status=None, reports={}, now=NOW
     )
     assert new["vip"] == "192.0.2.99"

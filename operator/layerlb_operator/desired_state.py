@@ -119,10 +119,6 @@ def reconcile(
             vip=view.allocated,
             backends=_backend_counts(resource, view),
         )
-    problem = formats.unsupported(resolved, "dataplane")
-    if problem is not None:
-        accepted = status.condition(status.ACCEPTED, False, "InvalidSpec", problem, generation)
-        return Outcome("invalid", accepted, generation, replicas, vip=view.allocated)
     stored, secrets = objects.without_keys(resolved)
     desired = objects.desired(
         resource,
