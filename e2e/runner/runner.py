@@ -24,7 +24,6 @@ namespaces it is given and, for each Pending one, does what the node would:
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
 import datetime
@@ -624,13 +623,6 @@ def _http_ok(address: str, probe: pods.Probe) -> bool:
         return 200 <= error.code < 400
     except OSError:
         return False
-
-
-def token_subject(token: str) -> dict[str, Any]:
-    """The claims of a ServiceAccount token (unverified), for tests that check what the pod was given."""
-    payload = token.split(".")[1]
-    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    return claims
 
 
 def _host_ports(pod: dict[str, Any]) -> set[int]:
