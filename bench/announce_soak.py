@@ -206,7 +206,7 @@ def speaker_log_figures(log: str, since: float) -> tuple[dict[str, int], float, 
             ("announcing ", "announcing"),
             ("withdrawing ", "withdrawing"),
             (" left", "peer dead or left"),
-            ("dead after", "peer dead or left"),
+            ("s without a heartbeat", "peer dead or left"),
         ):
             if word in line:
                 counts[key] += 1

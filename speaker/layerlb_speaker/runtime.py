@@ -179,7 +179,7 @@ class Speaker:
             after = self.membership.dead_after(beat.node)
             if abs(after - before) >= self.settings.timing.interval / 2:
                 log.info(
-                    "peer %s: its rounds run up to %.3f s late; dead after %.3f s of silence",
+                    "peer %s: its rounds run up to %.3f s late; allowing it %.3f s of silence",
                     beat.node,
                     beat.late_ms / 1000,
                     after,

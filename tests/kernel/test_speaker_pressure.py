@@ -42,7 +42,7 @@ def _pause(network: Lan, node: str, seconds: float) -> float:
 def _allowed(network: Lan, peer: str, holder: str) -> float:
     """How long `peer` now lets `holder` stay silent, from its last log line saying so (0 if none)."""
     found = re.findall(
-        rf"peer {holder}: its rounds run up to [\d.]+ s late; dead after ([\d.]+) s",
+        rf"peer {holder}: its rounds run up to [\d.]+ s late; allowing it ([\d.]+) s",
         network.speakers[peer].stderr(),
     )
     return float(found[-1]) if found else 0.0
