@@ -36,7 +36,10 @@ from typing import Any
 
 from layerlb_dataplane.control import probes
 from layerlb_dataplane.core.state import Target
-from layerlb_dataplane.kernel.ipvs import engine as ipvs
+from layerlb_dataplane.kernel.ipvs import desired as ipvs_desired
+from layerlb_dataplane.kernel.ipvs import engine as ipvs_engine
+from layerlb_dataplane.kernel.ipvs import proc as ipvs_proc
+from layerlb_dataplane.kernel.ipvs import table as ipvs_table
 
 from layerlb import api, plan
 from layerlb.render import formats, shared
@@ -307,20 +310,20 @@ def targets_of(p: plan.Plan) -> dict[str, list[Target]]:
     return {backend.name: [Target(backend.name, e.address, e.port, e.weight) for e in backend.endpoints]}
 
 
-def parse_listing(text: str) -> dict[ipvs.ServiceKey, ipvs.VirtualService]:
+def parse_listing(text: str) -> dict[ipvs_table.ServiceKey, ipvs_table.VirtualService]:
     """The TCP and UDP services of `ipvsadm -Ln --exact` output, with real servers and connection counts:
     the tests' own view of the kernel's table, independent of the engine's netlink read.
 
     fwmark and SCTP services (and their servers) are skipped: layerlb never creates them.
     """
-    services: dict[ipvs.ServiceKey, ipvs.VirtualService] = {}
-    current: ipvs.VirtualService | None = None
+    services: dict[ipvs_table.ServiceKey, ipvs_table.VirtualService] = {}
+    current: ipvs_table.VirtualService | None = None
     for line in text.splitlines():
         words = line.split()
         if not words:
             continue
         if words[0] in ("TCP", "UDP") and len(words) >= 3:
-            address, port = ipvs.split_host_port(words[1])
+            address, port = ipvs_table.split_host_port(words[1])
             persistence: int | None = None
             flags: str | None = None
             extra: list[str] = []
@@ -332,14 +335,18 @@ def parse_listing(text: str) -> dict[ipvs.ServiceKey, ipvs.VirtualService]:
                     flags = word[1:-1]  # `mh (mh-fallback,mh-port)`
                 else:
                     extra.append(word)
-            key = ipvs.ServiceKey(words[0], address, port)
-            current = services[key] = ipvs.VirtualService(key, words[2], persistence, flags, tuple(extra))
+            key = ipvs_table.ServiceKey(words[0], address, port)
+            current = services[key] = ipvs_table.VirtualService(
+                key, words[2], persistence, flags, tuple(extra)
+            )
         elif words[0] == "->" and len(words) >= 6 and words[1] != "RemoteAddress:Port":
             if current is None:
                 continue
-            address, port = ipvs.split_host_port(words[1])
-            forward = ipvs.FORWARD_FLAGS.get(words[2], words[2])
-            server = ipvs.RealServer(address, port, forward, int(words[3]), int(words[4]), int(words[5]))
+            address, port = ipvs_table.split_host_port(words[1])
+            forward = ipvs_table.FORWARD_FLAGS.get(words[2], words[2])
+            server = ipvs_table.RealServer(
+                address, port, forward, int(words[3]), int(words[4]), int(words[5])
+            )
             current.servers[server.key] = server
         elif words[0] != "->":
             current = None  # a header, or a service of a kind layerlb does not own
@@ -355,10 +362,12 @@ def table(ns: str, vip: str | None = None) -> dict[str, Any]:
 def engine_table(ns: str, vip: str) -> dict[str, Any]:
     """`table`, as the engine reads it (netlink dump + /proc), to compare with ipvsadm's view."""
     with netns(ns):
-        return as_json(ipvs.IpvsEngine().read(vip), vip)
+        return as_json(ipvs_engine.IpvsEngine().read(vip), vip)
 
 
-def as_json(services: Mapping[ipvs.ServiceKey, ipvs.VirtualService], vip: str | None) -> dict[str, Any]:
+def as_json(
+    services: Mapping[ipvs_table.ServiceKey, ipvs_table.VirtualService], vip: str | None
+) -> dict[str, Any]:
     return {
         f"{key.protocol} {shared.host_port(key.address, key.port)}": {
             "scheduler": service.scheduler,
@@ -420,7 +429,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.3)
 class LB:
     """An engine used from the LB's namespace, as `layerlb serve` would run it there."""
 
-    def __init__(self, ns: str, engine: ipvs.IpvsEngine | Any) -> None:
+    def __init__(self, ns: str, engine: ipvs_engine.IpvsEngine | Any) -> None:
         self.ns = ns
         self.engine = engine
 
@@ -525,7 +534,7 @@ def scenario_nat() -> Findings:
     listeners = (("tcp", NAT_PORT, "TCP"), ("dns", UDP_PORT, "UDP"))
     p1 = make_plan("web", NAT_VIP, api.Architecture.nat, endpoints, listeners=listeners)
     targets = targets_of(p1)
-    lb = LB("lb", ipvs.IpvsEngine(drain_seconds=30))
+    lb = LB("lb", ipvs_engine.IpvsEngine(drain_seconds=30))
     found["first_sync"] = lb.sync(p1, targets)
     found["table_first"] = table("lb", NAT_VIP)
     found["engine_view_first"] = engine_table("lb", NAT_VIP)
@@ -612,7 +621,7 @@ def scenario_nat() -> Findings:
     # Restart: a new engine instance adopts the kernel's state; an open connection does not notice.
     kept = client.connect(NAT_VIP, NAT_PORT)
     found["kept_before"] = kept.ask()
-    restarted = LB("lb", ipvs.IpvsEngine(drain_seconds=30))
+    restarted = LB("lb", ipvs_engine.IpvsEngine(drain_seconds=30))
     found["restart_sync"] = restarted.sync(p2, targets_of(p2))
     found["kept_after"] = kept.ask()
     found["table_after_restart"] = table("lb", NAT_VIP)
@@ -628,7 +637,7 @@ def scenario_nat() -> Findings:
         algorithm=api.Algorithm.maglev,
         affinity=api.AffinityType.ClientIP,
     )
-    sticky = LB("lb", ipvs.IpvsEngine(drain_seconds=4, full_check_seconds=0))
+    sticky = LB("lb", ipvs_engine.IpvsEngine(drain_seconds=4, full_check_seconds=0))
     found["sticky_sync"] = sticky.sync(p3, targets_of(p3))
     found["sticky_table"] = table("lb", NAT_VIP2)
     found["engine_view_sticky"] = engine_table("lb", NAT_VIP2)
@@ -686,20 +695,20 @@ def refused_changes(ns: str) -> Findings:
     """Changes the kernel refuses (a service that exists, a real server that does not) among ones it
     accepts: the error names each refused change and why, and the accepted ones are in place."""
     found: Findings = {}
-    key = ipvs.ServiceKey("TCP", SCRATCH_VIP, 80)
-    service = ipvs.VirtualService(key, "rr", None)
-    server = ipvs.RealServer("10.0.2.11", 8080, "-m", 1)
+    key = ipvs_table.ServiceKey("TCP", SCRATCH_VIP, 80)
+    service = ipvs_table.VirtualService(key, "rr", None)
+    server = ipvs_table.RealServer("10.0.2.11", 8080, "-m", 1)
     changes = [
-        ipvs.Change("-A", key, service),
-        ipvs.Change("-A", key, service),
-        ipvs.Change("-a", key, server=server),
-        ipvs.Change("-d", key, server=ipvs.RealServer("10.0.2.99", 8080, "-m", 1)),
+        ipvs_table.Change("-A", key, service),
+        ipvs_table.Change("-A", key, service),
+        ipvs_table.Change("-a", key, server=server),
+        ipvs_table.Change("-d", key, server=ipvs_table.RealServer("10.0.2.99", 8080, "-m", 1)),
     ]
     with netns(ns):
         try:
-            ipvs.IpvsEngine()._apply(changes)
+            ipvs_engine.IpvsEngine()._apply(changes)
             found["error"] = None
-        except ipvs.IpvsError as error:
+        except ipvs_table.IpvsError as error:
             found["error"] = str(error)
     found["table"] = table(ns, SCRATCH_VIP)
     run(["ipvsadm", "-D", "-t", f"{SCRATCH_VIP}:80"], ns)
@@ -720,7 +729,7 @@ def ipv6_programming(ns: str) -> Findings:
         algorithm=api.Algorithm.source_hash,
         affinity=api.AffinityType.ClientIP,
     )
-    lb = LB(ns, ipvs.IpvsEngine())
+    lb = LB(ns, ipvs_engine.IpvsEngine())
     found: Findings = {"sync": lb.sync(p, targets_of(p))}
     found["table"] = table(ns, vip)
     found["engine_view"] = engine_table(ns, vip)
@@ -807,7 +816,7 @@ def direct_return(found: Findings, p: plan.Plan, lb: LB, client: Client, vip: st
     wait_until(lambda: ipvs_stats("lb", vip)[service]["conns"] >= 21, timeout=20)
     found["stats"] = ipvs_stats("lb", vip)
     found["resync"] = lb.sync(p, targets_of(p))
-    restarted = LB("lb", ipvs.IpvsEngine())
+    restarted = LB("lb", ipvs_engine.IpvsEngine())
     found["restart_sync"] = restarted.sync(p, targets_of(p))
     restarted.remove(p)
     found["table_after_remove"] = table("lb", vip)
@@ -840,7 +849,7 @@ def scenario_dsr() -> Findings:
     servers = [Backend(name, name, DIRECT_PORT) for name in DSR_BACKENDS]
     endpoints = [(address, None, 1) for address in DSR_BACKENDS.values()]
     p = make_plan("direct", DSR_VIP, api.Architecture.dsr, endpoints)
-    direct_return(found, p, LB("lb", ipvs.IpvsEngine()), Client("c"), DSR_VIP)
+    direct_return(found, p, LB("lb", ipvs_engine.IpvsEngine()), Client("c"), DSR_VIP)
     neighbours = json.loads(run(["ip", "-j", "neigh", "show", DSR_VIP], "c") or "[]")
     found["client_vip_mac"] = neighbours[0].get("lladdr") if neighbours else None
     found["lb_mac"] = mac_of("lb", "eth0")
@@ -911,7 +920,7 @@ def scenario_tunnel() -> Findings:
     tunl0_before = {name: device_counters(name, "tunl0")["rx_packets"] for name in TUNNEL_BACKENDS}
     endpoints = [(address, None, 1) for address in TUNNEL_BACKENDS.values()]
     p = make_plan("tunnelled", TUNNEL_VIP, api.Architecture.tunnel, endpoints)
-    direct_return(found, p, LB("lb", ipvs.IpvsEngine()), Client("c"), TUNNEL_VIP)
+    direct_return(found, p, LB("lb", ipvs_engine.IpvsEngine()), Client("c"), TUNNEL_VIP)
     found["tunl0_rx_packets"] = {
         name: device_counters(name, "tunl0")["rx_packets"] - tunl0_before[name] for name in TUNNEL_BACKENDS
     }
@@ -982,25 +991,25 @@ def scenario_bench() -> Findings:
     ip_batch(["link set lo up"], "bench")
     p = bench_plan("10.0.200.1")
     targets = targets_of(p)
-    lb = LB("bench", ipvs.IpvsEngine())
+    lb = LB("bench", ipvs_engine.IpvsEngine())
     found["emulation_probe_seconds"] = _emulation_probe()
     found["first_sync"] = lb.sync(p, targets)
     found["noop_syncs"] = [lb.sync(p, targets) for _ in range(5)]
     found["noop_median_seconds"] = statistics.median(s["seconds"] for s in found["noop_syncs"])
     # The full path: a new engine's first sync (as after a restart: the desired state computed, the table
     # read and compared), then the periodic full check (desired state cached, the table read again).
-    restarted = [LB("bench", ipvs.IpvsEngine(full_check_seconds=0)) for _ in range(3)]
+    restarted = [LB("bench", ipvs_engine.IpvsEngine(full_check_seconds=0)) for _ in range(3)]
     found["restart_syncs"] = [engine.sync(p, targets) for engine in restarted]
     found["restart_median_seconds"] = statistics.median(s["seconds"] for s in found["restart_syncs"])
     found["full_noop_syncs"] = [restarted[0].sync(p, targets) for _ in range(3)]
     found["full_noop_median_seconds"] = statistics.median(s["seconds"] for s in found["full_noop_syncs"])
     vip = "10.0.200.1"
     with netns("bench"):
-        found["read_netlink_seconds"] = _timed(lambda: ipvs.IpvsEngine().read(vip))
+        found["read_netlink_seconds"] = _timed(lambda: ipvs_engine.IpvsEngine().read(vip))
         found["read_proc_seconds"] = _timed(
-            lambda: ipvs.proc_servers(Path("/proc/thread-self/net/ip_vs").read_text(), vip)
+            lambda: ipvs_proc.servers(Path("/proc/thread-self/net/ip_vs").read_text(), vip)
         )
-        found["desired_seconds"] = _timed(lambda: lb.engine.desired(p, targets))
+        found["desired_seconds"] = _timed(lambda: ipvs_desired.services(p, targets))
         started = time.perf_counter()
         listing = subprocess.run(
             ["ipvsadm", "-Ln", "--exact"], capture_output=True, text=True, check=True

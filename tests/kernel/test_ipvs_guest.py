@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from layerlb_dataplane.kernel.ipvs.engine import DEFAULT_FULL_CHECK_SECONDS
+from layerlb_dataplane.kernel.ipvs import engine, proc, table
 
 from e2e.guest.guest import ROOT, run_guest
 from tests.kernel import guest_scenarios as scenarios
@@ -335,7 +335,7 @@ def test_bench_sync_of_1000_services(bench: dict[str, Any], capsys: pytest.Captu
         f"({bench['first_sync']['changes']} changes): {figure('first_sync')}",
         f"  no-op re-sync, fast path (/proc fingerprint): median {figure('noop_median_seconds')}",
         f"  no-op re-sync with the settings check (fingerprint + netlink service dump, every "
-        f"{DEFAULT_FULL_CHECK_SECONDS:.0f} s): median {figure('full_noop_median_seconds')}",
+        f"{engine.DEFAULT_FULL_CHECK_SECONDS:.0f} s): median {figure('full_noop_median_seconds')}",
         f"  no-op sync of a restarted engine (desired state, full read, compare): median "
         f"{figure('restart_median_seconds')}",
         f"    parts: netlink read {figure('read_netlink_seconds')}, of it /proc parse {figure('read_proc_seconds')}; "
@@ -379,51 +379,43 @@ FWM  00000005 rr
 
 def test_parse_listing() -> None:
     """`ipvsadm -Ln --exact`: flags, persistence, extra settings, IPv6; fwmark services are skipped."""
-    from layerlb_dataplane.kernel.ipvs import engine as ipvs
-
     services = scenarios.parse_listing(LISTING)
     assert set(services) == {
-        ipvs.ServiceKey("TCP", "1.2.3.4", 80),
-        ipvs.ServiceKey("TCP", "1.2.3.6", 80),
-        ipvs.ServiceKey("UDP", "1.2.3.4", 53),
-        ipvs.ServiceKey("TCP", "2001:db8::1", 443),
+        table.ServiceKey("TCP", "1.2.3.4", 80),
+        table.ServiceKey("TCP", "1.2.3.6", 80),
+        table.ServiceKey("UDP", "1.2.3.4", 53),
+        table.ServiceKey("TCP", "2001:db8::1", 443),
     }
-    mh = services[ipvs.ServiceKey("TCP", "1.2.3.4", 80)]
+    mh = services[table.ServiceKey("TCP", "1.2.3.4", 80)]
     assert mh.settings == ("mh", "mh-fallback,mh-port", 600, ())
     tunnel = mh.servers[("10.0.0.2", 80)]
     assert (tunnel.forward, tunnel.weight, tunnel.active, tunnel.inactive) == ("-i", 0, 3, 7)
-    assert services[ipvs.ServiceKey("TCP", "1.2.3.6", 80)].extra == ("mask", "255.255.255.0")
-    assert services[ipvs.ServiceKey("UDP", "1.2.3.4", 53)].settings == ("sh", "sh-fallback", None, ("ops",))
-    v6 = services[ipvs.ServiceKey("TCP", "2001:db8::1", 443)]
+    assert services[table.ServiceKey("TCP", "1.2.3.6", 80)].extra == ("mask", "255.255.255.0")
+    assert services[table.ServiceKey("UDP", "1.2.3.4", 53)].settings == ("sh", "sh-fallback", None, ("ops",))
+    v6 = services[table.ServiceKey("TCP", "2001:db8::1", 443)]
     assert v6.key.option == "-t [2001:db8::1]:443"
     assert v6.servers[("2001:db8::5", 443)].option() == "-r [2001:db8::5]:443 -g -w 3"
 
 
 def test_proc_fingerprint_ignores_counts_and_other_vips() -> None:
-    from layerlb_dataplane.kernel.ipvs import engine as ipvs
-
-    v6 = ipvs.proc_fingerprint(PROC, "2001:db8::1")
+    v6 = proc.fingerprint(PROC, "2001:db8::1")
     assert v6 == (
         "TCP  [2001:0db8:0000:0000:0000:0000:0000:0001]:01BB rr persistent 7500 80000000",
         "  -> [2001:0db8:0000:0000:0000:0000:0000:0005]:01BB      Route   3",
     )
-    assert (
-        ipvs.proc_fingerprint(PROC.replace("3      4          9", "3      0          1"), "2001:db8::1") == v6
-    )
-    assert len(ipvs.proc_fingerprint(PROC, "1.2.3.4")) == 3  # UDP :53, TCP :80 and its server
+    assert proc.fingerprint(PROC.replace("3      4          9", "3      0          1"), "2001:db8::1") == v6
+    assert len(proc.fingerprint(PROC, "1.2.3.4")) == 3  # UDP :53, TCP :80 and its server
 
 
 def test_parse_connections() -> None:
     """/proc/net/ip_vs_conn: connections that are over (TIME_WAIT, CLOSE) and templates do not count."""
-    from layerlb_dataplane.kernel.ipvs import engine as ipvs
-
     table = """Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData
 TCP 0A000102 C350 0A006401 0050 0A00020C 1F90 ESTABLISHED    899
 TCP 0A000102 C351 0A006401 0050 0A00020B 1F90 TIME_WAIT      100
 TCP 0A000102 0000 0A006401 0050 0A00020B 1F90 NONE           500
 UDP 0A000102 D000 0A006401 14E9 0A00020B 1F90 UDP            290
 """
-    assert ipvs.parse_connections(table) == {
+    assert proc.live_connections(table) == {
         ("TCP", "10.0.100.1", 80, "10.0.2.12", 8080),
         ("UDP", "10.0.100.1", 5353, "10.0.2.11", 8080),
     }

@@ -8,11 +8,10 @@ import socket
 import struct
 
 import pytest
-from layerlb_dataplane.kernel.ipvs import engine as ipvs
-from layerlb_dataplane.kernel.ipvs import netlink
+from layerlb_dataplane.kernel.ipvs import engine, kernel, netlink, proc, table
 
-KEY = ipvs.ServiceKey("TCP", "10.0.100.1", 80)
-KEY6 = ipvs.ServiceKey("UDP", "2001:db8::1", 53)
+KEY = table.ServiceKey("TCP", "10.0.100.1", 80)
+KEY6 = table.ServiceKey("UDP", "2001:db8::1", 53)
 
 
 def service_fields(body: bytes) -> dict[int, bytes]:
@@ -28,8 +27,8 @@ def dest_fields(body: bytes) -> dict[int, bytes]:
 
 
 def test_adding_a_persistent_service_with_a_scheduler_flag() -> None:
-    service = ipvs.VirtualService(KEY, "mh", 600, "mh-fallback")
-    request = ipvs.Change("-A", KEY, service).request()
+    service = table.VirtualService(KEY, "mh", 600, "mh-fallback")
+    request = kernel.request(table.Change("-A", KEY, service))
     assert request.command == netlink.CMD_NEW_SERVICE
     fields = service_fields(request.body)
     assert fields[netlink.SVC_AF] == struct.pack("=H", socket.AF_INET)
@@ -44,8 +43,8 @@ def test_adding_a_persistent_service_with_a_scheduler_flag() -> None:
 
 
 def test_an_ipv6_service_without_persistence() -> None:
-    service = ipvs.VirtualService(KEY6, "rr", None)
-    request = ipvs.Change("-E", KEY6, service).request()
+    service = table.VirtualService(KEY6, "rr", None)
+    request = kernel.request(table.Change("-E", KEY6, service))
     assert request.command == netlink.CMD_SET_SERVICE
     fields = service_fields(request.body)
     assert fields[netlink.SVC_AF] == struct.pack("=H", socket.AF_INET6)
@@ -57,7 +56,7 @@ def test_an_ipv6_service_without_persistence() -> None:
 
 
 def test_deleting_a_service_names_it_only() -> None:
-    request = ipvs.Change("-D", KEY).request()
+    request = kernel.request(table.Change("-D", KEY))
     assert request.command == netlink.CMD_DEL_SERVICE
     assert set(service_fields(request.body)) == {
         netlink.SVC_AF,
@@ -69,8 +68,8 @@ def test_deleting_a_service_names_it_only() -> None:
 
 @pytest.mark.parametrize(("forward", "method"), [("-m", 0), ("-i", 2), ("-g", 3)])
 def test_real_servers_with_each_forwarding_method(forward: str, method: int) -> None:
-    server = ipvs.RealServer("10.0.2.11", 8080, forward, 3)
-    request = ipvs.Change("-a", KEY, server=server).request()
+    server = table.RealServer("10.0.2.11", 8080, forward, 3)
+    request = kernel.request(table.Change("-a", KEY, server=server))
     assert request.command == netlink.CMD_NEW_DEST
     assert service_fields(request.body)[netlink.SVC_PORT] == b"\x00\x50"
     fields = dest_fields(request.body)
@@ -80,21 +79,21 @@ def test_real_servers_with_each_forwarding_method(forward: str, method: int) -> 
     assert fields[netlink.DEST_FWD_METHOD] == struct.pack("=I", method)
     assert fields[netlink.DEST_WEIGHT] == struct.pack("=I", 3)
     assert fields[netlink.DEST_U_THRESH] == fields[netlink.DEST_L_THRESH] == struct.pack("=I", 0)
-    edit = ipvs.Change("-e", KEY, server=server).request()
+    edit = kernel.request(table.Change("-e", KEY, server=server))
     assert (edit.command, edit.body) == (netlink.CMD_SET_DEST, request.body)
-    delete = ipvs.Change("-d", KEY, server=server).request()
+    delete = kernel.request(table.Change("-d", KEY, server=server))
     assert delete.command == netlink.CMD_DEL_DEST
     assert set(dest_fields(delete.body)) == {netlink.DEST_ADDR, netlink.DEST_PORT, netlink.DEST_ADDR_FAMILY}
 
 
 def test_changes_read_as_ipvsadm_lines() -> None:
-    server = ipvs.RealServer("10.0.2.11", 8080, "-g", 2)
-    assert str(ipvs.Change("-A", KEY, ipvs.VirtualService(KEY, "sh", 30, "sh-fallback"))) == (
+    server = table.RealServer("10.0.2.11", 8080, "-g", 2)
+    assert str(table.Change("-A", KEY, table.VirtualService(KEY, "sh", 30, "sh-fallback"))) == (
         "-A -t 10.0.100.1:80 -s sh -b sh-fallback -p 30"
     )
-    assert str(ipvs.Change("-a", KEY, server=server)) == "-a -t 10.0.100.1:80 -r 10.0.2.11:8080 -g -w 2"
-    assert str(ipvs.Change("-d", KEY, server=server)) == "-d -t 10.0.100.1:80 -r 10.0.2.11:8080"
-    assert str(ipvs.Change("-D", KEY6)) == "-D -u [2001:db8::1]:53"
+    assert str(table.Change("-a", KEY, server=server)) == "-a -t 10.0.100.1:80 -r 10.0.2.11:8080 -g -w 2"
+    assert str(table.Change("-d", KEY, server=server)) == "-d -t 10.0.100.1:80 -r 10.0.2.11:8080"
+    assert str(table.Change("-D", KEY6)) == "-D -u [2001:db8::1]:53"
 
 
 def test_scheduler_flags_by_name() -> None:
@@ -141,7 +140,7 @@ def test_a_service_of_the_dump_in_the_engines_terms() -> None:
         300,
     )
     assert fwmark.fwmark == 7 and fwmark.address == ""
-    service = ipvs.service_from_entry(first)
+    service = kernel.service_from_entry(first)
     assert service.settings == ("sh", "sh-fallback", 300, ("ops", "mask", "ffffff00"))
 
 
@@ -160,23 +159,23 @@ TCP  0A006402:0050 rr
 FWM  00000005 rr
   -> 0A00020D:0000      Route   1      0          0
 """
-    servers = ipvs.proc_servers(listing, "10.0.100.1")
+    servers = proc.servers(listing, "10.0.100.1")
     assert set(servers) == {
-        ipvs.ServiceKey("TCP", "10.0.100.1", 80),
-        ipvs.ServiceKey("UDP", "10.0.100.1", 53),
+        table.ServiceKey("TCP", "10.0.100.1", 80),
+        table.ServiceKey("UDP", "10.0.100.1", 53),
     }
-    tcp = servers[ipvs.ServiceKey("TCP", "10.0.100.1", 80)]
-    assert tcp[("10.0.2.12", 8080)] == ipvs.RealServer("10.0.2.12", 8080, "-g", 0, 2, 5)
-    assert tcp[("10.0.2.11", 8080)] == ipvs.RealServer("10.0.2.11", 8080, "-m", 3, 0, 0)
-    assert servers[ipvs.ServiceKey("UDP", "10.0.100.1", 53)] == {}
-    v6 = ipvs.proc_servers(listing, "2001:db8::1")[ipvs.ServiceKey("TCP", "2001:db8::1", 443)]
+    tcp = servers[table.ServiceKey("TCP", "10.0.100.1", 80)]
+    assert tcp[("10.0.2.12", 8080)] == table.RealServer("10.0.2.12", 8080, "-g", 0, 2, 5)
+    assert tcp[("10.0.2.11", 8080)] == table.RealServer("10.0.2.11", 8080, "-m", 3, 0, 0)
+    assert servers[table.ServiceKey("UDP", "10.0.100.1", 53)] == {}
+    v6 = proc.servers(listing, "2001:db8::1")[table.ServiceKey("TCP", "2001:db8::1", 443)]
     assert v6[("2001:db8::5", 443)].forward == "-i"
-    every = ipvs.proc_servers(listing)
+    every = proc.servers(listing)
     assert len(every) == 4  # the fwmark service and its server are not layerlb's kind
-    assert every[ipvs.ServiceKey("TCP", "10.0.100.2", 80)][("10.0.2.11", 8080)].forward == ipvs.LOCAL
+    assert every[table.ServiceKey("TCP", "10.0.100.2", 80)][("10.0.2.11", 8080)].forward == table.LOCAL
 
 
 def test_without_ipvs_in_the_kernel_the_error_says_so() -> None:
     """This machine's kernel has no IPVS: the engine says so instead of failing on a socket detail."""
-    with pytest.raises(ipvs.IpvsError, match=r"IPVS is not reachable: .*no IPVS"):
-        ipvs.IpvsEngine().read("10.0.100.1")
+    with pytest.raises(table.IpvsError, match=r"IPVS is not reachable: .*no IPVS"):
+        engine.IpvsEngine().read("10.0.100.1")
