@@ -7,8 +7,9 @@ write and 1,001 dumps plus 11,000 lines of text to read, which alone overran the
 no-op re-sync. Here the engine packs up to `BATCH_BYTES` of requests into one `sendmsg` (the kernel runs
 them in order inside that call), asks for an acknowledgement only of the last one (failures are
 answered anyway, each naming its request by sequence number) and reads the services with one dump.
-pyroute2 speaks this family too, but decodes every attribute of every message into Python objects,
-the cost we are avoiding; the messages layerlb needs are few and fixed, so they are packed with `struct`.
+pyroute2 speaks this family too, but one request and answer at a time, decoding every attribute of
+every message into Python objects (about 120 times slower for a sync's changes; see `engine`); the
+messages layerlb needs are few and fixed, so they are packed with `struct`.
 
 The socket is opened in the network namespace of the calling thread, like the `ip` and `nft` children
 of the other engines. The message layouts are the kernel's UAPI (`linux/ip_vs.h`, `linux/netlink.h`,
@@ -197,14 +198,6 @@ class Request:
 
     command: int
     body: bytes
-
-
-def service_request(command: int, identity: bytes, settings: bytes = b"") -> Request:
-    return Request(command, nested(CMD_ATTR_SERVICE, identity + settings))
-
-
-def dest_request(command: int, identity: bytes, dest: bytes) -> Request:
-    return Request(command, nested(CMD_ATTR_SERVICE, identity) + nested(CMD_ATTR_DEST, dest))
 
 
 def parse_attrs(data: bytes | memoryview, start: int, end: int) -> dict[int, memoryview]:
