@@ -65,8 +65,9 @@ HOUSEKEEPING_SECONDS = 1.0
 ListenerKey = tuple[str, int, str]  # (vip, port, protocol)
 
 
-class KernelEngine(Protocol):
-    """What a kernel architecture needs from an engine (issue 4): apply a Snapshot, and stop."""
+class KernelDriver(Protocol):
+    """What the runtime needs for a kernel architecture (`kernel.driver.Driver` is one): apply a Snapshot, and
+    stop. The engine it drives is a `kernel.KernelEngine`."""
 
     async def apply(self, snapshot: Snapshot) -> None:
         """Program the kernel for `snapshot` (desired state: only the difference is written)."""
@@ -77,7 +78,7 @@ class KernelEngine(Protocol):
         ...
 
 
-Engines = Mapping[api.Architecture, Callable[[plan.Plan], KernelEngine]]
+Engines = Mapping[api.Architecture, Callable[[plan.Plan], KernelDriver]]
 
 
 class BindError(Exception):
@@ -186,7 +187,7 @@ class Instance:
     desired: plan.Plan | None = None
     served: dict[ListenerKey, Served] = field(default_factory=dict)
     problem: str | None = None  # why `desired` is not (fully) what is served
-    engine: KernelEngine | None = None
+    engine: KernelDriver | None = None
     health: probes.HealthChecker = field(default_factory=probes.HealthChecker)
     loopback_vip: str | None = None  # a transparent Plan's VIP this process put on the node's loopback
     arp_warning: str | None = None  # transparent: strict ARP could not be set before the VIP went on lo

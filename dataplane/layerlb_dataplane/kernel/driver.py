@@ -26,7 +26,7 @@ RESYNC_SECONDS = 2.0
 
 
 class Driver:
-    """One Plan's kernel programming (the runtime's `KernelEngine`)."""
+    """One Plan's kernel programming: the runtime's `KernelDriver`, over a `KernelEngine`."""
 
     def __init__(self, engine: KernelEngine, resync_seconds: float = RESYNC_SECONDS) -> None:
         self.engine = engine
