@@ -56,34 +56,34 @@ bench: setup
 	@bash bench/packages.sh
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-# Issue 5's operator targets on the local cluster (root; ~5 min): apply → Ready and endpoint change → served
+# The operator's targets on the local cluster (root; ~5 min): apply → Ready and endpoint change → served
 # on two real nodes with the chart's operator, then the 1,000-LoadBalancer cold start. Tables on stdout.
 bench-operator: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.operator_targets $(TARGETS_ARGS)
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) bench/operator_scale.py $(SCALE_ARGS)
 
-# Issue 15's controller target on the local API server (no nodes, no root; ~1 min): Service created →
+# The Service controller's target on the local API server (no nodes, no root; ~1 min): Service created →
 # status.loadBalancer.ingress written, p50/p95/max over 50 Services one after another and in a burst.
 bench-services: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.service_status $(SERVICE_STATUS_ARGS)
 
-# Issue 4's IPVS sync figures (1,000 services x 10 real servers: first sync, no-op re-syncs), measured in
+# The IPVS engine's sync figures (1,000 services x 10 real servers: first sync, no-op re-syncs), measured in
 # the QEMU/TCG guest (this kernel has no IPVS) with a native estimate by the emulation factor (~1 min).
 bench-ipvs: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m pytest -q -s -p no:cacheprovider tests/kernel/test_ipvs_guest.py -k bench
 
-# Issue 15's speaker figures on a network-namespace LAN (root; ~3 min): 1,000 VIPs answered after start and the
+# The speaker's figures on a network-namespace LAN (root; ~3 min): 1,000 VIPs answered after start and the
 # speaker's RSS, then 20 failovers each for a killed speaker and a cut link (p50/p95, pings lost).
 bench-announce: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane:$(CURDIR)/speaker" $(PY) -m bench.announce $(ANNOUNCE_ARGS)
 
-# Issue 15's "1,000 VIPs announced by one speaker within 10 s of its start, RSS <= 100 MB" in Kubernetes mode (root;
+# The speaker's "1,000 VIPs announced by one speaker within 10 s of its start, RSS <= 100 MB" in Kubernetes mode (root;
 # ~3 min): the local control plane, 1,000 Services of layerlb's class, one speaker in a netns; p50/max over RUNS.
 RUNS ?= 3
 bench-announce-kube: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane:$(CURDIR)/speaker" $(PY) -m bench.announce_kube --runs $(RUNS) $(ANNOUNCE_KUBE_ARGS)
 
-# Issue 15's "no false takeover in 10 minutes of a healthy, loaded cluster" (root; SOAK seconds, default 600):
+# The speaker's "no false takeover in 10 minutes of a healthy, loaded cluster" (root; SOAK seconds, default 600):
 # three speakers and 50 VIPs, busy workers and UDP requests to every VIP; counts moves and lost requests.
 SOAK ?= 600
 bench-announce-soak: setup

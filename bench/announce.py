@@ -6,7 +6,7 @@
 1. Scale: one speaker with N VIPs (default 1,000) eligible on its node. A prober in the client namespace
    sends an ARP request for every VIP every 200 ms (its own framing, not the speaker's) until each is
    answered; printed: the time from the speaker's start to the last VIP answered, and the speaker's RSS
-   (VmRSS and VmHWM) once it answers everything. Targets (issue 15): ≤ 10 s, ≤ 100 MB.
+   (VmRSS and VmHWM) once it answers everything. Targets: ≤ 10 s, ≤ 100 MB.
 2. Failover: three speakers and one VIP; `--trials` times the holder's speaker is SIGKILLed, and as many
    times the holder's link is cut; printed: p50/p95 of the time until the client's kernel neighbour
    cache points at the next node (moved by the gratuitous ARP), and how many of the client's pings

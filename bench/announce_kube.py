@@ -1,4 +1,4 @@
-"""Issue 15's "1,000 VIPs announced by one speaker within 10 s of its start, RSS ≤ 100 MB", in Kubernetes
+"""The speaker's "1,000 VIPs announced by one speaker within 10 s of its start, RSS ≤ 100 MB", in Kubernetes
 mode: the speaker reads the API server as the chart's DaemonSet runs it, not a static file.
 
     .venv/bin/python -m bench.announce_kube [--vips 1000] [--runs 3]      (root; `make bench-announce-kube`)

@@ -1,4 +1,4 @@
-"""The kernel path (issue 4's bench rows), so nftables DNAT is compared with a direct connection over the
+"""The kernel path's bench rows, so nftables DNAT is compared with a direct connection over the
 very same network-namespace topology, not with loopback:
 
     client ns (wrk) --veth-- LB ns (forwards; nftables nat) --veth-- backend ns (nginx)

@@ -1,4 +1,4 @@
-"""Memory of a layerlb worker (issue 3's target), so the per-worker cost is known idle and with 5,000
+"""Memory of a layerlb worker (a target in the bench report), so the per-worker cost is known idle and with 5,000
 idle keep-alive clients: RSS of the worker process, read from /proc while the connections are open.
 
 With `--workers 1` layerlb may serve in the process it starts or fork one worker; the figure is the

@@ -1,6 +1,6 @@
 """How the operator copes with many LoadBalancers: a cold start over N of them, timed, with its memory.
 
-Issue 5's target: 1,000 LoadBalancers (no forwarding pods started) reconciled from a cold operator start
+The target: 1,000 LoadBalancers (no forwarding pods started) reconciled from a cold operator start
 in ≤ 60 s, operator RSS ≤ 300 MB. "Reconciled" means every LoadBalancer reports `Programmed=True` for its
 current generation, which the operator writes only after all five owned objects were applied.
 

@@ -1,4 +1,4 @@
-"""Issue 5's latency targets on the local cluster's real nodes, with the chart's operator: measured, not asserted.
+"""The operator's latency targets on the local cluster's real nodes, with the chart's operator: measured, not asserted.
 
 - apply → Ready: LoadBalancers created one after another (each waits for the previous one), every one an
   L4 TCP proxy with its own forwarding pod, a real pod on a real kubelet; the time from the create request

@@ -1,4 +1,4 @@
-"""Reload under load (issue 3's target), so "a new Plan drops nothing" is checked with real traffic:
+"""Reload under load (a target in the bench report), so "a new Plan drops nothing" is checked with real traffic:
 while wrk runs for 30 s and 10 WebSocket connections stay open, the resource changes 30 times; failed
 requests and dropped WebSockets are counted. layerlb reloads on SIGHUP after the file is rewritten;
 HAProxy is reloaded its own way, a new process with `-sf <old pid>` on the re-rendered config.

@@ -1,4 +1,4 @@
-"""Issue 15's controller target on the local API server: Service created → `status.loadBalancer.ingress`
+"""The Service controller's target on the local API server: Service created → `status.loadBalancer.ingress`
 written, measured, not asserted. Target: p95 ≤ 1 s over 50 Services.
 
 The operator runs as `layerlb operator` (a subprocess under its own ServiceAccount bound to the rules of

@@ -520,7 +520,7 @@ def _entry_managers(body: dict[str, Any]) -> dict[str, set[str]]:
 def test_a_pool_naming_a_missing_interface_says_so_per_node_and_in_its_condition_until_fixed(
     lab: dict[str, Any], kubectl: Kubectl
 ) -> None:
-    """Issue 15's bad input: each speaker writes its node's entry, the operator a False InterfacesFound
+    """A pool naming a missing interface: each speaker writes its node's entry, the operator a False InterfacesFound
     naming the field, the interface and the nodes; a Warning Event too; all gone once the spec is fixed."""
     apply(kubectl, _pool("ann-iface", ["eth0", "llb9"]))
     try:

@@ -1,5 +1,5 @@
-"""The local cluster's nodes are dual-stack, IPv4 first: what a dual-stack Service (issue 15's "dual-stack
-Service gets two addresses, both answer") stands on.
+"""The local cluster's nodes are dual-stack, IPv4 first: what a dual-stack Service ("gets two
+addresses, both answer") stands on.
 
 A cluster of two real nodes for this module (the pause and backend images only): Node InternalIPs and pod
 IPs of both families, IPv4 first; a Service that asks nothing stays IPv4 single-stack; a PreferDualStack

@@ -1,6 +1,6 @@
 """Every VIP attracts its traffic on the nodes' LAN from layerlb alone: the speaker DaemonSet answers ARP.
 
-On the local nodes (issue 15): the chart installed as the README says, a client namespace on the nodes'
+On the local nodes: the chart installed as the README says, a client namespace on the nodes'
 LAN outside the cluster, VIPs from the LAN's own range (`nodes.LAN_VIPS`). The client's kernel asks for
 a VIP by ARP like any host on a bare-metal network; arping shows which node's MAC answers. Nothing in
 the suite routes a VIP: a pod-network LoadBalancer's VIP reaches its pods through the cluster's own

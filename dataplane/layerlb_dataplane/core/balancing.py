@@ -14,7 +14,7 @@ checks `usable`, so a change nobody announced only costs a fallback, never a pic
 | ring-hash          | consistent-hash ring, 100 points per unit of weight    | mh          | —          |
 | maglev             | Maglev lookup table (prime size, default 65537)        | mh          | —          |
 
-The kernel column is `layerlb.render.ipvs_scheduler` and the nftables renderer: IPVS has no ring, so
+The kernel column is `layerlb.render.ipvs_rules.ipvs_scheduler` and the nftables renderer: IPVS has no ring, so
 ring-hash maps to its Maglev (`mh`), whose remapping is as small; random-two-choices maps to `wlc`, which
 it approximates; nftables renders only round-robin (`numgen inc mod` over weight ranges) and source-hash
 (`jhash ... saddr` with a fixed seed), and refuses the rest. The kernel keeps its own counters, so only
