@@ -97,7 +97,7 @@ def _dataplane_options(command: argparse.ArgumentParser) -> None:
 def _run_dataplane(args: argparse.Namespace, source: PlanSource) -> int:
     import logging
 
-    from layerlb_dataplane.control import admin, runtime
+    from layerlb_dataplane.control import admin, serve
 
     if args.workers < 1:
         print(f"layerlb {args.command}: --workers must be 1 or more", file=sys.stderr)
@@ -108,7 +108,7 @@ def _run_dataplane(args: argparse.Namespace, source: PlanSource) -> int:
         print(f"layerlb {args.command}: --admin: {error}", file=sys.stderr)
         return EXIT_INVALID
     logging.basicConfig(level=logging.INFO, format="layerlb: %(message)s", stream=sys.stderr)
-    return runtime.run(
+    return serve.run(
         source,
         workers=args.workers,
         admin_address=address,

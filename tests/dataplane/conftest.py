@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 from layerlb_dataplane.core.metrics import Metrics
-from layerlb_dataplane.core.state import Registry, Snapshot, Target
+from layerlb_dataplane.core.state import Registry, Snapshot
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.http.proxy import HttpListener
 
 from layerlb import api, plan, resolve, validation

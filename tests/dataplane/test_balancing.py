@@ -7,27 +7,28 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
-from layerlb_dataplane.core import balancing, state
+from layerlb_dataplane.core import balancing
+from layerlb_dataplane.core.targets import Target
 
 from layerlb.api import Algorithm
 
 
-def targets(*weights: int) -> list[state.Target]:
+def targets(*weights: int) -> list[Target]:
     """Targets 10.0.0.1.. with the given weights, all healthy."""
-    return [state.Target("app", f"10.0.0.{i + 1}", 8080, weight) for i, weight in enumerate(weights)]
+    return [Target("app", f"10.0.0.{i + 1}", 8080, weight) for i, weight in enumerate(weights)]
 
 
 def keys(count: int) -> list[bytes]:
     return [f"192.0.2.{i % 250}:{i}".encode() for i in range(count)]
 
 
-def picks(balancer: balancing.Balancer, count: int, key: bytes = b"k") -> list[state.Target]:
+def picks(balancer: balancing.Balancer, count: int, key: bytes = b"k") -> list[Target]:
     chosen = [balancer.pick(key) for _ in range(count)]
     assert all(target is not None for target in chosen)
     return [target for target in chosen if target is not None]
 
 
-def mapping(balancer: balancing.Balancer, all_keys: Sequence[bytes]) -> dict[bytes, state.Target | None]:
+def mapping(balancer: balancing.Balancer, all_keys: Sequence[bytes]) -> dict[bytes, Target | None]:
     return {key: balancer.pick(key) for key in all_keys}
 
 
@@ -226,7 +227,7 @@ def test_source_hash_is_stable_while_the_set_is() -> None:
     assert mapping(balancer, all_keys) == before
 
 
-def shares(chosen: Sequence[state.Target | None], pool: Sequence[state.Target]) -> list[float]:
+def shares(chosen: Sequence[Target | None], pool: Sequence[Target]) -> list[float]:
     counts = Counter(chosen)
     return [counts[target] / len(chosen) for target in pool]
 
@@ -244,7 +245,7 @@ def test_maglev_table_spreads_within_a_few_percent_of_weights() -> None:
 
 
 @pytest.mark.parametrize("make", [balancing.RingHash, balancing.SourceHash], ids=["ring-hash", "source-hash"])
-def test_hash_spread_follows_weights(make: Callable[[list[state.Target]], balancing.Balancer]) -> None:
+def test_hash_spread_follows_weights(make: Callable[[list[Target]], balancing.Balancer]) -> None:
     pool = targets(1, 2, 3, 2)
     balancer = make(pool)
     total = sum(target.weight for target in pool)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from layerlb_dataplane.control import probes
-from layerlb_dataplane.core import health, state
+from layerlb_dataplane.core import health, state, targets
 
 from layerlb import plan
 from layerlb.api import Algorithm, Architecture, HealthProtocol, Mode, Protocol
@@ -174,7 +174,7 @@ def test_an_ejected_target_is_unusable_and_its_pool_stops_picking_it_at_once() -
         algorithm=Algorithm.maglev,
         endpoints=(plan.Endpoint(address="10.0.0.1", port=80, weight=1),),
     )
-    target = state.Target("app", "10.0.0.1", 80, 1)
+    target = targets.Target("app", "10.0.0.1", 80, 1)
     pool = state.BackendPool(backend, [target])
     assert pool.pick("192.0.2.1") is target
     assert [pool.record_passive(target, False) for _ in range(5)] == [False] * 4 + [True]
@@ -324,8 +324,8 @@ def make_backend(
 
 def test_the_probe_port_is_the_checks_else_the_targets_else_the_first_listeners() -> None:
     p = make_plan(8000, (make_backend("app", (9000,), check()),))
-    target = state.Target("app", "127.0.0.1", 9000, 1)
-    portless = state.Target("app", "127.0.0.1", None, 1)
+    target = targets.Target("app", "127.0.0.1", 9000, 1)
+    portless = targets.Target("app", "127.0.0.1", None, 1)
     assert probes.probe_port(check(port=7000), target, p) == 7000
     assert probes.probe_port(check(), target, p) == 9000
     assert probes.probe_port(check(), portless, p) == 8000
@@ -430,7 +430,7 @@ def test_a_checker_that_does_not_probe_takes_the_verdicts_of_the_one_that_does()
             prober = probes.HealthChecker()
             prober.follow(prober_snapshot)
             worker_snapshot = state.Registry().snapshot(p)
-            seen: list[state.Target] = []
+            seen: list[targets.Target] = []
             worker = probes.HealthChecker(on_change=seen.append, probing=False)
             worker.follow(worker_snapshot)
             try:

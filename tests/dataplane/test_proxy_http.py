@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 from layerlb_dataplane.core import affinity
-from layerlb_dataplane.core.state import BackendPool, Target
+from layerlb_dataplane.core.state import BackendPool
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.http.h1 import request as h1_request
 from layerlb_dataplane.http.h1 import response as h1_response
 from layerlb_dataplane.net import proxy_protocol, transparent

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from layerlb_dataplane.control import probes
-from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.kernel.ipvs import desired as ipvs_desired
 from layerlb_dataplane.kernel.ipvs import engine as ipvs_engine
 from layerlb_dataplane.kernel.ipvs import proc as ipvs_proc

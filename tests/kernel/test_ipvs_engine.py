@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 
 import pytest
-from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.kernel.ipvs import engine, table
 
 from layerlb import api, plan

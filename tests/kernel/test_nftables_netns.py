@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
-from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.kernel import addresses, nftables
 
 from layerlb import api, plan

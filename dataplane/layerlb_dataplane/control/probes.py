@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from layerlb import plan
 from layerlb.api import HealthProtocol
-from layerlb_dataplane.core import state
+from layerlb_dataplane.core import state, targets
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ MAX_INTERIM_RESPONSES = 8
 CLOSE_SECONDS = 1.0  # how long a probe waits for its socket to close after the verdict
 
 
-def probe_port(check: plan.HealthCheck, target: state.Target, p: plan.Plan) -> int | None:
+def probe_port(check: plan.HealthCheck, target: targets.Target, p: plan.Plan) -> int | None:
     """The port to probe: the check's, else the target's, else the first listener's (None: no listener)."""
     if check.port is not None:
         return check.port
@@ -108,18 +108,18 @@ class HealthChecker:
     with `probing` False it runs none and takes the verdicts of a prober elsewhere (`apply`)."""
 
     def __init__(
-        self, on_change: Callable[[state.Target], None] | None = None, *, probing: bool = True
+        self, on_change: Callable[[targets.Target], None] | None = None, *, probing: bool = True
     ) -> None:
         self.on_change = on_change
         self.probing = probing
-        self.tasks: dict[state.Target, asyncio.Task[None]] = {}
-        self._setup: dict[state.Target, tuple[plan.HealthCheck, int]] = {}
-        self._pools: dict[state.Target, state.BackendPool] = {}
+        self.tasks: dict[targets.Target, asyncio.Task[None]] = {}
+        self._setup: dict[targets.Target, tuple[plan.HealthCheck, int]] = {}
+        self._pools: dict[targets.Target, state.BackendPool] = {}
 
     def follow(self, snapshot: state.Snapshot) -> None:
         """Probe the targets of `snapshot`: start new ones, restart changed ones, stop those that left."""
-        wanted: dict[state.Target, tuple[plan.HealthCheck, int]] = {}
-        pools: dict[state.Target, state.BackendPool] = {}
+        wanted: dict[targets.Target, tuple[plan.HealthCheck, int]] = {}
+        pools: dict[targets.Target, state.BackendPool] = {}
         for pool in snapshot.pools.values():
             check = pool.backend.health_check
             if check is None:
@@ -180,7 +180,7 @@ class HealthChecker:
         self.close()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, target: state.Target, check: plan.HealthCheck, port: int) -> None:
+    async def _run(self, target: targets.Target, check: plan.HealthCheck, port: int) -> None:
         loop = asyncio.get_running_loop()
         interval = float(check.interval_seconds)
         await asyncio.sleep(random.uniform(0, interval / 4))
@@ -195,7 +195,7 @@ class HealthChecker:
                 due = now
             await asyncio.sleep(due - now)
 
-    def _changed(self, target: state.Target) -> None:
+    def _changed(self, target: targets.Target) -> None:
         if self.probing:  # the prober says it once; the processes that take its verdicts stay quiet
             log.info("health: %r is now %s", target, target.health.state)
         pool = self._pools.get(target)

@@ -606,29 +606,3 @@ def _message(error: BaseException) -> str:
     if isinstance(error, NotImplementedError):
         return f"not implemented yet ({error})" if str(error) else "not implemented yet"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def run(
-    source: config.PlanSource,
-    *,
-    workers: int = 1,
-    admin_address: tuple[str, int] | None = None,
-    drain_timeout: float = DRAIN_SECONDS,
-) -> int:
-    """Serve `source` on uvloop until stopped: in this process, or with `workers` worker processes."""
-    import uvloop
-
-    from layerlb_dataplane.control.workers import Supervisor
-    from layerlb_dataplane.kernel import driver
-
-    async def main() -> int:
-        if workers > 1:
-            supervisor = Supervisor(source, workers, admin_address=admin_address, drain_timeout=drain_timeout)
-            return await supervisor.run()
-        dataplane = Dataplane(
-            source, engines=driver.default_engines(), admin_address=admin_address, drain_timeout=drain_timeout
-        )
-        return await dataplane.run()
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())

@@ -19,7 +19,8 @@ import math
 from collections.abc import Collection
 from weakref import WeakKeyDictionary
 
-from layerlb_dataplane.core.state import BackendPool, Target
+from layerlb_dataplane.core.state import BackendPool
+from layerlb_dataplane.core.targets import Target
 
 
 def token(plan_key: str, target: Target) -> bytes:

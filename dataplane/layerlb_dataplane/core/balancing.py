@@ -34,12 +34,10 @@ import math
 import random
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from layerlb.api import Algorithm
-
-if TYPE_CHECKING:
-    from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 
 MAGLEV_TABLE_SIZE = 65537
 RING_POINTS_PER_WEIGHT = 100

@@ -11,26 +11,27 @@ response half is `exchange.Exchange`; see there for what the hot path avoids.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from layerlb.api import AffinityType, HashSource
-from layerlb_dataplane.core.state import BackendPool, Target
+from layerlb_dataplane.core.state import BackendPool
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.http import upstream
 from layerlb_dataplane.http.exchange import (
-    _D_HEADER,
-    _D_REQUEST,
-    _P_CONNECTING,
-    _P_PIPELINE,
-    _P_QUEUED,
-    _P_UPSTREAM,
-    _ZERO_CHUNK,
     CLOSED,
     CONNECT_BUFFER,
     CONNECTING,
+    DEADLINE_HEADER,
+    DEADLINE_REQUEST,
     IDLE,
+    LAST_CHUNK,
     LINGER,
     LOCAL,
     MAX_ATTEMPTS,
+    PAUSED_CONNECTING,
+    PAUSED_PIPELINE,
+    PAUSED_QUEUED,
+    PAUSED_UPSTREAM,
     PIPELINE_LIMIT,
     QUEUED,
     RESPONDING,
@@ -41,11 +42,9 @@ from layerlb_dataplane.http.exchange import (
 )
 from layerlb_dataplane.http.h1 import request
 from layerlb_dataplane.http.h1.framing import ParseError
+from layerlb_dataplane.http.listener import Listener, Settings
 from layerlb_dataplane.http.upstream import UpstreamConnection
 from layerlb_dataplane.net import proxy_protocol
-
-if TYPE_CHECKING:
-    from layerlb_dataplane.http.proxy import HttpListener, Settings
 
 
 def _forwarded_node(ip: str) -> bytes:
@@ -63,7 +62,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
 
     __slots__ = ()
 
-    def __init__(self, lb: HttpListener) -> None:
+    def __init__(self, lb: Listener) -> None:
         assert lb.loop is not None
         self.lb = lb
         self.loop = lb.loop
@@ -136,7 +135,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
         if lb.opened(self):
             self.admit()
         elif not self.transport.is_closing():
-            self._pause(_P_QUEUED)
+            self._pause(PAUSED_QUEUED)
 
     def admit(self) -> None:
         """A slot under the connection cap is ours: start reading (the header timeout runs from now)."""
@@ -144,8 +143,8 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.state = IDLE
         self.settings = settings = self.lb.settings()
         self.parser.set_limits(settings.limits.max_request_line, settings.limits.max_header)
-        self._set_deadline(_D_HEADER, settings.timeouts.header)
-        self._unpause(_P_QUEUED)
+        self._set_deadline(DEADLINE_HEADER, settings.timeouts.header)
+        self._unpause(PAUSED_QUEUED)
         held = self.pending
         if held:  # bytes read before the pause took hold
             self.pending = None
@@ -181,10 +180,10 @@ class ClientConnection(Exchange, asyncio.Protocol):
             send(self.up.transport, up_out)
         parser = self.parser
         if parser.buffered:  # a partial head (the header timeout runs), or requests waiting their turn
-            if self.state == IDLE and self.deadline_kind != _D_HEADER and parser.partial_head:
-                self._set_deadline(_D_HEADER, self.settings.timeouts.header)
+            if self.state == IDLE and self.deadline_kind != DEADLINE_HEADER and parser.partial_head:
+                self._set_deadline(DEADLINE_HEADER, self.settings.timeouts.header)
             if parser.buffered > PIPELINE_LIMIT and self.state < LINGER:
-                self._pause(_P_PIPELINE)
+                self._pause(PAUSED_PIPELINE)
 
     def eof_received(self) -> bool:
         """A client that half-closes after its request still gets the response; a tunnel passes the EOF on."""
@@ -291,14 +290,14 @@ class ClientConnection(Exchange, asyncio.Protocol):
                 self.up.transport.writelines(out)
             else:
                 self._chunk(out, data)
-            if self.deadline_kind == _D_REQUEST:
+            if self.deadline_kind == DEADLINE_REQUEST:
                 self.deadline = self.loop.time() + self.settings.timeouts.request
         elif state == CONNECTING:
             assert self.pending is not None
             self.pending.append(bytes(data))
             self.pending_size += len(data)
             if self.pending_size > CONNECT_BUFFER:
-                self._pause(_P_CONNECTING)
+                self._pause(PAUSED_CONNECTING)
 
     def on_request_end(self) -> None:
         """The request is complete: end a chunked body upstream, or send a pending answer of the proxy."""
@@ -311,10 +310,10 @@ class ClientConnection(Exchange, asyncio.Protocol):
             self._answer(status, text)
         elif WAITING <= state <= RESPONDING and self.req.chunked:
             if self.up_out is not None:
-                self.up_out.append(_ZERO_CHUNK)
+                self.up_out.append(LAST_CHUNK)
             else:
                 assert self.up is not None
-                self.up.transport.write(_ZERO_CHUNK)
+                self.up.transport.write(LAST_CHUNK)
 
     # --- choosing a target and sending ------------------------------------------------------------------
 
@@ -390,7 +389,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
             except (OSError, TimeoutError, ValueError) as error:
                 timed_out = isinstance(error, TimeoutError)
                 lb.metrics.upstream_failure(target.backend, "timeout" if timed_out else "connect")
-                lb._report(target, False)
+                lb.report_passive(target, False)
                 if self.state != CONNECTING or self.target is not target:
                     return
                 retry = self._retarget(target) if self.req.idempotent else None
@@ -437,9 +436,9 @@ class ClientConnection(Exchange, asyncio.Protocol):
             if pending:
                 for data in pending:
                     self._chunk(parts, data)
-                self._unpause(_P_CONNECTING)
+                self._unpause(PAUSED_CONNECTING)
             if self.body_done and self.req.chunked:
-                parts.append(_ZERO_CHUNK)
+                parts.append(LAST_CHUNK)
             send(up.transport, parts)
         elif self.body_done:  # nothing follows the head in this read (pipelined requests wait their turn)
             up.transport.write(self.head)
@@ -448,11 +447,11 @@ class ClientConnection(Exchange, asyncio.Protocol):
         self.pending = None
         self.state = WAITING
         at = self.deadline = self.started + self.settings.timeouts.request
-        self.deadline_kind = _D_REQUEST
+        self.deadline_kind = DEADLINE_REQUEST
         if self.timer is None or at < self.timer_at:
-            self._set_deadline(_D_REQUEST, self.settings.timeouts.request)
+            self._set_deadline(DEADLINE_REQUEST, self.settings.timeouts.request)
         if up.write_paused:
-            self._pause(_P_UPSTREAM)
+            self._pause(PAUSED_UPSTREAM)
 
     # --- the upstream head ------------------------------------------------------------------------------
 

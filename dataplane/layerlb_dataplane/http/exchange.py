@@ -11,30 +11,30 @@ connection, retries). Timeouts are one deadline per connection, checked by a tim
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
-from layerlb_dataplane.core.state import BackendPool, Target
+from layerlb_dataplane.core.state import BackendPool
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.http.h1 import request
 from layerlb_dataplane.http.h1.framing import ParseError, error_response
 from layerlb_dataplane.http.h1.response import Response
+from layerlb_dataplane.http.listener import Listener, Settings
 from layerlb_dataplane.http.upstream import UpstreamConnection
 from layerlb_dataplane.net import proxy_protocol
 
-if TYPE_CHECKING:
-    from layerlb_dataplane.http.proxy import HttpListener, Settings
-
 IDLE, LOCAL, CONNECTING, WAITING, RESPONDING, TUNNEL, LINGER, CLOSED, QUEUED = range(9)
 # What the connection's single deadline means when it passes.
-_D_HEADER, _D_IDLE, _D_REQUEST, _D_BODY, _D_TUNNEL, _D_LINGER = range(1, 7)
+DEADLINE_HEADER, DEADLINE_IDLE, DEADLINE_REQUEST, DEADLINE_BODY, DEADLINE_TUNNEL, DEADLINE_LINGER = range(
+    1, 7
+)
 # Why the client's transport is not being read (bits).
-_P_UPSTREAM, _P_PIPELINE, _P_CONNECTING, _P_QUEUED = 1, 2, 4, 8
+PAUSED_UPSTREAM, PAUSED_PIPELINE, PAUSED_CONNECTING, PAUSED_QUEUED = 1, 2, 4, 8
 
 JOIN_LIMIT = 16384  # below this, parts of one write are joined: one buffer takes uvloop's (and the kernel's) cheapest path
 PIPELINE_LIMIT = 1 << 20  # unparsed bytes held while a request is in flight, before reading pauses
 CONNECT_BUFFER = 1 << 18  # body bytes held while the upstream connection opens, before reading pauses
 MAX_ATTEMPTS = 3  # targets tried by one idempotent request whose connects fail
 LINGER_SECONDS = 2.0  # after an error answer: read and discard, so the client sees the answer, not a reset
-_ZERO_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 def send(transport: asyncio.Transport, out: list[bytes | bytearray]) -> None:
@@ -106,7 +106,7 @@ class Exchange:
         "write_paused",
     )
 
-    lb: HttpListener
+    lb: Listener
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
     parser: request.RequestParser
@@ -187,7 +187,7 @@ class Exchange:
         if rest:
             self.transport.write(rest)
         if self.state == RESPONDING:  # more of the body to come: it must keep coming
-            self.deadline_kind = _D_BODY
+            self.deadline_kind = DEADLINE_BODY
             self.deadline = self.loop.time() + self.settings.timeouts.idle
 
     def on_response(self, resp: Response) -> None:
@@ -207,7 +207,7 @@ class Exchange:
         target = self.target
         assert target is not None
         if target in self.lb.suspects:
-            self.lb._report(target, True)
+            self.lb.report_passive(target, True)
         self.status = status
         self.resp_keep_alive = resp.keep_alive
         self.state = RESPONDING
@@ -262,9 +262,9 @@ class Exchange:
         if self.resp_chunked:
             self.resp_chunked = False
             if out is not None:
-                out.append(_ZERO_CHUNK)
+                out.append(LAST_CHUNK)
             else:
-                self.transport.write(_ZERO_CHUNK)
+                self.transport.write(LAST_CHUNK)
         if out:  # before anything else may write (an answer to a pipelined request, a close)
             if len(out) == 2 and len(out[1]) <= JOIN_LIMIT:  # a head and a small body: `send`, inline
                 self.transport.write(out[0] + out[1])
@@ -334,9 +334,9 @@ class Exchange:
     def upstream_write_paused(self, paused: bool) -> None:
         """The backend reads slower than the client sends: stop (or resume) reading the client."""
         if paused:
-            self._pause(_P_UPSTREAM)
+            self._pause(PAUSED_UPSTREAM)
         else:
-            self._unpause(_P_UPSTREAM)
+            self._unpause(PAUSED_UPSTREAM)
 
     def _upstream_failed(
         self, up: UpstreamConnection | None, kind: str, text: str, timed_out: bool = False
@@ -359,7 +359,7 @@ class Exchange:
             self.tried = []
             self._connect_later(target)
             return
-        self.lb._report(target, False)
+        self.lb.report_passive(target, False)
         self._fail(504 if timed_out else 502, text)
 
     # --- tunnels (after 101 Switching Protocols) -------------------------------------------------------
@@ -371,12 +371,12 @@ class Exchange:
         out += (resp.status_line, resp.block, b"\r\nConnection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
         self.state = TUNNEL
         self.status = 101
-        self.lb._report(target, True)
+        self.lb.report_passive(target, True)
         self.lb.metrics.request_done(self.lb.name, self._backend_name(), 101, self.loop.time() - self.started)
         buffered = self.parser.take_buffer()
         if buffered:
             up.transport.write(buffered)
-        self._set_deadline(_D_TUNNEL, self.settings.timeouts.idle)
+        self._set_deadline(DEADLINE_TUNNEL, self.settings.timeouts.idle)
 
     def _tunnel_half_close(self, from_client: bool) -> bool:
         """One side of a tunnel finished sending: pass the EOF on, and close once both have."""
@@ -459,8 +459,8 @@ class Exchange:
         """Ready for the next request on this connection (maybe one already buffered); `now`: loop time."""
         self.state = IDLE
         self.pool = None
-        if self.paused & (_P_UPSTREAM | _P_CONNECTING):
-            self._unpause(_P_UPSTREAM | _P_CONNECTING)
+        if self.paused & (PAUSED_UPSTREAM | PAUSED_CONNECTING):
+            self._unpause(PAUSED_UPSTREAM | PAUSED_CONNECTING)
         settings = self.settings
         parser = self.parser
         limits = settings.limits
@@ -468,9 +468,9 @@ class Exchange:
             parser.set_limits(limits.max_request_line, limits.max_header)
         at = (now or self.loop.time()) + settings.timeouts.idle
         self.deadline = at
-        self.deadline_kind = _D_IDLE
+        self.deadline_kind = DEADLINE_IDLE
         if self.timer is None or at < self.timer_at:
-            self._set_deadline(_D_IDLE, settings.timeouts.idle)
+            self._set_deadline(DEADLINE_IDLE, settings.timeouts.idle)
         if not parser.buffered:
             parser.paused = False  # nothing waits: what `resume` would do
             return
@@ -479,8 +479,8 @@ class Exchange:
         except ParseError as error:
             self._reject(error)
             return
-        if self.paused & _P_PIPELINE and parser.buffered <= PIPELINE_LIMIT:
-            self._unpause(_P_PIPELINE)
+        if self.paused & PAUSED_PIPELINE and parser.buffered <= PIPELINE_LIMIT:
+            self._unpause(PAUSED_PIPELINE)
 
     def _linger(self) -> None:
         """Close after an answer, reading and discarding for a moment so the client sees the answer."""
@@ -493,7 +493,7 @@ class Exchange:
             transport.resume_reading()
         if transport.can_write_eof() and not transport.is_closing():
             transport.write_eof()
-            self._set_deadline(_D_LINGER, LINGER_SECONDS)
+            self._set_deadline(DEADLINE_LINGER, LINGER_SECONDS)
         else:
             transport.close()
 
@@ -537,7 +537,7 @@ class Exchange:
     def _timeout(self) -> None:
         state = self.state
         if state == IDLE:
-            if self.deadline_kind == _D_HEADER and (
+            if self.deadline_kind == DEADLINE_HEADER and (
                 self.parser.partial_head or self.proxy_parser is not None
             ):
                 self.lb.metrics.request_done(self.lb.name, "", 408, 0.0)

@@ -2,7 +2,8 @@
 
 The listener holds what its connections share: the Snapshot-derived settings (computed once per reload,
 not per request), the upstream keep-alive pool, session affinity, the connection cap, and the sweeper
-that closes idle pooled connections. Each client connection is an `connection.ClientConnection`.
+that closes idle pooled connections. Each client connection is a `connection.ClientConnection`; `listener` holds what the two know of each
+other.
 
 Behaviour, in short:
 
@@ -26,60 +27,16 @@ from collections import deque
 from collections.abc import Callable
 
 from layerlb import plan
-from layerlb.api import AffinityType, Architecture, HashSource, Protocol
+from layerlb.api import Protocol
 from layerlb_dataplane.core import affinity
 from layerlb_dataplane.core.metrics import Metrics, RequestSeries
-from layerlb_dataplane.core.state import Snapshot, Target
+from layerlb_dataplane.core.state import Snapshot
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.http import upstream
 from layerlb_dataplane.http.connection import ClientConnection
 from layerlb_dataplane.http.exchange import QUEUED
 from layerlb_dataplane.http.h1.framing import error_response
-
-
-class Settings:
-    """Derived once per Snapshot, so that each request reads plain attributes instead of walking the Plan."""
-
-    __slots__ = (
-        "affinity",
-        "cookie_age",
-        "cookie_name",
-        "default",
-        "default_pool",
-        "direct",
-        "isolated",
-        "limits",
-        "plain",
-        "plan_key",
-        "pools",
-        "snapshot",
-        "timeouts",
-        "transparent",
-    )
-
-    def __init__(self, snapshot: Snapshot) -> None:
-        current = snapshot.plan
-        self.snapshot = snapshot
-        self.timeouts = current.timeouts
-        self.limits = current.limits
-        self.direct = not current.routes  # every request goes to the default backend
-        self.default = current.default_backend
-        self.pools = pools = snapshot.pools
-        self.default_pool = pools.get(self.default) if self.default is not None else None
-        self.transparent = current.architecture == Architecture.transparent
-        # Pools whose upstream connections carry one client (PROXY header, or its address): never shared.
-        self.isolated = frozenset(
-            pool for pool in pools.values() if self.transparent or pool.backend.proxy_protocol is not None
-        )
-        self.affinity = current.session_affinity.type
-        # Pools whose targets the balancer picks alone (no session affinity, no header or cookie key).
-        self.plain = frozenset(
-            pool
-            for pool in pools.values()
-            if self.affinity == AffinityType.None_ and pool.backend.hash_on.type == HashSource.SourceIP
-        )
-        self.cookie_name = current.session_affinity.cookie_name.encode()
-        self.cookie_age = current.session_affinity.timeout_seconds
-        self.plan_key = current.key
+from layerlb_dataplane.http.listener import Connection, Settings
 
 
 class HttpListener:
@@ -93,9 +50,9 @@ class HttpListener:
         self.current = current
         self.metrics = metrics
         self.proto = b"https" if listener.protocol == Protocol.HTTPS else b"http"
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[Connection] = set()
         self.admitted = 0
-        self.waiting: deque[ClientConnection] = deque()
+        self.waiting: deque[Connection] = deque()
         self.pool = upstream.UpstreamPool()
         self.affinity = affinity.Affinity()
         self.closing = False
@@ -157,7 +114,7 @@ class HttpListener:
 
     # --- connection accounting and the cap -----------------------------------------------------------
 
-    def opened(self, connection: ClientConnection) -> bool:
+    def opened(self, connection: Connection) -> bool:
         """Count a new connection: True when it may start, False when it waits for a slot (or was refused)."""
         self.connections.add(connection)
         self.metrics.connection_opened(self.name)
@@ -175,7 +132,7 @@ class HttpListener:
         self.waiting.append(connection)
         return False
 
-    def closed(self, connection: ClientConnection) -> None:
+    def closed(self, connection: Connection) -> None:
         """A connection ended: free its slot (a waiting connection may start) and note a finished drain."""
         self.connections.discard(connection)
         self.metrics.connection_closed(self.name)
@@ -202,7 +159,7 @@ class HttpListener:
             series = self.request_series[backend] = self.metrics.series(self.name, backend)
         return series
 
-    def _report(self, target: Target, ok: bool) -> None:
+    def report_passive(self, target: Target, ok: bool) -> None:
         """Passive health, the one place the proxy feeds it: connect failures and timeouts False, answered
         requests True. When the target's usability changed, its current pool's balancer is rebuilt.
         Passive results eject (health.HealthState.record_passive); they never touch the active-check counts.

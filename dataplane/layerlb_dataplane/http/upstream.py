@@ -16,7 +16,7 @@ import asyncio
 import socket
 from typing import Protocol, cast
 
-from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.http.h1.framing import ParseError
 from layerlb_dataplane.http.h1.response import Response, ResponseHandler, ResponseParser
 from layerlb_dataplane.net import transparent

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from layerlb.plan import Plan
-from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 
 
 @dataclass

@@ -73,7 +73,7 @@ from typing import Final, Protocol
 from layerlb import api
 from layerlb import plan as plan_model
 from layerlb.render import nftables_ruleset, shared
-from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.kernel import SyncReport, addresses
 from layerlb_dataplane.kernel import strict_arp as strict_arp_module
 

@@ -26,7 +26,8 @@ from typing import Any, cast
 from layerlb import plan
 from layerlb.api import ProxyProtocolVersion
 from layerlb_dataplane.core.metrics import Metrics
-from layerlb_dataplane.core.state import BackendPool, Snapshot, Target
+from layerlb_dataplane.core.state import BackendPool, Snapshot
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.net import proxy_protocol
 
 log = logging.getLogger("layerlb.l4")

@@ -100,7 +100,7 @@ class _Validator:
     """An llhttp protocol without callbacks: llhttp checks the syntax in C and calls no Python per header."""
 
 
-_VALIDATOR: Final = _Validator()
+VALIDATOR: Final = _Validator()
 
 
 def _llhttp_is_strict() -> bool:
@@ -119,7 +119,7 @@ def _llhttp_is_strict() -> bool:
     )
     for sample in samples:
         try:
-            httptools.HttpRequestParser(_VALIDATOR).feed_data(sample)
+            httptools.HttpRequestParser(VALIDATOR).feed_data(sample)
         except httptools.HttpParserError:
             continue
         return False

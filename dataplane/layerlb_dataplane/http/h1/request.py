@@ -19,10 +19,10 @@ from typing import Final, Protocol
 import httptools
 
 from layerlb_dataplane.http.h1.framing import (
-    _VALIDATOR,
     HOP_BY_HOP,
     IDEMPOTENT,
     LLHTTP_STRICT,
+    VALIDATOR,
     ChunkedDecoder,
     ParseError,
     check_head,
@@ -166,7 +166,7 @@ class RequestParser:
         self.max_request_line = max_request_line
         self.max_header = max_header
         self.paused = False
-        self._llhttp = httptools.HttpRequestParser(_VALIDATOR)
+        self._llhttp = httptools.HttpRequestParser(VALIDATOR)
         self._buf = bytearray()
         self._scanned = 0
         self._state = _HEAD
@@ -376,15 +376,15 @@ class RequestParser:
         try:
             self._llhttp.feed_data(head)
         except httptools.HttpParserUpgrade:
-            self._llhttp = httptools.HttpRequestParser(_VALIDATOR)  # llhttp stays paused after an upgrade
+            self._llhttp = httptools.HttpRequestParser(VALIDATOR)  # llhttp stays paused after an upgrade
         except httptools.HttpParserError as error:
-            self._llhttp = httptools.HttpRequestParser(_VALIDATOR)
+            self._llhttp = httptools.HttpRequestParser(VALIDATOR)
             raise ParseError(400, f"malformed request: {error}") from None
         method, _, target = head[: line - 9].partition(b" ")
         request = self._interpret(head, method, target, line, end, http10)
         if request.has_body or not request.keep_alive:
             # llhttp would expect the body next (the proxy frames bodies itself), or refuse more after "close"
-            self._llhttp = httptools.HttpRequestParser(_VALIDATOR)
+            self._llhttp = httptools.HttpRequestParser(VALIDATOR)
         if not http10 and target[:1] == b"/":
             _METHODS.add(method)
             self._memo_head = head

@@ -16,9 +16,9 @@ from typing import Final, Protocol
 import httptools
 
 from layerlb_dataplane.http.h1.framing import (
-    _VALIDATOR,
     HOP_BY_HOP,
     LLHTTP_STRICT,
+    VALIDATOR,
     ChunkedDecoder,
     ParseError,
     check_head,
@@ -91,7 +91,7 @@ class ResponseParser:
 
     def __init__(self, handler: ResponseHandler) -> None:
         self.handler = handler
-        self._llhttp = httptools.HttpResponseParser(_VALIDATOR)
+        self._llhttp = httptools.HttpResponseParser(VALIDATOR)
         self._clean = True  # llhttp saw whole messages only, so it can parse the next head
         self._state = _WAIT
         self._buf = b""
@@ -249,7 +249,7 @@ class ResponseParser:
         if not LLHTTP_STRICT:
             check_head(head, "response")
         if not self._clean:
-            self._llhttp = httptools.HttpResponseParser(_VALIDATOR)
+            self._llhttp = httptools.HttpResponseParser(VALIDATOR)
         llhttp = self._llhttp
         self._clean = False
         try:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from layerlb import plan as plan_model
 from layerlb.render import ipvs_rules, shared
-from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.kernel.ipvs import table
 
 

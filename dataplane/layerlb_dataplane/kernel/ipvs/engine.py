@@ -68,7 +68,7 @@ from typing import Final
 from layerlb import api
 from layerlb import plan as plan_model
 from layerlb.render import ipvs_rules, shared
-from layerlb_dataplane.core.state import Target
+from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.kernel import SyncReport
 from layerlb_dataplane.kernel.ipvs import desired as desired_state
 from layerlb_dataplane.kernel.ipvs import diff, kernel, table
