@@ -145,7 +145,10 @@ def test_rbac_of_a_namespaced_install_binds_namespaced_rules_in_the_watched_name
     namespaced, cluster_scoped = roles["lb-operator"], roles["lb-operator-cluster"]
     assert _grants(namespaced["rules"]) | _grants(cluster_scoped["rules"]) == _grants(rbac.cluster_rules())
     assert not _grants(namespaced["rules"]).keys() & _grants(cluster_scoped["rules"]).keys()
-    assert {resource for _, resource, _ in _grants(cluster_scoped["rules"])} == {"vippools", "vippools/status"}
+    assert {resource for _, resource, _ in _grants(cluster_scoped["rules"])} == {
+        "vippools",
+        "vippools/status",
+    }
     [binding] = _named(rendered, "ClusterRoleBinding").values()
     assert binding["roleRef"]["name"] == "lb-operator-cluster"
     bindings = [d for d in rendered if d["kind"] == "RoleBinding"]
