@@ -32,15 +32,16 @@ DEADLINE = 30.0
 T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE) -> T:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE, every: float = 0.2) -> T:
+    """Poll `probe` every `every` seconds until it returns something truthy; fail with `what` after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:
         last = probe()
         if last:
             return last
-        time.sleep(0.2)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
 
 
