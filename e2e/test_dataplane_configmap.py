@@ -37,6 +37,7 @@ from layerlb_operator import objects, rbac
 from e2e.cluster.cluster import Cluster
 from e2e.harness import free_port, wait_for
 from e2e.kube import ROOT, Kubectl
+from layerlb import plan_contract
 
 NS = "llb-e2e-dp"
 SYSTEM_NS = "llb-e2e-dp-system"
@@ -412,7 +413,7 @@ def test_a_forwarding_pod_serves_its_configmap_reports_it_and_cleans_up_on_delet
         assert wait_for("the report of generation 3", lambda: serving(kubectl).get(pod_name) == "3" or None)
 
         # An invalid Plan written by hand is refused; generation 3 keeps serving.
-        broken = {"data": {objects.PLAN_KEY: '{"name": "web", "listeners": "many"}'}}
+        broken = {"data": {plan_contract.PLAN_KEY: '{"name": "web", "listeners": "many"}'}}
         kubectl.ok("patch", "configmap", f"{NAME}-plan", "-n", NS, "--type=merge", "-p", json.dumps(broken))
         wait_for("the refusal in the log", lambda: "reload rejected" in dataplane.text())
         assert f"ConfigMap {NS}/{NAME}-plan: plan.json: Plan/default/web: listeners:" in dataplane.text()

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from layerlb import api, plan
+from layerlb import api, plan, plan_contract
 from layerlb.validation import Problem
 
 
@@ -250,7 +250,7 @@ def certificate_from_secret(secret: dict[str, Any], path: str) -> plan.Certifica
             [Problem(path, f"Secret {name} needs PEM tls.crt and tls.key (a kubernetes.io/tls Secret)")],
         )
     return plan.Certificate(
-        source=f"Secret/{name}", cert_pem=cert, key_pem=key, names=certificate_names(cert)
+        source=plan_contract.secret_source(name), cert_pem=cert, key_pem=key, names=certificate_names(cert)
     )
 
 

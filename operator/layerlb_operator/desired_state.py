@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from layerlb import api, plan, resolve, validation
+from layerlb import api, plan, plan_contract, resolve, validation
 from layerlb.render import formats
 from layerlb_operator import admin_ports, objects, status
 from layerlb_operator.cluster_view import ClusterView
@@ -119,7 +119,7 @@ def reconcile(
             vip=view.allocated,
             backends=_backend_counts(resource, view),
         )
-    stored, secrets = objects.without_keys(resolved)
+    stored, secrets = plan_contract.without_keys(resolved)
     desired = objects.desired(
         resource,
         str(meta.get("uid", "")),

@@ -1,8 +1,8 @@
 """The Kubernetes objects that run one LoadBalancer's data plane, built as plain dicts for server-side apply.
 
 Per LoadBalancer: the ConfigMap `<name>-plan` holding the Plan JSON; the ConfigMap `<name>-serving`
-where each forwarding pod reports the Plan generation it serves (`data[<pod name>]`, see
-`layerlb_dataplane.control.kube_source`); the ServiceAccount, Role and RoleBinding `<name>-dataplane` that let
+where each forwarding pod reports the Plan generation it serves (`data[<pod name>]`; the keys and values
+of both are `layerlb.plan_contract`'s); the ServiceAccount, Role and RoleBinding `<name>-dataplane` that let
 the forwarding pods read (get/list/watch) the first and patch the second, by name, and nothing else; the
 Deployment `<name>-dataplane`. All are owned by the LoadBalancer (controller reference), so
 kube-controller-manager's garbage collector removes them with it.
@@ -26,18 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from layerlb import api, plan
+from layerlb import api, plan_contract
 from layerlb_operator import admin_ports
 
 DEFAULT_IMAGE: Final = "ghcr.io/layerlb/layerlb:0.1.0"
 IMAGE_ENV: Final = "LAYERLB_DATAPLANE_IMAGE"
-PLAN_KEY: Final = "plan.json"
-# The Plan JSON written when the LoadBalancer is being deleted: serve nothing, remove the kernel state.
-REMOVED_PLAN: Final = "[]"
-# What a pod reports once it applied REMOVED_PLAN.
-REMOVED: Final = "removed"
-# On the Plan ConfigMap: where the pods report (the data plane reads it from there: no extra flag).
-SERVING_ANNOTATION: Final = "layerlb.dev/serving-configmap"
 ADMIN_PORT: Final = 9090
 NONROOT_UID: Final = 65532
 MAX_OBJECT_NAME: Final = 253
@@ -168,8 +161,13 @@ def _meta(name: str, namespace: str, lb_name: str, uid: str) -> dict[str, Any]:
 def config_map(namespace: str, name: str, uid: str, plan_json: str) -> dict[str, Any]:
     """The ConfigMap `<name>-plan` with the Plan JSON under `plan.json`, naming where pods report."""
     meta = _meta(plan_configmap_name(name), namespace, name, uid)
-    meta["annotations"] = {SERVING_ANNOTATION: serving_configmap_name(name)}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {PLAN_KEY: plan_json}}
+    meta["annotations"] = {plan_contract.SERVING_ANNOTATION: serving_configmap_name(name)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {plan_contract.PLAN_KEY: plan_json},
+    }
 
 
 def serving_config_map(namespace: str, name: str, uid: str) -> dict[str, Any]:
@@ -353,9 +351,6 @@ def deployment(
     }
 
 
-SECRET_SOURCE: Final = "Secret/"  # how resolve names a certificate's source: Secret/<name>
-
-
 def vip_service(namespace: str, name: str, uid: str, spec: api.LoadBalancerSpec, vip: str) -> dict[str, Any]:
     """How a pod-network LoadBalancer's VIP reaches its forwarding pods: a Service of type LoadBalancer
     selecting them, its `status.loadBalancer.ingress` the VIP (applied to the status subresource), so
@@ -394,23 +389,6 @@ def vip_service(namespace: str, name: str, uid: str, spec: api.LoadBalancerSpec,
         },
         "status": {"loadBalancer": {"ingress": [{"ip": vip, "ipMode": "VIP"}]}},
     }
-
-
-def without_keys(resolved: plan.Plan) -> tuple[plan.Plan, list[str]]:
-    """The Plan as its ConfigMap carries it: the private keys of Secret certificates left out (`key_pem`
-    empty; the pods read them from the Secret named in `source`), and those Secrets' names. ConfigMaps
-    are readable by far more roles than Secrets (the built-in `view` role reads ConfigMaps, not Secrets)."""
-    names: set[str] = set()
-    listeners = []
-    for listener in resolved.listeners:
-        certificates = []
-        for certificate in listener.certificates:
-            if certificate.source.startswith(SECRET_SOURCE):
-                names.add(certificate.source.removeprefix(SECRET_SOURCE))
-                certificate = certificate.model_copy(update={"key_pem": ""})
-            certificates.append(certificate)
-        listeners.append(listener.model_copy(update={"certificates": tuple(certificates)}))
-    return resolved.model_copy(update={"listeners": tuple(listeners)}), sorted(names)
 
 
 def desired(

@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerlb import validation
+from layerlb import plan_contract, validation
 from layerlb_operator import (
     admin_ports,
     apiserver,
@@ -360,7 +360,7 @@ class Reconciler:
             await asyncio.to_thread(
                 self.client.write, "ConfigMap", "PATCH", path,
                 query=[("fieldManager", self.client.field_manager)],
-                body={"data": {pod: None, pod + status.WARNINGS_SUFFIX: None}}, content_type=apiserver.MERGE_PATCH,
+                body={"data": {pod: None, pod + plan_contract.WARNINGS_SUFFIX: None}}, content_type=apiserver.MERGE_PATCH,
             )  # fmt: skip
         except apiserver.ApiError as error:
             if error.status != 404:  # gone with its LoadBalancer: nothing to prune
@@ -396,7 +396,7 @@ class Reconciler:
 
         if not pending():
             return
-        removal = objects.config_map(namespace, name, str(meta.get("uid", "")), objects.REMOVED_PLAN)
+        removal = objects.config_map(namespace, name, str(meta.get("uid", "")), plan_contract.REMOVED_PLAN)
         try:
             await asyncio.to_thread(self.client.apply, removal)
         except apiserver.ApiError as error:

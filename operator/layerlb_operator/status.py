@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from layerlb import plan_contract
+
 ACCEPTED = "Accepted"
 PROGRAMMED = "Programmed"
 READY = "Ready"
@@ -28,11 +30,6 @@ SPEAKER_FIELDS = ("announcement",)
 # `Ready` False for a LoadBalancer that serves but whose VIP no speaker announces yet (operators started
 # with --ready-needs-announcement: the chart's, when it runs the speakers).
 NOT_ANNOUNCED = "NotAnnounced"
-
-# What a pod writes into the serving ConfigMap once it applied the empty Plan list of a deleted LoadBalancer.
-REMOVED = "removed"
-# data[<pod> + WARNINGS_SUFFIX]: what the pod's node lacks though it serves (layerlb_dataplane.control.kube_source).
-WARNINGS_SUFFIX = ".warnings"
 
 
 @dataclass(frozen=True)
@@ -94,14 +91,17 @@ def _generation(value: Any) -> int | None:
 
 
 def reports(pods: Iterable[tuple[str, PodState]], serving: Mapping[str, Any] | None) -> dict[str, PodReport]:
-    """Each live forwarding pod's report: its entry in the serving ConfigMap (`data[pod]`) with its Ready.
+    """Each live forwarding pod's report: its entries in the serving ConfigMap (`layerlb.plan_contract`) with
+    its Ready.
 
     Entries of pods that no longer exist are ignored: a pod's name is never reused by its ReplicaSet.
     """
     served = serving or {}
     return {
         name: PodReport(
-            _generation(served.get(name)), state.ready, served.get(name + WARNINGS_SUFFIX) or None
+            _generation(served.get(name)),
+            state.ready,
+            served.get(name + plan_contract.WARNINGS_SUFFIX) or None,
         )
         for name, state in pods
     }
@@ -110,7 +110,7 @@ def reports(pods: Iterable[tuple[str, PodState]], serving: Mapping[str, Any] | N
 def cleanup_pending(pods: Iterable[tuple[str, PodState]], serving: Mapping[str, Any] | None) -> list[str]:
     """The running forwarding pods that have not yet reported the removal of their state (sorted)."""
     served = serving or {}
-    return sorted(name for name, state in pods if state.running and served.get(name) != REMOVED)
+    return sorted(name for name, state in pods if state.running and served.get(name) != plan_contract.REMOVED)
 
 
 def ready(

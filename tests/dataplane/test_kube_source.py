@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import pytest
 from layerlb_dataplane.control import config, kube_source, runtime, workers
-from layerlb_operator import objects, status
 
+from layerlb import plan_contract
 from tests.dataplane.helpers_runtime import free_port, l4_plan
 
 T = TypeVar("T")
@@ -36,7 +36,7 @@ def plan_json(generation: int, port: int = 8080) -> str:
 
 
 def configmap(text: str | None, target: str | None = "web-serving", version: str = "5") -> dict[str, Any]:
-    annotations = {kube_source.SERVING_ANNOTATION: target} if target else {}
+    annotations = {plan_contract.SERVING_ANNOTATION: target} if target else {}
     return {
         "metadata": {"name": "web-plan", "resourceVersion": version, "annotations": annotations},
         "data": {} if text is None else {"plan.json": text},
@@ -162,6 +162,29 @@ def test_an_invalid_plan_is_refused_with_the_configmap_and_field_named() -> None
     assert line.startswith("ConfigMap shop/web-plan: plan.json: Plan/test/web: listeners.0.port:")
 
 
+def test_a_plan_naming_a_malformed_secret_is_refused_and_no_secret_is_read() -> None:
+    api = FakeApi(configmap(plan_json(1)))
+    broken = json.loads(keyless_plan_json(2))
+    broken["listeners"][0]["certificates"][0]["source"] = "Secret/web/tls"
+
+    async def scenario() -> list[str]:
+        source = kube_source.ConfigMapSource("shop", "web-plan", api, None)
+        await source.start()
+        source.load()
+        api.events.put(("MODIFIED", configmap(json.dumps(broken))))
+        await source.changed()
+        with pytest.raises(config.InvalidConfig) as refused:
+            source.load()
+        assert source.wanted == set()
+        await stopped(source, api)
+        return refused.value.lines
+
+    [line] = run(scenario())
+    assert line.startswith(
+        "ConfigMap shop/web-plan: plan.json: Plan/test/web: certificate source 'Secret/web/tls'"
+    )
+
+
 def test_an_expired_watch_lists_again_and_errors_retry_without_losing_the_plan(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -265,13 +288,6 @@ def test_the_runtime_reports_a_generation_only_once_it_is_fully_applied() -> Non
 
     assert run(scenario()) == ["1", "3"]
     assert api.patches.empty()  # generation 2 was never reported
-
-
-def test_the_contract_constants_agree_with_the_operator() -> None:
-    assert kube_source.SERVING_ANNOTATION == objects.SERVING_ANNOTATION
-    assert kube_source.PLAN_KEY == objects.PLAN_KEY
-    assert kube_source.REMOVED == objects.REMOVED == status.REMOVED
-    assert json.loads(objects.REMOVED_PLAN) == []
 
 
 @pytest.mark.parametrize(

@@ -242,7 +242,7 @@ def test_long_names_stay_valid_and_distinct() -> None:
 
 
 def test_the_plan_configmap_leaves_secret_keys_out_and_the_role_gets_exactly_those_secrets() -> None:
-    from layerlb import plan
+    from layerlb import plan, plan_contract
 
     certificate = plan.Certificate(source="Secret/shop-tls", cert_pem="CHAIN", key_pem="KEY", names=("a",))
     inline = plan.Certificate(source="file", cert_pem="CHAIN2", key_pem="KEY2")
@@ -251,7 +251,7 @@ def test_the_plan_configmap_leaves_secret_keys_out_and_the_role_gets_exactly_tho
     base = l4_plan("192.0.2.1", [("https", 443, "TCP")], [9000], name="shop", generation=1)
     listener = base.listeners[0].model_copy(update={"certificates": (certificate, inline)})
     resolved = base.model_copy(update={"listeners": (listener,)})
-    stored, secrets = objects.without_keys(resolved)
+    stored, secrets = plan_contract.without_keys(resolved)
     kept = stored.listeners[0].certificates
     assert (kept[0].key_pem, kept[0].cert_pem, kept[0].names) == ("", "CHAIN", ("a",))
     assert kept[1] == inline  # not from a Secret: nothing to read it from

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from layerlb_dataplane.control import kube_source
 from layerlb_dataplane.kernel import strict_arp
 from layerlb_operator import desired_state, objects, status
 
+from layerlb import plan_contract
 from tests.operator.test_desired_state import NOW, _document, _slice, _view
 
 NAT: dict[str, Any] = {
@@ -78,8 +78,7 @@ def test_no_strict_arp_condition_where_no_pod_puts_the_vip_on_a_node() -> None:
 
 
 def test_reports_read_the_pods_warnings_key_the_data_plane_writes() -> None:
-    assert status.WARNINGS_SUFFIX == kube_source.WARNINGS_SUFFIX
-    served = {"web-a": "2", "web-a" + status.WARNINGS_SUFFIX: WARNING, "web-b": "2"}
+    served = {"web-a": "2", "web-a" + plan_contract.WARNINGS_SUFFIX: WARNING, "web-b": "2"}
     pods = [("web-a", status.PodState(True, True)), ("web-b", status.PodState(True, True))]
     assert status.reports(pods, served) == {
         "web-a": status.PodReport(2, True, WARNING),

@@ -3,25 +3,24 @@
 Why the API and not the mounted volume: the kubelet refreshes ConfigMap volumes after a minute or more,
 a watch delivers a change within milliseconds.
 
-The contract with the operator (`layerlb_operator.objects`):
-- ConfigMap NS/NAME, key `plan.json`: the Plan JSON of one LoadBalancer; `[]` once the LoadBalancer is
-  being deleted, which means "serve nothing and remove the kernel state" (the runtime does that when a
-  Plan leaves its source). A ConfigMap that disappears, or one without a valid Plan, changes nothing:
-  the last good Plans keep serving and the reason is logged.
-- its annotation `layerlb.dev/serving-configmap` names the ConfigMap where each pod reports what it
-  serves: `data[POD_NAME]` is the generation once that Plan is fully applied (kernel engines: after their
-  sync succeeded), or `removed` once the empty list is applied. The pod's Role may patch that one object
-  and nothing else, so a compromised data plane cannot touch pods or other ConfigMaps.
-  `data[POD_NAME.warnings]` holds what the node lacks though the pod serves (one warning a line: today
-  strict ARP that could not be set, `kernel.strict_arp`), and is absent when nothing is wrong; the
-  operator turns it into a condition. It is written with the pod's first report (absent: null, which also
-  drops one a restarted container left) and whenever it changes.
-
-- TLS private keys are not in the ConfigMap: a certificate whose `key_pem` is empty and whose `source`
-  is `Secret/NAME` takes its chain and key from that `kubernetes.io/tls` Secret of the pod's namespace
-  (the pod's Role may `get` exactly those Secrets). They are fetched before a Plan naming them is
-  loaded and every `secret_poll` seconds after (a renewed certificate is served without a new Plan, on
-  the same sockets); a Secret that cannot be read or turns invalid keeps the last good pair serving.
+The contract with the operator (keys, values, the Secret reference) is `layerlb.plan_contract`'s; the
+pod's side of it:
+- ConfigMap NS/NAME holds the Plan JSON of one LoadBalancer; no Plan (`[]`) means "serve nothing and
+  remove the kernel state" (the runtime does that when a Plan leaves its source). A ConfigMap that
+  disappears, or one without a valid Plan, changes nothing: the last good Plans keep serving and the
+  reason is logged.
+- Each received Plan JSON is parsed first; the Secrets the Plans then name give their certificates'
+  chains and keys (`kubernetes.io/tls` Secrets of the pod's namespace; the pod's Role may `get` exactly
+  those). They are fetched before a Plan naming them is loaded and every `secret_poll` seconds after (a
+  renewed certificate is served without a new Plan, on the same sockets); a Secret that cannot be read
+  or turns invalid keeps the last good pair serving.
+- The report goes to the ConfigMap the annotation names: the generation once that Plan is fully applied
+  (kernel engines: after their sync succeeded), or `removed` once no Plan is. The pod's Role may patch
+  that one object and nothing else, so a compromised data plane cannot touch pods or other ConfigMaps.
+  The pod's warnings (what the node lacks though the pod serves, one a line: today strict ARP that could
+  not be set, `kernel.strict_arp`) are written with the pod's first report (absent: null, which also
+  drops one a restarted container left) and whenever they change; the operator turns them into a
+  condition.
 
 The kubernetes client blocks, so list and watch run in a daemon thread that hands every ConfigMap it
 sees to the event loop with `call_soon_threadsafe`; reports are PATCHed from `asyncio.to_thread`. Neither
@@ -43,22 +42,17 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Protocol
 
-from layerlb import plan
+from layerlb import plan, plan_contract
 from layerlb_dataplane.control import config
 
 log = logging.getLogger("layerlb.source")
 
-PLAN_KEY: Final = "plan.json"
-SERVING_ANNOTATION: Final = "layerlb.dev/serving-configmap"
-REMOVED: Final = "removed"
-WARNINGS_SUFFIX: Final = ".warnings"  # data[POD_NAME + WARNINGS_SUFFIX]: the pod's warnings
 _UNSENT: Final = "\0unsent"  # no warnings reported yet by this process (not even "none")
 WATCH_SECONDS: Final = 240  # the API server ends each watch after this; the next resumes where it ended
 REQUEST_SECONDS: Final = 30.0
 BACKOFF_FIRST: Final = 0.5
 BACKOFF_MAX: Final = 30.0
 SECRET_POLL_SECONDS: Final = 10.0
-SECRET_SOURCE: Final = "Secret/"
 _LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a namespace name
 _SUBDOMAIN: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a ConfigMap name
 
@@ -236,18 +230,21 @@ class ConfigMapSource(config.PlanSource):
         self.namespace, self.name, self.api, self.pod = namespace, name, api, pod
         self.secret_poll = secret_poll
         self.pairs: dict[str, tuple[str, str]] = {}  # Secret name -> (tls.crt, tls.key), last good
-        self.wanted: set[str] = set()  # the Secrets the received plan.json names
-        self.fetch = asyncio.Event()  # fetch the Secrets now (plan.json changed)
+        self.wanted: set[str] = set()  # the Secrets the received Plans take keys from
+        self.fetch = asyncio.Event()  # fetch the Secrets now (the Plans changed)
         self.description = f"ConfigMap {namespace}/{name}"
-        self.text: str | None = None  # plan.json as last received
+        self.where = f"{self.description}: {plan_contract.PLAN_KEY}"
+        self.text: str | None = None  # the Plan JSON as last received
+        self.stored: list[plan.Plan] = []  # the Plans of `text`, keys left out
+        self.problems: list[str] = []  # why `text` holds no valid Plans (empty: it does)
         self.target: str | None = None  # the ConfigMap to report to
         self.loaded: list[plan.Plan] | None = None  # what load() last returned
         self.report: str | None = None  # what should be reported now
         self.reported: tuple[str, str] | None = None  # (target, value) last reported
         self.warnings: str | None = None  # what should be reported as warnings now (None: none)
         self.reported_warnings: str | None = _UNSENT  # the warnings last reported (to the same target)
-        self.event = asyncio.Event()  # new plan.json since load()
-        self.valid = asyncio.Event()  # a valid plan.json was received (start() waits for it)
+        self.event = asyncio.Event()  # new Plans since load()
+        self.valid = asyncio.Event()  # valid Plans were received, with their keys (start() waits for it)
         self.reporting = asyncio.Event()  # the report (or its target) changed
         self.closed = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -267,11 +264,7 @@ class ConfigMapSource(config.PlanSource):
 
     def load(self) -> list[plan.Plan]:
         self.event.clear()
-        if self.text is None:
-            raise config.InvalidConfig([f"{self.description}: {PLAN_KEY}: no Plan received yet"])
-        self.loaded = config.parse_plans(
-            f"{self.description}: {PLAN_KEY}", self._with_keys(self.text), allow_empty=True
-        )
+        self.loaded = self._plans()
         return self.loaded
 
     async def changed(self) -> None:
@@ -285,7 +278,7 @@ class ConfigMapSource(config.PlanSource):
         if self.loaded is None:
             return
         if not self.loaded:
-            value = None if serving else REMOVED
+            value = None if serving else plan_contract.REMOVED
         elif all(serving.get(p.key) == p.generation for p in self.loaded):
             value = str(min(p.generation for p in self.loaded))
         else:
@@ -352,28 +345,30 @@ class ConfigMapSource(config.PlanSource):
             log.warning("%s does not exist (yet); the current Plans keep serving", self.description)
             return
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
-        target = annotations.get(SERVING_ANNOTATION)
+        target = annotations.get(plan_contract.SERVING_ANNOTATION)
         if target != self.target:
             self.target = target
             self.reporting.set()
-        text = (obj.get("data") or {}).get(PLAN_KEY)
+        text = (obj.get("data") or {}).get(plan_contract.PLAN_KEY)
         if text is None:
-            log.error("%s has no key %s; the current Plans keep serving", self.description, PLAN_KEY)
+            log.error(
+                "%s has no key %s; the current Plans keep serving", self.description, plan_contract.PLAN_KEY
+            )
             return
         if text == self.text:
             return  # labels, annotations or other keys changed: nothing to reload
         self.text = text
-        self.wanted = _secret_names(text)
+        self.stored, self.wanted, self.problems = _parsed(self.where, text)
         if self.wanted:
             self.fetch.set()  # the Secrets first (a renewed chain comes with its key), then the reload
             return
         self._ready()
 
     def _ready(self) -> None:
-        """plan.json, with the keys it needs, is here: reload (and let start() return once it is valid)."""
+        """The Plans, with the keys they need, are here: reload (and let start() return once they are valid)."""
         if not self.valid.is_set():
             try:
-                config.parse_plans(self.description, self._with_keys(self.text or ""), allow_empty=True)
+                self._plans()
             except config.InvalidConfig as error:
                 log.error("%s: no valid Plan yet, waiting for one:", self.description)
                 for line in error.lines:
@@ -382,34 +377,25 @@ class ConfigMapSource(config.PlanSource):
             self.valid.set()
         self.event.set()
 
-    def _with_keys(self, text: str) -> str:
-        """plan.json with each Secret certificate's chain and key filled in from the last good pair;
-        InvalidConfig naming the Secret when none was read yet."""
-        if not self.wanted:
-            return text
-        missing = sorted(self.wanted - set(self.pairs))
-        if missing:
+    def _plans(self) -> list[plan.Plan]:
+        """The received Plans with each Secret certificate's chain and key filled in from the last good
+        pair; InvalidConfig saying why they cannot be served (naming each Secret not read yet)."""
+        if self.text is None:
+            raise config.InvalidConfig([f"{self.where}: no Plan received yet"])
+        if self.problems:
+            raise config.InvalidConfig(self.problems)
+        try:
+            return [plan_contract.with_keys(p, self.pairs) for p in self.stored]
+        except plan_contract.MissingSecret as missing:
             raise config.InvalidConfig(
                 [
                     f"{self.description}: waiting for Secret {self.namespace}/{name} (tls.crt, tls.key)"
-                    for name in missing
+                    for name in missing.names
                 ]
-            )
-
-        def fill(value: Any) -> Any:
-            if isinstance(value, dict):
-                if _keyless(value):
-                    cert, key = self.pairs[str(value["source"]).removeprefix(SECRET_SOURCE)]
-                    return {**value, "cert_pem": cert, "key_pem": key}
-                return {k: fill(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [fill(v) for v in value]
-            return value
-
-        return json.dumps(fill(json.loads(text)))
+            ) from None
 
     async def _poll_secrets(self) -> None:
-        """Reads the wanted Secrets when plan.json names new ones and every `secret_poll` seconds."""
+        """Reads the wanted Secrets when the Plans name new ones and every `secret_poll` seconds."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.fetch.wait(), self.secret_poll)
@@ -472,7 +458,7 @@ class ConfigMapSource(config.PlanSource):
                         self.description,
                         "POD_NAME is not set"
                         if not self.pod
-                        else f"the ConfigMap has no {SERVING_ANNOTATION} annotation",
+                        else f"the ConfigMap has no {plan_contract.SERVING_ANNOTATION} annotation",
                     )
                 continue
             wanted = (self.target, self.report)
@@ -484,7 +470,7 @@ class ConfigMapSource(config.PlanSource):
             try:
                 data: dict[str, str | None] = {self.pod: wanted[1]}
                 if warnings != self.reported_warnings:
-                    data[self.pod + WARNINGS_SUFFIX] = warnings
+                    data[self.pod + plan_contract.WARNINGS_SUFFIX] = warnings
                 body = {"data": data}
                 await asyncio.to_thread(self.api.patch, self.namespace, wanted[0], body)
             except ApiFailure as error:
@@ -505,28 +491,21 @@ class ConfigMapSource(config.PlanSource):
             log.info("reported serving %s to ConfigMap %s/%s", wanted[1], self.namespace, wanted[0])
 
 
-def _keyless(value: Mapping[str, Any]) -> bool:
-    """A certificate of plan.json whose key is in a Secret: `key_pem` empty, `source` `Secret/NAME`."""
-    return value.get("key_pem") == "" and str(value.get("source", "")).startswith(SECRET_SOURCE)
-
-
-def _secret_names(text: str) -> set[str]:
-    """The Secrets whose keys plan.json leaves out ({} for text that is not JSON: parsing will say why)."""
-    found: set[str] = set()
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            if _keyless(value):
-                found.add(str(value["source"]).removeprefix(SECRET_SOURCE))
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    with contextlib.suppress(ValueError):
-        walk(json.loads(text))
-    return found
+def _parsed(where: str, text: str) -> tuple[list[plan.Plan], set[str], list[str]]:
+    """The Plans of a Plan JSON text as stored (keys left out), the Secrets they take keys from, and why
+    they cannot be served (nothing, or no Plans and no Secrets)."""
+    try:
+        stored = config.parse_plans(where, text, allow_empty=True)
+    except config.InvalidConfig as error:
+        return [], set(), error.lines
+    wanted: set[str] = set()
+    problems: list[str] = []
+    for p in stored:
+        try:
+            wanted |= plan_contract.secrets_named(p)
+        except ValueError as error:  # a malformed Secret reference
+            problems.append(f"{where}: Plan/{p.key}: {error}")
+    return ([], set(), problems) if problems else (stored, wanted, [])
 
 
 def _why(error: ApiFailure) -> str:
