@@ -342,6 +342,82 @@ def test_ipvs_scheduler_follows_the_algorithm(
     assert ipvs_rules.ipvs_scheduler(_backend(algorithm, weights)) == scheduler
 
 
+def _l4_plan(
+    architecture: api.Architecture, algorithm: api.Algorithm, affinity: api.AffinityType
+) -> plan.Plan:
+    return plan.Plan(
+        name="web",
+        namespace="shop",
+        generation=1,
+        mode=api.Mode.L4,
+        architecture=architecture,
+        engine=api.Engine.ipvs,
+        vip="192.0.2.10",
+        listeners=(plan.Listener(name="tcp", port=80, protocol=api.Protocol.TCP, transport="TCP"),),
+        backends=(_backend(algorithm, (1, 2)),),
+        default_backend="app",
+        session_affinity=plan.SessionAffinity(type=affinity, timeout_seconds=600),
+    )
+
+
+@pytest.mark.parametrize("architecture", [api.Architecture.dsr, api.Architecture.tunnel])
+@pytest.mark.parametrize(
+    ("algorithm", "affinity", "flags"),
+    [
+        (api.Algorithm.round_robin, api.AffinityType.None_, "mh-fallback,mh-port"),
+        (api.Algorithm.least_connections, api.AffinityType.None_, "mh-fallback,mh-port"),
+        (api.Algorithm.random_two_choices, api.AffinityType.None_, "mh-fallback,mh-port"),
+        (api.Algorithm.maglev, api.AffinityType.None_, "mh-fallback,mh-port"),
+        (api.Algorithm.ring_hash, api.AffinityType.None_, "mh-fallback,mh-port"),
+        (api.Algorithm.source_hash, api.AffinityType.None_, "mh-fallback"),
+        (api.Algorithm.round_robin, api.AffinityType.ClientIP, "mh-fallback"),
+    ],
+)
+def test_dsr_and_tunnel_schedule_every_flow_by_maglev_so_every_node_picks_the_same_backend(
+    architecture: api.Architecture, algorithm: api.Algorithm, affinity: api.AffinityType, flags: str
+) -> None:
+    """mh-port hashes the client's port too (the flow); by client address alone for source-hash and
+    ClientIP affinity. nat keeps the algorithm's own scheduler (its flows cannot change node anyway)."""
+    p = _l4_plan(architecture, algorithm, affinity)
+    assert ipvs_rules.ipvs_schedule(p, p.backends[0]) == ("mh", flags)
+    (service,) = ipvs_rules.ipvs_services(p)
+    assert (service.scheduler, service.flags) == ("mh", flags)
+    nat = _l4_plan(api.Architecture.nat, algorithm, affinity)
+    scheduler = ipvs_rules.ipvs_scheduler(nat.backends[0])
+    assert ipvs_rules.ipvs_schedule(nat, nat.backends[0]) == (
+        scheduler,
+        ipvs_rules.IPVS_SCHEDULER_FLAGS.get(scheduler),
+    )
+
+
+def test_nftables_dsr_gives_every_node_the_same_flow_hash_whatever_order_the_endpoints_came_in(
+    tmp_path: Path,
+) -> None:
+    """The map a flow is hashed through depends only on the LoadBalancer and its endpoint set: the seed
+    is the LoadBalancer's, the endpoints are sorted, and the key is the flow (client address and port;
+    the rule's match fixes protocol, VIP and port). Only the node's own MAC and device differ."""
+    case = IN / "l4-dsr-nftables.yaml"
+    text = case.read_text()
+    first, second = "        - {address: 10.3.0.5, weight: 2}\n", "        - {address: 10.3.0.6}\n"
+    assert first + second in text
+    swapped = tmp_path / "swapped.yaml"
+    swapped.write_text(text.replace(first + second, second + first))
+    neighbours = {"10.3.0.5": "02:00:00:00:00:05", "10.3.0.6": "02:00:00:00:00:06"}
+
+    def hashing(p: plan.Plan, device: str, mac: str) -> list[str]:
+        ruleset = formats.render(p, "nftables", device=device, device_mac=mac, neighbours=neighbours)
+        return [
+            line.split("ether daddr set ")[1].split(" fwd to")[0]
+            for line in ruleset.splitlines()
+            if "jhash" in line
+        ]
+
+    node1 = hashing(PLANS["l4-dsr-nftables"], "eth0", "02:00:00:00:00:01")
+    node2 = hashing(_plan(swapped), "ens3", "02:00:00:00:00:02")
+    assert node1 == node2
+    assert node1[0].startswith("jhash ip saddr . tcp sport mod 3 seed ")
+
+
 @pytest.mark.parametrize(
     ("backend", "balance"),
     [

@@ -19,10 +19,15 @@ IPVS_FORWARDING = {
 
 # Scheduler flags so that a weight-0 server's hashed clients move to another server instead of failing.
 IPVS_SCHEDULER_FLAGS: dict[str, str] = {"sh": "sh-fallback", "mh": "mh-fallback"}
+# `mh` with `mh-port` hashes the client's address and port (the flow), not the address alone.
+MH_FLOW_FLAGS = "mh-fallback,mh-port"
+# Architectures whose flows a router may move between nodes (ECMP) with no state following them.
+FLOW_HASHED_ARCHITECTURES = (api.Architecture.dsr, api.Architecture.tunnel)
 
 
 def ipvs_scheduler(backend: plan.Backend) -> str:
-    """The IPVS scheduler that balances a backend the way its algorithm promises, as near as IPVS can.
+    """The IPVS scheduler that balances a backend the way its algorithm promises, as near as IPVS can
+    (`nat`; `dsr` and `tunnel` hash every flow instead: `ipvs_schedule`).
 
     | algorithm          | scheduler | why                                                               |
     |--------------------|-----------|-------------------------------------------------------------------|
@@ -46,6 +51,31 @@ def ipvs_scheduler(backend: plan.Backend) -> str:
     if algorithm is api.Algorithm.source_hash:
         return "sh"
     return "mh"
+
+
+def ipvs_schedule(p: plan.Plan, backend: plan.Backend) -> tuple[str, str | None]:
+    """The scheduler and its `-b` flags for a Plan's backend: per algorithm for `nat`, and for `dsr` and
+    `tunnel` always Maglev (`mh`), so that every node sends a flow to the same backend.
+
+    A router spreading the VIP over nodes with ECMP moves established flows to another node whenever a
+    node joins or leaves. In `dsr` and `tunnel` the replies bypass the nodes, so no node holds state
+    another could take over; the new node must make the same choice from the packet alone. `mh` with
+    `mh-port` hashes (client address, client port) — the service fixes protocol, VIP and port, so that
+    is the flow — with fixed hash keys through a table built from the real servers and their weights, the
+    same on every node that holds the same servers in the same order (the engine keeps that order,
+    `diff`). Round-robin and the connection-counting algorithms keep per-node counters that no two nodes
+    share, so under `dsr`/`tunnel` they balance by this consistent flow hash instead (as Katran and
+    Cilium's Maglev do); weights are honoured. `source-hash`, and ClientIP affinity (its persistence
+    templates live on one node), hash the client address alone (`mh` without `mh-port`): all of a
+    client's connections reach one backend, from every node.
+    """
+    if p.architecture not in FLOW_HASHED_ARCHITECTURES:
+        scheduler = ipvs_scheduler(backend)
+        return scheduler, IPVS_SCHEDULER_FLAGS.get(scheduler)
+    by_client = (
+        backend.algorithm is api.Algorithm.source_hash or p.session_affinity.type is api.AffinityType.ClientIP
+    )
+    return "mh", IPVS_SCHEDULER_FLAGS["mh"] if by_client else MH_FLOW_FLAGS
 
 
 @dataclass(frozen=True)
@@ -74,16 +104,13 @@ def ipvs_services(p: plan.Plan) -> list[IPVSService]:
             f"-r {shared.host_port(e.address, e.port or listener.port)} {method} -w {e.weight}"
             for e in backend.endpoints
         )
+        scheduler, flags = ipvs_schedule(p, backend)
+        consistent = ": Maglev, the same on every node" if scheduler != ipvs_scheduler(backend) else ""
         comment = (
             f"{p.key} listener {listener.name} ({listener.transport} {listener.port}) "
-            f"-> backend {backend.name} ({backend.algorithm})"
+            f"-> backend {backend.name} ({backend.algorithm}{consistent})"
         )
-        scheduler = ipvs_scheduler(backend)
-        services.append(
-            IPVSService(
-                comment, service, scheduler, persistence, servers, IPVS_SCHEDULER_FLAGS.get(scheduler)
-            )
-        )
+        services.append(IPVSService(comment, service, scheduler, persistence, servers, flags))
     return services
 
 

@@ -3,7 +3,8 @@ its diff and drain logic is tested on this machine, whose kernel has no IPVS.
 
 `FakeIpvs` keeps a table as the kernel would after the same commands: it refuses what IPVS refuses
 (a service or real server that exists or does not), keeps the connection counts a test sets, and
-fingerprints only what /proc/net/ip_vs shows (no scheduler flags), like the real one. The connection
+fingerprints only what /proc/net/ip_vs shows (no scheduler flags), like the real one. A real server
+is added at the head of its service's list, as the kernel adds it (the order `sh` and `mh` build from). The connection
 entries are /proc/net/ip_vs_conn text, parsed by the engine's own parser.
 """
 
@@ -118,7 +119,8 @@ class FakeIpvs:
             if change.verb == "-a":
                 if server is not None:
                     return "already exists"
-                have.servers[change.server.key] = dataclasses.replace(change.server, active=0, inactive=0)
+                added = dataclasses.replace(change.server, active=0, inactive=0)
+                have.servers = {added.key: added, **have.servers}  # at the head, as the kernel adds it
             elif server is None:
                 return "no such destination, or scheduler/persistence engine not found"
             elif change.verb == "-e":

@@ -332,9 +332,9 @@ def test_a_removed_listener_drains_and_its_service_goes_with_its_last_server(
     ipvs.server(UDP, *BE1).inactive = 4  # UDP flows count as inactive until IPVS expires them
     tcp_only = make_plan(listeners=BOTH[:1])
     lb.sync(tcp_only, {})
-    assert ipvs.batches[-1] == [
-        "-e -u 10.0.100.1:53 -r 10.0.2.11:8080 -m -w 0",
+    assert ipvs.batches[-1] == [  # in the kernel's list order: the last added first
         "-e -u 10.0.100.1:53 -r 10.0.2.12:8080 -m -w 0",
+        "-e -u 10.0.100.1:53 -r 10.0.2.11:8080 -m -w 0",
     ]
     lb.sync(tcp_only, {})
     assert ipvs.batches[-1] == ["-d -u 10.0.100.1:53 -r 10.0.2.12:8080"]  # BE1 still has flows
@@ -402,3 +402,88 @@ def test_an_ipv6_vip_programs_reads_and_drains(lb: engine.IpvsEngine, ipvs: Fake
     ipvs.connection_table = CONNECTION_HEADER
     lb.sync(one, {})
     assert ipvs.batches[-1] == ["-d -t [fd00:100::1]:80 -r [fd00:2::12]:8080"]
+
+
+# --- flows that change node (ECMP): the same Maglev table on every node --------------------------------
+
+BE3 = ("10.0.2.13", 8080)
+THREE = ((*BE1, 1), (*BE2, 1), (*BE3, 1))
+
+
+def order(ipvs: FakeIpvs, key: table.ServiceKey = TCP) -> list[tuple[str, int]]:
+    """The kernel's list of the service's real servers, head first (as /proc/net/ip_vs shows it)."""
+    return list(ipvs.services_by_key[key].servers)
+
+
+@pytest.mark.parametrize("architecture", [api.Architecture.dsr, api.Architecture.tunnel])
+def test_dsr_and_tunnel_hash_every_flow_with_maglev_and_schedule_mid_flow_packets(
+    lb: engine.IpvsEngine, ipvs: FakeIpvs, architecture: api.Architecture
+) -> None:
+    """round-robin becomes mh with mh-port, and sloppy_tcp/sloppy_sctp let a node schedule a connection
+    whose SYN went to another node."""
+    lb.sync(make_plan(architecture=architecture, listeners=BOTH[:1]), {})
+    forward = "-g" if architecture is api.Architecture.dsr else "-i"
+    assert ipvs.lines() == [
+        "-A -t 10.0.100.1:80 -s mh -b mh-fallback,mh-port",
+        f"-a -t 10.0.100.1:80 -r 10.0.2.11:8080 {forward} -w 1",
+        f"-a -t 10.0.100.1:80 -r 10.0.2.12:8080 {forward} -w 2",
+    ]
+    assert ipvs.sysctls == {"net/ipv4/vs/sloppy_tcp": "1", "net/ipv4/vs/sloppy_sctp": "1"}
+
+
+def test_nat_and_an_engine_told_not_to_leave_the_sloppy_sysctls_alone(ipvs: FakeIpvs) -> None:
+    engine.IpvsEngine(ipvs=ipvs, vips=FakeVips()).sync(make_plan(), {})
+    dsr = make_plan(architecture=api.Architecture.dsr, vip="10.0.100.2")
+    engine.IpvsEngine(ipvs=ipvs, vips=FakeVips(), sloppy=False).sync(dsr, {})
+    assert not any("sloppy" in name for name in ipvs.sysctls)
+
+
+def test_a_server_added_before_others_in_order_is_added_with_them_so_every_node_has_one_table(
+    clock: Clock,
+) -> None:
+    """mh builds its table in the order of the kernel's list, and the kernel adds at the head: a node that
+    saw be2 join after be3 must hold the list a node that started with all three holds."""
+    three = THREE
+    fresh, grown = FakeIpvs(), FakeIpvs()
+    dsr = api.Architecture.dsr
+    engine.IpvsEngine(ipvs=fresh, vips=FakeVips(), clock=clock).sync(
+        make_plan(three, architecture=dsr, listeners=BOTH[:1]), {}
+    )
+    vips = FakeVips()
+    lb = engine.IpvsEngine(ipvs=grown, vips=vips, clock=clock)
+    lb.sync(make_plan(three[::2], architecture=dsr, listeners=BOTH[:1]), {})
+    lb.sync(make_plan(three, architecture=dsr, listeners=BOTH[:1]), {})
+    assert grown.batches[-1] == [
+        "-d -t 10.0.100.1:80 -r 10.0.2.13:8080",
+        "-a -t 10.0.100.1:80 -r 10.0.2.12:8080 -g -w 1",
+        "-a -t 10.0.100.1:80 -r 10.0.2.13:8080 -g -w 1",
+    ]
+    assert order(grown) == order(fresh) == [BE3, BE2, BE1]
+    assert lb.sync(make_plan(three, architecture=dsr, listeners=BOTH[:1]), {}).changes == 0
+    restarted = engine.IpvsEngine(ipvs=grown, vips=vips, clock=clock)
+    assert restarted.sync(make_plan(three, architecture=dsr, listeners=BOTH[:1]), {}).changes == 0
+
+
+def test_a_server_added_last_in_order_or_to_a_counting_scheduler_is_only_added() -> None:
+    three = THREE
+    cases = ((api.Architecture.dsr, three[:2], "-g"), (api.Architecture.nat, three[::2], "-m"))
+    for architecture, first, method in cases:
+        ipvs = FakeIpvs()
+        lb = engine.IpvsEngine(ipvs=ipvs, vips=FakeVips())
+        lb.sync(make_plan(first, architecture=architecture, listeners=BOTH[:1]), {})
+        lb.sync(make_plan(three, architecture=architecture, listeners=BOTH[:1]), {})
+        address, port, _ = next(endpoint for endpoint in three if endpoint not in first)
+        assert ipvs.batches[-1] == [f"-a -t 10.0.100.1:80 -r {address}:{port} {method} -w 1"]
+
+
+def test_a_down_server_keeps_its_place_in_the_list(lb: engine.IpvsEngine, ipvs: FakeIpvs) -> None:
+    """Health takes a server's weight to 0 and back (`-e`): its place, and so the table, stay."""
+    three = THREE
+    p = make_plan(three, architecture=api.Architecture.dsr, listeners=BOTH[:1])
+    lb.sync(p, {})
+    down = Target("app", *BE2, 1)
+    down.health.healthy = False
+    lb.sync(p, {"app": [down]})
+    assert [line.split()[0] for line in ipvs.batches[-1]] == ["-e"]
+    lb.sync(p, {})
+    assert order(ipvs) == [BE3, BE2, BE1]

@@ -13,6 +13,16 @@ deleting the server cannot disturb. After `drain_seconds` it is deleted anyway. 
 inactive until IPVS expires them (its UDP timeout), so a UDP drain usually ends by `drain_seconds`.
 A listener gone from the Plan drains the same way, and its service is deleted when its last server is.
 A drain progresses on each sync; the difference says when to sync again while one is pending.
+
+**Order, for the hashing schedulers.** `sh` and `mh` build their lookup table by walking the service's
+real servers in the order of the kernel's list, and the kernel puts a server it adds at the head of that
+list (which /proc/net/ip_vs and the dump show first). Two nodes holding the same servers in a different
+order build different tables and send some flows to different backends, which undoes what `dsr` and
+`tunnel` schedule with Maglev for (a flow moved to another node by ECMP must keep its backend). So for
+these schedulers the difference keeps the list in the render's order (the Plan's, sorted by address):
+a server added after servers it sorts before is added together with those, which are deleted and added
+again in the same batch (IPVS takes a deleted server back from its trash with its connections, so
+they carry on). A node that started with the whole set and one that saw it grow then agree.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from typing import Final
 from layerlb_dataplane.kernel.ipvs import table
 
 DRAIN_POLL_SECONDS: Final = 1.0
+# Schedulers whose table depends on the order of the kernel's list of real servers.
+ORDERED_SCHEDULERS: Final = frozenset({"sh", "mh"})
 
 DrainMark = tuple[table.ServiceKey, table.ServerKey]  # a real server of a service, draining
 
@@ -56,14 +68,19 @@ def difference(
             continue
         if have.settings != want.settings:
             commands.append(table.Change("-E", key, want))
+        moved = out_of_order(want, have) if want.scheduler in ORDERED_SCHEDULERS else []
+        commands += [table.Change("-d", key, server=have.servers[k]) for k in moved]
+        readded = set(moved)
         for server_key, server in want.servers.items():
             if draining:
                 draining.pop((key, server_key), None)
             current = have.servers.get(server_key)
-            if current is None:
-                commands.append(table.Change("-a", key, server=server))
-            elif current.weight != server.weight or current.forward not in (server.forward, table.LOCAL):
+            if current is None or server_key in readded:
+                continue
+            if current.weight != server.weight or current.forward not in (server.forward, table.LOCAL):
                 commands.append(table.Change("-e", key, server=server))
+        added = [k for k in want.servers if k in readded or k not in have.servers]
+        commands += [table.Change("-a", key, server=want.servers[k]) for k in added]
         for server_key, current in have.servers.items():
             if server_key not in want.servers:
                 commands += drains.step(key, current)
@@ -78,6 +95,21 @@ def difference(
     for mark in [m for m in draining if m[0].address == table.canonical(vip) and m not in drains.seen]:
         del draining[mark]  # gone from the kernel by other means
     return commands, drains.next_sync()
+
+
+def out_of_order(want: table.VirtualService, have: table.VirtualService) -> list[table.ServerKey]:
+    """The wanted real servers that the kernel holds out of the render's order, to delete and add again
+    (with the ones it lacks, added after them) so that its list ends in that order.
+
+    The kernel's list reversed is the order of addition; the servers of `have` that `want` keeps must
+    begin `want`'s order, and everything from the first that does not is added again.
+    """
+    added_order = [k for k in reversed(have.servers) if k in want.servers]
+    wanted = list(want.servers)
+    agreed = 0
+    while agreed < len(added_order) and added_order[agreed] == wanted[agreed]:
+        agreed += 1
+    return [k for k in wanted[agreed:] if k in have.servers]
 
 
 def finished(key: table.ServiceKey, server: table.RealServer, live: set[table.ConnectionKey]) -> bool:

@@ -51,6 +51,20 @@ again. With persistence, `net.ipv4.vs.expire_quiescent_template` is set to 1, or
 persistence template points at a weight-0 server would keep being sent there (kube-proxy sets it for
 the same reason).
 
+**Flows that change node (ECMP).** A router spreading the VIP over several nodes moves established flows
+to another node when a node joins or leaves. For `dsr` and `tunnel` (replies bypass the node: no node
+holds state another could take over) two things make the new node send such a flow to the backend it
+already had. The render schedules them with Maglev (`mh -b mh-fallback,mh-port`:
+`ipvs_rules.ipvs_schedule`), whose table the kernel builds from the real servers in the order of its
+list, so the diff keeps that list in the render's order (`diff`, re-adding servers a later addition
+would otherwise precede). And `sloppy=True` (the default) sets `net.ipv4.vs.sloppy_tcp` and
+`sloppy_sctp` to 1: without them IPVS creates a connection only from a SYN, and drops the mid-flow
+packets of a connection this node never saw; with them it schedules such a packet like a new
+connection, and Maglev gives the same backend. The sysctls are per network namespace, for all its
+services, and are never turned off again.
+`nat` cannot do this: its replies must return through the node that translated the flow (see the
+README's architecture section).
+
 `remove(plan)` (an explicit shutdown of the LoadBalancer) deletes the VIP's services at once, without
 draining, and the VIP address. The default kernel interfaces work in the network namespace of the
 calling thread. Not thread-safe: one engine per thread.
@@ -79,6 +93,8 @@ log = logging.getLogger("layerlb.kernel.ipvs")
 DEFAULT_DRAIN_SECONDS: Final = 120.0
 DEFAULT_FULL_CHECK_SECONDS: Final = 30.0
 EXPIRE_QUIESCENT: Final = "net/ipv4/vs/expire_quiescent_template"
+# IPVS's sysctls live under net.ipv4.vs for both address families.
+SLOPPY: Final = ("net/ipv4/vs/sloppy_tcp", "net/ipv4/vs/sloppy_sctp")
 
 
 class IpvsEngine:
@@ -88,6 +104,8 @@ class IpvsEngine:
     `device` (dsr, tunnel): the interface that gets the VIP, instead of the one the route to the VIP
     leaves by. `drain_seconds`: the longest a removed real server keeps its connections. `forwarding`
     (nat): turn IP forwarding on. `expire_quiescent` (persistence): set `expire_quiescent_template`.
+    `sloppy` (dsr, tunnel): set `sloppy_tcp` and `sloppy_sctp`, so a flow moved here mid-connection is
+    scheduled (to the backend Maglev gave it elsewhere) rather than dropped.
     `strict_arp`: the speaker answers for the VIP, so it goes on `lo` and the node stops answering ARP.
     `full_check_seconds`: the longest the fast path goes without checking the services' settings that
     /proc does not show (0: at every sync). `ipvs` and `vips`: the kernel (default: this network
@@ -102,6 +120,7 @@ class IpvsEngine:
         drain_seconds: float = DEFAULT_DRAIN_SECONDS,
         forwarding: bool = True,
         expire_quiescent: bool = True,
+        sloppy: bool = True,
         full_check_seconds: float = DEFAULT_FULL_CHECK_SECONDS,
         strict_arp: bool = False,
         ipvs: kernel.IpvsKernel | None = None,
@@ -115,6 +134,7 @@ class IpvsEngine:
         self.drain_seconds = drain_seconds
         self.forwarding = forwarding
         self.expire_quiescent = expire_quiescent
+        self.sloppy = sloppy
         self.full_check_seconds = full_check_seconds
         self.clock = clock
         self._vips: dict[str, str] = {}  # Plan key -> the VIP it was last synced with
@@ -260,6 +280,9 @@ class IpvsEngine:
             )
         if self.expire_quiescent and plan.session_affinity.type is api.AffinityType.ClientIP:
             changes += self.ipvs.set_sysctl(EXPIRE_QUIESCENT, "1")
+        if self.sloppy and plan.architecture in ipvs_rules.FLOW_HASHED_ARCHITECTURES:
+            for name in SLOPPY:
+                changes += self.ipvs.set_sysctl(name, "1")
         return changes
 
 
