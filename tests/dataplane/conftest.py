@@ -294,12 +294,12 @@ class TcpBackend(CountedServer):
     `eof_reply` is sent after the client's EOF (before closing), to show the other direction goes on.
     """
 
-    def __init__(self, loop_thread: LoopThread, name: str, eof_reply: bytes = b"") -> None:
+    def __init__(self, loop_thread: LoopThread, name: str, eof_reply: bytes = b"", port: int = 0) -> None:
         super().__init__(loop_thread, name)
         self.eof_reply = eof_reply
         self.received = 0
         self.first: list[bytes] = []  # the first chunk of each connection (PROXY headers)
-        self.port: int = loop_thread.run(self._listen(0))
+        self.port: int = loop_thread.run(self._listen(port))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         first = True

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from typing import Any
 
 import pytest
 from layerlb_dataplane.control import probes
-from layerlb_dataplane.core import health, state, targets
+from layerlb_dataplane.core import balancing, health, state, targets
 
 from layerlb import plan
 from layerlb.api import Algorithm, Architecture, HealthProtocol, Mode, Protocol
@@ -180,6 +180,66 @@ def test_an_ejected_target_is_unusable_and_its_pool_stops_picking_it_at_once() -
     assert [pool.record_passive(target, False) for _ in range(5)] == [False] * 4 + [True]
     assert not target.usable
     assert pool.pick("192.0.2.1") is None
+
+
+class CountingBalancer:
+    """A pool's balancer that counts the `update`s it is told (a rebuild after a change of usability)."""
+
+    def __init__(self, inner: balancing.Balancer) -> None:
+        self.inner = inner
+        self.updates = 0
+
+    def pick(self, key: bytes, exclude: Collection[targets.Target] = ()) -> targets.Target | None:
+        return self.inner.pick(key, exclude)
+
+    def update(self, members: Sequence[targets.Target]) -> None:
+        self.updates += 1
+        self.inner.update(members)
+
+
+def test_passive_results_go_to_the_pool_serving_new_traffic_and_the_ejection_ends_by_the_clock() -> None:
+    """`Snapshot.record_passive`, the path both proxies feed: after a reload the new pool's balancer is the
+    one rebuilt, the target is avoided until `ejection_seconds` pass, then picked again."""
+    clock = FakeClock()
+    backend = plan.Backend(
+        name="app",
+        algorithm=Algorithm.round_robin,
+        endpoints=tuple(plan.Endpoint(address="127.0.0.1", port=port, weight=1) for port in (9001, 9002)),
+    )
+    registry = state.Registry()
+    old = registry.snapshot(make_plan(8000, (backend,)))
+    current = registry.snapshot(make_plan(8000, (backend,)).model_copy(update={"generation": 2}))
+    old_pool, pool = old.pools["app"], current.pools["app"]
+    first, second = pool.targets
+    assert old_pool.targets[0] is first  # one Target, and one health, across the reload
+    first.health.clock = clock
+    old_pool.balancer = old_counts = CountingBalancer(old_pool.balancer)
+    pool.balancer = counts = CountingBalancer(pool.balancer)
+
+    assert [current.record_passive(first, False) for _ in range(4)] == [False] * 4
+    assert current.record_passive(first, True) is False  # a success restarts the count
+    assert first.health.passive_failures == 0
+    assert [current.record_passive(first, False) for _ in range(5)] == [False] * 4 + [True]
+    assert (first.health.state, counts.updates, old_counts.updates) == ("ejected", 1, 0)
+    assert {pool.pick("192.0.2.1") for _ in range(4)} == {second}
+
+    clock.now += health.EJECTION_SECONDS - 0.1
+    assert {pool.pick("192.0.2.1") for _ in range(4)} == {second}
+    clock.now += 0.1
+    assert {pool.pick("192.0.2.1") for _ in range(4)} == {first, second}
+
+
+def test_passive_results_for_a_backend_gone_from_the_plan_are_dropped() -> None:
+    """Its targets take no new traffic (they drain), so nothing is counted against them."""
+    registry = state.Registry()
+    before = registry.snapshot(make_plan(8000, (make_backend("old", (9001,), None),)))
+    current = registry.snapshot(
+        make_plan(8000, (make_backend("new", (9002,), None),)).model_copy(update={"generation": 2})
+    )
+    (target,) = before.pools["old"].targets
+    assert target.draining
+    assert [current.record_passive(target, False) for _ in range(10)] == [False] * 10
+    assert target.health.passive_failures == 0 and target.health.state == "healthy"
 
 
 # --- probes on real sockets --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from layerlb_dataplane.control.runtime import Served
+from layerlb_dataplane.core import health
 from layerlb_dataplane.l4 import relay
 
 from layerlb import api, plan
@@ -117,6 +118,45 @@ def test_a_failed_connect_is_retried_on_another_target(
             assert read_line(client) == b"a\n"
     assert running.dataplane.instances["test/l4"].metrics.failures[("app", "connect")] >= 1
     running.stop()
+
+
+def test_a_backend_refusing_connections_is_ejected_avoided_and_taken_back_when_the_ejection_ends(
+    loop_thread: LoopThread, tcp: list[TcpBackend]
+) -> None:
+    """Passive health for TCP, as for L7: refused connects in a row eject the target, new connections no
+    longer try it, and once `ejection_seconds` have passed (on a clock the test moves) it is picked again."""
+    refusing, port = free_port("127.0.0.1"), free_port(VIP)
+    running = Running(loop_thread, [l4_plan(VIP, [("t", port, "TCP")], [refusing, tcp[0].port])])
+    inst = running.dataplane.instances["test/l4"]
+    metrics = inst.metrics
+    now = [1000.0]
+    (target,) = [
+        t for t in loop_thread.call(lambda: inst.current().pools["app"].targets) if t.port == refusing
+    ]
+    loop_thread.call(lambda: setattr(target.health, "clock", lambda: now[0]))
+    for _ in range(health.PASSIVE_THRESHOLD):  # round-robin tries the refusing target first, then retries
+        with connect(VIP, port) as client:
+            assert read_line(client) == b"a\n"
+    assert metrics.failures[("app", "connect")] == health.PASSIVE_THRESHOLD
+    assert loop_thread.call(lambda: target.health.state) == "ejected"
+
+    revived = TcpBackend(loop_thread, "r", port=refusing)  # it answers again, but the ejection still holds
+    now[0] += health.EJECTION_SECONDS - 1
+    for _ in range(4):
+        with connect(VIP, port) as client:
+            assert read_line(client) == b"a\n"
+    assert metrics.failures[("app", "connect")] == health.PASSIVE_THRESHOLD  # not even tried
+    assert revived.accepted == 0
+
+    now[0] += 1
+    greetings = []
+    for _ in range(4):
+        with connect(VIP, port) as client:
+            greetings.append(read_line(client))
+    assert sorted(greetings) == [b"a\n", b"a\n", b"r\n", b"r\n"]
+    assert loop_thread.call(lambda: target.health.state) == "healthy"
+    running.stop()
+    revived.close()
 
 
 def test_connect_timeout_closes_the_client(loop_thread: LoopThread) -> None:

@@ -7,14 +7,16 @@ Rules, in one place:
   `interval * unhealthy_threshold`. It goes down after `unhealthy_threshold` consecutive failures and
   comes back after `healthy_threshold` consecutive successes; a result of the other kind resets the run.
   Without a configured check, probe results are ignored and the active verdict stays healthy.
-- **Passive ejection** counts consecutive failures the proxy observed (connect errors, timeouts). After
+- **Passive ejection** counts consecutive failures the proxies observed: a refused or timed-out connect
+  (L7 and L4 TCP), and for L7 also a reset, malformed or late response; a relay or answer is a success. After
   `passive_threshold` (5) of them the target is ejected for `ejection_seconds` (30 s), doubling on each
   repeated ejection up to `max_ejection_seconds` (5 min); the backoff level resets once the target has
   stayed in service for `max_ejection_seconds` after its last ejection. Ejection is independent of active
   checks: a target is healthy only when both say so.
 - An ejection ends by the clock, not by an event: `ejected_until` tells a balancer when to look again.
 
-The asyncio prober that feeds `record` lives in `probes.py`.
+The asyncio prober that feeds `record` lives in `control/probes.py`; the proxies feed `record_passive`
+through `state.Snapshot.record_passive`, the one path for L7 and L4 alike.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class HealthState:
         self._up = True  # the active checks' verdict
         self._successes = 0
         self._failures = 0
-        self._passive_failures = 0
+        # Consecutive passive failures: the proxies read it to skip reporting a success that changes nothing.
+        self.passive_failures = 0
         self._ejections = 0  # backoff level of passive ejection
         self._ejected_until = 0.0  # clock() time; 0.0 when not ejected
         self._last_ejection_end = 0.0
@@ -131,20 +134,20 @@ class HealthState:
         Failures while ejected (in-flight stragglers) do not extend the ejection.
         """
         if ok:
-            self._passive_failures = 0
+            self.passive_failures = 0
             return False
         now = self.clock()
         if self.ejected_until:
             return False
-        self._passive_failures += 1
-        if self._passive_failures < self.passive_threshold:
+        self.passive_failures += 1
+        if self.passive_failures < self.passive_threshold:
             return False
         before = self.healthy
         if self._ejections and now - self._last_ejection_end >= self.max_ejection_seconds:
             self._ejections = 0
         duration = min(self.ejection_seconds * 2**self._ejections, self.max_ejection_seconds)
         self._ejections += 1
-        self._passive_failures = 0
+        self.passive_failures = 0
         self._ejected_until = now + duration
         return self.healthy != before
 

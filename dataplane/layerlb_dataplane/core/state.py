@@ -40,7 +40,7 @@ class BackendPool:
         return self.balancer.pick(key, exclude)
 
     def record_passive(self, target: Target, ok: bool) -> bool:
-        """Report what a real request saw of `target` (False: connect error or timeout); True on ejection.
+        """Record what real traffic saw of `target` (False: connect error or timeout); True when it changed.
 
         Passive failures eject a target (`health.HealthState.record_passive`); the balancer learns at once.
         """
@@ -71,6 +71,16 @@ class Snapshot:
 
     def pool(self, name: str | None) -> BackendPool | None:
         return self.pools.get(name) if name is not None else None
+
+    def record_passive(self, target: Target, ok: bool) -> bool:
+        """Passive health, the one path both proxies feed: `target`'s result, told to its backend's pool here.
+
+        The pool of the Snapshot serving new traffic, not the one the request or connection started from,
+        so that the balancer that rebuilds is the one picking next. A target whose backend left the Plan
+        takes no new traffic, so its results are dropped. True when the target's usability changed.
+        """
+        pool = self.pools.get(target.backend)
+        return pool.record_passive(target, ok) if pool is not None else False
 
 
 class Registry:

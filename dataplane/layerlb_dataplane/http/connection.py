@@ -389,7 +389,7 @@ class ClientConnection(Exchange, asyncio.Protocol):
             except (OSError, TimeoutError, ValueError) as error:
                 timed_out = isinstance(error, TimeoutError)
                 lb.metrics.upstream_failure(target.backend, "timeout" if timed_out else "connect")
-                lb.report_passive(target, False)
+                lb.current().record_passive(target, False)
                 if self.state != CONNECTING or self.target is not target:
                     return
                 retry = self._retarget(target) if self.req.idempotent else None

@@ -206,8 +206,8 @@ class Exchange:
             return
         target = self.target
         assert target is not None
-        if target in self.lb.suspects:
-            self.lb.report_passive(target, True)
+        if target.health.passive_failures:  # otherwise a success changes nothing: spare the hot path the call
+            self.lb.current().record_passive(target, True)
         self.status = status
         self.resp_keep_alive = resp.keep_alive
         self.state = RESPONDING
@@ -359,7 +359,7 @@ class Exchange:
             self.tried = []
             self._connect_later(target)
             return
-        self.lb.report_passive(target, False)
+        self.lb.current().record_passive(target, False)
         self._fail(504 if timed_out else 502, text)
 
     # --- tunnels (after 101 Switching Protocols) -------------------------------------------------------
@@ -371,7 +371,7 @@ class Exchange:
         out += (resp.status_line, resp.block, b"\r\nConnection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
         self.state = TUNNEL
         self.status = 101
-        self.lb.report_passive(target, True)
+        self.lb.current().record_passive(target, True)
         self.lb.metrics.request_done(self.lb.name, self._backend_name(), 101, self.loop.time() - self.started)
         buffered = self.parser.take_buffer()
         if buffered:

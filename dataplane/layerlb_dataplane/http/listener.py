@@ -15,7 +15,6 @@ from layerlb.api import AffinityType, Architecture, HashSource
 from layerlb_dataplane.core import affinity
 from layerlb_dataplane.core.metrics import Metrics, RequestSeries
 from layerlb_dataplane.core.state import Snapshot
-from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.http import upstream
 
 
@@ -90,9 +89,11 @@ class Listener(Protocol):
     affinity: affinity.Affinity
     pool: upstream.UpstreamPool
     closing: bool
-    suspects: set[Target]
     request_series: dict[str, RequestSeries]
     sweeper: asyncio.TimerHandle | None
+
+    def current(self) -> Snapshot:
+        """The Snapshot new requests are served from (it changes on reload); passive health goes to it."""
 
     def settings(self) -> Settings:
         """The settings of the current Snapshot."""
@@ -114,6 +115,3 @@ class Listener(Protocol):
 
     def schedule_sweep(self) -> None:
         """Close idle pooled connections and expire affinity entries soon."""
-
-    def report_passive(self, target: Target, ok: bool) -> None:
-        """Passive health: what a real request saw of `target`."""

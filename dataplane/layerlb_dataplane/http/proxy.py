@@ -12,6 +12,9 @@ Behaviour, in short:
   next request of a kept-alive connection while requests in flight finish on their target.
 - Errors: no route 404, no usable target 503, a dead backend 502, a slow one 504, a slow client head 408;
   a failed connect of an idempotent request moves to another target (at most 3 tries).
+- Passive health: each failed connect and each 502/504 a backend caused counts against its target, and
+  an answer of a target with failures counted clears them, through `current().record_passive`
+  (`core.state`), the path the L4 relay feeds too.
 - Connection cap (`listener.max_connections`, per worker process): connections beyond it are accepted but
   not read until a slot frees, so they wait as the API promises (like HAProxy's maxconn); when as many
   again are already waiting, a further one is answered 503 and closed.
@@ -31,7 +34,6 @@ from layerlb.api import Protocol
 from layerlb_dataplane.core import affinity
 from layerlb_dataplane.core.metrics import Metrics, RequestSeries
 from layerlb_dataplane.core.state import Snapshot
-from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.http import upstream
 from layerlb_dataplane.http.connection import ClientConnection
 from layerlb_dataplane.http.exchange import QUEUED
@@ -56,7 +58,6 @@ class HttpListener:
         self.pool = upstream.UpstreamPool()
         self.affinity = affinity.Affinity()
         self.closing = False
-        self.suspects: set[Target] = set()  # targets with failures reported: their successes are reported too
         # Request counters by backend name (`series`), looked up once per request.
         self.request_series: dict[str, RequestSeries] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -158,23 +159,6 @@ class HttpListener:
         if series is None:
             series = self.request_series[backend] = self.metrics.series(self.name, backend)
         return series
-
-    def report_passive(self, target: Target, ok: bool) -> None:
-        """Passive health, the one place the proxy feeds it: connect failures and timeouts False, answered
-        requests True. When the target's usability changed, its current pool's balancer is rebuilt.
-        Passive results eject (health.HealthState.record_passive); they never touch the active-check counts.
-
-        Successes are reported for `suspects` only (targets with a failure reported and not healthy
-        since): for counts of consecutive results that is the same, and it spares the hot path a call.
-        """
-        if not ok:
-            self.suspects.add(target)
-        if target.health.record_passive(ok):
-            pool = self.current().pool(target.backend)
-            if pool is not None:
-                pool.health_changed()
-        if ok and target.health.healthy:
-            self.suspects.discard(target)
 
     def release(self, connection: upstream.UpstreamConnection) -> None:
         """Return an upstream connection to the pool (or close it when it cannot be reused)."""

@@ -11,6 +11,13 @@ PROXY headers for free).
 
 Both listeners follow `current()` for each new connection or flow, so a reload changes where new traffic
 goes while what is open stays on its target: a removed target is `draining` and its connections finish.
+
+Passive health (`core.health`), fed through `current().record_passive` as the L7 proxy feeds it: for TCP a
+refused, failed or timed-out connect counts against the target, an established connection clears its
+count. UDP feeds none, as Envoy's outlier detection covers its TCP and HTTP proxies but not its UDP proxy:
+silence is no failure (many protocols do not answer every datagram), and an ICMP unreachable is
+rate-limited, often filtered and spoofable, so ejecting on it would be noisy at best and an attacker's tool
+at worst. Active checks (TCP/HTTP probes of the backend) cover UDP backends.
 """
 
 from __future__ import annotations
@@ -268,6 +275,7 @@ class _Client(asyncio.Protocol):
             finally:
                 if not connected:
                     target.active -= 1
+            self.owner.current().record_passive(target, connected)
             if connected:
                 self.target, self.backend = target, pool.name
                 self.connecting = None
