@@ -73,7 +73,11 @@ class Affinity:
     def by_client(
         self, pool: BackendPool, client_ip: str, now: float, timeout: float, exclude: Collection[Target] = ()
     ) -> Target | None:
-        """The client's target in `pool`: the remembered one while usable, else a new one (remembered)."""
+        """The client's target in `pool`: the remembered one while usable and not excluded, else a new one.
+
+        Either way the entry is renewed for `timeout`, so a retry that moved the client (`exclude`) pins it
+        to the target that took it.
+        """
         key = (pool.name, client_ip)
         entry = self.clients.get(key)
         if entry is not None and entry[1] > now and entry[0].usable and entry[0] not in exclude:
@@ -85,10 +89,6 @@ class Affinity:
             target = found
         self.clients[key] = (target, now + timeout)
         return target
-
-    def remember(self, pool: BackendPool, client_ip: str, target: Target, now: float, timeout: float) -> None:
-        """Pin `client_ip` to `target` (after a retry moved it)."""
-        self.clients[(pool.name, client_ip)] = (target, now + timeout)
 
     def expire(self, now: float) -> None:
         """Forget ClientIP entries past their timeout."""
