@@ -2,6 +2,11 @@
 
 Exit codes: 0 success, 2 invalid input (with one `FILE: KIND/NAME: path: reason` line per problem),
 1 an internal failure (one line, no traceback; `LAYERLB_DEBUG=1` shows it).
+
+The composition root: the one core module that imports the data plane, the operator and the speaker.
+`serve` puts the YAML front end (`documents`) in front of the data plane's file source (`YamlFiles`), so
+the data plane itself reads Plans only. The front end (YAML, validation, resolution, the CRDs) is imported
+by the commands that use it, so that a forwarding pod (`layerlb dataplane`) never loads it.
 """
 
 from __future__ import annotations
@@ -11,13 +16,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from layerlb import crd, documents
+from layerlb_dataplane.control import config
+
+from layerlb import plan
 from layerlb.render import formats
-
-if TYPE_CHECKING:
-    from layerlb_dataplane.control.config import PlanSource
 
 EXIT_INVALID = 2
 
@@ -29,6 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from layerlb import documents
+
     bundle = documents.load(args.files)
     for item in bundle.items:
         if item.problems:
@@ -40,17 +45,19 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from layerlb import documents
+
     bundle = documents.load(args.files)
     errors = [line for item in bundle.items for line in item.error_lines()]
     resolved, unresolved = documents.plans(bundle)
     errors += unresolved
     outputs = []
-    for item, plan in resolved:
-        reason = formats.unsupported(plan, args.format)
+    for item, p in resolved:
+        reason = formats.unsupported(p, args.format)
         if reason is not None:
             errors.append(f"{item.file}: {item.name}: {reason}")
         else:
-            outputs.append(formats.render(plan, args.format))
+            outputs.append(formats.render(p, args.format))
     if not resolved and not errors:
         errors.append(f"{', '.join(args.files)}: no LoadBalancer to render")
     if errors:
@@ -62,6 +69,8 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _crd(args: argparse.Namespace) -> int:
+    from layerlb import crd
+
     if args.write is None:
         sys.stdout.write(crd.render_all())
         return 0
@@ -94,7 +103,7 @@ def _dataplane_options(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_dataplane(args: argparse.Namespace, source: PlanSource) -> int:
+def _run_dataplane(args: argparse.Namespace, source: config.PlanSource) -> int:
     import logging
 
     from layerlb_dataplane.control import admin, serve
@@ -116,17 +125,52 @@ def _run_dataplane(args: argparse.Namespace, source: PlanSource) -> int:
     )
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from layerlb_dataplane.control import config
+class YamlFiles(config.FileSource):
+    """LoadBalancer YAML (with TLS Secrets alongside) resolved standalone, as `layerlb serve` reads it.
 
+    Standalone resources carry no `metadata.generation`; the source numbers each LoadBalancer's Plans
+    itself (1, 2, ... whenever its content changes) so that metrics and `/config` show reloads.
+    """
+
+    def __init__(self, paths: Sequence[str], poll_seconds: float = config.POLL_SECONDS) -> None:
+        super().__init__(paths, poll_seconds)
+        self._generations: dict[str, tuple[int, plan.Plan]] = {}
+
+    def parse(self, contents: list[tuple[str, bytes | None]]) -> list[plan.Plan]:
+        from layerlb import documents
+
+        # documents reads the files again: a write between the two reads changes the stat again, so the
+        # next poll reloads; no change is ever lost.
+        bundle = documents.load([path for path, _ in contents])
+        errors = [line for item in bundle.items for line in item.error_lines()]
+        resolved, unresolved = documents.plans(bundle)
+        errors += unresolved
+        if not errors and not resolved:
+            errors.append(f"{self.description}: no LoadBalancer to serve")
+        if errors:
+            raise config.InvalidConfig(errors)
+        return [self._number(p) for _, p in resolved]
+
+    def _number(self, new: plan.Plan) -> plan.Plan:
+        if new.generation:
+            return new
+        previous = self._generations.get(new.key)
+        if previous is not None and previous[1] == new.model_copy(update={"generation": previous[0]}):
+            return previous[1]
+        numbered = new.model_copy(update={"generation": previous[0] + 1 if previous else 1})
+        self._generations[new.key] = (numbered.generation, numbered)
+        return numbered
+
+
+def _serve(args: argparse.Namespace) -> int:
     if "-" in args.files:
         print("layerlb serve: files only (standard input cannot be watched for changes)", file=sys.stderr)
         return EXIT_INVALID
-    return _run_dataplane(args, config.YamlFiles(args.files, args.poll_interval))
+    return _run_dataplane(args, YamlFiles(args.files, args.poll_interval))
 
 
 def _dataplane(args: argparse.Namespace) -> int:
-    from layerlb_dataplane.control import config, kube_source
+    from layerlb_dataplane.control import kube_source
 
     if args.plan is not None:
         return _run_dataplane(args, config.PlanFile([args.plan], args.poll_interval))

@@ -315,3 +315,29 @@ def test_the_stdlib_operator_module_is_importable(cwd: Path, pythonpath: bool) -
     location = Path(done.stdout.strip()).resolve()
     assert location.name == "operator.py"
     assert ROOT not in location.parents, f"operator imported from the repository: {location}"
+
+
+# --- the forwarding pod loads Plans only ---------------------------------------------------------------------
+
+
+def test_the_forwarding_pods_command_loads_no_yaml_validation_or_resolution() -> None:
+    front_end = [
+        "yaml",
+        "layerlb.documents",
+        "layerlb.validation",
+        "layerlb.resolve",
+        "layerlb.rules",
+        "layerlb.crd",
+    ]
+    # What `layerlb dataplane --plan-configmap` imports before it serves: the parser and the data plane.
+    script = (
+        "import sys\n"
+        "from layerlb import cli\n"
+        "cli.parser()\n"
+        "from layerlb_dataplane.control import admin, config, kube_source, serve\n"
+        f"print(sorted(set({front_end!r}) & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=TIMEOUT
+    )
+    assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr

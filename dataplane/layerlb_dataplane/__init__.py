@@ -13,7 +13,8 @@ listed top down too. `make lint` checks this (the import contracts in pyproject.
     core/      sans-IO   affinity > state > balancing, routing > targets > health; metrics
 
 `http/`, `l4/` and `kernel/` do not import each other. From the rest of layerlb the data plane reads the
-Plan (`layerlb.plan`, `layerlb.api`), and the kernel engines `layerlb.render`'s rule renderers; never
-kopf, the operator or the speaker. Only `control/` talks to Kubernetes, and only `control.config`'s
-`YamlFiles` (for `layerlb serve`) reads LoadBalancer YAML through the front end (`layerlb.documents`).
+Plan (`layerlb.plan`, `layerlb.api`, and `layerlb.plan_contract` for how it travels from the operator),
+and the kernel engines `layerlb.render`'s rule renderers; never kopf, the operator, the speaker or the
+YAML and validation front end (`layerlb serve` turns its YAML into Plans in `layerlb.cli`). Only
+`control/` talks to Kubernetes.
 """

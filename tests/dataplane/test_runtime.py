@@ -17,7 +17,7 @@ import pytest
 import yaml
 from layerlb_dataplane.control import config, runtime
 
-from layerlb import api, plan
+from layerlb import api, cli, plan
 from layerlb.render import formats
 from tests.dataplane.helpers_runtime import (
     Running,
@@ -335,7 +335,7 @@ def test_an_invalid_file_change_keeps_the_old_plan_serving(
     path.write_text(yaml.safe_dump(document))
     loads = []
 
-    class Counting(config.YamlFiles):
+    class Counting(cli.YamlFiles):
         def load(self) -> list[plan.Plan]:
             try:
                 return super().load()

@@ -1,7 +1,8 @@
 """Where the data plane's Plans come from, and how it learns they changed.
 
-The runtime reads Plans only through `PlanSource`, so that the standalone files of `layerlb serve`, the
-Plan JSON of the forwarding pod, the Plans a worker receives from its parent, and the operator's ConfigMap
+The runtime reads Plans only through `PlanSource`, so that the standalone files of `layerlb serve` (its
+YAML front end is the CLI's, `layerlb.cli.YamlFiles`: the data plane reads Plans only), the Plan JSON of
+the forwarding pod, the Plans a worker receives from its parent, and the operator's ConfigMap
 watched through the Kubernetes API (`kube_source`) all reload through one path: `start()` once, then wait
 for `changed()`, call `load()`, apply what it returns, or keep serving the old Plans when it raises
 `InvalidConfig`; after each apply the runtime tells the source what is now served (`applied`), which the
@@ -25,7 +26,7 @@ from typing import Any
 
 import pydantic
 
-from layerlb import documents, plan
+from layerlb import plan
 
 POLL_SECONDS = 1.0
 
@@ -135,41 +136,6 @@ class FileSource(PlanSource):
             _, digest = self._read()
             if digest != self._digest:
                 return
-
-
-class YamlFiles(FileSource):
-    """LoadBalancer YAML (with TLS Secrets alongside) resolved standalone, as `layerlb serve` reads it.
-
-    Standalone resources carry no `metadata.generation`; the source numbers each LoadBalancer's Plans
-    itself (1, 2, ... whenever its content changes) so that metrics and `/config` show reloads.
-    """
-
-    def __init__(self, paths: Sequence[str], poll_seconds: float = POLL_SECONDS) -> None:
-        super().__init__(paths, poll_seconds)
-        self._generations: dict[str, tuple[int, plan.Plan]] = {}
-
-    def parse(self, contents: list[tuple[str, bytes | None]]) -> list[plan.Plan]:
-        # documents reads the files again: a write between the two reads changes the stat again, so the
-        # next poll reloads; no change is ever lost.
-        bundle = documents.load([path for path, _ in contents])
-        errors = [line for item in bundle.items for line in item.error_lines()]
-        resolved, unresolved = documents.plans(bundle)
-        errors += unresolved
-        if not errors and not resolved:
-            errors.append(f"{self.description}: no LoadBalancer to serve")
-        if errors:
-            raise InvalidConfig(errors)
-        return [self._number(p) for _, p in resolved]
-
-    def _number(self, new: plan.Plan) -> plan.Plan:
-        if new.generation:
-            return new
-        previous = self._generations.get(new.key)
-        if previous is not None and previous[1] == new.model_copy(update={"generation": previous[0]}):
-            return previous[1]
-        numbered = new.model_copy(update={"generation": previous[0] + 1 if previous else 1})
-        self._generations[new.key] = (numbered.generation, numbered)
-        return numbered
 
 
 class PlanFile(FileSource):
