@@ -29,6 +29,7 @@ def crds_installed(kubectl: Kubectl) -> None:
     kubectl.ok(
         "wait", "--for=condition=Established", "--timeout=120s",
         "crd/loadbalancers.layerlb.dev", "crd/vippools.layerlb.dev",
+        "crd/bgppeers.layerlb.dev", "crd/bgpadvertisements.layerlb.dev",
     )  # fmt: skip
     for namespace in ("demo", "shop"):
         manifest = f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"

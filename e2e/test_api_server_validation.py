@@ -90,3 +90,84 @@ def test_defaults_are_applied_by_the_api_server(kubectl: Kubectl) -> None:
     spec = next(item["spec"] for item in stored["items"] if item["spec"]["mode"] == "L4")
     assert spec["replicas"] >= 1
     assert all("algorithm" in backend for backend in spec["backends"])
+
+
+@pytest.mark.usefixtures("crds_installed")
+def test_bgp_kinds_are_listed_with_their_session_columns_and_api_server_defaults(kubectl: Kubectl) -> None:
+    kubectl.ok("apply", "-f", str(ROOT / "examples" / "bgp.yaml"))
+    header, *rows = kubectl.ok("get", "llbpeer").splitlines()
+    assert header.split() == [
+        "NAME",
+        "PEER",
+        "PEER",
+        "ASN",
+        "LOCAL",
+        "ASN",
+        "BFD",
+        "MS",
+        "ESTABLISHED",
+        "AGE",
+    ]
+    cells = {row.split()[0]: row.split()[1:5] for row in rows}
+    assert cells["tor-a"] == ["192.0.2.1", "64512", "64513", "300"]
+    assert cells["rr"][:3] == ["198.51.100.1", "64513", "64513"]
+    peer = yaml.safe_load(kubectl.ok("get", "bgppeer", "tor-a", "-o", "yaml"))["spec"]
+    assert (peer["peerPort"], peer["holdTime"], peer["ebgpMultiHop"]) == (179, 90, False)
+    assert peer["passwordSecret"]["key"] == "password"
+    assert "keepaliveTime" not in peer  # holdTime / 3, left to the speaker
+    advertisement = yaml.safe_load(kubectl.ok("get", "bgpadvertisement", "edge", "-o", "yaml"))["spec"]
+    assert (advertisement["aggregationLength"], advertisement["aggregationLengthV6"]) == (32, 128)
+    columns = kubectl.ok("get", "llbadv").splitlines()[0].split()
+    assert columns == ["NAME", "POOLS", "PEERS", "COMMUNITIES", "LOCAL", "PREF", "AGE"]
+
+
+@pytest.mark.usefixtures("crds_installed")
+def test_each_nodes_speaker_applies_its_own_bgp_session_entry_without_dropping_the_others(
+    kubectl: Kubectl,
+) -> None:
+    kubectl.ok("apply", "-f", str(ROOT / "examples" / "bgp.yaml"))
+    for node, state in (("node-1", "Established"), ("node-2", "Active"), ("node-3", "Established")):
+        entry = {"node": node, "state": state, "prefixesAdvertised": 2, "bfd": "Up", "observedGeneration": 1}
+        if state != "Established":
+            entry["lastError"] = "Hold Timer Expired"
+        patch = {
+            "apiVersion": api.API_VERSION,
+            "kind": "BGPPeer",
+            "metadata": {"name": "tor-a"},
+            "status": {"nodes": [entry]},
+        }
+        kubectl.ok(
+            "apply", "--server-side", "--subresource=status", f"--field-manager=layerlb-speaker-{node}",
+            "-f", "-", stdin=yaml.safe_dump(patch),
+        )  # fmt: skip
+    status = yaml.safe_load(kubectl.ok("get", "bgppeer", "tor-a", "-o", "yaml"))["status"]
+    assert [(entry["node"], entry["state"]) for entry in status["nodes"]] == [
+        ("node-1", "Established"),
+        ("node-2", "Active"),
+        ("node-3", "Established"),
+    ]
+    condition = {
+        "type": "Established",
+        "status": "False",
+        "reason": "SessionsDown",
+        "message": "2/3 nodes Established",
+        "lastTransitionTime": "2025-01-01T00:00:00Z",
+    }
+    patch = {"apiVersion": api.API_VERSION, "kind": "BGPPeer", "metadata": {"name": "tor-a"},
+             "status": {"conditions": [condition]}}  # fmt: skip
+    kubectl.ok(
+        "apply", "--server-side", "--subresource=status", "--field-manager=layerlb-operator",
+        "-f", "-", stdin=yaml.safe_dump(patch),
+    )  # fmt: skip
+    status = yaml.safe_load(kubectl.ok("get", "bgppeer", "tor-a", "-o", "yaml"))["status"]
+    assert len(status["nodes"]) == 3 and len(status["conditions"]) == 1
+    header, row = kubectl.ok("get", "llbpeer", "tor-a", "-o", "wide").splitlines()
+    assert header.split()[-3:] == ["ESTABLISHED", "SESSIONS", "AGE"]
+    assert re.search(r"\bFalse\s+2/3 nodes Established\s", row), row
+    bad = {"apiVersion": api.API_VERSION, "kind": "BGPPeer", "metadata": {"name": "tor-a"},
+           "status": {"nodes": [{"node": "node-4", "state": "Up"}]}}  # fmt: skip
+    done = kubectl(
+        "apply", "--server-side", "--subresource=status", "--field-manager=layerlb-speaker-node-4",
+        "-f", "-", stdin=yaml.safe_dump(bad),
+    )  # fmt: skip
+    assert done.returncode != 0 and 'status.nodes[3].state: Unsupported value: "Up"' in done.stderr

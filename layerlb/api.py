@@ -1,4 +1,6 @@
-"""The user-facing API: pydantic models of the `LoadBalancer` and `VIPPool` resources (`layerlb.dev/v1alpha1`).
+"""The user-facing API: pydantic models of layerlb's resources (`layerlb.dev/v1alpha1`).
+
+The kinds: `LoadBalancer` (namespaced), `VIPPool`, and for BGP `BGPPeer` and `BGPAdvertisement`.
 
 These models are the single source of the CRD schemas (see `layerlb.crd`) and of per-field validation.
 Rules that relate several fields live in `layerlb.rules`, once in Python and once in CEL, so that the
@@ -492,7 +494,21 @@ class LabelSelector(Model):
 
 
 class Announce(Model):
-    """Where a pool's addresses are announced (as MetalLB's L2Advertisement): which nodes, which interfaces."""
+    """How a pool's addresses are announced on the nodes' LAN (L2: ARP/NDP, as MetalLB's L2Advertisement).
+
+    BGP is configured apart, by BGPAdvertisements that select pools and nodes themselves; the two combine:
+    a pool a BGPAdvertisement selects is still answered by ARP/NDP unless `l2` is false here.
+    """
+
+    l2: bool = Field(
+        default=True,
+        strict=True,
+        description=(
+            "Answer ARP/NDP for the pool's addresses on the nodes' LAN (one node per address), also when a "
+            "BGPAdvertisement routes them. false: BGP only (a pool no BGPAdvertisement selects is then not "
+            "announced at all); interfaces and nodeSelector, which are L2's, must be absent."
+        ),
+    )
 
     interfaces: list[Annotated[str, Field(min_length=1, max_length=15, pattern=INTERFACE_NAME)]] | None = (
         Field(
@@ -528,7 +544,10 @@ class VIPPoolSpec(Model):
     )
     announce: Announce | None = Field(
         default=None,
-        description="Where the addresses are announced: nodes (nodeSelector) and interfaces; absent: everywhere.",
+        description=(
+            "L2 announcement (ARP/NDP): on or off, which nodes (nodeSelector), which interfaces; absent: on, "
+            "everywhere. BGP announcement is a BGPAdvertisement's."
+        ),
     )
 
 
@@ -560,6 +579,247 @@ class VIPPoolStatus(Model):
     nodes: list[PoolNodeStatus] = Field(
         default_factory=list,
         description="One entry per node whose speaker has something to report (a missing interface); absent: nothing.",
+    )
+
+
+# --- BGP: BGPPeer and BGPAdvertisement ----------------------------------------------------------------
+
+MAX_ASN = 4_294_967_295  # 4-octet AS numbers (RFC 6793); 0 is reserved
+# The key of a Secret's data: letters, digits, '-', '_' and '.'.
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+WELL_KNOWN_COMMUNITIES = ("no-export", "no-advertise", "local-as", "blackhole")
+MAX_BGP_SELECTED = 64
+
+ASN = Annotated[int, Field(strict=True, ge=1, le=MAX_ASN)]
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+Address = Annotated[str, Field(min_length=2, max_length=45)]
+
+
+class SecretKeyRef(Model):
+    """One key of a Secret, named by namespace and name (the referring resource is cluster-scoped)."""
+
+    name: ObjectName = Field(description="The Secret's name.")
+    namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] = Field(
+        description="The Secret's namespace."
+    )
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY)] = Field(
+        default="password", description="The key in the Secret's data that holds the value."
+    )
+
+
+class BFD(Model):
+    """Bidirectional Forwarding Detection (RFC 5880) on a BGP session: a lost peer is noticed in under a second."""
+
+    receiveInterval: Annotated[int, Field(strict=True, ge=10, le=60000)] = Field(
+        default=300,
+        description="Milliseconds, 10-60000: the shortest interval at which the node accepts BFD packets from the peer.",
+    )
+    transmitInterval: Annotated[int, Field(strict=True, ge=10, le=60000)] = Field(
+        default=300,
+        description=(
+            "Milliseconds, 10-60000: the interval at which the node sends BFD packets (slower when the "
+            "peer's receive interval is longer)."
+        ),
+    )
+    detectMultiplier: Annotated[int, Field(strict=True, ge=2, le=255)] = Field(
+        default=3,
+        description=(
+            "Packets missed in a row that declare the path down, 2-255: with 300 ms and 3, a dead peer or "
+            "node is detected after 900 ms and the session torn down at once."
+        ),
+    )
+
+
+class BGPPeerSpec(Model):
+    """One BGP session per selected node to a router: where it is, who both ends are, its timers and options."""
+
+    peerAddress: Address = Field(description="The router's IPv4 or IPv6 address.")
+    peerPort: Port = Field(default=179, description="The router's TCP port, 1-65535.")
+    peerASN: ASN = Field(
+        description=f"The router's AS number, 1-{MAX_ASN}; equal to localASN: iBGP, else eBGP."
+    )
+    localASN: ASN = Field(description=f"The AS number the nodes speak for, 1-{MAX_ASN}.")
+    holdTime: Annotated[int, Field(strict=True, ge=0, le=65535)] = Field(
+        default=90,
+        description=(
+            "Seconds without a message from the router before the session is declared down: 0 (never; no "
+            "keepalives) or 3-65535. The session uses the smaller of this and the router's offer."
+        ),
+    )
+    keepaliveTime: Annotated[int, Field(strict=True, ge=0, le=65535)] | None = Field(
+        default=None,
+        description="Seconds between keepalives, below holdTime (0 only with holdTime 0); absent: holdTime / 3.",
+    )
+    passwordSecret: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "The TCP MD5 signature password (RFC 2385) the router expects, from a Secret (key default "
+            "`password`); absent: no password. There is no plaintext password field."
+        ),
+    )
+    sourceAddress: Address | None = Field(
+        default=None,
+        description=(
+            "The node's own address the session starts from, of peerAddress's family; absent: the address "
+            "of the interface the route to peerAddress leaves by."
+        ),
+    )
+    ebgpMultiHop: bool = Field(
+        default=False,
+        strict=True,
+        description=(
+            "eBGP only: the router may be several hops away (the session's packets leave with a TTL above "
+            "1); false: it must be on a directly connected network."
+        ),
+    )
+    bfd: BFD | None = Field(
+        default=None,
+        description="Run BFD on the session with these intervals (`bfd: {}` for the defaults); absent: off.",
+    )
+    nodeSelector: LabelSelector | None = Field(
+        default=None,
+        description="The nodes that open a session to this router; absent: every node that runs a speaker.",
+    )
+    routerID: Address | None = Field(
+        default=None,
+        description=(
+            "The BGP identifier the nodes present, a non-zero IPv4 address; absent: each node's own IPv4 "
+            "address (give one on IPv6-only nodes). Peers that select the same node should agree."
+        ),
+    )
+
+    @property
+    def keepalive(self) -> int:
+        """The keepalive interval in effect, in seconds: keepaliveTime, else holdTime / 3 rounded down."""
+        return self.keepaliveTime if self.keepaliveTime is not None else self.holdTime // 3
+
+
+class BGPSessionState(StrEnum):
+    """The state of a BGP session's finite state machine (RFC 4271, 8.2.2)."""
+
+    Idle = "Idle"
+    Connect = "Connect"
+    Active = "Active"
+    OpenSent = "OpenSent"
+    OpenConfirm = "OpenConfirm"
+    Established = "Established"
+
+
+class BFDState(StrEnum):
+    """The state of a BFD session (RFC 5880, 4.1)."""
+
+    AdminDown = "AdminDown"
+    Down = "Down"
+    Init = "Init"
+    Up = "Up"
+
+
+class BGPPeerCondition(Condition):
+    """A BGPPeer's condition, written by the operator from what the speakers report in `status.nodes`."""
+
+    type: str = Field(
+        description=(
+            "Established: True when every selected node has its session Established; the message counts "
+            "them (2/3 nodes Established)."
+        )
+    )
+
+
+class BGPPeerNodeStatus(Model):
+    """One node's session with the router: each node's speaker writes (and removes) its own entry only."""
+
+    node: str = Field(description="The node whose speaker wrote this entry.")
+    state: BGPSessionState = Field(
+        description="Idle, Connect, Active, OpenSent, OpenConfirm or Established (only the last carries routes)."
+    )
+    since: str | None = Field(default=None, description="When the session entered this state (RFC 3339).")
+    lastError: str | None = Field(
+        default=None,
+        description="The last reason the session failed or closed, as the routing daemon or the router said it.",
+    )
+    prefixesAdvertised: int | None = Field(
+        default=None, description="Prefixes this node advertises to the router now."
+    )
+    bfd: BFDState | None = Field(
+        default=None, description="The BFD session's state (AdminDown, Down, Init, Up); absent: BFD is off."
+    )
+    observedGeneration: int | None = Field(
+        default=None, description="The BGPPeer's generation this entry describes."
+    )
+
+
+class BGPPeerStatus(Model):
+    """Each node's session (`nodes`, written by the speakers) and the operator's verdict on them (`conditions`)."""
+
+    conditions: list[BGPPeerCondition] = Field(
+        default_factory=list, description="Established: every selected node has its session up."
+    )
+    nodes: list[BGPPeerNodeStatus] = Field(
+        default_factory=list, description="One entry per node that opens a session to this router."
+    )
+
+
+Community = Annotated[str, Field(min_length=1, max_length=32)]
+
+
+class BGPAdvertisementSpec(Model):
+    """Which VIPs go to which routers from which nodes, and with which BGP attributes.
+
+    A node advertises a VIP to a router when the VIP's pool is selected (`vipPools`), the router is
+    selected (`peers`) and the node has a session with it (the BGPPeer's nodeSelector), the node matches
+    `nodeSelector`, and the node can serve the VIP (ready forwarding pods; for a Service, as for L2), so
+    routers spread the VIP over those nodes by ECMP. L2 is not replaced: the pool's addresses are still
+    answered by ARP/NDP on the LAN unless the VIPPool says `spec.announce.l2: false`. Several
+    advertisements that give one router the same prefix merge: the union of their communities and large
+    communities, the highest localPreference.
+    """
+
+    vipPools: list[ObjectName] | None = Field(
+        default=None,
+        max_length=MAX_BGP_SELECTED,
+        description="The VIPPools whose addresses are advertised; absent or empty: every pool.",
+    )
+    peers: list[ObjectName] | None = Field(
+        default=None,
+        max_length=MAX_BGP_SELECTED,
+        description="The BGPPeers (routers) they are advertised to; absent or empty: every peer.",
+    )
+    nodeSelector: LabelSelector | None = Field(
+        default=None,
+        description="Only nodes whose labels match advertise; absent: every node that can serve the VIP.",
+    )
+    communities: list[Community] | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "BGP communities (RFC 1997) attached to the routes: ASN:VALUE with each part 0-65535, or "
+            "no-export (65535:65281), no-advertise (65535:65282), local-as (65535:65283, NO_EXPORT_SUBCONFED) "
+            "or blackhole (65535:666, RFC 7999)."
+        ),
+    )
+    largeCommunities: list[Community] | None = Field(
+        default=None,
+        max_length=64,
+        description="Large communities (RFC 8092) attached to the routes: ASN:VALUE:VALUE, each 0-4294967295.",
+    )
+    localPreference: Annotated[int, Field(strict=True, ge=0, le=MAX_ASN)] | None = Field(
+        default=None,
+        description=(
+            "LOCAL_PREF, 0-4294967295: the higher, the more the router's AS prefers these routes. Sent to "
+            "iBGP peers only (localASN equal to peerASN), as BGP defines; eBGP peers never see it."
+        ),
+    )
+    aggregationLength: Annotated[int, Field(strict=True, ge=0, le=32)] = Field(
+        default=32,
+        description=(
+            "The prefix length IPv4 VIPs are advertised with, 0-32: 32, each VIP alone; shorter, the "
+            "covering prefix (24: one /24 for all the VIPs inside it, from every node serving one). Not "
+            "shorter than the pools' CIDRs, or the router sends their neighbours' addresses to the nodes."
+        ),
+    )
+    aggregationLengthV6: Annotated[int, Field(strict=True, ge=0, le=128)] = Field(
+        default=128,
+        description="The prefix length IPv6 VIPs are advertised with, 0-128: 128, each VIP alone; as aggregationLength.",
     )
 
 
@@ -620,7 +880,31 @@ class VIPPool(Model):
     status: VIPPoolStatus | None = None
 
 
-KINDS: dict[str, type[Model]] = {"LoadBalancer": LoadBalancer, "VIPPool": VIPPool}
+class BGPPeer(Model):
+    """A cluster-scoped `BGPPeer` resource: a router the speakers of the selected nodes peer with."""
+
+    apiVersion: Literal["layerlb.dev/v1alpha1"] = API_VERSION
+    kind: Literal["BGPPeer"] = "BGPPeer"
+    metadata: ObjectMeta
+    spec: BGPPeerSpec
+    status: BGPPeerStatus | None = None
+
+
+class BGPAdvertisement(Model):
+    """A cluster-scoped `BGPAdvertisement` resource: which pools' VIPs are advertised to which BGPPeers."""
+
+    apiVersion: Literal["layerlb.dev/v1alpha1"] = API_VERSION
+    kind: Literal["BGPAdvertisement"] = "BGPAdvertisement"
+    metadata: ObjectMeta
+    spec: BGPAdvertisementSpec
+
+
+KINDS: dict[str, type[Model]] = {
+    "LoadBalancer": LoadBalancer,
+    "VIPPool": VIPPool,
+    "BGPPeer": BGPPeer,
+    "BGPAdvertisement": BGPAdvertisement,
+}
 
 
 def describe(value: Any) -> str:

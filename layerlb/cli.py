@@ -193,7 +193,10 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="layerlb", description="LoadBalancer resources in, L4 and L7 load balancers out.")
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    validate = sub.add_parser("validate", help="check LoadBalancer and VIPPool files; exit 2 when invalid")
+    validate = sub.add_parser(
+        "validate",
+        help="check LoadBalancer, VIPPool, BGPPeer and BGPAdvertisement files; exit 2 when invalid",
+    )
     validate.add_argument("files", nargs="+", metavar="FILE", help="multi-document YAML; - for stdin")
     validate.set_defaults(run=_validate)
 

@@ -7,6 +7,7 @@ rules of `layerlb.rules` are attached at their scopes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -95,15 +96,20 @@ def _structural(model: type[api.Model]) -> dict[str, Any]:
     return _resolve(raw, defs)
 
 
-_STATUS: dict[str, type[api.Model]] = {"LoadBalancer": api.LoadBalancerStatus, "VIPPool": api.VIPPoolStatus}
 _LIST_MAP_KEYS = {"conditions": "type", "nodes": "node"}
+
+
+def _optional_model(annotation: Any) -> type[api.Model]:
+    """The model of a field annotated `Model` or `Model | None`."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, api.Model):
+            return candidate
+    raise TypeError(f"not a model: {annotation}")
 
 
 def open_api_schema(model: type[api.Model], kind: str) -> dict[str, Any]:
     """The `openAPIV3Schema` of one kind."""
-    spec_model = model.model_fields["spec"].annotation
-    assert isinstance(spec_model, type) and issubclass(spec_model, api.Model)
-    spec = _structural(spec_model)
+    spec = _structural(_optional_model(model.model_fields["spec"].annotation))
     properties: dict[str, Any] = {
         "apiVersion": {
             "type": "string",
@@ -115,8 +121,8 @@ def open_api_schema(model: type[api.Model], kind: str) -> dict[str, Any]:
         "spec": spec,
     }
     if "status" in model.model_fields:
-        status_model = _STATUS[kind]
-        status = _structural(status_model)
+        status_model = model.model_fields["status"].annotation
+        status = _structural(_optional_model(status_model))
         _strip_status_defaults(status)
         # Lists of entries keyed by a field: under server-side apply each writer owns its own entries (the
         # operator its condition types, each node's speaker its `nodes` entry), so none drops another's.
@@ -155,31 +161,80 @@ _POOL_COLUMNS = [
 ]
 
 
+_PEER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Peer", "type": "string", "jsonPath": ".spec.peerAddress"},
+    {"name": "Peer ASN", "type": "integer", "jsonPath": ".spec.peerASN"},
+    {"name": "Local ASN", "type": "integer", "jsonPath": ".spec.localASN"},
+    # `bfd` present means on; its transmit interval says so and how fast (empty: off).
+    {"name": "BFD ms", "type": "integer", "jsonPath": ".spec.bfd.transmitInterval"},
+    # A column shows one value (JSONPath cannot count the nodes' entries): the operator's aggregate, and in
+    # `-o wide` its message ("2/3 nodes Established").
+    {
+        "name": "Established",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Established")].status',
+    },
+    {
+        "name": "Sessions",
+        "type": "string",
+        "priority": 1,
+        "jsonPath": '.status.conditions[?(@.type=="Established")].message',
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+_ADVERTISEMENT_COLUMNS = [
+    {"name": "Pools", "type": "string", "jsonPath": ".spec.vipPools"},
+    {"name": "Peers", "type": "string", "jsonPath": ".spec.peers"},
+    {"name": "Communities", "type": "string", "jsonPath": ".spec.communities"},
+    {"name": "Local Pref", "type": "integer", "jsonPath": ".spec.localPreference"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+@dataclass(frozen=True)
+class _Names:
+    """How the API server names and shows a kind."""
+
+    plural: str
+    namespaced: bool
+    short_name: str
+    columns: list[dict[str, Any]]
+
+
+_NAMES = {
+    "LoadBalancer": _Names("loadbalancers", True, "llb", _LB_COLUMNS),
+    "VIPPool": _Names("vippools", False, "vipp", _POOL_COLUMNS),
+    "BGPPeer": _Names("bgppeers", False, "llbpeer", _PEER_COLUMNS),
+    "BGPAdvertisement": _Names("bgpadvertisements", False, "llbadv", _ADVERTISEMENT_COLUMNS),
+}
+
+
 def definition(kind: str) -> dict[str, Any]:
-    """The CustomResourceDefinition of `LoadBalancer` or `VIPPool`."""
-    lb = kind == "LoadBalancer"
-    plural = "loadbalancers" if lb else "vippools"
+    """The CustomResourceDefinition of one kind of `api.KINDS`."""
+    names = _NAMES[kind]
+    model = api.KINDS[kind]
     version: dict[str, Any] = {
         "name": api.VERSION,
         "served": True,
         "storage": True,
-        "schema": {"openAPIV3Schema": open_api_schema(api.KINDS[kind], kind)},
-        "additionalPrinterColumns": _LB_COLUMNS if lb else _POOL_COLUMNS,
+        "schema": {"openAPIV3Schema": open_api_schema(model, kind)},
+        "additionalPrinterColumns": names.columns,
     }
-    version["subresources"] = {"status": {}}
+    if "status" in model.model_fields:
+        version["subresources"] = {"status": {}}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{api.GROUP}"},
+        "metadata": {"name": f"{names.plural}.{api.GROUP}"},
         "spec": {
             "group": api.GROUP,
-            "scope": "Namespaced" if lb else "Cluster",
+            "scope": "Namespaced" if names.namespaced else "Cluster",
             "names": {
                 "kind": kind,
                 "listKind": f"{kind}List",
-                "plural": plural,
+                "plural": names.plural,
                 "singular": kind.lower(),
-                "shortNames": ["llb"] if lb else ["vipp"],
+                "shortNames": [names.short_name],
                 "categories": ["layerlb"],
             },
             "versions": [version],
@@ -189,10 +244,7 @@ def definition(kind: str) -> dict[str, Any]:
 
 def files() -> dict[str, str]:
     """The contents of `crds/`: file name → YAML text."""
-    return {
-        f"{api.GROUP}_{'loadbalancers' if kind == 'LoadBalancer' else 'vippools'}.yaml": render(kind)
-        for kind in api.KINDS
-    }
+    return {f"{api.GROUP}_{_NAMES[kind].plural}.yaml": render(kind) for kind in api.KINDS}
 
 
 def render(kind: str) -> str:

@@ -12,15 +12,20 @@ sit on the list or on `spec` and name the offending item in their message.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from layerlb.api import (
     ARCHITECTURES,
+    MAX_ASN,
     PROTOCOLS,
+    WELL_KNOWN_COMMUNITIES,
+    Announce,
     Architecture,
     Backend,
+    BGPPeerSpec,
     Endpoint,
     HashOn,
     HealthCheck,
@@ -342,7 +347,109 @@ def _endpoint_ip(endpoint: Endpoint) -> str | None:
     return _ip(endpoint.address)
 
 
+def _announce_l2(announce: Announce) -> str | None:
+    if announce.l2 or (not announce.interfaces and announce.nodeSelector is None):
+        return None
+    return "interfaces and nodeSelector choose where ARP/NDP is answered; with l2 false remove them, or set l2 true"
+
+
+# --- BGP -----------------------------------------------------------------------------------------------
+
+
+def _hold_time(hold: int) -> str | None:
+    if hold == 0 or hold >= 3:
+        return None
+    return f"holdTime must be 0 (no keepalives) or 3-65535 seconds, not {hold}"
+
+
+def _keepalive(spec: BGPPeerSpec) -> str | None:
+    keepalive = spec.keepaliveTime
+    if keepalive is None:
+        return None
+    if spec.holdTime == 0 and keepalive != 0:
+        return f"keepaliveTime must be 0 when holdTime is 0 (no keepalives), not {keepalive}"
+    if spec.holdTime == 0:
+        return None
+    if keepalive == 0:
+        return "keepaliveTime 0 (no keepalives) needs holdTime 0"
+    if keepalive < spec.holdTime:
+        return None
+    return f"keepaliveTime ({keepalive}) must be below holdTime ({spec.holdTime})"
+
+
+def _multihop(spec: BGPPeerSpec) -> str | None:
+    if not spec.ebgpMultiHop or spec.localASN != spec.peerASN:
+        return None
+    return f"ebgpMultiHop applies only to eBGP (localASN other than peerASN); both are {spec.localASN}"
+
+
+def _source_family(spec: BGPPeerSpec) -> str | None:
+    source = spec.sourceAddress
+    if source is None or not is_ip(source) or not is_ip(spec.peerAddress):
+        return None
+    if ipaddress.ip_address(source).version == ipaddress.ip_address(spec.peerAddress).version:
+        return None
+    return (
+        f"sourceAddress {source} and peerAddress {spec.peerAddress} are of different families; "
+        "a session runs over IPv4 or IPv6"
+    )
+
+
+def _router_id(value: str) -> str | None:
+    if is_ip(value) and ipaddress.ip_address(value).version == 4 and value != "0.0.0.0":
+        return None
+    return f"'{value}' is not a router ID: a non-zero IPv4 address"
+
+
+def _numbers(value: str, count: int, maximum: int) -> bool:
+    """`value` is `count` decimal numbers joined by ':', each at most `maximum` (as the CEL half checks it)."""
+    digits = len(str(maximum))
+    pattern = ":".join([f"[0-9]{{1,{digits}}}"] * count)
+    return re.fullmatch(pattern, value) is not None and all(int(part) <= maximum for part in value.split(":"))
+
+
+def _community(value: str) -> str | None:
+    if value in WELL_KNOWN_COMMUNITIES or _numbers(value, 2, 65535):
+        return None
+    well_known = _join(WELL_KNOWN_COMMUNITIES)
+    return f"'{value}' is not a community: ASN:VALUE with each part 0-65535, or {well_known}"
+
+
+def _large_community(value: str) -> str | None:
+    if _numbers(value, 3, MAX_ASN):
+        return None
+    return f"'{value}' is not a large community: ASN:VALUE:VALUE with each part 0-{MAX_ASN}"
+
+
+def _unique(what: str) -> Callable[[list[str]], str | None]:
+    """The check that a list of strings has no repeats, saying `what` they are."""
+
+    def unique(values: list[str]) -> str | None:
+        repeated = _first_repeated(values)
+        return None if repeated is None else f"{what} must be unique; repeated: {repeated}"
+
+    unique.__name__ = f"_unique({what})"
+    return unique
+
+
+def _unique_cel(what: str) -> tuple[str, str]:
+    """The CEL rule and message of `_unique(what)`."""
+    return (
+        "self.all(i, self.exists_one(j, j == i))",
+        f"'{what} must be unique; repeated: %s'.format([self.filter(i, !self.exists_one(j, j == i))[0]])",
+    )
+
+
 LB = "LoadBalancer"
+PEER = "BGPPeer"
+ADVERTISEMENT = "BGPAdvertisement"
+IS_IP = "'\\'%s\\' is not an IPv4 or IPv6 address'.format([self])"
+SELECTOR_VALUES = (
+    "self.operator in ['In', 'NotIn'] ? (has(self.values) && self.values.size() > 0) : "
+    "(!has(self.values) || self.values.size() == 0)",
+    "self.operator in ['In', 'NotIn'] ? 'operator %s needs at least one value'.format([self.operator]) : "
+    "'operator %s takes no values; remove them'.format([self.operator])",
+)
 NAMES = "self.backends.map(b, b.name)"
 PROTOCOL_OK = f"l.protocol in (self.mode == 'L4' ? {L4_PROTOCOLS} : {L7_PROTOCOLS})"
 UNIQUE_NAME = "self.exists_one(m, m.name == l.name)"
@@ -504,12 +611,55 @@ RULES: tuple[Rule, ...] = (
          "self.all(i, self.exists_one(j, j == i))",
          "'interface names must be unique; repeated: %s'.format([self.filter(i, !self.exists_one(j, j == i))[0]])",
          _interface_names),
-    Rule("VIPPool", "spec.announce.nodeSelector.matchExpressions[*]", ".values",
-         "self.operator in ['In', 'NotIn'] ? (has(self.values) && self.values.size() > 0) : "
-         "(!has(self.values) || self.values.size() == 0)",
-         "self.operator in ['In', 'NotIn'] ? 'operator %s needs at least one value'.format([self.operator]) : "
-         "'operator %s takes no values; remove them'.format([self.operator])",
-         _selector_values),
+    Rule("VIPPool", "spec.announce.nodeSelector.matchExpressions[*]", ".values", *SELECTOR_VALUES, _selector_values),
+    Rule("VIPPool", "spec.announce", "",
+         "self.l2 || ((!has(self.interfaces) || self.interfaces.size() == 0) && !has(self.nodeSelector))",
+         "'interfaces and nodeSelector choose where ARP/NDP is answered; with l2 false remove them, or set l2 true'",
+         _announce_l2),
+    Rule(PEER, "spec.peerAddress", "", "isIP(self)", IS_IP, _ip),
+    Rule(PEER, "spec.sourceAddress", "", "isIP(self)", IS_IP, _ip),
+    Rule(PEER, "spec", ".sourceAddress",
+         "!has(self.sourceAddress) || !isIP(self.sourceAddress) || !isIP(self.peerAddress) || "
+         "ip(self.sourceAddress).family() == ip(self.peerAddress).family()",
+         "'sourceAddress %s and peerAddress %s are of different families; a session runs over IPv4 or IPv6'"
+         ".format([self.sourceAddress, self.peerAddress])",
+         _source_family),
+    Rule(PEER, "spec.routerID", "",
+         "isIP(self) && ip(self).family() == 4 && self != '0.0.0.0'",
+         "'\\'%s\\' is not a router ID: a non-zero IPv4 address'.format([self])",
+         _router_id),
+    Rule(PEER, "spec.holdTime", "",
+         "self == 0 || self >= 3",
+         "'holdTime must be 0 (no keepalives) or 3-65535 seconds, not %d'.format([self])",
+         _hold_time),
+    Rule(PEER, "spec", ".keepaliveTime",
+         "!has(self.keepaliveTime) || (self.holdTime == 0 ? self.keepaliveTime == 0 : "
+         "(self.keepaliveTime > 0 && self.keepaliveTime < self.holdTime))",
+         "self.holdTime == 0 ? "
+         "'keepaliveTime must be 0 when holdTime is 0 (no keepalives), not %d'.format([self.keepaliveTime]) : "
+         "(self.keepaliveTime == 0 ? 'keepaliveTime 0 (no keepalives) needs holdTime 0' : "
+         "'keepaliveTime (%d) must be below holdTime (%d)'.format([self.keepaliveTime, self.holdTime]))",
+         _keepalive),
+    Rule(PEER, "spec", ".ebgpMultiHop",
+         "!self.ebgpMultiHop || self.localASN != self.peerASN",
+         "'ebgpMultiHop applies only to eBGP (localASN other than peerASN); both are %d'.format([self.localASN])",
+         _multihop),
+    Rule(PEER, "spec.nodeSelector.matchExpressions[*]", ".values", *SELECTOR_VALUES, _selector_values),
+    Rule(ADVERTISEMENT, "spec.vipPools", "", *_unique_cel("VIPPool names"), _unique("VIPPool names")),
+    Rule(ADVERTISEMENT, "spec.peers", "", *_unique_cel("BGPPeer names"), _unique("BGPPeer names")),
+    Rule(ADVERTISEMENT, "spec.nodeSelector.matchExpressions[*]", ".values", *SELECTOR_VALUES, _selector_values),
+    Rule(ADVERTISEMENT, "spec.communities[*]", "",
+         f"self in {_in_cel(WELL_KNOWN_COMMUNITIES)} || "
+         "(self.matches('^[0-9]{1,5}:[0-9]{1,5}$') && self.split(':').all(p, int(p) <= 65535))",
+         "'\\'%s\\' is not a community: ASN:VALUE with each part 0-65535, or "
+         f"{_join(WELL_KNOWN_COMMUNITIES)}'.format([self])",
+         _community),
+    Rule(ADVERTISEMENT, "spec.communities", "", *_unique_cel("communities"), _unique("communities")),
+    Rule(ADVERTISEMENT, "spec.largeCommunities[*]", "",
+         f"self.matches('^[0-9]{{1,10}}:[0-9]{{1,10}}:[0-9]{{1,10}}$') && self.split(':').all(p, int(p) <= {MAX_ASN})",
+         f"'\\'%s\\' is not a large community: ASN:VALUE:VALUE with each part 0-{MAX_ASN}'.format([self])",
+         _large_community),
+    Rule(ADVERTISEMENT, "spec.largeCommunities", "", *_unique_cel("large communities"), _unique("large communities")),
 )
 # fmt: on
 

@@ -242,15 +242,17 @@ def test_render_of_an_unknown_format_is_a_usage_error() -> None:
 # --- crd and usage ---------------------------------------------------------------------------------------
 
 
-def test_crd_prints_two_custom_resource_definitions() -> None:
+def test_crd_prints_four_custom_resource_definitions() -> None:
     done = layerlb("crd")
     assert (done.returncode, done.stderr) == (0, "")
     documents = [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
-    assert [doc["kind"] for doc in documents] == ["CustomResourceDefinition"] * 2
+    assert [doc["kind"] for doc in documents] == ["CustomResourceDefinition"] * 4
     assert {doc["apiVersion"] for doc in documents} == {"apiextensions.k8s.io/v1"}
     assert [doc["metadata"]["name"] for doc in documents] == [
         "loadbalancers.layerlb.dev",
         "vippools.layerlb.dev",
+        "bgppeers.layerlb.dev",
+        "bgpadvertisements.layerlb.dev",
     ]
 
 
@@ -258,8 +260,8 @@ def test_crd_write_creates_one_file_per_definition(tmp_path: Path) -> None:
     done = layerlb("crd", "--write", str(tmp_path / "crds"))
     assert done.returncode == 0
     written = sorted(path.name for path in (tmp_path / "crds").iterdir())
-    assert len(written) == 2
-    assert done.stdout.splitlines() == [f"wrote {tmp_path / 'crds' / name}" for name in written]
+    assert len(written) == 4
+    assert sorted(done.stdout.splitlines()) == [f"wrote {tmp_path / 'crds' / name}" for name in written]
 
 
 @pytest.mark.parametrize("args", [(), ("validate",), ("frobnicate",), ("validate", "--bogus", "x.yaml")])

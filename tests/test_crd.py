@@ -30,7 +30,12 @@ def test_committed_crds_match_the_models() -> None:
 
 def test_crd_printout_is_the_committed_files() -> None:
     documents = list(yaml.safe_load_all(crd.render_all()))
-    assert [d["spec"]["names"]["kind"] for d in documents] == ["LoadBalancer", "VIPPool"]
+    assert [d["spec"]["names"]["kind"] for d in documents] == [
+        "LoadBalancer",
+        "VIPPool",
+        "BGPPeer",
+        "BGPAdvertisement",
+    ]
 
 
 def test_loadbalancer_is_namespaced_with_short_name_status_and_columns() -> None:
@@ -74,8 +79,102 @@ def test_the_speakers_announcement_is_part_of_the_status_schema() -> None:
     assert "default" not in announced["properties"]["protocol"]  # status carries no defaults
 
 
-def test_vippool_is_cluster_scoped() -> None:
-    assert crd.definition("VIPPool")["spec"]["scope"] == "Cluster"
+def test_vippool_and_the_bgp_kinds_are_cluster_scoped() -> None:
+    for kind, plural in (
+        ("VIPPool", "vippools"),
+        ("BGPPeer", "bgppeers"),
+        ("BGPAdvertisement", "bgpadvertisements"),
+    ):
+        definition = crd.definition(kind)
+        assert definition["spec"]["scope"] == "Cluster"
+        assert definition["metadata"]["name"] == f"{plural}.layerlb.dev"
+        assert definition["spec"]["names"]["categories"] == ["layerlb"]
+
+
+def test_a_bgppeer_status_has_one_entry_per_node_and_operator_conditions_as_keyed_lists() -> None:
+    """Each speaker server-side applies its node's session entry, the operator its condition types."""
+    version = crd.definition("BGPPeer")["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    status = _schema("BGPPeer")["properties"]["status"]["properties"]
+    assert status["nodes"]["x-kubernetes-list-type"] == "map"
+    assert status["nodes"]["x-kubernetes-list-map-keys"] == ["node"]
+    entry = status["nodes"]["items"]
+    assert set(entry["properties"]) == {
+        "node",
+        "state",
+        "since",
+        "lastError",
+        "prefixesAdvertised",
+        "bfd",
+        "observedGeneration",
+    }
+    assert entry["required"] == ["node", "state"]
+    assert entry["properties"]["state"]["enum"] == [
+        "Idle",
+        "Connect",
+        "Active",
+        "OpenSent",
+        "OpenConfirm",
+        "Established",
+    ]
+    assert entry["properties"]["bfd"]["enum"] == ["AdminDown", "Down", "Init", "Up"]
+    assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_bgppeer_printer_columns_show_the_session_and_how_many_nodes_have_it_established() -> None:
+    version = crd.definition("BGPPeer")["spec"]["versions"][0]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns == {
+        "Peer": ".spec.peerAddress",
+        "Peer ASN": ".spec.peerASN",
+        "Local ASN": ".spec.localASN",
+        "BFD ms": ".spec.bfd.transmitInterval",
+        "Established": '.status.conditions[?(@.type=="Established")].status',
+        "Sessions": '.status.conditions[?(@.type=="Established")].message',
+        "Age": ".metadata.creationTimestamp",
+    }
+    assert [c.get("priority", 0) for c in version["additionalPrinterColumns"]] == [0, 0, 0, 0, 0, 1, 0]
+
+
+def test_a_bgpadvertisement_has_no_status() -> None:
+    version = crd.definition("BGPAdvertisement")["spec"]["versions"][0]
+    assert "subresources" not in version
+    assert "status" not in _schema("BGPAdvertisement")["properties"]
+
+
+def test_bgp_schemas_carry_ranges_and_defaults() -> None:
+    peer = _schema("BGPPeer")["properties"]["spec"]
+    assert peer["required"] == ["peerAddress", "peerASN", "localASN"]
+    props = peer["properties"]
+    assert (props["peerASN"]["minimum"], props["peerASN"]["maximum"]) == (1, 4294967295)
+    assert (props["peerPort"]["default"], props["holdTime"]["default"]) == (179, 90)
+    assert "default" not in props["keepaliveTime"]  # holdTime / 3, which a schema default cannot say
+    assert props["ebgpMultiHop"]["default"] is False
+    assert props["passwordSecret"]["required"] == ["name", "namespace"]
+    assert props["passwordSecret"]["properties"]["key"]["default"] == "password"
+    assert "password" not in props  # a Secret reference, never a plaintext password
+    bfd = props["bfd"]["properties"]
+    assert [bfd[k]["default"] for k in ("receiveInterval", "transmitInterval", "detectMultiplier")] == [
+        300,
+        300,
+        3,
+    ]
+    assert (bfd["detectMultiplier"]["minimum"], bfd["detectMultiplier"]["maximum"]) == (2, 255)
+    advertisement = _schema("BGPAdvertisement")["properties"]["spec"]["properties"]
+    assert (advertisement["aggregationLength"]["default"], advertisement["aggregationLength"]["maximum"]) == (
+        32,
+        32,
+    )
+    assert (
+        advertisement["aggregationLengthV6"]["default"],
+        advertisement["aggregationLengthV6"]["maximum"],
+    ) == (
+        128,
+        128,
+    )
+    assert advertisement["localPreference"]["maximum"] == 4294967295
+    announce = _schema("VIPPool")["properties"]["spec"]["properties"]["announce"]["properties"]
+    assert (announce["l2"]["type"], announce["l2"]["default"]) == ("boolean", True)
 
 
 def test_schema_carries_types_enums_required_and_defaults() -> None:
@@ -120,12 +219,12 @@ def test_schema_is_structural() -> None:
 
 
 def test_every_string_and_list_is_bounded_for_cel_cost() -> None:
-    spec = _schema("LoadBalancer")["properties"]["spec"]
-    for node in _walk(spec):
-        if node.get("type") == "string" and "enum" not in node:
-            assert "maxLength" in node, node
-        if node.get("type") == "array":
-            assert "maxItems" in node, node
+    for kind in api.KINDS:
+        for node in _walk(_schema(kind)["properties"]["spec"]):
+            if node.get("type") == "string" and "enum" not in node:
+                assert "maxLength" in node, (kind, node)
+            if node.get("type") == "array":
+                assert "maxItems" in node, (kind, node)
 
 
 def test_every_cel_rule_lands_in_the_crd_at_its_scope() -> None:

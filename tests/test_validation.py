@@ -432,10 +432,10 @@ def test_a_document_that_is_not_a_mapping_is_refused_saying_what_it_is(document:
 
 def test_a_missing_or_unknown_kind_lists_the_valid_kinds() -> None:
     assert _problems({"apiVersion": "layerlb.dev/v1alpha1"}) == [
-        "kind: unsupported kind None; valid: LoadBalancer, VIPPool"
+        "kind: unsupported kind None; valid: LoadBalancer, VIPPool, BGPPeer, BGPAdvertisement"
     ]
     assert _problems(_lb(_spec(), kind="Service")) == [
-        "kind: unsupported kind 'Service'; valid: LoadBalancer, VIPPool"
+        "kind: unsupported kind 'Service'; valid: LoadBalancer, VIPPool, BGPPeer, BGPAdvertisement"
     ]
 
 
