@@ -29,7 +29,13 @@ CHART = ROOT / "charts" / "layerlb"
 LEASE_PLACEHOLDER = "LEASE-NAME-FROM-VALUES"
 # (API group, resource) of everything rbac.py may name, by scope; a resource in neither is an error, so a
 # new permission in rbac.py makes whoever adds it say where it applies.
-CLUSTER_SCOPED = {("layerlb.dev", "vippools"), ("layerlb.dev", "vippools/status")}
+CLUSTER_SCOPED = {
+    ("layerlb.dev", "vippools"),
+    ("layerlb.dev", "vippools/status"),
+    ("layerlb.dev", "bgppeers"),
+    ("layerlb.dev", "bgppeers/status"),
+    ("layerlb.dev", "bgpadvertisements"),
+}
 NAMESPACED = {
     ("layerlb.dev", "loadbalancers"),
     ("layerlb.dev", "loadbalancers/status"),

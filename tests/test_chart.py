@@ -148,6 +148,9 @@ def test_rbac_of_a_namespaced_install_binds_namespaced_rules_in_the_watched_name
     assert {resource for _, resource, _ in _grants(cluster_scoped["rules"])} == {
         "vippools",
         "vippools/status",
+        "bgppeers",
+        "bgppeers/status",
+        "bgpadvertisements",
     }
     [binding] = _named(rendered, "ClusterRoleBinding").values()
     assert binding["roleRef"]["name"] == "lb-operator-cluster"
@@ -284,13 +287,18 @@ def test_the_speakers_rbac_reads_what_it_announces_from_and_writes_events_and_st
         ("layerlb.dev", "loadbalancers/status", ()): {"patch"},  # status.announcement
         ("", "services/status", ()): {"patch"},  # the layerlb.dev/AnnouncedIPv4|6 conditions
         ("layerlb.dev", "vippools/status", ()): {"patch"},  # its node's entry of status.nodes
+        ("layerlb.dev", "bgppeers/status", ()): {"patch"},  # its node's BGP session in status.nodes
     }
     assert grants[("layerlb.dev", "loadbalancers/status", ())] == {"patch"}  # no get, no update
     assert grants[("", "services/status", ())] == {"patch"}
     assert grants[("layerlb.dev", "vippools/status", ())] == {"patch"}
+    assert grants[("layerlb.dev", "bgppeers/status", ())] == {"patch"}
+    for kind in ("bgppeers", "bgpadvertisements"):
+        assert grants[("layerlb.dev", kind, ())] == {"get", "list", "watch"}
     assert {resource for _, resource, _ in grants} == {
         "nodes", "pods", "services", "endpointslices", "loadbalancers", "vippools", "events",
         "loadbalancers/status", "services/status", "vippools/status",
+        "bgppeers", "bgpadvertisements", "bgppeers/status",
     }  # fmt: skip
     [binding] = [d for d in rendered if d["kind"] == "ClusterRoleBinding"]
     assert binding["subjects"] == [

@@ -20,6 +20,9 @@ Least privilege, verb by verb:
   derived LoadBalancer the Service controls; everything else goes through the garbage collector);
 - a VIPPool's `InterfacesFound` condition (pool_status) is its own server-side apply on `vippools/status`
   (`patch`); the speakers' per-node entries next to it are theirs;
+- BGP: it reads BGPPeers and BGPAdvertisements (list/watch) and writes a BGPPeer's aggregate `Established`
+  condition by server-side apply on `bgppeers/status` (`patch`); the speakers' per-node session entries
+  next to it are theirs;
 - kopf posts Events; the Lease of leader election is read and updated by name only;
 - a pod-network LoadBalancer's VIP Service (objects.vip_service) is written like its other objects
   (`create` + `patch` on services) and its ingress by server-side apply on `services/status`;
@@ -54,6 +57,8 @@ def cluster_rules() -> list[dict[str, Any]]:
         _rule("layerlb.dev", ["loadbalancers/finalizers"], ["update"]),
         _rule("layerlb.dev", ["vippools"], READ),
         _rule("layerlb.dev", ["vippools/status"], ["patch"]),
+        _rule("layerlb.dev", ["bgppeers", "bgpadvertisements"], READ),
+        _rule("layerlb.dev", ["bgppeers/status"], ["patch"]),
         _rule("", ["services", "pods"], READ),
         _rule("", ["services"], APPLY),
         _rule("", ["services/status"], ["patch"]),

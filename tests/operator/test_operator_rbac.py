@@ -24,6 +24,9 @@ def test_the_operator_reads_what_it_watches_and_writes_only_what_it_owns() -> No
         ("layerlb.dev", "loadbalancers/finalizers"): {"update"},
         ("layerlb.dev", "vippools"): {"list", "watch"},
         ("layerlb.dev", "vippools/status"): {"patch"},  # its InterfacesFound condition (pool_status)
+        ("layerlb.dev", "bgppeers"): {"list", "watch"},
+        ("layerlb.dev", "bgpadvertisements"): {"list", "watch"},
+        ("layerlb.dev", "bgppeers/status"): {"patch"},  # a BGPPeer's aggregate Established condition
         # patch: its finalizer on Services it serves; create + patch: the VIP Services of pod-network LoadBalancers
         ("", "services"): {"list", "watch", "create", "patch"},
         ("", "services/status"): {"patch"},  # status.loadBalancer.ingress and its conditions

@@ -36,6 +36,20 @@
   verbs:
   - patch
 - apiGroups:
+  - layerlb.dev
+  resources:
+  - bgppeers
+  - bgpadvertisements
+  verbs:
+  - list
+  - watch
+- apiGroups:
+  - layerlb.dev
+  resources:
+  - bgppeers/status
+  verbs:
+  - patch
+- apiGroups:
   - ''
   resources:
   - services
@@ -248,6 +262,20 @@
   - layerlb.dev
   resources:
   - vippools/status
+  verbs:
+  - patch
+- apiGroups:
+  - layerlb.dev
+  resources:
+  - bgppeers
+  - bgpadvertisements
+  verbs:
+  - list
+  - watch
+- apiGroups:
+  - layerlb.dev
+  resources:
+  - bgppeers/status
   verbs:
   - patch
 {{- end }}
