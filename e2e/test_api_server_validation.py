@@ -171,3 +171,32 @@ def test_each_nodes_speaker_applies_its_own_bgp_session_entry_without_dropping_t
         "-f", "-", stdin=yaml.safe_dump(bad),
     )  # fmt: skip
     assert done.returncode != 0 and 'status.nodes[3].state: Unsupported value: "Up"' in done.stderr
+
+
+@pytest.mark.usefixtures("crds_installed")
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"holdTime": 0, "keepaliveTime": 30},  # the branches of keepaliveTime's message no example shows
+        {"keepaliveTime": 0},
+        {"routerID": "0.0.0.0"},
+        {"peerAddress": "2001:db8::1", "sourceAddress": "192.0.2.10"},
+    ],
+    ids=["keepalive-with-hold-0", "keepalive-0", "router-id-zero", "source-ipv4-peer-ipv6"],
+)
+def test_the_api_server_gives_each_branch_of_a_bgppeer_message_as_layerlb_does(
+    kubectl: Kubectl, spec: dict[str, Any]
+) -> None:
+    document = {
+        "apiVersion": api.API_VERSION,
+        "kind": "BGPPeer",
+        "metadata": {"name": "branch"},
+        "spec": {"peerAddress": "192.0.2.1", "peerASN": 64512, "localASN": 64513, **spec},
+    }
+    (problem,), from_rules = _problems(document)
+    assert from_rules
+    done = kubectl("apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(document))
+    assert done.returncode != 0
+    assert f"{problem.path}: Invalid value: " in done.stderr and problem.message in done.stderr, (
+        f"layerlb says\n  {problem}\nthe API server says\n  {done.stderr}"
+    )
