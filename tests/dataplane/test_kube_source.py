@@ -142,12 +142,11 @@ def test_a_watched_change_wakes_changed_and_an_unrelated_edit_does_not() -> None
     assert run(scenario()) == (False, 2)
 
 
-def test_an_invalid_plan_is_refused_with_the_configmap_and_field_named() -> None:
+def refusal(broken: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """What `load()` refuses once a valid Plan is followed by `broken`, and the Secrets then wanted."""
     api = FakeApi(configmap(plan_json(1)))
-    broken = json.loads(plan_json(2))
-    broken["listeners"][0]["port"] = "many"
 
-    async def scenario() -> list[str]:
+    async def scenario() -> tuple[list[str], set[str]]:
         source = kube_source.ConfigMapSource("shop", "web-plan", api, None)
         await source.start()
         source.load()
@@ -156,33 +155,26 @@ def test_an_invalid_plan_is_refused_with_the_configmap_and_field_named() -> None
         with pytest.raises(config.InvalidConfig) as refused:
             source.load()
         await stopped(source, api)
-        return refused.value.lines
+        return refused.value.lines, source.wanted
 
-    [line] = run(scenario())
+    return run(scenario())
+
+
+def test_an_invalid_plan_is_refused_with_the_configmap_and_field_named() -> None:
+    broken = json.loads(plan_json(2))
+    broken["listeners"][0]["port"] = "many"
+    [line], _ = refusal(broken)
     assert line.startswith("ConfigMap shop/web-plan: plan.json: Plan/test/web: listeners.0.port:")
 
 
 def test_a_plan_naming_a_malformed_secret_is_refused_and_no_secret_is_read() -> None:
-    api = FakeApi(configmap(plan_json(1)))
     broken = json.loads(keyless_plan_json(2))
     broken["listeners"][0]["certificates"][0]["source"] = "Secret/web/tls"
-
-    async def scenario() -> list[str]:
-        source = kube_source.ConfigMapSource("shop", "web-plan", api, None)
-        await source.start()
-        source.load()
-        api.events.put(("MODIFIED", configmap(json.dumps(broken))))
-        await source.changed()
-        with pytest.raises(config.InvalidConfig) as refused:
-            source.load()
-        assert source.wanted == set()
-        await stopped(source, api)
-        return refused.value.lines
-
-    [line] = run(scenario())
+    [line], wanted = refusal(broken)
     assert line.startswith(
         "ConfigMap shop/web-plan: plan.json: Plan/test/web: certificate source 'Secret/web/tls'"
     )
+    assert wanted == set()
 
 
 def test_an_expired_watch_lists_again_and_errors_retry_without_losing_the_plan(
