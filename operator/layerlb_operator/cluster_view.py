@@ -152,3 +152,20 @@ class ClusterView:
             broken_pools=self.broken_pools,
         )
         return self.allocated
+
+
+@dataclass
+class Sources:
+    """The watched state, keyed for lookups (kopf indexes in the operator, dicts in tests)."""
+
+    loadbalancers: Store  # "namespace/name" → the LoadBalancer
+    references: Store  # ("service" | "secret" | "instance", namespace, name) → "namespace/name"
+    services: Store  # (namespace, name) → cluster_view.service_summary
+    slices: Store  # (namespace, service name) → cluster_view.slice_summary, one per EndpointSlice
+    secrets: Store  # (namespace, name) → cluster_view.secret_summary
+    pools: Store  # name → the VIPPool
+    deployments: Store  # (namespace, instance label) → the Deployment's status
+    pods: Store  # (namespace, instance label) → (pod name, status.PodState)
+    serving: Store  # (namespace, instance label) → the serving ConfigMap's data (pod name → report)
+    admin_ports: Store = field(default_factory=dict)  # (namespace, instance label) → host admin port
+    lbservices: Store = field(default_factory=dict)  # (namespace, name) → a Service layerlb may serve

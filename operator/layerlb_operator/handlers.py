@@ -42,7 +42,7 @@ def _bound(kwargs: Mapping[str, Any]) -> reconciler.Reconciler:
     """The reconciler, with kopf's live indexes (passed to every handler as keyword arguments) bound."""
     assert _reconciler is not None, "handlers.install() was not called"
     if _reconciler.sources is None:
-        _reconciler.bind(reconciler.Sources(**{name: kwargs[name] for name in INDEXES}))
+        _reconciler.bind(cluster_view.Sources(**{name: kwargs[name] for name in INDEXES}))
     return _reconciler
 
 

@@ -19,7 +19,6 @@ import datetime
 import logging
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from layerlb import plan_contract, validation
@@ -33,9 +32,10 @@ from layerlb_operator import (
     status,
     vips,
 )
-from layerlb_operator.cluster_view import ClusterView, Store
+from layerlb_operator.cluster_view import ClusterView, Sources, Store
 from layerlb_operator.debounce import Debouncer
 from layerlb_operator.metrics import Metrics
+from layerlb_operator.sync_result import Result
 
 log = logging.getLogger("layerlb.operator")
 
@@ -71,37 +71,6 @@ def _port_owner(meta: Mapping[str, Any]) -> str:
 def _comparable(value: Mapping[str, Any]) -> dict[str, Any]:
     # The API server drops null fields; compare what it would store.
     return {key: item for key, item in value.items() if item is not None}
-
-
-@dataclass
-class Sources:
-    """The watched state, keyed for lookups (kopf indexes in the operator, dicts in tests)."""
-
-    loadbalancers: Store  # "namespace/name" → the LoadBalancer
-    references: Store  # ("service" | "secret" | "instance", namespace, name) → "namespace/name"
-    services: Store  # (namespace, name) → cluster_view.service_summary
-    slices: Store  # (namespace, service name) → cluster_view.slice_summary, one per EndpointSlice
-    secrets: Store  # (namespace, name) → cluster_view.secret_summary
-    pools: Store  # name → the VIPPool
-    deployments: Store  # (namespace, instance label) → the Deployment's status
-    pods: Store  # (namespace, instance label) → (pod name, status.PodState)
-    serving: Store  # (namespace, instance label) → the serving ConfigMap's data (pod name → report)
-    admin_ports: Store = field(default_factory=dict)  # (namespace, instance label) → host admin port
-    lbservices: Store = field(default_factory=dict)  # (namespace, name) → a Service layerlb may serve
-
-
-@dataclass(frozen=True)
-class Result:
-    """How one sync ended: the reconcile verdict, or `failed` (the API server refused), or `skipped`, or
-    `refused` (a Service's request cannot be met; events, not a timer, bring it back)."""
-
-    verdict: str
-    message: str = ""
-
-    @property
-    def transient(self) -> bool:
-        """Whether to retry with backoff."""
-        return self.verdict in ("unresolvable", "failed")
 
 
 class Reconciler:

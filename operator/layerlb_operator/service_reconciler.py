@@ -33,12 +33,37 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from layerlb_operator import apiserver, service_frontend, service_loadbalancer, status, vips
+from layerlb_operator.cluster_view import Sources
+from layerlb_operator.debounce import Debouncer
+from layerlb_operator.sync_result import Result
 
-if TYPE_CHECKING:
-    from layerlb_operator.reconciler import Reconciler, Result
+
+class LoadBalancerWorker(Protocol):
+    """What a Service's reconciliation shares with the LoadBalancers' (`reconciler.Reconciler`): the API
+    client, the VIP ledger, the queue and the watched state, per-key locks, Events. A protocol, so the two
+    reconcilers do not import each other: the LoadBalancers' one creates this one."""
+
+    client: apiserver.Client
+    ledger: vips.Ledger
+    queue: Debouncer[str]
+    sources: Sources | None
+    now: Callable[[], str]
+
+    def statuses(self) -> dict[str, str]: ...
+
+    def lock(self, key: str) -> asyncio.Lock: ...
+
+    def valid_pools(self, sources: Sources) -> tuple[list[vips.Pool], dict[str, str]]: ...
+
+    def post(self, document: Mapping[str, Any], events: list[status.Event]) -> None: ...
+
+    def touch_all(self, only: Callable[[Mapping[str, Any]], bool] = ...) -> None: ...
+
+    def waiting_for_vip(self, body: Mapping[str, Any]) -> bool: ...
+
 
 log = logging.getLogger("layerlb.operator")
 
@@ -56,7 +81,7 @@ def _ingress(service: Mapping[str, Any]) -> list[dict[str, Any]]:
 class ServiceReconciler:
     """The Service front end's state between triggers; shares the LoadBalancers' ledger, queue and client."""
 
-    def __init__(self, owner: Reconciler, serve_classless: bool = False) -> None:
+    def __init__(self, owner: LoadBalancerWorker, serve_classless: bool = False) -> None:
         self.owner = owner
         self.serve_classless = serve_classless
         self._written: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = {}
@@ -146,8 +171,6 @@ class ServiceReconciler:
 
     async def sync_key(self, key: str) -> Result:
         """Reconcile the Service of queue key `Service namespace/name` (gone: release what it held)."""
-        from layerlb_operator.reconciler import Result
-
         namespace, _, name = key.removeprefix(vips.SERVICE_OWNER).partition("/")
         sources = self.owner.sources
         body = next(iter(sources.lbservices.get((namespace, name), ())), None) if sources else None
@@ -165,8 +188,6 @@ class ServiceReconciler:
 
     async def sync(self, body: Mapping[str, Any]) -> Result:
         """Reconcile one Service; reports API failures (retried with backoff), never raises for its content."""
-        from layerlb_operator.reconciler import Result
-
         namespace, name = service_frontend.key_of(body)
         owner = service_frontend.owner_of(namespace, name)
         async with self.owner.lock(owner):
@@ -184,8 +205,6 @@ class ServiceReconciler:
                 return Result("failed", str(error))
 
     async def _serve(self, body: Mapping[str, Any], owner: str) -> Result:
-        from layerlb_operator.reconciler import Result
-
         sources = self.owner.sources
         assert sources is not None
         namespace, name = service_frontend.key_of(body)

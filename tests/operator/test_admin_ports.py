@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 import pytest
-from layerlb_operator import admin_ports, objects, reconciler
+from layerlb_operator import admin_ports, cluster_view, objects, reconciler, sync_result
 from layerlb_operator.metrics import Metrics
 
 from tests.operator.test_reconciler import FakeClient
@@ -47,7 +47,7 @@ def _worker(
         "metadata": {"name": "p", "resourceVersion": "1"},
         "spec": {"addresses": ["192.0.2.0/28"]},
     }
-    sources = reconciler.Sources(
+    sources = cluster_view.Sources(
         loadbalancers=store, references={}, services={}, slices={}, secrets={}, pools={"p": [pool]},
         deployments={}, pods={}, serving={}, admin_ports=deployed or {},
     )  # fmt: skip
@@ -69,7 +69,7 @@ def _admin_port_of(client: FakeClient, name: str) -> int | None:
 def test_host_network_load_balancers_get_distinct_ports_and_keep_them() -> None:
     worker, client, store = _worker(_kernel_lb("a"), _kernel_lb("b", "dsr"), _kernel_lb("c", "tunnel"))
 
-    async def all_three() -> list[reconciler.Result]:
+    async def all_three() -> list[sync_result.Result]:
         return list(await asyncio.gather(*(worker.sync(store[f"shop/{n}"][0]) for n in "abc")))
 
     assert {r.verdict for r in asyncio.run(all_three())} == {"accepted"}
@@ -105,7 +105,7 @@ def test_pod_network_load_balancers_keep_the_fixed_port() -> None:
 def test_exhaustion_is_reported_and_a_deleted_load_balancer_frees_its_port() -> None:
     worker, client, store = _worker(_kernel_lb("a"), _kernel_lb("b"), ports=range(9500, 9501))
 
-    async def scenario() -> tuple[reconciler.Result, reconciler.Result]:
+    async def scenario() -> tuple[sync_result.Result, sync_result.Result]:
         await worker.sync(store["shop/a"][0])
         waiting = await worker.sync(store["shop/b"][0])
         await worker.forget(store.pop("shop/a")[0])

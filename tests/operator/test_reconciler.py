@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar, cast
 
-from layerlb_operator import apiserver, objects, reconciler, status
+from layerlb_operator import apiserver, cluster_view, objects, reconciler, status, sync_result
 from layerlb_operator.metrics import Metrics
 
 T = TypeVar("T")
@@ -86,7 +86,7 @@ def _setup(
         "spec": {"addresses": [pool]},
         "status": None,  # as a watched object may carry it
     }
-    sources = reconciler.Sources(
+    sources = cluster_view.Sources(
         loadbalancers=store, references=references, services={}, slices={}, secrets={},
         pools={"p": [pool_body]}, deployments={}, pods={}, serving={},
     )  # fmt: skip
@@ -115,7 +115,7 @@ def test_an_unchanged_load_balancer_synced_twice_patches_its_status_once() -> No
 def test_vips_are_allocated_without_repeats_and_exhaustion_is_reported() -> None:
     worker, client, store = _setup(_lb("a"), _lb("b"), _lb("c"))
 
-    async def all_three() -> list[reconciler.Result]:
+    async def all_three() -> list[sync_result.Result]:
         return list(await asyncio.gather(*(worker.sync(store[f"shop/{n}"][0]) for n in "abc")))
 
     results = _run(all_three())
@@ -128,7 +128,7 @@ def test_vips_are_allocated_without_repeats_and_exhaustion_is_reported() -> None
 def test_deleting_a_load_balancer_frees_its_vip_for_one_that_waits() -> None:
     worker, client, store = _setup(_lb("a"), _lb("b"), pool="192.0.2.0/32")
 
-    async def scenario() -> reconciler.Result:
+    async def scenario() -> sync_result.Result:
         await worker.sync(store["shop/a"][0])
         waiting = await worker.sync(store["shop/b"][0])
         assert waiting.verdict == "unresolvable"

@@ -6,7 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from layerlb_operator import apiserver, objects, reconciler, service_frontend, service_loadbalancer
+from layerlb_operator import (
+    apiserver,
+    cluster_view,
+    objects,
+    reconciler,
+    service_frontend,
+    service_loadbalancer,
+)
 from layerlb_operator.metrics import Metrics
 
 
@@ -75,7 +82,7 @@ def _setup(*services: dict[str, Any]) -> tuple[reconciler.Reconciler, FakeClient
     worker = reconciler.Reconciler(client, objects.Settings(), Metrics(), now=lambda: "2026-01-01T00:00:00Z")
     empty: dict[Any, Any] = {}
     worker.bind(
-        reconciler.Sources(
+        cluster_view.Sources(
             loadbalancers={}, references=empty, services=empty, slices=empty, secrets=empty,
             pools={"public": [_pool()]}, deployments=empty, pods=empty, serving=empty, lbservices=store,
         )
