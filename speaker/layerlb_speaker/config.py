@@ -21,6 +21,10 @@ same shape as what `inventory` derives from the API:
           interfaces: [eth1]
           nodeSelector: {matchLabels: {topology.kubernetes.io/zone: a}}
 
+    bgp:                         # optional: BGP peers and advertisements (`bgp`), as the BGPPeer and
+      peers: [...]               # BGPAdvertisement resources' specs, with `password`/`passwordFile`
+      advertisements: [...]      # instead of a Secret
+
 A VIP inside a pool's addresses is narrowed by that pool exactly as `inventory` narrows a cluster's VIPs
 (`inventory.restricted`): its nodes to those whose labels match, its interfaces to the pool's when the
 pool names any (they replace its own). Notices (`NoEligibleNode`, `InvalidVIPPool`) go to the log.
@@ -33,6 +37,7 @@ last good inventory stays, exactly as a speaker that lost the API server keeps i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -45,7 +50,7 @@ from layerlb_speaker.announcement import Owner, Vip
 from layerlb_speaker.runtime import Inventory
 
 if TYPE_CHECKING:
-    from layerlb_speaker import inventory
+    from layerlb_speaker import bgp, inventory
 
 log = logging.getLogger("layerlb.speaker")
 
@@ -105,20 +110,20 @@ def parse(document: Any) -> tuple[Inventory, list[str]]:
         vips[address] = Vip(address, frozenset(nodes), owners, interfaces)
         if entry.get("pool"):
             named[address] = str(entry["pool"])
+    routing = _bgp(document, problems) if "bgp" in document else None
     if "pools" not in document and "labels" not in document:
-        return Inventory(tuple(vips.values()), peers, True), problems
+        return Inventory(tuple(vips.values()), peers, True, bgp=routing), problems
     restricted, notices = _restrict(document, tuple(vips.values()), named, problems)
-    return Inventory(restricted, peers, True, notices), problems
+    return Inventory(restricted, peers, True, notices, bgp=routing), problems
 
 
-def _restrict(
-    document: dict[Any, Any],
-    vips: tuple[Vip, ...],
-    named: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str],
-    problems: list[str],
-) -> tuple[tuple[Vip, ...], tuple[inventory.Notice, ...]]:
-    from layerlb_speaker import inventory  # pydantic and the API models load only for pools
+def _bgp(document: dict[Any, Any], problems: list[str]) -> bgp.Intent:
+    from layerlb_speaker import bgp  # pydantic and the API models load only for BGP
 
+    return bgp.parse(document["bgp"], _labels(document, []), problems)
+
+
+def _labels(document: dict[Any, Any], problems: list[str]) -> dict[str, dict[str, str]]:
     known = document.get("peers") if isinstance(document.get("peers"), dict) else {}
     labels: dict[str, dict[str, str]] = {str(node): {} for node in known or {}}
     raw_labels = document.get("labels") or {}
@@ -130,6 +135,18 @@ def _restrict(
             problems.append(f"labels.{node}: {node_labels!r} is not a mapping of label to value")
             continue
         labels[str(node)] = {str(key): str(value) for key, value in node_labels.items()}
+    return labels
+
+
+def _restrict(
+    document: dict[Any, Any],
+    vips: tuple[Vip, ...],
+    named: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str],
+    problems: list[str],
+) -> tuple[tuple[Vip, ...], tuple[inventory.Notice, ...]]:
+    from layerlb_speaker import inventory  # pydantic and the API models load only for pools
+
+    labels = _labels(document, problems)
     pools = []
     raw_pools = document.get("pools") or []
     if not isinstance(raw_pools, list):
@@ -175,6 +192,6 @@ async def watch(path: str, update: Callable[[Inventory], None], poll: float = 0.
             if not failing:
                 failing = True
                 log.error("%s: %s; keeping the last known VIPs, view stale", path, error)
-                last = Inventory(last.vips, last.peers, fresh=False, notices=last.notices)
+                last = dataclasses.replace(last, fresh=False)
                 update(last)
         await asyncio.sleep(poll)

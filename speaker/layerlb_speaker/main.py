@@ -81,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also announce Services of type LoadBalancer without a loadBalancerClass",
     )
     parser.add_argument(
+        "--bgp-dir",
+        default="/run/layerlb-speaker/bgp",
+        metavar="DIR",
+        help="where BIRD's configuration, control socket and pid file and the BGP sessions' status.json go",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="log every peer and interface event at debug level"
     )
 
@@ -137,8 +143,15 @@ async def _run(settings: runtime.Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    routing: asyncio.Task[None] | None = None
     if args.config:
+        from layerlb_speaker import bgp_announcer
+
         speaker = runtime.Speaker(settings, runtime.LogReporter())
+        # BGP from the file's `bgp:` section; BIRD starts with the first session. (Kubernetes mode: the
+        # BGPPeer and BGPAdvertisement watches are the next step; until then BGP runs from a file only.)
+        speaker.bgp = bgp_announcer.BgpAnnouncer(settings.node, args.bgp_dir)
+        routing = asyncio.create_task(speaker.bgp.run(stop))
         inventory, _ = config.load(args.config)
         speaker.update(inventory)
         source = asyncio.create_task(config.watch(args.config, speaker.update))
@@ -159,4 +172,6 @@ async def _run(settings: runtime.Settings, args: argparse.Namespace) -> int:
         await speaker.run(stop)
     finally:
         source.cancel()
+        if routing is not None:
+            await routing  # withdraws every route, then stops BIRD (stop is set)
     return 0

@@ -40,6 +40,8 @@ from layerlb_speaker import announcement, framing, heartbeat, links, membership,
 from layerlb_speaker.announcement import Address, Owner, Vip
 
 if TYPE_CHECKING:
+    from layerlb_speaker import bgp
+    from layerlb_speaker.bgp_announcer import BgpAnnouncer
     from layerlb_speaker.inventory import Notice
 
 log = logging.getLogger("layerlb.speaker")
@@ -64,7 +66,8 @@ class Inventory:
     (node → address, this node included: its address selects the default interface), and whether this
     view is current (`fresh`), and what the pools keep from being announced (`notices`), and the pools
     whose `spec.announce.interfaces` this node should have (`pool_interfaces`, for their status) and the
-    Nodes that exist (`nodes`: one deleted recomputes, so that its entries in pools' status are removed)."""
+    Nodes that exist (`nodes`: one deleted recomputes, so that its entries in pools' status are removed),
+    and the BGP peers and advertisements (`bgp`; None: no BGP)."""
 
     vips: tuple[Vip, ...] = ()
     peers: Mapping[str, str] = field(default_factory=dict)
@@ -72,6 +75,7 @@ class Inventory:
     notices: tuple[Notice, ...] = ()
     pool_interfaces: tuple[pool_status.Wanted, ...] = ()
     nodes: frozenset[str] = frozenset()
+    bgp: bgp.Intent | None = None
 
 
 class Reporter(Protocol):
@@ -133,6 +137,7 @@ class Speaker:
         self.reporter = reporter
         self.publisher: Publisher | None = None  # who announces, into status (Kubernetes only)
         self.pool_status: PoolStatus | None = None  # missing pool interfaces, into status (Kubernetes only)
+        self.bgp: BgpAnnouncer | None = None  # routes to BGP peers, from every eligible node
         self._pool_missing: dict[Owner, pool_status.Entry] = {}
         self.clock = clock
         self.inventory = Inventory()
@@ -332,9 +337,10 @@ class Speaker:
         log.info("interface %s: answering as %s", name, framing.mac_text(self.responders[name].mac))
 
     def reconcile(self) -> None:
-        """Computes which VIPs this node holds and applies it to every interface."""
+        """Computes which VIPs this node holds and applies it to every interface, and what it routes."""
         members = self.membership.members()
         vips = self.inventory.vips
+        self._route(vips)
         self.holders = announcement.announcements(vips, members)
         mine = [vip for vip in vips if self.holders.get(vip.address) == self.settings.node]
         defaults = self.default_interfaces()
@@ -383,6 +389,16 @@ class Speaker:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         log.info("holding %d of %d VIPs; live speakers %s", len(mine), len(vips), sorted(members))
+
+    def _route(self, vips: tuple[Vip, ...]) -> None:
+        """BGP: every VIP this node is eligible for goes to the peers its advertisements name (no holder)."""
+        if self.bgp is None:
+            return
+        from layerlb_speaker import bgp  # loads the API models: BGP only
+
+        intent = self.inventory.bgp or bgp.Intent()
+        node = self.settings.node
+        self.bgp.want(bgp.desired(intent, node, self.inventory.peers.get(node), vips))
 
     def _report_missing(self, vips: tuple[Vip, ...], members: Mapping[str, announcement.Member]) -> None:
         """InterfaceNotFound for the interfaces VIPs ask for that this node lacks: once per pool and
