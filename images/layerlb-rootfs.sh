@@ -9,10 +9,11 @@
 #
 # python3-venv: the venv and its pip. The kernel architectures (nat, dsr, tunnel) program IPVS and
 # nftables and the transparent proxy routes with `ip`; the IPVS engine speaks netlink itself, ipvsadm
-# is there for people inspecting a node (`ipvsadm -Ln`).
+# is there for people inspecting a node (`ipvsadm -Ln`). bird2: the routing daemon the speaker drives in BGP
+# mode (`bird`, `birdc`; ~1.5 MB; its service is never started in a container: there is no init).
 set -eu
 
-PACKAGES="python3 python3-venv iproute2 nftables ipvsadm ca-certificates"
+PACKAGES="python3 python3-venv iproute2 nftables ipvsadm ca-certificates bird2"
 VENV=/opt/layerlb
 
 case "${1:-}" in
