@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # helm comes from the local cluster's Go-module build, in the same cache the e2e fixtures use.
 HELM := $(or $(LAYERLB_CACHE),$(CURDIR)/.cache)/k8s/bin/helm
 
-.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs bench-announce bench-announce-kube bench-announce-soak kind-e2e crds chart goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs bench-ecmp bench-announce bench-announce-kube bench-announce-soak kind-e2e crds chart goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -72,6 +72,11 @@ bench-services: setup
 # the QEMU/TCG guest (this kernel has no IPVS) with a native estimate by the emulation factor (~1 min).
 bench-ipvs: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m pytest -q -s -p no:cacheprovider tests/kernel/test_ipvs_guest.py -k bench
+
+# Connections reset when a node joins or leaves an ECMP route (root; ~4 min): 100 long-lived flows through a
+# multipath router, nftables dsr/nat here, IPVS dsr/tunnel/nat in the QEMU guest; a table on stdout.
+bench-ecmp: setup
+	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.ecmp $(ECMP_ARGS)
 
 # The speaker's figures on a network-namespace LAN (root; ~3 min): 1,000 VIPs answered after start and the
 # speaker's RSS, then 20 failovers each for a killed speaker and a cut link (p50/p95, pings lost).

@@ -139,6 +139,12 @@ def nft_dsr_rules(
     The hash is per flow (source address and port; source-hash: the address alone), never per packet,
     or a TCP connection would be split across backends. The source MAC becomes this node's, or the
     bridge would learn the client's MAC on this port and the backends' replies would go astray.
+
+    Every node renders the same hash for the same endpoint set, so a flow a router moves to another
+    node (ECMP) reaches the same backend there: the key is the flow (the rule's match fixes protocol,
+    VIP and port, so client address and port complete the 5-tuple), the seed is the LoadBalancer's
+    (`nft_seed`), and the map follows the Plan's endpoint order, sorted by address in `resolve`.
+    Round-robin under dsr is therefore this flow hash. Only the node's own MAC and device differ.
     """
     backend = shared.serving_backend(p)
     ip = "ip6" if shared.is_ipv6(p.vip) else "ip"

@@ -130,15 +130,17 @@ async def hold_flows(
     phase: Callable[[], int],
     stop: asyncio.Event,
     ready: Callable[[list[int]], None],
+    timeout: float = ANSWER_TIMEOUT,
 ) -> list[Flow]:
     """Opens `count` connections to `vip`, then sends a line on each every `interval` (jittered) and checks
-    the answer until `stop` is set; `ready` gets the source ports once every connection was answered."""
+    the answer until `stop` is set; `ready` gets the source ports once every connection was answered. A
+    connection without an answer for `timeout` seconds is broken."""
     streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     flows: list[Flow] = []
     for _ in range(count):
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(vip, port), ANSWER_TIMEOUT)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(vip, port), timeout)
         writer.write(b"hello\n")
-        answer = await asyncio.wait_for(reader.readline(), ANSWER_TIMEOUT)
+        answer = await asyncio.wait_for(reader.readline(), timeout)
         flows.append(Flow(writer.get_extra_info("sockname")[1], answer.decode().strip()))
         streams.append((reader, writer))
 
@@ -148,7 +150,7 @@ async def hold_flows(
             try:
                 writer.write(b"hello\n")
                 await writer.drain()
-                line = await asyncio.wait_for(reader.readline(), ANSWER_TIMEOUT)
+                line = await asyncio.wait_for(reader.readline(), timeout)
                 if not line:
                     raise ConnectionResetError("closed by the peer")
             except (OSError, TimeoutError) as error:
@@ -229,13 +231,13 @@ def summary(flows: Sequence[Mapping[str, Any]], paths: Sequence[Sequence[str | N
 def table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """The figures of several runs (architecture → `summary`) as a text table."""
     lines = [
-        f"{'run':<22} {'phase':<13} {'moved by router':>15} {'reset':>6} {'(unmoved)':>9} {'other backend':>13} "
+        f"{'run':<24} {'phase':<13} {'moved by router':>15} {'reset':>6} {'(unmoved)':>9} {'other backend':>13} "
         f"{'disturbed':>9}"
     ]
     for run, found in results.items():
         for phase, figures in found["phases"].items():
             lines.append(
-                f"{run:<22} {phase:<13} {figures['moved_by_router']:>11}/{found['flows']:<3} "
+                f"{run:<24} {phase:<13} {figures['moved_by_router']:>11}/{found['flows']:<3} "
                 f"{figures['broken']:>6} {figures['broken_unmoved']:>9} {figures['other_backend']:>13} "
                 f"{figures['disturbed_percent']:>8}%"
             )

