@@ -317,3 +317,34 @@ def test_the_speaker_takes_its_settings_and_can_be_switched_off() -> None:
         "--max-dead-after", "2", "--interface", "eth1", "--interface", "eth2", "--classless-services",
     ]  # fmt: skip
     assert not [d for d in documents(template("--set", "speaker.enabled=false")) if _speakers(d)]
+
+
+def test_bgp_adds_bind_service_a_runtime_dir_and_secrets_of_the_release_namespace_only() -> None:
+    plain = [d for d in documents(template()) if _speakers(d)]
+    assert not [d for d in plain if d["kind"] in ("Role", "RoleBinding")]
+    rendered = [d for d in documents(template("--set", "speaker.bgp.enabled=true")) if _speakers(d)]
+    [daemonset] = [d for d in rendered if d["kind"] == "DaemonSet"]
+    pod = daemonset["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"][-3:] == ["--bgp", "--bgp-dir", "/run/layerlb-speaker/bgp"]
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in (
+        container["env"]
+    )
+    assert container["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_RAW", "NET_BIND_SERVICE"],
+    }
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["volumeMounts"] == [{"name": "run", "mountPath": "/run/layerlb-speaker"}]
+    assert pod["volumes"][0]["name"] == "run" and "emptyDir" in pod["volumes"][0]
+    [role] = [d for d in rendered if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    [binding] = [d for d in rendered if d["kind"] == "RoleBinding"]
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": daemonset["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    # No ClusterRole rule reads Secrets: only the namespaced Role does.
+    [cluster_role] = [d for d in rendered if d["kind"] == "ClusterRole"]
+    assert not [rule for rule in cluster_role["rules"] if "secrets" in rule["resources"]]

@@ -35,8 +35,11 @@ peer and the node. Every eligible node announces, so the router spreads the VIP 
 holder and no heartbeat. Several advertisements giving a peer the same prefix merge: the union of their
 communities, the highest local preference.
 
-Bad entries are reported one line each (`bgp.peers[0].peerASN: 'x' is not an AS number 1-4294967295`) and
-skipped, as the rest of the static configuration is.
+Both sources go through the core's `validation.validate` (`problems_of`), so a static entry is refused with
+the message the CLI and the API server give (`bgp.peers[0].peerASN: expected an integer, got 'x'`) and
+skipped, as the rest of the static configuration is. A peer that validates but cannot be configured (its
+password Secret unreadable, in Kubernetes) keeps its place with a `problem`: it opens no session, and the
+problem is its node's `lastError` in the BGPPeer's status.
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ from typing import Any
 from layerlb import api
 from layerlb_speaker.announcement import Address, Vip
 
-MAX_ASN = 4_294_967_295
 WELL_KNOWN = {
     "no-export": (65535, 65281),
     "no-advertise": (65535, 65282),
@@ -59,7 +61,6 @@ WELL_KNOWN = {
 }
 # What BIRD reads between double quotes unchanged, within TCP-MD5's 80-byte key.
 PASSWORD = re.compile(r"^[ !#-\[\]-~]{1,80}$")
-NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -90,6 +91,7 @@ class Peer:
     bfd: Bfd | None = None
     selector: api.LabelSelector | None = None
     router_id: ipaddress.IPv4Address | None = None
+    problem: str = ""  # why no session can be opened (a password Secret unreadable); empty: none
 
     @property
     def ibgp(self) -> bool:
@@ -165,6 +167,12 @@ def _matches(selector: api.LabelSelector | None, labels: Mapping[str, str] | Non
     return labels is not None and inventory.matches(selector, labels)
 
 
+def selected(intent: Intent, node: str) -> list[Peer]:
+    """The peers whose nodeSelector matches `node` (those with a `problem` too: their status says it)."""
+    labels = intent.labels.get(node)
+    return [peer for peer in intent.peers if _matches(peer.selector, labels)]
+
+
 def router_id(node_address: str | None, peers: Iterable[Peer]) -> ipaddress.IPv4Address:
     """The first selected peer's routerID, else the node's IPv4 address, else one derived from its name."""
     for peer in peers:
@@ -180,7 +188,7 @@ def router_id(node_address: str | None, peers: Iterable[Peer]) -> ipaddress.IPv4
 def desired(intent: Intent, node: str, node_address: str | None, vips: Iterable[Vip]) -> Desired:
     """The sessions this node opens and the routes it advertises on each: see the module's docstring."""
     labels = intent.labels.get(node)
-    peers = [peer for peer in intent.peers if _matches(peer.selector, labels)]
+    peers = [peer for peer in selected(intent, node) if not peer.problem]
     mine = [vip for vip in vips if node in vip.eligible]
     advertising = [ad for ad in intent.advertisements if _matches(ad.selector, labels)]
     sessions = []
@@ -214,220 +222,163 @@ def _merged(before: Attributes | None, ad: Advertisement, ibgp: bool) -> Attribu
     )
 
 
+# --- from the resources: one validation path (`layerlb.validation`), here and in the API server --------
+
+
+def problems_of(kind: str, name: Any, spec: Any) -> tuple[api.Model | None, list[str]]:
+    """The `kind` resource named `name` with `spec`, validated as the CLI and the API server do; or None
+    and its problems (`peerASN: expected an integer, got 'x'`, paths relative to the spec)."""
+    from layerlb import validation  # pydantic and the rules load only with BGP
+
+    document = {"apiVersion": api.API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+    try:
+        return validation.validate(document), []
+    except validation.Invalid as error:
+        return None, [_relative(problem.path, problem.message) for problem in error.problems]
+
+
+def _relative(path: str, message: str) -> str:
+    if path == "metadata.name":
+        path = "name"
+    path = path.removeprefix("spec.").removeprefix("spec")
+    return f"{path}: {message}" if path else message
+
+
+def password_problem(value: str) -> str | None:
+    """Why BIRD cannot take `value` as a TCP-MD5 password (None: it can): within TCP-MD5's 80 bytes, and
+    what BIRD reads between double quotes unchanged."""
+    if PASSWORD.match(value):
+        return None
+    return "not 1-80 printable ASCII characters without double quotes or backslashes"
+
+
+def _community(text: str) -> tuple[int, int]:
+    if text in WELL_KNOWN:
+        return WELL_KNOWN[text]
+    first, second = text.split(":")
+    return int(first), int(second)
+
+
+def _large(text: str) -> tuple[int, int, int]:
+    first, second, third = text.split(":")
+    return int(first), int(second), int(third)
+
+
+def peer(resource: api.BGPPeer, password: str | None = None) -> Peer:
+    """A validated BGPPeer as a session's peer, with the password its Secret (or a static file) holds."""
+    spec = resource.spec
+    return Peer(
+        resource.metadata.name,
+        ipaddress.ip_address(spec.peerAddress),
+        spec.peerASN,
+        spec.localASN,
+        spec.peerPort,
+        spec.holdTime,
+        spec.keepaliveTime,
+        password,
+        ipaddress.ip_address(spec.sourceAddress) if spec.sourceAddress else None,
+        spec.ebgpMultiHop,
+        Bfd(spec.bfd.receiveInterval, spec.bfd.transmitInterval, spec.bfd.detectMultiplier) if spec.bfd else None,
+        spec.nodeSelector,
+        ipaddress.IPv4Address(spec.routerID) if spec.routerID else None,
+    )  # fmt: skip
+
+
+def advertisement(resource: api.BGPAdvertisement) -> Advertisement:
+    """A validated BGPAdvertisement as the speaker applies it."""
+    spec = resource.spec
+    return Advertisement(
+        resource.metadata.name,
+        tuple(spec.vipPools or ()),
+        tuple(spec.peers or ()),
+        spec.nodeSelector,
+        tuple(_community(text) for text in spec.communities or ()),
+        tuple(_large(text) for text in spec.largeCommunities or ()),
+        spec.localPreference,
+        spec.aggregationLength,
+        spec.aggregationLengthV6,
+    )
+
+
 # --- the static configuration's `bgp:` section ---------------------------------------------------------
 
 
-class _Problems:
-    def __init__(self, problems: list[str]) -> None:
-        self.lines = problems
-        self.bad = False
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-        self.bad = True
-
-
-def _integer(entry: Mapping[str, Any], key: str, where: str, low: int, high: int, default: int | None,
-             problems: _Problems) -> int | None:  # fmt: skip
-    value = entry.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        problems.add(f"{where}.{key}: {value!r} is not a whole number {low}-{high}")
-        return default
-    return value
-
-
-def _address(entry: Mapping[str, Any], key: str, where: str, problems: _Problems) -> Address | None:
-    value = entry.get(key)
-    if value is None:
-        return None
-    try:
-        return ipaddress.ip_address(str(value))
-    except ValueError:
-        problems.add(f"{where}.{key}: {value!r} is not an IP address")
-        return None
-
-
-def _selector(entry: Mapping[str, Any], where: str, problems: _Problems) -> api.LabelSelector | None:
-    value = entry.get("nodeSelector")
-    if value is None:
-        return None
-    try:
-        return api.LabelSelector.model_validate(value)
-    except ValueError as error:
-        problems.add(f"{where}.nodeSelector: {value!r} is not a label selector ({_first_error(error)})")
-        return None
-
-
-def _first_error(error: ValueError) -> str:
-    return str(error).splitlines()[-1].strip() if str(error) else type(error).__name__
-
-
-def _names(entry: Mapping[str, Any], key: str, where: str, problems: _Problems) -> tuple[str, ...]:
-    value = entry.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(item, str) and NAME.match(item) for item in value):
-        problems.add(f"{where}.{key}: {value!r} is not a list of names")
-        return ()
-    return tuple(value)
-
-
-def _password(entry: Mapping[str, Any], where: str, problems: _Problems) -> str | None:
+def _static_password(entry: dict[str, Any], where: str, problems: list[str]) -> tuple[bool, str | None]:
+    """(usable, password) from a static entry's `password` or `passwordFile`."""
     if entry.get("passwordFile") is not None:
         path = str(entry["passwordFile"])
         try:
             with open(path, encoding="utf-8") as file:
                 value: object = file.read().strip()
         except OSError as error:
-            problems.add(f"{where}.passwordFile: {path!r} cannot be read ({error.strerror})")
-            return None
+            problems.append(f"{where}.passwordFile: {path!r} cannot be read ({error.strerror})")
+            return False, None
     else:
         value = entry.get("password")
     if value is None:
+        return True, None
+    why = password_problem(value) if isinstance(value, str) else "not a string"
+    if why is not None:
+        problems.append(f"{where}.password: {why}")
+        return False, None
+    assert isinstance(value, str)
+    return True, value
+
+
+def _static_peer(entry: Any, where: str, problems: list[str]) -> Peer | None:
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: {entry!r} is not a mapping with a name and the BGPPeer spec's fields")
         return None
-    if not isinstance(value, str) or not PASSWORD.match(value):
-        problems.add(
-            f"{where}.password: not 1-80 printable ASCII characters without double quotes or backslashes"
+    spec = {key: value for key, value in entry.items() if key not in ("name", "password", "passwordFile")}
+    resource, found = problems_of("BGPPeer", entry.get("name"), spec)
+    problems.extend(f"{where}.{line}" for line in found)
+    usable, password = _static_password(entry, where, problems)
+    if resource is None or not usable:
+        return None
+    assert isinstance(resource, api.BGPPeer)
+    return peer(resource, password)
+
+
+def _static_advertisement(entry: Any, where: str, problems: list[str]) -> Advertisement | None:
+    if not isinstance(entry, dict):
+        problems.append(
+            f"{where}: {entry!r} is not a mapping with a name and the BGPAdvertisement spec's fields"
         )
         return None
-    return value
-
-
-def _bfd(entry: Mapping[str, Any], where: str, problems: _Problems) -> Bfd | None:
-    value = entry.get("bfd")
-    if value is None:
+    spec = {key: value for key, value in entry.items() if key != "name"}
+    resource, found = problems_of("BGPAdvertisement", entry.get("name"), spec)
+    problems.extend(f"{where}.{line}" for line in found)
+    if resource is None:
         return None
-    if not isinstance(value, dict):
-        problems.add(
-            f"{where}.bfd: {value!r} is not a mapping of receiveInterval, transmitInterval, detectMultiplier"
-        )
-        return None
-    receive = _integer(value, "receiveInterval", f"{where}.bfd", 10, 60000, 300, problems)
-    transmit = _integer(value, "transmitInterval", f"{where}.bfd", 10, 60000, 300, problems)
-    multiplier = _integer(value, "detectMultiplier", f"{where}.bfd", 2, 255, 3, problems)
-    assert receive is not None and transmit is not None and multiplier is not None
-    return Bfd(receive, transmit, multiplier)
-
-
-def _peer(entry: Any, where: str, problems: _Problems) -> Peer | None:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not NAME.match(entry["name"]):
-        problems.add(f"{where}: {entry!r} is not a mapping with a name (a DNS subdomain) and peerAddress")
-        return None
-    problems.bad = False
-    address = _address(entry, "peerAddress", where, problems)
-    if address is None and not problems.bad:
-        problems.add(f"{where}.peerAddress: required")
-    peer_asn = _integer(entry, "peerASN", where, 1, MAX_ASN, None, problems)
-    local_asn = _integer(entry, "localASN", where, 1, MAX_ASN, None, problems)
-    for key, value in (("peerASN", peer_asn), ("localASN", local_asn)):
-        if value is None and key not in entry:
-            problems.add(f"{where}.{key}: required (an AS number 1-{MAX_ASN})")
-    port = _integer(entry, "peerPort", where, 1, 65535, 179, problems)
-    hold = _integer(entry, "holdTime", where, 0, 65535, 90, problems)
-    keepalive = _integer(entry, "keepaliveTime", where, 0, 65535, None, problems)
-    if hold is not None and 0 < hold < 3:
-        problems.add(f"{where}.holdTime: {hold} is neither 0 nor 3-65535")
-    if hold and keepalive is not None and keepalive >= hold:
-        problems.add(f"{where}.keepaliveTime: {keepalive} is not below holdTime {hold}")
-    source = _address(entry, "sourceAddress", where, problems)
-    if source is not None and address is not None and source.version != address.version:
-        problems.add(f"{where}.sourceAddress: {source} is not of peerAddress's family")
-    multihop = entry.get("ebgpMultiHop", False)
-    if not isinstance(multihop, bool):
-        problems.add(f"{where}.ebgpMultiHop: {multihop!r} is not true or false")
-    router = _address(entry, "routerID", where, problems)
-    if router is not None and (router.version != 4 or int(router) == 0):
-        problems.add(f"{where}.routerID: {router} is not a non-zero IPv4 address")
-    password = _password(entry, where, problems)
-    bfd = _bfd(entry, where, problems)
-    selector = _selector(entry, where, problems)
-    if problems.bad or address is None or peer_asn is None or local_asn is None:
-        return None
-    assert port is not None and hold is not None
-    return Peer(
-        entry["name"], address, peer_asn, local_asn, port, hold, keepalive, password, source, multihop,
-        bfd, selector, ipaddress.IPv4Address(router) if router is not None else None,
-    )  # fmt: skip
-
-
-def _communities(entry: Mapping[str, Any], where: str, problems: _Problems) -> tuple[tuple[int, int], ...]:
-    found = []
-    for index, text in enumerate(entry.get("communities") or []):
-        text = str(text)
-        if text in WELL_KNOWN:
-            found.append(WELL_KNOWN[text])
-            continue
-        parts = text.split(":")
-        if len(parts) != 2 or not all(part.isdigit() and int(part) <= 65535 for part in parts):
-            problems.add(
-                f"{where}.communities[{index}]: {text!r} is not ASN:VALUE (each 0-65535) or one of "
-                + ", ".join(WELL_KNOWN)
-            )
-            continue
-        found.append((int(parts[0]), int(parts[1])))
-    return tuple(found)
-
-
-def _large(entry: Mapping[str, Any], where: str, problems: _Problems) -> tuple[tuple[int, int, int], ...]:
-    found = []
-    for index, text in enumerate(entry.get("largeCommunities") or []):
-        parts = str(text).split(":")
-        if len(parts) != 3 or not all(part.isdigit() and int(part) <= MAX_ASN for part in parts):
-            problems.add(
-                f"{where}.largeCommunities[{index}]: {text!r} is not ASN:VALUE:VALUE (each 0-{MAX_ASN})"
-            )
-            continue
-        found.append((int(parts[0]), int(parts[1]), int(parts[2])))
-    return tuple(found)
-
-
-def _advertisement(entry: Any, where: str, problems: _Problems) -> Advertisement | None:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not NAME.match(entry["name"]):
-        problems.add(f"{where}: {entry!r} is not a mapping with a name (a DNS subdomain)")
-        return None
-    problems.bad = False
-    pools = _names(entry, "vipPools", where, problems)
-    peers = _names(entry, "peers", where, problems)
-    selector = _selector(entry, where, problems)
-    communities = _communities(entry, where, problems)
-    large = _large(entry, where, problems)
-    preference = _integer(entry, "localPreference", where, 0, MAX_ASN, None, problems)
-    length = _integer(entry, "aggregationLength", where, 0, 32, 32, problems)
-    length_v6 = _integer(entry, "aggregationLengthV6", where, 0, 128, 128, problems)
-    if problems.bad:
-        return None
-    assert length is not None and length_v6 is not None
-    return Advertisement(
-        entry["name"], pools, peers, selector, communities, large, preference, length, length_v6
-    )
+    assert isinstance(resource, api.BGPAdvertisement)
+    return advertisement(resource)
 
 
 def parse(section: Any, labels: Mapping[str, Mapping[str, str]], problems: list[str]) -> Intent:
-    """The `bgp:` section of a static configuration; one line in `problems` per entry left out."""
-    report = _Problems(problems)
+    """The `bgp:` section of a static configuration; one line in `problems` per problem of an entry left out."""
     if section is None:
         return Intent(labels=labels)
     if not isinstance(section, dict):
-        report.add(f"bgp: {section!r} is not a mapping with peers and advertisements")
+        problems.append(f"bgp: {section!r} is not a mapping with peers and advertisements")
         return Intent(labels=labels)
     peers: list[Peer] = []
-    for index, entry in enumerate(_listed(section, "peers", report)):
-        peer = _peer(entry, f"bgp.peers[{index}]", report)
-        if peer is not None and any(other.name == peer.name for other in peers):
-            report.add(f"bgp.peers[{index}].name: {peer.name} is listed twice; the first entry counts")
-        elif peer is not None:
-            peers.append(peer)
+    for index, entry in enumerate(_listed(section, "peers", problems)):
+        found = _static_peer(entry, f"bgp.peers[{index}]", problems)
+        if found is not None and any(other.name == found.name for other in peers):
+            problems.append(f"bgp.peers[{index}].name: {found.name} is listed twice; the first entry counts")
+        elif found is not None:
+            peers.append(found)
     ads: list[Advertisement] = []
-    for index, entry in enumerate(_listed(section, "advertisements", report)):
-        ad = _advertisement(entry, f"bgp.advertisements[{index}]", report)
+    for index, entry in enumerate(_listed(section, "advertisements", problems)):
+        ad = _static_advertisement(entry, f"bgp.advertisements[{index}]", problems)
         if ad is not None:
             ads.append(ad)
     return Intent(tuple(peers), tuple(ads), labels)
 
 
-def _listed(section: Mapping[str, Any], key: str, problems: _Problems) -> list[Any]:
+def _listed(section: Mapping[str, Any], key: str, problems: list[str]) -> list[Any]:
     value = section.get(key) or []
     if not isinstance(value, list):
-        problems.add(f"bgp.{key}: {type(value).__name__} is not a list")
+        problems.append(f"bgp.{key}: {type(value).__name__} is not a list")
         return []
     return value

@@ -20,11 +20,18 @@ apply), written from a worker thread of its own (retried a few times), so Events
 for it. A node's missing pool interfaces go into the VIPPools' `status.nodes` the same way (`pool_status`:
 its own entry by server-side apply). RBAC: `patch` on `loadbalancers/status`, `services/status` and
 `vippools/status`, nothing more.
+
+BGP (`--bgp`): two more watches, BGPPeers and BGPAdvertisements, turned into `Inventory.bgp` by the pure
+`bgp_resources.intent`, with each peer's password read from its Secret (`get` on Secrets in the speaker's
+own namespace only, a namespaced Role; each Secret re-read at most every `SECRET_TTL` seconds, so a rotated
+password is picked up). This node's sessions go into the BGPPeers' `status.nodes` (`bgp_status`: its own
+entry by server-side apply, `patch` on `bgppeers/status`), from BIRD's view after every change of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import datetime
 import json
@@ -34,7 +41,16 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from layerlb_speaker import announcement, inventory, pool_status, statuses
+from layerlb_speaker import (
+    announcement,
+    bgp,
+    bgp_resources,
+    bgp_status,
+    bird,
+    inventory,
+    pool_status,
+    statuses,
+)
 from layerlb_speaker.announcement import Address, Owner, Vip
 from layerlb_speaker.runtime import Inventory
 
@@ -44,6 +60,7 @@ DATAPLANE_PODS = "app.kubernetes.io/name=layerlb,app.kubernetes.io/component=dat
 MAX_PENDING_EVENTS = 2000
 MAX_PENDING_STATUSES = 5000
 STATUS_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds before each retry of a failed status write
+SECRET_TTL = 30.0  # seconds a password Secret (or its absence) is believed before it is read again
 
 
 def _slim(obj: dict[str, Any]) -> dict[str, Any]:
@@ -109,13 +126,25 @@ class _Watch(threading.Thread):
 class Cluster:
     """The API client, the watches, and the Event sender of one node's speaker."""
 
-    def __init__(self, client: Any, node: str, stale_after: float, classless: bool) -> None:
+    def __init__(
+        self,
+        client: Any,
+        node: str,
+        stale_after: float,
+        classless: bool,
+        bgp: bool = False,
+        namespace: str | None = None,
+    ) -> None:
         from kubernetes import client as k8s
 
         self.client = client
         self.node = node
         self.stale_after = stale_after
         self.classless = classless
+        self.bgp = bgp
+        self.namespace = namespace  # where password Secrets may be read (None: anywhere RBAC allows)
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, str] | str]] = {}
+        self._invalid_logged: set[str] = set()
         self.core = k8s.CoreV1Api(client)
         self._poke: Callable[[], None] = lambda: None
         self._events = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
@@ -146,14 +175,28 @@ class Cluster:
             "loadbalancers": _Watch("loadbalancers", loadbalancers, changed),
             "vippools": _Watch("vippools", vippools, changed),
         }
+        if bgp:
+
+            def bgppeers(**kwargs: Any) -> Any:
+                return custom.list_cluster_custom_object("layerlb.dev", "v1alpha1", "bgppeers", **kwargs)
+
+            def bgpadvertisements(**kwargs: Any) -> Any:
+                return custom.list_cluster_custom_object(
+                    "layerlb.dev", "v1alpha1", "bgpadvertisements", **kwargs
+                )
+
+            self.watches["bgppeers"] = _Watch("bgppeers", bgppeers, changed)
+            self.watches["bgpadvertisements"] = _Watch("bgpadvertisements", bgpadvertisements, changed)
 
     @classmethod
-    def connect(cls, node: str, stale_after: float, classless: bool) -> Cluster:
+    def connect(
+        cls, node: str, stale_after: float, classless: bool, bgp: bool = False, namespace: str | None = None
+    ) -> Cluster:
         """The data plane's client: the ServiceAccount in a pod (its token re-read as it rotates), else the
         kubeconfig; OSError with one readable line when neither loads."""
         from layerlb_dataplane.control import kube_source
 
-        return cls(kube_source.api_client(), node, stale_after, classless)
+        return cls(kube_source.api_client(), node, stale_after, classless, bgp, namespace)
 
     def _changed(self) -> None:
         self._poke()
@@ -180,7 +223,54 @@ class Cluster:
         )
         labels = inventory.node_labels(w["nodes"])
         wanted = pool_status.wanted(inventory.pools(w["vippools"]), labels.get(self.node))
-        return Inventory(vips, inventory.peers(w["nodes"]), self.fresh(), notices, wanted, frozenset(labels))
+        routing = None
+        if self.bgp:
+            routing, invalid = bgp_resources.intent(
+                w["bgppeers"], w["bgpadvertisements"], labels, self.read_secret, self.namespace
+            )
+            for line in invalid:
+                if line not in self._invalid_logged:
+                    log.error("%s; left out (it opens no session)", line)
+            self._invalid_logged = set(invalid)
+        return Inventory(
+            vips, inventory.peers(w["nodes"]), self.fresh(), notices, wanted, frozenset(labels), routing
+        )
+
+    def read_secret(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, read at most every SECRET_TTL seconds; `bgp_resources.SecretProblem` says why
+        not (missing, forbidden, no such key)."""
+        now = time.monotonic()
+        cached = self._secrets.get((namespace, name))
+        if cached is None or now - cached[0] >= SECRET_TTL:
+            cached = (now, self._fetch_secret(namespace, name))
+            self._secrets[(namespace, name)] = cached
+        data = cached[1]
+        if isinstance(data, str):
+            raise bgp_resources.SecretProblem(data)
+        if key not in data:
+            keys = ", ".join(sorted(data)) or "none"
+            raise bgp_resources.SecretProblem(
+                f"passwordSecret: Secret {namespace}/{name} has no key {key!r} (its keys: {keys})"
+            )
+        return data[key]
+
+    def _fetch_secret(self, namespace: str, name: str) -> dict[str, str] | str:
+        where = f"passwordSecret: Secret {namespace}/{name}"
+        try:
+            response: Any = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+            data = json.loads(response.data).get("data") or {}
+            return {str(k): base64.b64decode(v).decode("utf-8", "replace").strip() for k, v in data.items()}
+        except Exception as error:
+            status = getattr(error, "status", None)
+            if status == 404:
+                return f"{where} not found"
+            if status == 403:
+                return f"{where}: forbidden (the speaker may read Secrets in its own namespace only)"
+            return f"{where} could not be read: {getattr(error, 'reason', None) or error}"
+
+    def _secrets_due(self) -> bool:
+        now = time.monotonic()
+        return any(now - when >= SECRET_TTL for when, _ in self._secrets.values())
 
     async def synced(self, timeout: float) -> None:
         """Waits until every kind was listed once (or `timeout`: then the speaker starts stale)."""
@@ -205,12 +295,13 @@ class Cluster:
             try:
                 await asyncio.wait_for(poked.wait(), 5.0)  # also re-judges freshness while nothing changes
             except TimeoutError:
-                if self.fresh() == fresh:
+                if self.fresh() == fresh and not self._secrets_due():
                     continue
             poked.clear()
             await asyncio.sleep(0.05)  # one inventory per burst (a relist pokes once per object)
             poked.clear()
-            snapshot = self.snapshot()
+            # In a thread: reading a password Secret is a blocking API call.
+            snapshot = await asyncio.to_thread(self.snapshot) if self.bgp else self.snapshot()
             fresh = snapshot.fresh
             # A change the inventory does not show (a status written, the speakers' own writes among them)
             # recomputes nothing: at a start over 1,000 Services, each write coming back would otherwise.
@@ -326,6 +417,40 @@ class Cluster:
         finally:
             self._pending_statuses -= 1
 
+    def bgp_publisher(self) -> BgpStatusPublisher:
+        return BgpStatusPublisher(self)
+
+    def send_bgp_status(self, write: bgp_status.Write, state: bgp_status.Publisher) -> None:
+        """Queues one apply of a node's entry in a BGPPeer's status (after the other status writes)."""
+        if self._pending_statuses >= MAX_PENDING_STATUSES:
+            log.warning("status of BGPPeer %s not written: too many pending", write.peer)
+            state.forget(write.uid or write.peer)
+            return
+        self._pending_statuses += 1
+        self._statuses.submit(self._write_bgp_status, write, state)
+
+    def _write_bgp_status(self, write: bgp_status.Write, state: bgp_status.Publisher) -> None:
+        try:
+            for delay in (*STATUS_RETRIES, None):
+                try:
+                    self.custom.patch_cluster_custom_object_status(
+                        "layerlb.dev", "v1alpha1", "bgppeers", write.peer, write.body(),
+                        field_manager=write.field_manager(), force=True,
+                        _content_type="application/apply-patch+yaml",
+                    )  # fmt: skip
+                except Exception as error:
+                    # 404: deleted; 409: re-created under the name (the uid precondition); nothing to write.
+                    if getattr(error, "status", None) in (404, 409) or delay is None:
+                        log.warning("status of BGPPeer %s: %s", write.peer, error)
+                        if write.node == self.node:
+                            state.forget(write.uid or write.peer)
+                        return
+                    time.sleep(delay)
+                else:
+                    return
+        finally:
+            self._pending_statuses -= 1
+
     def _send_status(self, write: statuses.Write) -> None:
         owner = write.owner
         if owner.kind == "LoadBalancer":
@@ -379,6 +504,41 @@ class PoolStatusPublisher:
         clears = fresh and bool(members) and min(members) == self.cluster.node
         for write in self.state.update(missing, pools, set(nodes) if fresh else None, clears):
             self.cluster.send_pool_status(write, self.state)
+
+
+class BgpStatusPublisher:
+    """This node's sessions into the BGPPeers' `status.nodes`: `bgp_status` decides, `Cluster` writes. Fed by
+    the announcer (`on_status`: BIRD's view changed) and by each inventory (`on_intent`: the peers selecting
+    the node, their problems, generations, Nodes gone); both run in the event loop."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.state = bgp_status.Publisher(cluster.node)
+        self.states: Mapping[str, bird.SessionState] = {}
+        self.intent: bgp.Intent | None = None
+        self.members: Mapping[str, announcement.Member] = {}
+
+    def on_status(self, states: Mapping[str, bird.SessionState]) -> None:
+        self.states = dict(states)
+        self.publish()
+
+    def on_intent(self, snapshot: Inventory, members: Mapping[str, announcement.Member]) -> None:
+        self.intent, self.members = snapshot.bgp, members
+        self.publish()
+
+    def publish(self) -> None:
+        if self.intent is None or "bgppeers" not in self.cluster.watches:
+            return
+        peers = list(self.cluster.watches["bgppeers"].objects.values())
+        wanted = bgp_status.entries(
+            self.intent, self.cluster.node, self.states, bgp_status.generations(peers)
+        )
+        fresh = self.cluster.fresh()
+        nodes = inventory.node_labels(list(self.cluster.watches["nodes"].objects.values()))
+        members = self.members
+        clears = fresh and bool(members) and min(members) == self.cluster.node
+        for write in self.state.update(wanted, peers, set(nodes) if fresh else None, clears):
+            self.cluster.send_bgp_status(write, self.state)
 
 
 class EventReporter:

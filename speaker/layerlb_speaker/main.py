@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -87,6 +88,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where BIRD's configuration, control socket and pid file and the BGP sessions' status.json go",
     )
     parser.add_argument(
+        "--bgp",
+        action="store_true",
+        help="Kubernetes mode: also advertise over BGP, as the BGPPeers and BGPAdvertisements say "
+        "(BIRD starts once a BGPPeer selects this node); a static --config's bgp: section needs no flag",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE"),
+        help="the speaker's namespace, the only one it reads BGP password Secrets from (default: $POD_NAMESPACE)",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="log every peer and interface event at debug level"
     )
 
@@ -148,8 +160,7 @@ async def _run(settings: runtime.Settings, args: argparse.Namespace) -> int:
         from layerlb_speaker import bgp_announcer
 
         speaker = runtime.Speaker(settings, runtime.LogReporter())
-        # BGP from the file's `bgp:` section; BIRD starts with the first session. (Kubernetes mode: the
-        # BGPPeer and BGPAdvertisement watches are the next step; until then BGP runs from a file only.)
+        # BGP from the file's `bgp:` section; BIRD starts with the first session.
         speaker.bgp = bgp_announcer.BgpAnnouncer(settings.node, args.bgp_dir)
         routing = asyncio.create_task(speaker.bgp.run(stop))
         inventory, _ = config.load(args.config)
@@ -159,14 +170,34 @@ async def _run(settings: runtime.Settings, args: argparse.Namespace) -> int:
         from layerlb_speaker import kube  # the kubernetes client loads only here
 
         try:
-            cluster = kube.Cluster.connect(settings.node, args.stale_after, args.classless_services)
+            cluster = kube.Cluster.connect(
+                settings.node, args.stale_after, args.classless_services, args.bgp, args.namespace
+            )
         except Exception as error:
             print(f"layerlb speaker: Kubernetes API: {error}", file=sys.stderr)
             return 1
         speaker = runtime.Speaker(settings, cluster.reporter())
         speaker.publisher = cluster.publisher()
         speaker.pool_status = cluster.pool_publisher()
-        source = asyncio.create_task(cluster.watch(speaker.update))
+        update: Callable[[runtime.Inventory], None] = speaker.update
+        if args.bgp:
+            from layerlb_speaker import bgp_announcer
+
+            # BGP from the BGPPeer and BGPAdvertisement watches; BIRD starts with the first session, and
+            # this node's sessions go into the peers' status.nodes.
+            sessions = cluster.bgp_publisher()
+            speaker.bgp = bgp_announcer.BgpAnnouncer(
+                settings.node, args.bgp_dir, on_status=sessions.on_status
+            )
+            routing = asyncio.create_task(speaker.bgp.run(stop))
+
+            def with_sessions(snapshot: runtime.Inventory) -> None:
+                speaker.update(snapshot)
+                sessions.on_intent(snapshot, speaker.membership.members())
+
+            update = with_sessions
+
+        source = asyncio.create_task(cluster.watch(update))
         await cluster.synced(timeout=30.0)
     try:
         await speaker.run(stop)

@@ -10,6 +10,8 @@ import pytest
 from layerlb_speaker import bgp, bird, config
 from layerlb_speaker.announcement import Owner, Vip
 
+from layerlb import api
+
 GOLDEN = Path(__file__).resolve().parents[2] / "testdata" / "speaker" / "bird.conf"
 
 
@@ -29,6 +31,8 @@ def routes(desired: bgp.Desired, name: str) -> dict[str, bgp.Attributes]:
     return {str(prefix): attributes for prefix, attributes in session.routes.items()}
 
 
+RACK_A = api.LabelSelector(matchLabels={"rack": "a"})
+
 VIPS = (
     vip("198.51.100.10", "node1", "node2", pool="edge"),
     vip("198.51.100.11", "node2", pool="edge"),
@@ -47,7 +51,7 @@ def test_a_node_advertises_the_vips_it_is_eligible_for_in_each_peers_family() ->
 
 
 def test_advertisements_select_pools_peers_and_nodes_and_merge_their_attributes() -> None:
-    selector = bgp._selector({"nodeSelector": {"matchLabels": {"rack": "a"}}}, "", bgp._Problems([]))
+    selector = RACK_A
     ads = (
         bgp.Advertisement("edge", pools=("edge",), communities=((65000, 1),), local_preference=100),
         bgp.Advertisement("more", pools=("edge",), communities=((65000, 2),), local_preference=300),
@@ -65,7 +69,7 @@ def test_advertisements_select_pools_peers_and_nodes_and_merge_their_attributes(
 
 
 def test_a_peers_node_selector_decides_which_nodes_open_a_session() -> None:
-    selector = bgp._selector({"nodeSelector": {"matchLabels": {"rack": "a"}}}, "", bgp._Problems([]))
+    selector = RACK_A
     intent = bgp.Intent((peer(selector=selector),), (bgp.Advertisement("all"),), {"node1": {"rack": "a"}})
     assert len(bgp.desired(intent, "node1", "10.0.60.1", VIPS).sessions) == 1
     assert bgp.desired(intent, "node2", "10.0.60.2", VIPS).sessions == ()
@@ -186,11 +190,14 @@ def test_bad_bgp_entries_are_reported_per_field_and_skipped() -> None:
     assert [a.name for a in inventory.bgp.advertisements] == ["ok"]
     assert inventory.bgp.advertisements[0].communities == ((65535, 65281), (1, 2))
     assert problems == [
-        "bgp.peers[1].peerASN: 'x' is not a whole number 1-4294967295",
-        "bgp.peers[2].holdTime: 2 is neither 0 nor 3-65535",
+        # The core's messages, as the CLI and the API server give them (one validation path).
+        "bgp.peers[1].peerASN: expected an integer, got 'x'",
+        "bgp.peers[2].holdTime: holdTime must be 0 (no keepalives) or 3-65535 seconds, not 2",
         "bgp.peers[3].password: not 1-80 printable ASCII characters without double quotes or backslashes",
-        "bgp.peers[4].sourceAddress: 10.0.0.1 is not of peerAddress's family",
-        "bgp.advertisements[1].communities[0]: '70000:1' is not ASN:VALUE (each 0-65535) or one of "
-        "no-export, no-advertise, local-as, blackhole",
-        "bgp.advertisements[1].largeCommunities[0]: '1:2' is not ASN:VALUE:VALUE (each 0-4294967295)",
+        "bgp.peers[4].sourceAddress: sourceAddress 10.0.0.1 and peerAddress ::1 are of different families; "
+        "a session runs over IPv4 or IPv6",
+        "bgp.advertisements[1].communities[0]: '70000:1' is not a community: ASN:VALUE with each part "
+        "0-65535, or no-export, no-advertise, local-as, blackhole",
+        "bgp.advertisements[1].largeCommunities[0]: '1:2' is not a large community: ASN:VALUE:VALUE with "
+        "each part 0-4294967295",
     ]

@@ -1,0 +1,144 @@
+"""Kubernetes mode's BGP, pure parts: BGPPeer/BGPAdvertisement objects → the intent (the core's validation,
+passwords from Secrets of the speaker's namespace only, a bad Secret as the peer's problem), and this node's
+entries in the BGPPeers' `status.nodes` (written only on a change, removed when no longer selected, Nodes
+gone cleared by one speaker)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+from layerlb_speaker import bgp, bgp_resources, bgp_status, bird
+from layerlb_speaker.announcement import Vip
+
+NS = "layerlb-system"
+
+
+def peer_object(name: str, uid: str = "", generation: int = 1, **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"peerAddress": "10.0.60.254", "peerASN": 64512, "localASN": 64513}
+    return {
+        "apiVersion": "layerlb.dev/v1alpha1",
+        "kind": "BGPPeer",
+        "metadata": {"name": name, "uid": uid or f"uid-{name}", "generation": generation},
+        "spec": base | spec,
+    }
+
+
+def ad_object(name: str, **spec: Any) -> dict[str, Any]:
+    return {"kind": "BGPAdvertisement", "metadata": {"name": name}, "spec": spec}
+
+
+SECRETS = {(NS, "tor"): {"password": "s3cret"}, (NS, "quoted"): {"password": 'a"b'}}
+
+
+def read_secret(namespace: str, name: str, key: str) -> str:
+    data = SECRETS.get((namespace, name))
+    if data is None:
+        raise bgp_resources.SecretProblem(f"passwordSecret: Secret {namespace}/{name} not found")
+    return data[key]
+
+
+LABELS = {"node1": {"rack": "a"}, "node2": {"rack": "b"}}
+
+
+def test_resources_become_the_intent_through_the_cores_validation() -> None:
+    peers = [
+        peer_object("tor", passwordSecret={"name": "tor", "namespace": NS}, bfd={}, holdTime=9),
+        peer_object("rack-a", nodeSelector={"matchLabels": {"rack": "a"}}, peerAddress="fd00::1"),
+        peer_object("broken", holdTime=2),
+    ]
+    ads = [
+        ad_object("all", communities=["no-export"], localPreference=50),
+        ad_object("bad", communities=["x"]),
+    ]
+    intent, invalid = bgp_resources.intent(peers, ads, LABELS, read_secret, NS)
+    assert [p.name for p in intent.peers] == ["rack-a", "tor"]
+    tor = intent.peers[1]
+    assert (tor.password, tor.hold, tor.bfd, tor.problem) == ("s3cret", 9, bgp.Bfd(), "")
+    assert intent.peers[0].address == ipaddress.ip_address("fd00::1")
+    assert intent.advertisements == (
+        bgp.Advertisement("all", communities=((65535, 65281),), local_preference=50),
+    )
+    assert invalid == [
+        "BGPPeer broken: holdTime: holdTime must be 0 (no keepalives) or 3-65535 seconds, not 2",
+        "BGPAdvertisement bad: communities[0]: 'x' is not a community: ASN:VALUE with each part 0-65535, or "
+        "no-export, no-advertise, local-as, blackhole",
+    ]
+    assert [p.name for p in bgp.selected(intent, "node2")] == ["tor"]
+
+
+@pytest.mark.parametrize(
+    ("ref", "problem"),
+    [
+        (
+            {"name": "tor", "namespace": "kube-system"},
+            "passwordSecret: Secret kube-system/tor is outside the speaker's namespace layerlb-system, where "
+            "it may read Secrets only; create the Secret there",
+        ),
+        ({"name": "gone", "namespace": NS}, "passwordSecret: Secret layerlb-system/gone not found"),
+        (
+            {"name": "quoted", "namespace": NS},
+            "passwordSecret: Secret layerlb-system/quoted key password: not 1-80 printable ASCII characters "
+            "without double quotes or backslashes",
+        ),
+    ],
+)
+def test_a_peer_whose_secret_cannot_be_used_opens_no_session_and_says_why(
+    ref: dict[str, str], problem: str
+) -> None:
+    intent, invalid = bgp_resources.intent(
+        [peer_object("tor", passwordSecret=ref)], [ad_object("all")], LABELS, read_secret, NS
+    )
+    assert invalid == []
+    [tor] = intent.peers
+    assert tor.problem == problem and tor.password is None
+    vips = [Vip(ipaddress.ip_address("198.51.100.10"), frozenset({"node1"}))]
+    assert bgp.desired(intent, "node1", "10.0.60.1", vips).sessions == ()
+    entries = bgp_status.entries(intent, "node1", {}, {"tor": 3})
+    assert entries == {"tor": {"state": "Idle", "lastError": problem, "observedGeneration": 3}}
+
+
+def intent_of(*peers: dict[str, Any]) -> bgp.Intent:
+    return bgp_resources.intent(peers, [], LABELS, read_secret, NS)[0]
+
+
+def test_the_node_applies_its_entry_on_each_selecting_peer_only_on_a_change() -> None:
+    peers = [peer_object("tor"), peer_object("rack-b", nodeSelector={"matchLabels": {"rack": "b"}})]
+    intent = intent_of(*peers)
+    states = {"tor": bird.SessionState("Established", "2026-12-07T20:00:00+00:00", None, 2, "Up")}
+    wanted = bgp_status.entries(intent, "node1", states, bgp_status.generations(peers))
+    assert wanted == {
+        "tor": {
+            "state": "Established",
+            "since": "2026-12-07T20:00:00+00:00",
+            "prefixesAdvertised": 2,
+            "bfd": "Up",
+            "observedGeneration": 1,
+        }
+    }
+    publisher = bgp_status.Publisher("node1")
+    [write] = publisher.update(wanted, peers, None, clears=False)
+    assert write.field_manager() == "layerlb-speaker/node1"
+    assert write.body() == {
+        "apiVersion": "layerlb.dev/v1alpha1",
+        "kind": "BGPPeer",
+        "metadata": {"name": "tor", "uid": "uid-tor"},
+        "status": {"nodes": [{"node": "node1", **wanted["tor"]}]},
+    }
+    assert publisher.update(wanted, peers, None, clears=False) == []  # nothing changed: nothing written
+    # A restarted speaker finds its entry stored and writes nothing either.
+    stored = [dict(peers[0], status={"nodes": [{"node": "node1", **wanted["tor"]}]}), peers[1]]
+    assert bgp_status.Publisher("node1").update(wanted, stored, None, clears=False) == []
+    # Deselected (or BGP gone): one apply without the entry removes it.
+    [removal] = publisher.update({}, peers, None, clears=False)
+    assert removal.entry is None and removal.body()["status"] == {}
+
+
+def test_the_first_live_speaker_removes_the_entries_of_nodes_that_are_gone() -> None:
+    peer = peer_object("tor")
+    peer["status"] = {"nodes": [{"node": "node1", "state": "Idle"}, {"node": "gone", "state": "Idle"}]}
+    writes = bgp_status.Publisher("node1").update({"tor": {"state": "Idle"}}, [peer], {"node1"}, clears=True)
+    assert [(w.node, w.entry) for w in writes] == [("gone", None)]
+    assert writes[0].field_manager() == "layerlb-speaker/gone"
+    assert bgp_status.Publisher("node1").update({"tor": {"state": "Idle"}}, [peer], None, clears=True) == []
