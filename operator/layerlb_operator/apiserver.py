@@ -36,6 +36,7 @@ PLURALS: Final = {
     "LoadBalancer": "loadbalancers",
     "Service": "services",
     "VIPPool": "vippools",
+    "BGPPeer": "bgppeers",
 }
 
 
@@ -175,6 +176,15 @@ class Client:
         operator owns its condition types only, so the speakers' `status.nodes` entries stay."""
         return self.write(
             "VIPPoolStatus", "PATCH", collection_path(body["apiVersion"], "VIPPool", None) + f"/{name}/status",
+            query=[("fieldManager", self.field_manager), ("force", "true")],
+            body=body, content_type=APPLY_PATCH,
+        )  # fmt: skip
+
+    def apply_peer_status(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply a BGPPeer's status (`body`: see bgp_status): the operator's `Established`
+        condition only, so the speakers' `status.nodes` entries stay."""
+        return self.write(
+            "BGPPeerStatus", "PATCH", collection_path(body["apiVersion"], "BGPPeer", None) + f"/{name}/status",
             query=[("fieldManager", self.field_manager), ("force", "true")],
             body=body, content_type=APPLY_PATCH,
         )  # fmt: skip

@@ -22,6 +22,7 @@ from layerlb_operator import admin_ports, cluster_view, objects, reconciler, ser
 
 LOADBALANCERS = ("layerlb.dev", "v1alpha1", "loadbalancers")
 VIPPOOLS = ("layerlb.dev", "v1alpha1", "vippools")
+BGPPEERS = ("layerlb.dev", "v1alpha1", "bgppeers")
 DATAPLANE = {objects.NAME_LABEL: "layerlb", objects.COMPONENT_LABEL: "dataplane"}
 SERVING = {objects.NAME_LABEL: "layerlb", objects.REPORT_LABEL: "serving"}
 INDEXES = (
@@ -236,3 +237,10 @@ async def pool_changed(body: kopf.Body, type: str | None, **kwargs: Any) -> None
     """A new or changed pool re-renders what draws from it; every event (the speakers' status writes
     too) brings its `InterfacesFound` condition up to date."""
     _bound(kwargs).pool_changed(_plain(body), deleted=type == "DELETED")
+
+
+@kopf.on.event(*BGPPEERS)
+async def peer_changed(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
+    """Every BGPPeer event (the speakers' session entries too) brings its `Established` condition up to date."""
+    if type != "DELETED":
+        await _bound(kwargs).peer_changed(_plain(body))

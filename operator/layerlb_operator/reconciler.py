@@ -25,6 +25,7 @@ from layerlb import plan_contract, validation
 from layerlb_operator import (
     admin_ports,
     apiserver,
+    bgp_status,
     desired_state,
     objects,
     pool_status,
@@ -447,6 +448,22 @@ class Reconciler:
             if error.status == 404:  # deleted meanwhile
                 return Result("skipped")
             log.warning("could not write the status of VIPPool %s: %s", name, error)
+            return Result("failed", str(error))
+        return Result("written")
+
+    async def peer_changed(self, document: Mapping[str, Any]) -> Result:
+        """A BGPPeer event (a speaker's session entry among them): write its `Established` condition when it
+        changed (`bgp_status`). kopf hands one object's events over one at a time, so no queue is needed."""
+        name = str((document.get("metadata") or {}).get("name") or "")
+        wanted = bgp_status.conditions(document, self.now())
+        if not name or not bgp_status.stale(document, wanted):
+            return Result("unchanged")
+        try:
+            await asyncio.to_thread(self.client.apply_peer_status, name, bgp_status.apply_body(name, wanted))
+        except apiserver.ApiError as error:
+            if error.status == 404:  # deleted meanwhile
+                return Result("skipped")
+            log.warning("could not write the status of BGPPeer %s: %s", name, error)
             return Result("failed", str(error))
         return Result("written")
 
