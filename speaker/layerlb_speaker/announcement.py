@@ -50,6 +50,7 @@ class Vip:
     `interfaces` empty means the speaker's default interfaces (the one holding the node's address);
     otherwise only these, and a node that has none of them cannot serve the VIP. `pool` is the VIPPool the
     address belongs to (whose `spec.announce` gave `interfaces` and narrowed `eligible`), for Events.
+    `l2` False (the pool's `spec.announce.l2: false`): BGP only, no node answers ARP/NDP for it.
     """
 
     address: Address
@@ -57,6 +58,7 @@ class Vip:
     owners: tuple[Owner, ...] = ()
     interfaces: tuple[str, ...] = ()
     pool: Owner | None = None
+    l2: bool = True
 
 
 @dataclass(frozen=True)

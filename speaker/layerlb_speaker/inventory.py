@@ -15,7 +15,7 @@
   names (a LoadBalancer's `spec.vipPool`, a Service's `layerlb.dev/vip-pool` annotation) when that pool
   holds the address, else to the first pool by name that holds it, as the allocator picks. Its eligible
   nodes are narrowed to those whose labels match the pool's `nodeSelector`, and it is answered only on
-  the pool's `interfaces`. An address in no pool (a `spec.vip` written outside every pool) is announced
+  the pool's `interfaces`; with `l2: false` it is not answered at all (`Vip.l2`: BGP only). An address in no pool (a `spec.vip` written outside every pool) is announced
   as before. A pool that does not validate (a stale CRD let it in) announces nothing: restrictions the
   speaker cannot read are not silently dropped.
 
@@ -183,6 +183,7 @@ class Pool:
     selector: api.LabelSelector | None = None
     invalid: str = ""
     generation: int = 0  # metadata.generation: which spec a node's status entry describes (pool_status)
+    l2: bool = True  # spec.announce.l2: false: BGP only, nobody answers ARP/NDP for its addresses
 
     def __contains__(self, address: object) -> bool:
         return any(address in block for block in self.blocks)
@@ -226,7 +227,9 @@ def pool(document: Object) -> Pool | None:
     blocks = tuple(Block(*api.address_block(text)) for text in spec.addresses)
     announce = spec.announce or api.Announce()
     generation = int(meta.get("generation") or 0)
-    return Pool(owner, blocks, tuple(announce.interfaces or ()), announce.nodeSelector, "", generation)
+    return Pool(
+        owner, blocks, tuple(announce.interfaces or ()), announce.nodeSelector, "", generation, announce.l2
+    )
 
 
 def _blocks(addresses: object) -> tuple[Block, ...]:
@@ -327,7 +330,9 @@ def restricted(
             if found.selector is None or (node in labels and matches(found.selector, labels[node]))
         )
         interfaces = found.interfaces or vip.interfaces
-        narrowed = dataclasses.replace(vip, eligible=eligible, interfaces=interfaces, pool=found.owner)
+        narrowed = dataclasses.replace(
+            vip, eligible=eligible, interfaces=interfaces, pool=found.owner, l2=found.l2
+        )
         if vip.eligible and not eligible:
             notices.append(
                 Notice(
@@ -356,6 +361,7 @@ def merged(vips: Iterable[Vip]) -> tuple[Vip, ...]:
                 seen.owners + vip.owners,
                 seen.interfaces or vip.interfaces,
                 seen.pool or vip.pool,
+                seen.l2 and vip.l2,
             )
     return tuple(by_address[address] for address in sorted(by_address, key=lambda a: (a.version, a)))
 

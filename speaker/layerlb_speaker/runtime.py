@@ -339,8 +339,10 @@ class Speaker:
     def reconcile(self) -> None:
         """Computes which VIPs this node holds and applies it to every interface, and what it routes."""
         members = self.membership.members()
-        vips = self.inventory.vips
-        self._route(vips)
+        self._route(self.inventory.vips)
+        # L2 from here on: a pool's `spec.announce.l2: false` leaves its VIPs to BGP alone (no holder, no
+        # ARP/NDP, no L2 status).
+        vips = tuple(vip for vip in self.inventory.vips if vip.l2)
         self.holders = announcement.announcements(vips, members)
         mine = [vip for vip in vips if self.holders.get(vip.address) == self.settings.node]
         defaults = self.default_interfaces()

@@ -5,6 +5,7 @@ gone cleared by one speaker)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
@@ -142,3 +143,52 @@ def test_the_first_live_speaker_removes_the_entries_of_nodes_that_are_gone() -> 
     assert [(w.node, w.entry) for w in writes] == [("gone", None)]
     assert writes[0].field_manager() == "layerlb-speaker/gone"
     assert bgp_status.Publisher("node1").update({"tor": {"state": "Idle"}}, [peer], None, clears=True) == []
+
+
+class Routes:
+    """A stand-in announcer: what the runtime asks BGP for."""
+
+    def __init__(self) -> None:
+        self.desired: bgp.Desired | None = None
+
+    def want(self, desired: bgp.Desired) -> None:
+        self.desired = desired
+
+
+def test_a_pool_with_l2_off_is_advertised_over_bgp_but_answered_by_no_node() -> None:
+    from layerlb_speaker import inventory
+    from layerlb_speaker.membership import Heartbeat, Timing
+    from layerlb_speaker.runtime import Inventory, Settings, Speaker
+
+    from tests.speaker.test_runtime_pools import FakeResponder, Recorder
+
+    pools = [
+        {
+            "metadata": {"name": "bgp-only"},
+            "spec": {"addresses": ["198.51.100.0/28"], "announce": {"l2": False}},
+        },
+        {"metadata": {"name": "both"}, "spec": {"addresses": ["203.0.113.0/28"]}},
+    ]
+    vips = (
+        Vip(ipaddress.ip_address("198.51.100.1"), frozenset({"node1"})),
+        Vip(ipaddress.ip_address("203.0.113.1"), frozenset({"node1"})),
+    )
+    restricted, _ = inventory.restricted(vips, inventory.pools(pools), LABELS)
+    assert [vip.l2 for vip in restricted] == [False, True]
+    speaker = Speaker(Settings("node1", ("eth0",), timing=Timing(0.1, 0.5, 0.0)), Recorder(), lambda: 0.0)
+    responder = FakeResponder()
+    speaker.responders = {"eth0": responder}  # type: ignore[dict-item]
+    speaker.membership.heard(Heartbeat("node1", True, True), 0.0)
+    routes = Routes()
+    speaker.bgp = routes  # type: ignore[assignment]
+    intent = bgp_resources.intent([peer_object("tor")], [ad_object("all")], LABELS, read_secret, NS)[0]
+    speaker.update(Inventory(restricted, {"node1": "10.0.60.1"}, True, bgp=intent))
+
+    async def reconcile() -> None:  # a takeover schedules its gratuitous ARP in the loop
+        speaker.reconcile()
+
+    asyncio.run(reconcile())
+    assert responder.held == [ipaddress.ip_address("203.0.113.1")]  # ARP for the L2 pool's VIP only
+    assert set(speaker.holders) == {ipaddress.ip_address("203.0.113.1")}
+    assert routes.desired is not None
+    assert {str(p) for p in routes.desired.prefixes()} == {"198.51.100.1/32", "203.0.113.1/32"}
