@@ -423,15 +423,31 @@ class BackendStatus(Model):
 
 
 class Announcement(Model):
-    """Who announces the VIP on the network, written by the L2 speaker of the node that holds it."""
+    """Who announces the VIP on the network: for L2, written by the speaker of the node that holds it; for a
+    VIP routed over BGP only (its pool's `spec.announce.l2: false`), by the first advertising node's speaker
+    by name, naming every advertising node."""
 
     address: str = Field(description="The VIP announced (equal to status.vip while it is current).")
-    node: str = Field(description="The node whose speaker answers ARP/NDP for the VIP.")
-    interfaces: list[str] = Field(
-        default_factory=list, description="The node's interfaces the VIP is answered on."
+    node: str = Field(
+        description=(
+            "L2: the node whose speaker answers ARP/NDP for the VIP. BGP: the advertising nodes, joined by "
+            "', ' (what the ANNOUNCED BY column shows)."
+        )
     )
-    protocol: Literal["L2"] = Field(default="L2", description="How the VIP is announced: L2 (ARP/NDP).")
-    since: str | None = Field(default=None, description="When this node took the VIP over (RFC 3339).")
+    nodes: list[str] | None = Field(
+        default=None,
+        description="BGP: every node advertising the VIP to its routers (they share it by ECMP); absent for L2.",
+    )
+    interfaces: list[str] = Field(
+        default_factory=list, description="L2: the node's interfaces the VIP is answered on; empty for BGP."
+    )
+    protocol: Literal["L2", "BGP"] = Field(
+        default="L2", description="How the VIP is announced: L2 (ARP/NDP) or BGP (routes to BGPPeers)."
+    )
+    since: str | None = Field(
+        default=None,
+        description="L2: when this node took the VIP over; BGP: since when this set of nodes advertises it (RFC 3339).",
+    )
 
 
 class LoadBalancerStatus(Model):

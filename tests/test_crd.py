@@ -74,8 +74,8 @@ def test_a_vippool_has_a_status_whose_node_entries_and_conditions_are_keyed_list
 def test_the_speakers_announcement_is_part_of_the_status_schema() -> None:
     announced = _schema("LoadBalancer")["properties"]["status"]["properties"]["announcement"]
     assert announced["type"] == "object"
-    assert set(announced["properties"]) == {"address", "node", "interfaces", "protocol", "since"}
-    assert announced["properties"]["protocol"]["enum"] == ["L2"]
+    assert set(announced["properties"]) == {"address", "node", "nodes", "interfaces", "protocol", "since"}
+    assert announced["properties"]["protocol"]["enum"] == ["L2", "BGP"]  # BGP: a pool with l2 false
     assert "default" not in announced["properties"]["protocol"]  # status carries no defaults
 
 

@@ -209,6 +209,37 @@ def desired(intent: Intent, node: str, node_address: str | None, vips: Iterable[
     return Desired(router_id(node_address, peers), tuple(sessions))
 
 
+def advertised(intent: Intent, node: str, vips: Iterable[Vip]) -> set[Address]:
+    """The VIPs `node` advertises to some peer (what `desired` routes, by address: an aggregated prefix
+    stands for every VIP inside it that the node serves)."""
+    labels = intent.labels.get(node)
+    peers = [peer for peer in selected(intent, node) if not peer.problem]
+    advertising = [ad for ad in intent.advertisements if _matches(ad.selector, labels)]
+    found: set[Address] = set()
+    for vip in vips:
+        if node not in vip.eligible:
+            continue
+        for peer in peers:
+            if vip.address.version == peer.address.version and any(
+                (not ad.peers or peer.name in ad.peers)
+                and (not ad.pools or (vip.pool is not None and vip.pool.name in ad.pools))
+                for ad in advertising
+            ):
+                found.add(vip.address)
+                break
+    return found
+
+
+def advertisers(intent: Intent, nodes: Iterable[str], vips: Iterable[Vip]) -> dict[Address, tuple[str, ...]]:
+    """Each VIP some of `nodes` advertise → those nodes, by name."""
+    vips = tuple(vips)
+    found: dict[Address, list[str]] = {}
+    for node in sorted(nodes):
+        for address in advertised(intent, node, vips):
+            found.setdefault(address, []).append(node)
+    return {address: tuple(names) for address, names in found.items()}
+
+
 def _merged(before: Attributes | None, ad: Advertisement, ibgp: bool) -> Attributes:
     preference = ad.local_preference if ibgp else None
     if before is None:

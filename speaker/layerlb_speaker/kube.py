@@ -480,9 +480,10 @@ class StatusPublisher:
         holders: Mapping[Address, str],
         members: Mapping[str, announcement.Member],
         held_on: Mapping[Address, tuple[str, ...]],
+        advertisers: Mapping[Address, tuple[str, ...]],
     ) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        for write in self.state.update(vips, holders, members, held_on, now):
+        for write in self.state.update(vips, holders, members, held_on, now, advertisers):
             self.cluster.send_status(write)
 
 

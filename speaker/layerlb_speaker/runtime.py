@@ -99,6 +99,7 @@ class Publisher(Protocol):
         holders: Mapping[Address, str],
         members: Mapping[str, announcement.Member],
         held_on: Mapping[Address, tuple[str, ...]],
+        advertisers: Mapping[Address, tuple[str, ...]],
     ) -> None: ...
 
 
@@ -341,7 +342,8 @@ class Speaker:
         members = self.membership.members()
         self._route(self.inventory.vips)
         # L2 from here on: a pool's `spec.announce.l2: false` leaves its VIPs to BGP alone (no holder, no
-        # ARP/NDP, no L2 status).
+        # ARP/NDP); their status names the live nodes advertising them (`statuses`, rule 4).
+        bgp_only = tuple(vip for vip in self.inventory.vips if not vip.l2)
         vips = tuple(vip for vip in self.inventory.vips if vip.l2)
         self.holders = announcement.announcements(vips, members)
         mine = [vip for vip in vips if self.holders.get(vip.address) == self.settings.node]
@@ -372,7 +374,9 @@ class Speaker:
             held_on: dict[Address, tuple[str, ...]] = {}
             for address, name in wanted:
                 held_on[address] = (*held_on.get(address, ()), name)
-            self.publisher.publish(vips, self.holders, members, held_on)
+            self.publisher.publish(
+                vips + bgp_only, self.holders, members, held_on, self._advertisers(bgp_only, members)
+            )
         self._report_missing(vips, members)
         if self.pool_status is not None:
             self.pool_status.publish(self._pool_missing, members)
@@ -401,6 +405,16 @@ class Speaker:
         intent = self.inventory.bgp or bgp.Intent()
         node = self.settings.node
         self.bgp.want(bgp.desired(intent, node, self.inventory.peers.get(node), vips))
+
+    def _advertisers(
+        self, vips: tuple[Vip, ...], members: Mapping[str, announcement.Member]
+    ) -> dict[Address, tuple[str, ...]]:
+        """The live nodes advertising each of `vips` over BGP, as each would compute it (`bgp.advertisers`)."""
+        if not vips or self.inventory.bgp is None:
+            return {}
+        from layerlb_speaker import bgp  # loads the API models: BGP only
+
+        return bgp.advertisers(self.inventory.bgp, members, vips)
 
     def _report_missing(self, vips: tuple[Vip, ...], members: Mapping[str, announcement.Member]) -> None:
         """InterfaceNotFound for the interfaces VIPs ask for that this node lacks: once per pool and

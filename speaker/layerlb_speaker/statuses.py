@@ -28,6 +28,11 @@ The rules (`Publisher.update`, called with the speaker's whole desired state aft
    reports `NoEligibleNode`: the LoadBalancer's `status.announcement` is removed (`ANNOUNCED BY` empty);
    the Service's condition turns False, reason `NotAnnounced`. Speakers clear, not the operator: only
    they know which nodes are alive. When no speaker runs at all, the last value stays, dated by `since`.
+4. A VIP routed over BGP only (its pool's `spec.announce.l2: false`) has no holder: every eligible node
+   advertises it. It is written by one speaker, the first live advertising node by name (so writers do
+   not fight), with `protocol: BGP` and the advertising nodes (`nodes`; `node` joins them for the
+   ANNOUNCED BY column; the Service's message "198.51.100.1 over BGP from node1, node2"), again only on a
+   change; when no live node advertises it, it is cleared as in 3.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from layerlb_speaker.announcement import Address, Owner, Vip
 FIELD_MANAGER = "layerlb-speaker"
 CONDITION_PREFIX = "layerlb.dev/Announced"
 PROTOCOL = "L2"
+BGP = "BGP"
 ANNOUNCED = "Announced"
 NOT_ANNOUNCED = "NotAnnounced"
 MAX_FIELD_MANAGER = 128  # the API server's limit
@@ -72,16 +78,28 @@ class Write:
     interfaces: tuple[str, ...] = ()
     since: str = ""
     why: str = ""
+    nodes: tuple[str, ...] = ()  # BGP: every advertising node (`node` is the one writing); empty: L2
 
     def message(self) -> str:
         if self.node is None:
             return f"{self.address} is not announced: {self.why}"
+        if self.nodes:
+            return f"{self.address} over BGP from {', '.join(self.nodes)}"
         return f"{self.address} from {self.node} on {', '.join(self.interfaces) or '-'}"
 
     def announcement(self) -> dict[str, Any] | None:
         """The LoadBalancer's `status.announcement` (None: remove it)."""
         if self.node is None:
             return None
+        if self.nodes:
+            return {
+                "address": str(self.address),
+                "node": ", ".join(self.nodes),
+                "nodes": list(self.nodes),
+                "interfaces": [],
+                "protocol": BGP,
+                "since": self.since,
+            }
         return {
             "address": str(self.address),
             "node": self.node,
@@ -124,7 +142,7 @@ class Write:
             wanted = self.announcement()
             if stored is None or wanted is None:
                 return stored is None and wanted is None
-            keys = ("address", "node", "interfaces", "protocol")
+            keys = ("address", "node", "nodes", "interfaces", "protocol")
             return all(stored.get(key) == wanted.get(key) for key in keys)
         wanted = self.condition()
         for found in state.get("conditions") or []:
@@ -134,6 +152,11 @@ class Write:
 
 
 def not_announced_reason(vip: Vip) -> str:
+    if not vip.l2:
+        return (
+            "its pool announces over BGP only (spec.announce.l2: false) and no live node advertises it "
+            "(no eligible node, no BGPAdvertisement selecting its pool, or no BGPPeer selecting such a node)"
+        )
     if not vip.eligible:
         return "no node is eligible to announce it"
     return f"no live speaker on its eligible nodes ({', '.join(sorted(vip.eligible))}) can answer for it"
@@ -145,6 +168,7 @@ class _Published:
     node: str | None
     interfaces: tuple[str, ...]
     since: str
+    nodes: tuple[str, ...] = ()
 
 
 class Publisher:
@@ -161,32 +185,51 @@ class Publisher:
         members: Mapping[str, announcement.Member],
         held_on: Mapping[Address, tuple[str, ...]],
         now: str,
+        advertisers: Mapping[Address, tuple[str, ...]] | None = None,
     ) -> list[Write]:
         """The writes this speaker owes after a recomputation: `holders` is every VIP's holder, `held_on`
-        the interfaces this node answers each of its VIPs on, `members` the live speakers."""
+        the interfaces this node answers each of its VIPs on, `members` the live speakers, `advertisers`
+        the live nodes advertising each VIP over BGP (by name; for the VIPs with `l2` False)."""
         writes: list[Write] = []
         current: dict[Address, _Published] = {}
         for vip in vips:
             before = self._published.get(vip.address)
-            if vip.address in held_on:
-                node: str | None = self.node
+            nodes: tuple[str, ...] = ()
+            if not vip.l2:
+                nodes = (advertisers or {}).get(vip.address, ())
+                if nodes and nodes[0] == self.node:
+                    node: str | None = self.node
+                elif not nodes and self._clears(vip.address, members):
+                    node = None
+                else:
+                    continue  # another node writes (the first advertising), or another speaker clears it
+                interfaces: tuple[str, ...] = ()
+            elif vip.address in held_on:
+                node = self.node
                 interfaces = tuple(sorted(held_on[vip.address]))
             elif vip.address not in holders and self._clears(vip.address, members):
                 node, interfaces = None, ()
             else:
                 continue  # another node holds it (it writes), or another speaker clears it
-            if before is not None and (before.node, before.interfaces) == (node, interfaces):
+            if before is not None and (before.node, before.interfaces, before.nodes) == (
+                node,
+                interfaces,
+                nodes,
+            ):
                 record = before
                 owners = [owner for owner in vip.owners if owner not in before.owners]
-            else:  # taken over (or cleared), or answered on other interfaces: held since the takeover
-                since = before.since if before is not None and before.node == node else now
-                record = _Published(frozenset(), node, interfaces, since)
+            else:  # taken over (or cleared), answered on other interfaces, advertised by other nodes
+                kept = before is not None and before.node == node and before.nodes == nodes
+                since = before.since if before is not None and kept else now
+                record = _Published(frozenset(), node, interfaces, since, nodes)
                 owners = list(vip.owners)
             current[vip.address] = _Published(
-                record.owners | frozenset(vip.owners), node, interfaces, record.since
+                record.owners | frozenset(vip.owners), node, interfaces, record.since, nodes
             )
             why = "" if node is not None else not_announced_reason(vip)
-            writes += [Write(owner, vip.address, node, interfaces, record.since, why) for owner in owners]
+            writes += [
+                Write(owner, vip.address, node, interfaces, record.since, why, nodes) for owner in owners
+            ]
         self._published = current
         return writes
 

@@ -192,3 +192,39 @@ def test_a_pool_with_l2_off_is_advertised_over_bgp_but_answered_by_no_node() -> 
     assert set(speaker.holders) == {ipaddress.ip_address("203.0.113.1")}
     assert routes.desired is not None
     assert {str(p) for p in routes.desired.prefixes()} == {"198.51.100.1/32", "203.0.113.1/32"}
+
+
+def test_a_bgp_only_vip_is_written_by_the_first_advertising_node_naming_every_advertising_node() -> None:
+    from layerlb_speaker import statuses
+    from layerlb_speaker.announcement import Member, Owner
+
+    lb = Owner("LoadBalancer", "shop", "web", "uid-web", "layerlb.dev/v1alpha1")
+    address = ipaddress.ip_address("198.51.100.1")
+    vip = Vip(address, frozenset({"node1", "node2", "node3"}), (lb,), l2=False)
+    rack_b = peer_object("tor", nodeSelector={"matchExpressions": [{"key": "rack", "operator": "Exists"}]})
+    intent = bgp_resources.intent([rack_b], [ad_object("all")], LABELS, read_secret, NS)[0]
+    live = {name: Member(name) for name in ("node1", "node2", "node3")}
+    advertisers = bgp.advertisers(intent, live, [vip])
+    assert advertisers == {address: ("node1", "node2")}  # node3 has no rack label: no session
+    writes = {node: statuses.Publisher(node).update([vip], {}, live, {}, "t0", advertisers) for node in live}
+    assert writes["node2"] == [] and writes["node3"] == []
+    [write] = writes["node1"]
+    assert write.announcement() == {
+        "address": "198.51.100.1",
+        "node": "node1, node2",
+        "nodes": ["node1", "node2"],
+        "interfaces": [],
+        "protocol": "BGP",
+        "since": "t0",
+    }
+    assert write.condition()["message"] == "198.51.100.1 over BGP from node1, node2"
+    # Nobody advertises it any more: the speaker ranking first for the address clears it.
+    clearer = min(live, key=lambda node: announcement_rank(address, live).index(node))
+    [cleared] = statuses.Publisher(clearer).update([vip], {}, live, {}, "t1", {})
+    assert cleared.announcement() is None and "BGP only" in cleared.condition()["message"]
+
+
+def announcement_rank(address: Any, members: Any) -> list[str]:
+    from layerlb_speaker import announcement
+
+    return announcement.rank(address, members)

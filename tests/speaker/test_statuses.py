@@ -188,8 +188,9 @@ class Published:
         holders: Mapping[Address, str],
         members: Mapping[str, Member],
         held_on: Mapping[Address, tuple[str, ...]],
+        advertisers: Mapping[Address, tuple[str, ...]],
     ) -> None:
-        self.writes += self.state.update(vips, holders, members, held_on, "now")
+        self.writes += self.state.update(vips, holders, members, held_on, "now", advertisers)
 
 
 class FakeResponder:
