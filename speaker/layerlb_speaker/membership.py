@@ -48,6 +48,12 @@ _HEADER = struct.Struct("!4sBBB")  # magic, version, flags, name length; the nod
 MAX_NAME = 253  # a Node name is a DNS subdomain
 
 
+def _pack_named(header: struct.Struct, magic: bytes, value: int, node: str) -> bytes:
+    """The datagram `_named` reads: magic, version, `value`, name length, then the UTF-8 node name."""
+    name = node.encode()
+    return header.pack(magic, VERSION, value, len(name)) + name
+
+
 def _named(data: bytes, header: struct.Struct, magic: bytes) -> tuple[int, str] | None:
     """A datagram of `header` (magic, version, one value, name length) and exactly the node name after it:
     the value and the name, or None for anything else (another kind or version, noise, a truncation)."""
@@ -72,9 +78,8 @@ class Heartbeat:
 
     def encode(self) -> bytes:
         """The datagram: b"LLBS", version 1, flags, name length, the UTF-8 node name."""
-        name = self.node.encode()
         flags = (_READY if self.ready else 0) | (_FRESH if self.fresh else 0)
-        return _HEADER.pack(MAGIC, VERSION, flags, len(name)) + name
+        return _pack_named(_HEADER, MAGIC, flags, self.node)
 
     @classmethod
     def decode(cls, data: bytes) -> Heartbeat | None:
@@ -149,9 +154,7 @@ class Pressure:
 
     def encode(self) -> bytes:
         """b"LLBP", version 1, the lateness (ms, at most 65,535), name length, the UTF-8 node name."""
-        name = self.node.encode()
-        late = min(max(self.late_ms, 0), MAX_LATE_MS)
-        return _PRESSURE.pack(PRESSURE_MAGIC, VERSION, late, len(name)) + name
+        return _pack_named(_PRESSURE, PRESSURE_MAGIC, min(max(self.late_ms, 0), MAX_LATE_MS), self.node)
 
     @classmethod
     def decode(cls, data: bytes) -> Pressure | None:
