@@ -12,6 +12,7 @@ from layerlb_dataplane.core.targets import Target
 from layerlb_dataplane.kernel.ipvs import engine, table
 
 from layerlb import api, plan
+from tests.clock import Clock
 from tests.kernel.fake_ipvs import CONNECTION_HEADER, FakeIpvs, FakeVips
 
 VIP = "10.0.100.1"
@@ -54,14 +55,6 @@ def make_plan(
         default_backend="app",
         session_affinity=plan.SessionAffinity(type=affinity, timeout_seconds=600),
     )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

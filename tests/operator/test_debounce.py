@@ -7,17 +7,11 @@ from typing import Any
 
 from layerlb_operator.debounce import Debouncer
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_a_burst_of_touches_is_handed_out_once_after_the_delay() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     queue: Debouncer[str] = Debouncer(0.5, clock)
     for _ in range(10):
         queue.touch("shop/web")
@@ -29,7 +23,7 @@ def test_a_burst_of_touches_is_handed_out_once_after_the_delay() -> None:
 
 
 def test_touches_do_not_postpone_a_key_already_waiting() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     queue: Debouncer[str] = Debouncer(0.5, clock)
     queue.touch("a")
     clock.now += 0.4
@@ -39,7 +33,7 @@ def test_touches_do_not_postpone_a_key_already_waiting() -> None:
 
 
 def test_a_retry_later_does_not_delay_an_earlier_trigger_and_keys_come_out_in_due_order() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     queue: Debouncer[str] = Debouncer(0.5, clock)
     queue.touch("b", delay=30)
     queue.touch("a")
@@ -53,7 +47,7 @@ def test_a_retry_later_does_not_delay_an_earlier_trigger_and_keys_come_out_in_du
 
 
 def test_a_discarded_key_is_not_handed_out() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     queue: Debouncer[str] = Debouncer(0.5, clock)
     queue.touch("gone")
     queue.discard("gone")

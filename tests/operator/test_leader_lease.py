@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from layerlb_operator import apiserver, lease
 
+from tests.clock import Clock
+
 
 class LeaseServer(apiserver.Client):
     """One Lease in memory with the API server's optimistic concurrency (resourceVersion, 409)."""
@@ -32,14 +34,6 @@ class LeaseServer(apiserver.Client):
         body["metadata"]["resourceVersion"] = str(self.shared["version"])
         self.shared["lease"] = body
         return copy.deepcopy(body)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

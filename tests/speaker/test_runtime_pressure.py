@@ -12,15 +12,9 @@ from typing import Any
 from layerlb_speaker import membership
 from layerlb_speaker.runtime import Settings, Speaker
 
+from tests.clock import Clock
+
 TIMING = membership.Timing(interval=0.1, dead_after=0.5, join=0.0, pressure_window=10.0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Wire:
@@ -40,7 +34,7 @@ class Wire:
 
 
 def test_the_longest_recent_stall_is_sent_and_forgotten_after_the_window() -> None:
-    clock, wire = Clock(), Wire()
+    clock, wire = Clock(0.0), Wire()
     speaker = Speaker(Settings("n1", timing=TIMING), reporter=None, clock=clock)  # type: ignore[arg-type]
     speaker._socket = wire  # type: ignore[assignment]
     steps = [0.1] * 5 + [0.4] + [0.1] * 5 + [0.25] + [0.1] * 5  # a 300 ms stall, then a 150 ms one
