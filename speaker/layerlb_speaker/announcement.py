@@ -51,6 +51,8 @@ class Vip:
     otherwise only these, and a node that has none of them cannot serve the VIP. `pool` is the VIPPool the
     address belongs to (whose `spec.announce` gave `interfaces` and narrowed `eligible`), for Events.
     `l2` False (the pool's `spec.announce.l2: false`): BGP only, no node answers ARP/NDP for it.
+    `routable`: the nodes that may advertise it over BGP where the pool's `spec.announce.nodeSelector`,
+    which is L2's only, narrowed `eligible` (None: `eligible`).
     """
 
     address: Address
@@ -59,6 +61,12 @@ class Vip:
     interfaces: tuple[str, ...] = ()
     pool: Owner | None = None
     l2: bool = True
+    routable: frozenset[str] | None = None
+
+    @property
+    def advertisers(self) -> frozenset[str]:
+        """The nodes that may advertise the VIP over BGP: eligible, whatever the pool's L2 nodeSelector says."""
+        return self.eligible if self.routable is None else self.routable
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,12 @@ static configuration's `bgp:` section (`parse`) and, in a cluster, from the reso
 
 `desired` decides, for one node: each peer whose nodeSelector matches opens a session carrying its
 address family's routes (IPv4 to an IPv4 peer, IPv6 to an IPv6 one: a dual-stack cluster lists the router
-twice). A VIP is routed to a peer when the node is eligible for it (the same eligibility as L2: ready
-forwarding pods, a Service's Ready nodes or local endpoints) and an advertisement selects its pool, the
-peer and the node. Every eligible node announces, so the router spreads the VIP by ECMP; there is no
-holder and no heartbeat. Several advertisements giving a peer the same prefix merge: the union of their
-communities, the highest local preference.
+twice). A VIP is routed to a peer when the node can serve it (as for L2: ready forwarding pods, a Service's
+Ready nodes or local endpoints; but not the pool's `spec.announce.nodeSelector`, which is L2's only:
+`Vip.advertisers`) and an advertisement selects its pool, the peer and the node. Every such node
+announces, so the router spreads the VIP by ECMP; there is no holder and no heartbeat. Several
+advertisements giving a peer the same prefix merge: the union of their communities, the highest local
+preference.
 
 Both sources go through the core's `validation.validate` (`problems_of`), so a static entry is refused with
 the message the CLI and the API server give (`bgp.peers[0].peerASN: expected an integer, got 'x'`) and
@@ -189,7 +190,7 @@ def desired(intent: Intent, node: str, node_address: str | None, vips: Iterable[
     """The sessions this node opens and the routes it advertises on each: see the module's docstring."""
     labels = intent.labels.get(node)
     peers = [peer for peer in selected(intent, node) if not peer.problem]
-    mine = [vip for vip in vips if node in vip.eligible]
+    mine = [vip for vip in vips if node in vip.advertisers]
     advertising = [ad for ad in intent.advertisements if _matches(ad.selector, labels)]
     sessions = []
     for peer in peers:
@@ -217,7 +218,7 @@ def advertised(intent: Intent, node: str, vips: Iterable[Vip]) -> set[Address]:
     advertising = [ad for ad in intent.advertisements if _matches(ad.selector, labels)]
     found: set[Address] = set()
     for vip in vips:
-        if node not in vip.eligible:
+        if node not in vip.advertisers:
             continue
         for peer in peers:
             if vip.address.version == peer.address.version and any(

@@ -330,8 +330,9 @@ def restricted(
             if found.selector is None or (node in labels and matches(found.selector, labels[node]))
         )
         interfaces = found.interfaces or vip.interfaces
+        routable = vip.eligible if eligible != vip.eligible else None  # spec.announce is L2's only
         narrowed = dataclasses.replace(
-            vip, eligible=eligible, interfaces=interfaces, pool=found.owner, l2=found.l2
+            vip, eligible=eligible, interfaces=interfaces, pool=found.owner, l2=found.l2, routable=routable
         )
         if vip.eligible and not eligible:
             notices.append(

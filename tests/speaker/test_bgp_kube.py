@@ -228,3 +228,23 @@ def announcement_rank(address: Any, members: Any) -> list[str]:
     from layerlb_speaker import announcement
 
     return announcement.rank(address, members)
+
+
+def test_a_pools_l2_node_selector_narrows_who_answers_arp_but_not_who_advertises_over_bgp() -> None:
+    from layerlb_speaker import inventory
+
+    pools = [
+        {
+            "metadata": {"name": "edge"},
+            "spec": {
+                "addresses": ["198.51.100.0/28"],
+                "announce": {"nodeSelector": {"matchLabels": {"rack": "a"}}},
+            },
+        }
+    ]
+    vip = Vip(ipaddress.ip_address("198.51.100.1"), frozenset({"node1", "node2"}))
+    [narrowed], _ = inventory.restricted([vip], inventory.pools(pools), LABELS)
+    assert narrowed.eligible == {"node1"}  # L2: rack a only
+    assert narrowed.advertisers == {"node1", "node2"}  # BGP: the BGPAdvertisement's and BGPPeer's say
+    intent = bgp_resources.intent([peer_object("tor")], [ad_object("all")], LABELS, read_secret, NS)[0]
+    assert len(bgp.desired(intent, "node2", "10.0.60.2", [narrowed]).prefixes()) == 1
