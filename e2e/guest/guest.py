@@ -518,6 +518,28 @@ def run_guest(
     return GuestRun(exit_code, output, boot, spent, wall, console_text)
 
 
+def guest_findings(module: str, *args: str, share: Path, timeout: float) -> dict[str, Any]:
+    """Boots the guest on `python -m MODULE ARGS RESULT` (a scenario that writes its findings as JSON to the
+    path it gets last, as `tests/kernel/guest_scenarios.record` does) and returns those findings, with the
+    boot and wall times; fails with the guest's output and console tail when it wrote none or an error."""
+    result = share / "result.json"
+    run = run_guest(
+        [sys.executable, "-m", module, *args, str(result)],
+        share=share,
+        timeout=timeout,
+        # the checkout's own sources, also when an editable install points at another checkout
+        env={"PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("", "dataplane", "operator"))},
+    )
+    context = f"guest output:\n{run.output[-4000:]}\nconsole tail:\n{run.console[-2000:]}"
+    what = " ".join((module, *args))
+    assert result.exists(), f"{what} wrote no result (exit {run.exit_code})\n{context}"
+    found: dict[str, Any] = json.loads(result.read_text())
+    assert "error" not in found, f"{what} failed inside the guest:\n{found['error']}\n{context}"
+    found["boot_seconds"] = run.boot_seconds
+    found["wall_seconds"] = run.wall_seconds
+    return found
+
+
 def run_in_guest(
     command: str | Sequence[str], share: Path | None = None, timeout: float = 300.0
 ) -> tuple[int, str]:

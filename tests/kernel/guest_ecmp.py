@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import subprocess
 import sys
 import threading
@@ -38,7 +37,7 @@ from layerlb_dataplane.kernel.ipvs import engine as ipvs_engine
 from layerlb import api, plan
 from layerlb.render import ipvs_rules
 from tests.kernel import ecmp_lab as lab
-from tests.kernel.guest_scenarios import LB, ip_batch, make_plan, netns, run, sysctls, targets_of
+from tests.kernel.guest_scenarios import LB, ip_batch, make_plan, netns, record, run, sysctls, targets_of
 
 COUNT, INTERVAL, TIMEOUT = 100, 0.3, 5.0  # emulation is slow: a line every 300 ms, 5 s without answer
 SETTLE = TIMEOUT + 2.0
@@ -265,15 +264,7 @@ def scenario() -> Findings:
 def main(argv: Sequence[str]) -> int:
     """Runs the scenario and writes its findings (or the error) as JSON to the given path."""
     (result_path,) = argv
-    started = time.monotonic()
-    try:
-        findings = scenario()
-    except BaseException:
-        findings = {"error": traceback.format_exc()}
-    findings["scenario_seconds"] = round(time.monotonic() - started, 2)
-    with open(result_path, "w") as out:
-        json.dump(findings, out, indent=1, sort_keys=True, default=str)
-    return 0 if "error" not in findings else 1
+    return record(scenario, result_path)
 
 
 if __name__ == "__main__":

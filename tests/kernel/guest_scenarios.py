@@ -1034,18 +1034,24 @@ SCENARIOS: dict[str, Callable[[], Findings]] = {
 }
 
 
-def main(argv: Sequence[str]) -> int:
-    """Runs one scenario and writes its findings (or the error) as JSON to the given path."""
-    name, result_path = argv
+def record(scenario: Callable[[], Findings], result_path: str) -> int:
+    """Runs `scenario` and writes its findings (or the error) as JSON to `result_path`: the one way a guest
+    scenario reports to the host (this module's and `guest_ecmp`'s)."""
     started = time.monotonic()
     try:
-        findings = SCENARIOS[name]()
+        findings = scenario()
     except BaseException:
         findings = {"error": traceback.format_exc()}
     findings["scenario_seconds"] = round(time.monotonic() - started, 2)
     with open(result_path, "w") as out:
         json.dump(findings, out, indent=1, sort_keys=True, default=str)
     return 0 if "error" not in findings else 1
+
+
+def main(argv: Sequence[str]) -> int:
+    """Runs one scenario and writes its findings (or the error) as JSON to the given path."""
+    name, result_path = argv
+    return record(SCENARIOS[name], result_path)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,11 @@ over IPVS nodes while a 4th node joins and one leaves, for dsr, tunnel, a negati
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from typing import Any
 
 import pytest
 
-from e2e.guest.guest import ROOT, run_guest
+from e2e.guest.guest import guest_findings
 from tests.kernel import ecmp_lab as lab
 
 BOOT_TIMEOUT = 900.0
@@ -20,19 +17,9 @@ BOOT_TIMEOUT = 900.0
 @pytest.fixture(scope="module")
 def ecmp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The findings of one guest boot running `guest_ecmp`."""
-    share = tmp_path_factory.mktemp("guest-ecmp")
-    result = share / "result.json"
-    run = run_guest(
-        [sys.executable, "-m", "tests.kernel.guest_ecmp", str(result)],
-        share=share,
-        timeout=BOOT_TIMEOUT,
-        env={"PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("", "dataplane", "operator"))},
+    return guest_findings(
+        "tests.kernel.guest_ecmp", share=tmp_path_factory.mktemp("guest-ecmp"), timeout=BOOT_TIMEOUT
     )
-    context = f"guest output:\n{run.output[-4000:]}\nconsole tail:\n{run.console[-2000:]}"
-    assert result.exists(), f"guest_ecmp wrote no result (exit {run.exit_code})\n{context}"
-    found: dict[str, Any] = json.loads(result.read_text())
-    assert "error" not in found, f"guest_ecmp failed inside the guest:\n{found['error']}\n{context}"
-    return found
 
 
 RUNS = {

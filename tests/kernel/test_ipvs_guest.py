@@ -13,9 +13,7 @@ The first run builds the guest (kernel and modules from `apt-get download`, a bu
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 import pytest
 from layerlb_dataplane.kernel.ipvs import engine, proc, table
 
-from e2e.guest.guest import ROOT, run_guest
+from e2e.guest.guest import ROOT, guest_findings
 from tests.kernel import guest_scenarios as scenarios
 
 BOOT_TIMEOUT = 900.0  # seconds for one scenario boot: emulation on two shared cores is slow
@@ -34,21 +32,9 @@ def findings(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     """The findings of scenario `name`, from one guest boot per test session."""
     if name not in _findings:
         share = tmp_path_factory.mktemp(f"guest-{name}")
-        result = share / "result.json"
-        run = run_guest(
-            [sys.executable, "-m", "tests.kernel.guest_scenarios", name, str(result)],
-            share=share,
-            timeout=BOOT_TIMEOUT,
-            # the checkout's own sources, also when an editable install points at another checkout
-            env={"PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("", "dataplane", "operator"))},
+        _findings[name] = guest_findings(
+            "tests.kernel.guest_scenarios", name, share=share, timeout=BOOT_TIMEOUT
         )
-        context = f"guest output:\n{run.output[-4000:]}\nconsole tail:\n{run.console[-2000:]}"
-        assert result.exists(), f"scenario {name} wrote no result (exit {run.exit_code})\n{context}"
-        found: dict[str, Any] = json.loads(result.read_text())
-        assert "error" not in found, f"scenario {name} failed inside the guest:\n{found['error']}\n{context}"
-        found["boot_seconds"] = run.boot_seconds
-        found["wall_seconds"] = run.wall_seconds
-        _findings[name] = found
     return _findings[name]
 
 
