@@ -277,11 +277,12 @@ def make_plan(
     affinity: api.AffinityType = api.AffinityType.None_,
     engine: api.Engine = api.Engine.ipvs,
     generation: int = 1,
+    namespace: str = "guest",
 ) -> plan.Plan:
     """An L4 Plan as the operator would resolve it: one backend `app` serving every listener."""
     return plan.Plan(
         name=name,
-        namespace="guest",
+        namespace=namespace,
         generation=generation,
         mode=api.Mode.L4,
         architecture=architecture,

@@ -23,6 +23,7 @@ from layerlb_dataplane.kernel import nftables
 from layerlb import api, plan
 from layerlb.render import nftables_ruleset
 from tests.kernel import ecmp_lab as lab
+from tests.kernel import guest_scenarios as scenarios
 from tests.netns import Namespace, Topology
 
 COUNT, INTERVAL = 100, 0.1
@@ -32,26 +33,11 @@ SETTLE = lab.ANSWER_TIMEOUT + 1.5  # seconds per phase: a stalled connection is 
 def ecmp_plan(architecture: api.Architecture) -> plan.Plan:
     """The LoadBalancer every node serves: the VIP on port 80, round-robin over the three backends."""
     port = lab.PORT if architecture is api.Architecture.nat else None  # dsr cannot change the port
-    return plan.Plan(
-        name="flows",
-        namespace="ecmp",
-        generation=1,
-        mode=api.Mode.L4,
-        architecture=architecture,
-        engine=api.Engine.nftables,
-        vip=lab.VIP,
-        listeners=(plan.Listener(name="tcp", port=lab.PORT, protocol=api.Protocol.TCP, transport="TCP"),),
-        backends=(
-            plan.Backend(
-                name="app",
-                algorithm=api.Algorithm.round_robin,
-                endpoints=tuple(
-                    plan.Endpoint(address=address, port=port, weight=1) for address in lab.BACKENDS.values()
-                ),
-            ),
-        ),
-        default_backend="app",
-    )
+    endpoints = [(address, port, 1) for address in lab.BACKENDS.values()]
+    return scenarios.make_plan(
+        "flows", lab.VIP, architecture, endpoints, engine=api.Engine.nftables, namespace="ecmp",
+        listeners=(("tcp", lab.PORT, "TCP"),),
+    )  # fmt: skip
 
 
 def sync_node(plan_json: str, seed: str | None = None) -> int:

@@ -13,6 +13,7 @@ from layerlb_dataplane.kernel.ipvs import engine, table
 
 from layerlb import api, plan
 from tests.clock import Clock
+from tests.kernel import guest_scenarios as scenarios
 from tests.kernel.fake_ipvs import CONNECTION_HEADER, FakeIpvs, FakeVips
 
 VIP = "10.0.100.1"
@@ -33,28 +34,10 @@ def make_plan(
     affinity: api.AffinityType = api.AffinityType.None_,
 ) -> plan.Plan:
     """An L4 IPVS Plan with one backend serving every listener (a new object each time, as a new Plan is)."""
-    return plan.Plan(
-        name="web",
+    return scenarios.make_plan(
+        "web", vip, architecture, endpoints, listeners=listeners, algorithm=algorithm, affinity=affinity,
         namespace="shop",
-        generation=1,
-        mode=api.Mode.L4,
-        architecture=architecture,
-        engine=api.Engine.ipvs,
-        vip=vip,
-        listeners=tuple(
-            plan.Listener(name=n, port=p, protocol=api.Protocol(t), transport="UDP" if t == "UDP" else "TCP")
-            for n, p, t in listeners
-        ),
-        backends=(
-            plan.Backend(
-                name="app",
-                algorithm=algorithm,
-                endpoints=tuple(plan.Endpoint(address=a, port=p, weight=w) for a, p, w in endpoints),
-            ),
-        ),
-        default_backend="app",
-        session_affinity=plan.SessionAffinity(type=affinity, timeout_seconds=600),
-    )
+    )  # fmt: skip
 
 
 @pytest.fixture
