@@ -248,3 +248,51 @@ def test_a_pools_l2_node_selector_narrows_who_answers_arp_but_not_who_advertises
     assert narrowed.advertisers == {"node1", "node2"}  # BGP: the BGPAdvertisement's and BGPPeer's say
     intent = bgp_resources.intent([peer_object("tor")], [ad_object("all")], LABELS, read_secret, NS)[0]
     assert len(bgp.desired(intent, "node2", "10.0.60.2", [narrowed]).prefixes()) == 1
+
+
+class FakeCore:
+    """CoreV1Api's read of a Secret: the stored ones, else the API's 404 (or 403 where forbidden)."""
+
+    def __init__(self, secrets: dict[tuple[str, str], dict[str, str]], forbidden: set[str]) -> None:
+        self.secrets, self.forbidden, self.reads = secrets, forbidden, 0
+
+    def read_namespaced_secret(self, name: str, namespace: str, **_: Any) -> Any:
+        import base64
+        import json
+        from types import SimpleNamespace
+
+        from kubernetes.client.exceptions import ApiException
+
+        self.reads += 1
+        if namespace in self.forbidden:
+            raise ApiException(status=403, reason="Forbidden")
+        if (namespace, name) not in self.secrets:
+            raise ApiException(status=404, reason="Not Found")
+        data = {k: base64.b64encode(v.encode()).decode() for k, v in self.secrets[(namespace, name)].items()}
+        return SimpleNamespace(data=json.dumps({"data": data}).encode())
+
+
+def test_the_cluster_reads_a_password_once_per_ttl_and_says_what_is_wrong_with_a_secret() -> None:
+    from kubernetes import client as k8s
+    from layerlb_speaker import kube
+
+    cluster = kube.Cluster(k8s.ApiClient(), "node1", 30.0, False, bgp=True, namespace=NS)
+    assert {"bgppeers", "bgpadvertisements"} <= set(cluster.watches)
+    core = FakeCore({(NS, "tor"): {"password": "s3cret\n"}}, {"kube-system"})
+    cluster.core = core  # type: ignore[assignment]
+    assert cluster.read_secret(NS, "tor", "password") == "s3cret"
+    assert cluster.read_secret(NS, "tor", "password") == "s3cret" and core.reads == 1  # cached
+    problems = {}
+    for namespace, name, key in ((NS, "tor", "md5"), (NS, "gone", "password"), ("kube-system", "x", "k")):
+        with pytest.raises(bgp_resources.SecretProblem) as caught:
+            cluster.read_secret(namespace, name, key)
+        problems[name] = str(caught.value)
+    assert problems == {
+        "tor": f"passwordSecret: Secret {NS}/tor has no key 'md5' (its keys: password)",
+        "gone": f"passwordSecret: Secret {NS}/gone not found",
+        "x": "passwordSecret: Secret kube-system/x: forbidden (the speaker may read Secrets in its own namespace only)",
+    }
+    assert not cluster._secrets_due()
+    assert (
+        "bgppeers" not in kube.Cluster(k8s.ApiClient(), "node1", 30.0, False).watches
+    )  # L2 only: no BGP watch
