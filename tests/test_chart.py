@@ -337,6 +337,7 @@ def test_bgp_adds_bind_service_a_runtime_dir_and_secrets_of_the_release_namespac
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["volumeMounts"] == [{"name": "run", "mountPath": "/run/layerlb-speaker"}]
     assert pod["volumes"][0]["name"] == "run" and "emptyDir" in pod["volumes"][0]
+    assert pod["terminationGracePeriodSeconds"] == 15  # the graceful withdraw before exit fits with room
     [role] = [d for d in rendered if d["kind"] == "Role"]
     assert role["metadata"]["namespace"] == NAMESPACE
     assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
