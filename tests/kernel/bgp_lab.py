@@ -11,8 +11,8 @@ bfdd, with their own configuration, pid files and vty sockets in the test's fold
 collide — a different BGP implementation from the speaker's, configured as a network engineer would
 (`lab_router_config`): one eBGP neighbour per node address (IPv4 and IPv6), TCP-MD5, BFD 300 ms x 3,
 `maximum-paths 8` so that a VIP learned from several nodes is installed with as many next hops, and the
-kernel hashing flows on ports as well as addresses (`fib_multipath_hash_policy=1`) so that one client's
-connections spread. node1 also holds 10.0.60.11 (on its loopback), an iBGP neighbour of the router's 10.0.60.253 (local
+kernel hashing the 5-tuple read from the headers (`ROUTER_SYSCTLS`: policy 3, fields 0x37) so that one
+client's connections spread and each stays on its next hop. node1 also holds 10.0.60.11 (on its loopback), an iBGP neighbour of the router's 10.0.60.253 (local
 preference is an iBGP attribute). `update-source eth0`: FRR 8.4 registers a BFD session before it knows the
 session's interface and re-creates it once the TCP connection is up; when the first one was Up already,
 BIRD takes its end for a failure ("Error: BFD session down") and connects again after its error wait (1 s,
@@ -49,8 +49,27 @@ PASSWORD = "lab-secret"
 PORT = 7000
 FRR = Path("/usr/lib/frr")
 TIMING = ["--heartbeat-interval", "0.1", "--dead-after", "0.5"]
+# The multipath hash of the 5-tuple read from the headers (addresses, protocol, ports). Policy 1 first takes
+# a hash the packet already carries: a veth keeps the one the client's socket gave it, which TCP draws anew
+# when it retransmits, so a flow would change next hop by itself (see ecmp_lab).
+ROUTER_SYSCTLS = {
+    "net.ipv4.ip_forward": "1",
+    "net.ipv6.conf.all.forwarding": "1",
+    "net.ipv4.fib_multipath_hash_policy": "3",
+    "net.ipv4.fib_multipath_hash_fields": "0x0037",
+    "net.ipv6.fib_multipath_hash_policy": "3",
+    "net.ipv6.fib_multipath_hash_fields": "0x0037",
+}
 
-__all__ = ["NODES", "NODES6", "BgpLab", "bgp_lab", "wait_until"]  # wait_until: speaker_lan's
+__all__ = [
+    "NODES",
+    "NODES6",
+    "ROUTER_SYSCTLS",
+    "BgpLab",
+    "bgp_lab",
+    "start_frr",
+    "wait_until",
+]  # wait_until: speaker_lan's
 
 
 def lab_router_config(folder: Path) -> str:
@@ -233,11 +252,13 @@ class BgpLab:
         return f"p-{node}"
 
 
-def _frr(router: Namespace, folder: Path) -> list[Spawned]:
+def start_frr(router: Namespace, folder: Path, bgpd_config: str) -> list[Spawned]:
+    """Starts the router's zebra, bfdd (`BFDD_CONFIG`) and bgpd (`bgpd_config`) in `router`, their files in
+    `folder` (vtysh: `--vty_socket folder/frr`); returns once each listens."""
     sockets = folder / "frr"
     sockets.mkdir()
     (folder / "zebra.conf").write_text("hostname router\n!\n", encoding="utf-8")
-    (folder / "bgpd.conf").write_text(lab_router_config(folder), encoding="utf-8")
+    (folder / "bgpd.conf").write_text(bgpd_config, encoding="utf-8")
     (folder / "bfdd.conf").write_text(BFDD_CONFIG.format(folder=folder), encoding="utf-8")
     common = ["--vty_socket", str(sockets), "-u", "root", "-g", "frrvty", "-P", "0"]
     zserv = str(sockets / "zserv.api")
@@ -289,11 +310,9 @@ def bgp_lab(folder: Path, vips: Sequence[str] = ()) -> Iterator[BgpLab]:
         client.ip("addr", "add", f"{CLIENT6}/64", "dev", "eth0", "nodad")
         client.route("default via 10.0.61.1")
         client.ip("-6", "route", "add", "default", "via", "fd00:61::1")
-        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
-            router.sysctl(key, 1)
-        for key in ("net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy"):
-            router.sysctl(key, 1)  # hash on ports too: one client's connections spread over the next hops
-        frr = _frr(router, folder)
+        for key, value in ROUTER_SYSCTLS.items():
+            router.sysctl(key, value)
+        frr = start_frr(router, folder, lab_router_config(folder))
         for name, namespace in nodes.items():
             namespace.spawn(serve_name, name, PORT).wait_for_line("serving", timeout=10)
         lab = BgpLab(topology, folder, nodes, router, client, bridge, frr)
