@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # helm comes from the local cluster's Go-module build, in the same cache the e2e fixtures use.
 HELM := $(or $(LAYERLB_CACHE),$(CURDIR)/.cache)/k8s/bin/helm
 
-.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs bench-ecmp bench-announce bench-announce-kube bench-announce-soak kind-e2e crds chart goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs bench-ecmp bench-bgp bench-announce bench-announce-kube bench-announce-soak kind-e2e crds chart goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -77,6 +77,11 @@ bench-ipvs: setup
 # multipath router, nftables dsr/nat here, IPVS dsr/tunnel/nat in the QEMU guest; a table on stdout.
 bench-ecmp: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.ecmp $(ECMP_ARGS)
+
+# 1,000 VIPs over BGP (root; ~1 min): from the speaker's start until the FRR router's FIB holds all of them,
+# and the speaker's and its BIRD's RSS; p50/max over RUNS fresh labs (BGP_ARGS: --vips N, --speakers 3).
+bench-bgp: setup
+	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane:$(CURDIR)/speaker" $(PY) -m bench.bgp --runs $(RUNS) $(BGP_ARGS)
 
 # The speaker's figures on a network-namespace LAN (root; ~3 min): 1,000 VIPs answered after start and the
 # speaker's RSS, then 20 failovers each for a killed speaker and a cut link (p50/p95, pings lost).

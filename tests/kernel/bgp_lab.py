@@ -28,6 +28,7 @@ import contextlib
 import json
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,35 @@ def ask(address: str, port: int, count: int, timeout: float = 1.0) -> list[str]:
         except OSError:
             names.append("")
     return names
+
+
+def request_loop(address: str, port: int, seconds: float, every: float, timeout: float = 0.25) -> None:
+    """Runs in the client: prints `ready`, then for `seconds` opens a TCP connection to `address` every
+    `every` seconds (a new source port each time) and prints `result` with a JSON list of [started,
+    node's name or ''] (CLOCK_MONOTONIC, shared by the namespaces)."""
+    print("ready", flush=True)
+    done: list[tuple[float, str]] = []
+    end = time.monotonic() + seconds
+    while (started := time.monotonic()) < end:
+        try:
+            with socket.create_connection((address, port), timeout=timeout) as connection:
+                done.append((started, connection.recv(64).decode()))
+        except OSError:
+            done.append((started, ""))
+        time.sleep(max(0.0, every - (time.monotonic() - started)))
+    print("result " + json.dumps(done), flush=True)
+
+
+def outage(requests: Sequence[Sequence[Any]], since: float) -> tuple[float, int, int]:
+    """From `request_loop`'s result: how long after `since` the client was served again for good (the
+    start of the first request after the last failed one; 0 when none failed), failed and all requests."""
+    after = [(float(started), name) for started, name in requests if float(started) >= since]
+    failed = [index for index, (_, name) in enumerate(after) if not name]
+    if not failed:
+        return 0.0, 0, len(after)
+    if failed[-1] + 1 >= len(after):
+        return float("inf"), len(failed), len(after)
+    return after[failed[-1] + 1][0] - since, len(failed), len(after)
 
 
 @dataclass

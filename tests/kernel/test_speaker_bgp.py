@@ -9,6 +9,7 @@ to a VIP are answered by the nodes' names. Failure detection times are printed (
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -18,15 +19,19 @@ from typing import Any
 
 import pytest
 
+from bench import bgp as bench_bgp
 from tests.kernel.bgp_lab import (
     NODES,
     NODES6,
     PASSWORD,
+    PORT,
     ROUTER,
     ROUTER6,
     ROUTER_IBGP,
     BgpLab,
     bgp_lab,
+    outage,
+    request_loop,
     wait_until,
 )
 
@@ -169,6 +174,40 @@ def test_bfd_drops_a_cut_node_within_a_second_and_without_bfd_it_takes_the_hold_
     assert set(lab.ask(VIP, 10)) == {"node2"}  # the remaining node serves
 
 
+def _cut_under_requests(lab: BgpLab, node: str, timeout: float) -> tuple[float, float, int, int]:
+    """Cuts node's link while the client opens a connection to the VIP every 30 ms: the router's time to
+    drop the node, the client's outage (`bgp_lab.outage`), failed and all requests after the cut."""
+    loop = lab.client.spawn(request_loop, VIP, PORT, timeout + 1.5, 0.03)
+    loop.wait_for_line("ready")
+    time.sleep(0.5)
+    cut = time.monotonic()
+    withdrawn = _withdrawn_after_cut(lab, node, timeout)
+    requests = json.loads(loop.wait_for_line("result ", timeout=timeout + 10).removeprefix("result "))
+    return (withdrawn, *outage(requests, cut))
+
+
+def test_after_a_cut_link_the_client_is_served_again_by_the_other_nodes_within_bfd_or_hold_time(
+    lab: BgpLab,
+) -> None:
+    """Issue 17's "VIP serving again from the remaining nodes within the same time": with BFD 300 ms x 3
+    the client's requests succeed again within a second of node1's link being cut; without BFD (node3,
+    hold time 3 s) within the hold time."""
+    lab.configure(document({VIP: ALL}, [tor()]))
+    lab.configure(document({VIP: ALL}, [tor(bfd=None)]), node="node3")
+    lab.start_all()
+    learned_from_all(lab)
+    bfd = _cut_under_requests(lab, "node1", timeout=10)
+    hold = _cut_under_requests(lab, "node3", timeout=10)
+    for label, (withdrawn, served, failed, total) in (("with BFD 300 ms x 3", bfd), ("without BFD", hold)):
+        print(
+            f"\n{label}: router dropped the cut node after {withdrawn:.3f} s; the client served again after "
+            f"{served:.3f} s ({failed} of {total} requests 30 ms apart failed)"
+        )
+    assert bfd[2] > 0 and hold[2] > 0  # the cut node had its share of the requests
+    assert bfd[1] <= 1.2
+    assert hold[1] <= 4.0
+
+
 def test_communities_large_communities_and_local_preference_arrive_at_the_router(lab: BgpLab) -> None:
     ibgp: dict[str, Any] = {
         "name": "tor-ibgp",
@@ -248,3 +287,11 @@ def _failed(lab: BgpLab, node: str, error: str) -> dict[str, Any] | None:
     ):
         return entry
     return None
+
+
+def test_a_thousand_vips_from_one_speaker_are_in_the_routers_fib_within_ten_seconds(lab: BgpLab) -> None:
+    """Issue 17's "1,000 VIPs announced and learned by the router ≤ 10 s", from the speaker's start to
+    zebra's FIB holding all of them (`make bench-bgp` repeats it and reports RSS)."""
+    found = bench_bgp.learn(lab, 1000, speakers=1, timeout=20)
+    print(f"\n1,000 VIPs: {found}")
+    assert found["learned"] <= bench_bgp.TARGET_SECONDS
