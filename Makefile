@@ -73,8 +73,9 @@ bench-services: setup
 bench-ipvs: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m pytest -q -s -p no:cacheprovider tests/kernel/test_ipvs_guest.py -k bench
 
-# Connections reset when a node joins or leaves an ECMP route (root; ~4 min): 100 long-lived flows through a
-# multipath router, nftables dsr/nat here, IPVS dsr/tunnel/nat in the QEMU guest; a table on stdout.
+# Connections reset when a node joins or leaves an ECMP route (root; ~5 min): 100 long-lived flows through a
+# multipath router, nftables dsr/nat here (a static route, then FRR learning it over BGP from the speakers),
+# IPVS dsr/tunnel/nat in the QEMU guest; a table on stdout.
 bench-ecmp: setup
 	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.ecmp $(ECMP_ARGS)
 
