@@ -17,11 +17,10 @@ operator does not watch Nodes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from layerlb import api
-from layerlb_operator import status
+from layerlb_operator import node_entries, status
 
 ESTABLISHED = "Established"
 NOT_ESTABLISHED = "NotEstablished"
@@ -29,16 +28,10 @@ NO_SESSIONS = "NoSessions"
 MAX_NAMED = 5  # nodes named in the message; the rest are counted
 
 
-def _entries(peer: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    found = (peer.get("status") or {}).get("nodes") or []
-    entries = [entry for entry in found if isinstance(entry, Mapping) and entry.get("node")]
-    return sorted(entries, key=lambda entry: str(entry["node"]))
-
-
 def established(peer: Mapping[str, Any]) -> dict[str, Any]:
     """The peer's `Established` condition (without its transition time: `status.merge` adds it)."""
-    generation = int((peer.get("metadata") or {}).get("generation") or 0)
-    entries = _entries(peer)
+    generation = node_entries.generation(peer)
+    entries = node_entries.entries(peer)
     if not entries:
         return status.condition(
             ESTABLISHED, False, NO_SESSIONS,
@@ -60,32 +53,8 @@ def established(peer: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def conditions(peer: Mapping[str, Any], now: str) -> list[dict[str, Any]]:
-    """The operator's conditions of `peer`, each `lastTransitionTime` kept while its status holds."""
-    return status.merge(_ours(peer), [established(peer)], now)
-
-
-def _ours(peer: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    found = (peer.get("status") or {}).get("conditions") or []
-    return [c for c in found if isinstance(c, Mapping) and c.get("type") == ESTABLISHED]
-
-
-def _comparable(items: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-    keys = ("type", "status", "reason", "message", "observedGeneration")
-    return sorted(tuple(item.get(key) for key in keys) for item in items)
-
-
-def stale(peer: Mapping[str, Any], wanted: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the stored condition differs from `wanted` (the transition time aside): then a write."""
-    return _comparable(_ours(peer)) != _comparable(wanted)
-
-
-def apply_body(name: str, wanted: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The server-side apply body of the peer's status: the operator's condition, nothing else (the
-    speakers' `nodes` entries are theirs and stay)."""
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": "BGPPeer",
-        "metadata": {"name": name},
-        "status": {"conditions": list(wanted)},
-    }
+# The peer's condition as the reconciler writes it: computed, its transition time kept, compared, applied.
+CONDITION = node_entries.Condition("BGPPeer", ESTABLISHED, established)
+conditions = CONDITION.conditions
+stale = CONDITION.stale
+apply_body = CONDITION.apply_body

@@ -17,11 +17,10 @@ watch Nodes; the operator does not.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from layerlb import api
-from layerlb_operator import status
+from layerlb_operator import node_entries, status
 
 INTERFACES_FOUND = "InterfacesFound"
 INTERFACE_NOT_FOUND = "InterfaceNotFound"
@@ -34,16 +33,11 @@ def _interfaces(pool: Mapping[str, Any]) -> list[str]:
     return [str(name) for name in names] if isinstance(names, list) else []
 
 
-def _entries(pool: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    found = (pool.get("status") or {}).get("nodes") or []
-    return [entry for entry in found if isinstance(entry, Mapping) and entry.get("node")]
-
-
 def missing(pool: Mapping[str, Any]) -> dict[str, list[str]]:
     """Interface → the nodes reporting it missing, for the interfaces the pool's spec names now."""
     wanted = _interfaces(pool)
     found: dict[str, set[str]] = {}
-    for entry in _entries(pool):
+    for entry in node_entries.entries(pool):
         for name in entry.get("missingInterfaces") or []:
             if name in wanted:
                 found.setdefault(str(name), set()).add(str(entry["node"]))
@@ -52,7 +46,7 @@ def missing(pool: Mapping[str, Any]) -> dict[str, list[str]]:
 
 def interfaces_found(pool: Mapping[str, Any]) -> dict[str, Any]:
     """The pool's `InterfacesFound` condition (without its transition time: `status.merge` adds it)."""
-    generation = int((pool.get("metadata") or {}).get("generation") or 0)
+    generation = node_entries.generation(pool)
     wanted = _interfaces(pool)
     absent = missing(pool)
     if absent:
@@ -65,35 +59,11 @@ def interfaces_found(pool: Mapping[str, Any]) -> dict[str, Any]:
     return status.condition(INTERFACES_FOUND, True, INTERFACES_FOUND, message, generation)
 
 
-def conditions(pool: Mapping[str, Any], now: str) -> list[dict[str, Any]]:
-    """The operator's conditions of `pool`, each `lastTransitionTime` kept while its status holds."""
-    return status.merge(_ours(pool), [interfaces_found(pool)], now)
-
-
-def _ours(pool: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    found = (pool.get("status") or {}).get("conditions") or []
-    return [c for c in found if isinstance(c, Mapping) and c.get("type") == INTERFACES_FOUND]
-
-
-def _comparable(items: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-    keys = ("type", "status", "reason", "message", "observedGeneration")
-    return sorted(tuple(item.get(key) for key in keys) for item in items)
-
-
-def stale(pool: Mapping[str, Any], wanted: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the stored conditions differ from `wanted` (the transition time aside): then a write."""
-    return _comparable(_ours(pool)) != _comparable(wanted)
-
-
-def apply_body(name: str, wanted: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The server-side apply body of the pool's status: the operator's conditions, nothing else (the
-    speakers' `nodes` entries are theirs and stay)."""
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": "VIPPool",
-        "metadata": {"name": name},
-        "status": {"conditions": list(wanted)},
-    }
+# The pool's condition as the reconciler writes it: computed, its transition time kept, compared, applied.
+CONDITION = node_entries.Condition("VIPPool", INTERFACES_FOUND, interfaces_found)
+conditions = CONDITION.conditions
+stale = CONDITION.stale
+apply_body = CONDITION.apply_body
 
 
 def spec_changed(seen: Mapping[str, tuple[str, int]], pool: Mapping[str, Any], deleted: bool) -> bool:

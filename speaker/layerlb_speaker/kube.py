@@ -48,6 +48,7 @@ from layerlb_speaker import (
     bgp_status,
     bird,
     inventory,
+    node_entries,
     pool_status,
     statuses,
 )
@@ -386,30 +387,44 @@ class Cluster:
     def pool_publisher(self) -> PoolStatusPublisher:
         return PoolStatusPublisher(self)
 
-    def send_pool_status(self, write: pool_status.Write, state: pool_status.Publisher) -> None:
-        """Queues one apply of a node's entry in a VIPPool's status (after the other status writes)."""
+    def entry_cleaning(self, members: Mapping[str, announcement.Member]) -> tuple[set[str] | None, bool]:
+        """For `node_entries.Publisher`: the Nodes that exist (None unless the view is fresh) and whether this
+        speaker removes the entries of the others (the live one first by name, from a fresh view only)."""
+        fresh = self.fresh()
+        # list() copies in one step: the watch threads change the caches meanwhile.
+        nodes = inventory.node_labels(list(self.watches["nodes"].objects.values()))
+        clears = fresh and bool(members) and min(members) == self.node
+        return (set(nodes) if fresh else None), clears
+
+    def send_node_entry(
+        self, resource: str, write: node_entries.Write, state: node_entries.Publisher[Any, Any]
+    ) -> None:
+        """Queues one apply of a node's entry in the status of a `resource` (vippools, bgppeers) object,
+        after the other status writes."""
         if self._pending_statuses >= MAX_PENDING_STATUSES:
-            log.warning("status of VIPPool %s not written: too many pending", write.pool.name)
-            state.forget(write.pool.uid or write.pool.name)
+            log.warning("status of %s %s not written: too many pending", write.kind, write.name)
+            state.forget(write.uid or write.name)
             return
         self._pending_statuses += 1
-        self._statuses.submit(self._write_pool_status, write, state)
+        self._statuses.submit(self._write_node_entry, resource, write, state)
 
-    def _write_pool_status(self, write: pool_status.Write, state: pool_status.Publisher) -> None:
+    def _write_node_entry(
+        self, resource: str, write: node_entries.Write, state: node_entries.Publisher[Any, Any]
+    ) -> None:
         try:
             for delay in (*STATUS_RETRIES, None):
                 try:
                     self.custom.patch_cluster_custom_object_status(
-                        "layerlb.dev", "v1alpha1", "vippools", write.pool.name, write.body(),
+                        "layerlb.dev", "v1alpha1", resource, write.name, write.body(),
                         field_manager=write.field_manager(), force=True,
                         _content_type="application/apply-patch+yaml",
                     )  # fmt: skip
                 except Exception as error:
                     # 404: deleted; 409: re-created under the name (the uid precondition); nothing to write.
                     if getattr(error, "status", None) in (404, 409) or delay is None:
-                        log.warning("status of VIPPool %s: %s", write.pool.name, error)
+                        log.warning("status of %s %s: %s", write.kind, write.name, error)
                         if write.node == self.node:
-                            state.forget(write.pool.uid or write.pool.name)
+                            state.forget(write.uid or write.name)
                         return
                     time.sleep(delay)
                 else:
@@ -419,37 +434,6 @@ class Cluster:
 
     def bgp_publisher(self) -> BgpStatusPublisher:
         return BgpStatusPublisher(self)
-
-    def send_bgp_status(self, write: bgp_status.Write, state: bgp_status.Publisher) -> None:
-        """Queues one apply of a node's entry in a BGPPeer's status (after the other status writes)."""
-        if self._pending_statuses >= MAX_PENDING_STATUSES:
-            log.warning("status of BGPPeer %s not written: too many pending", write.peer)
-            state.forget(write.uid or write.peer)
-            return
-        self._pending_statuses += 1
-        self._statuses.submit(self._write_bgp_status, write, state)
-
-    def _write_bgp_status(self, write: bgp_status.Write, state: bgp_status.Publisher) -> None:
-        try:
-            for delay in (*STATUS_RETRIES, None):
-                try:
-                    self.custom.patch_cluster_custom_object_status(
-                        "layerlb.dev", "v1alpha1", "bgppeers", write.peer, write.body(),
-                        field_manager=write.field_manager(), force=True,
-                        _content_type="application/apply-patch+yaml",
-                    )  # fmt: skip
-                except Exception as error:
-                    # 404: deleted; 409: re-created under the name (the uid precondition); nothing to write.
-                    if getattr(error, "status", None) in (404, 409) or delay is None:
-                        log.warning("status of BGPPeer %s: %s", write.peer, error)
-                        if write.node == self.node:
-                            state.forget(write.uid or write.peer)
-                        return
-                    time.sleep(delay)
-                else:
-                    return
-        finally:
-            self._pending_statuses -= 1
 
     def _send_status(self, write: statuses.Write) -> None:
         owner = write.owner
@@ -488,7 +472,7 @@ class StatusPublisher:
 
 
 class PoolStatusPublisher:
-    """`runtime.PoolStatus` in a cluster: `pool_status.Publisher` decides, `Cluster.send_pool_status` writes.
+    """`runtime.PoolStatus` in a cluster: `pool_status.Publisher` decides, `Cluster.send_node_entry` writes.
     The live speaker first by name removes the entries of Nodes that are gone, from a fresh view only."""
 
     def __init__(self, cluster: Cluster) -> None:
@@ -499,12 +483,9 @@ class PoolStatusPublisher:
         self, missing: Mapping[Owner, pool_status.Entry], members: Mapping[str, announcement.Member]
     ) -> None:
         pools = list(self.cluster.watches["vippools"].objects.values())
-        fresh = self.cluster.fresh()
-        # list() copies in one step: the watch threads change the caches meanwhile.
-        nodes = inventory.node_labels(list(self.cluster.watches["nodes"].objects.values()))
-        clears = fresh and bool(members) and min(members) == self.cluster.node
-        for write in self.state.update(missing, pools, set(nodes) if fresh else None, clears):
-            self.cluster.send_pool_status(write, self.state)
+        nodes, clears = self.cluster.entry_cleaning(members)
+        for write in self.state.update(missing, pools, nodes, clears):
+            self.cluster.send_node_entry("vippools", write.applied(), self.state)
 
 
 class BgpStatusPublisher:
@@ -534,12 +515,9 @@ class BgpStatusPublisher:
         wanted = bgp_status.entries(
             self.intent, self.cluster.node, self.states, bgp_status.generations(peers)
         )
-        fresh = self.cluster.fresh()
-        nodes = inventory.node_labels(list(self.cluster.watches["nodes"].objects.values()))
-        members = self.members
-        clears = fresh and bool(members) and min(members) == self.cluster.node
-        for write in self.state.update(wanted, peers, set(nodes) if fresh else None, clears):
-            self.cluster.send_bgp_status(write, self.state)
+        nodes, clears = self.cluster.entry_cleaning(self.members)
+        for write in self.state.update(wanted, peers, nodes, clears):
+            self.cluster.send_node_entry("bgppeers", write, self.state)
 
 
 class EventReporter:

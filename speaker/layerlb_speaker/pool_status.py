@@ -6,19 +6,13 @@ checks its own node (`missing`: absent or down, as `membership` tells the peers)
 observedGeneration}`, next to the `InterfaceNotFound` Warning Event the runtime posts. The operator turns
 the entries into the pool's `InterfacesFound` condition (operator/layerlb_operator/pool_status.py).
 
-- `status.nodes` is a list keyed by `node`; each speaker server-side applies its own entry under a field
-  manager of its own, `layerlb-speaker/NODE` (`field_manager`), with force, and never carries another's:
-  under server-side apply one manager's apply is its whole intent, so a shared manager would delete the
-  other nodes' entries. When nothing is missing any more it applies an empty status, which removes its
-  entry (a manager's fields it stops applying are removed). No entry: nothing to say.
+- `status.nodes` is a list keyed by `node`; each speaker server-side applies its own entry under its own
+  field manager, only on a change, and the live speaker first by name removes a deleted Node's entry
+  (`node_entries`' rules, shared with `bgp_status`). When nothing is missing any more it applies an empty
+  status, which removes its entry. No entry: nothing to say.
 - Which pools a node checks: the valid ones whose `nodeSelector` matches its labels (`wanted`), whether or
   not an address of theirs is in use, so a typo shows before the first Service; a node excluded from
   external load balancers checks none.
-- It writes only on a change, remembered per pool uid (`Publisher`); a pool it never wrote since it started
-  is compared with the stored entry instead (a restart writes nothing when nothing changed).
-- A Node deleted leaves its entry behind with nobody to remove it: the live speaker first by name (as for a
-  pool's own notices, `runtime`) applies an empty status under that node's field manager, which removes
-  exactly that entry. Only from a fresh view of the Nodes (a list not yet synced would look empty).
 """
 
 from __future__ import annotations
@@ -27,19 +21,18 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from layerlb_speaker import node_entries
 from layerlb_speaker.announcement import Owner
 
 if TYPE_CHECKING:  # the runtime imports this module; it stays free of pydantic and the inventory
     from layerlb_speaker import inventory
 
-API_VERSION = "layerlb.dev/v1alpha1"  # layerlb.api.API_VERSION (a test keeps them equal)
-FIELD_MANAGER = "layerlb-speaker"
-MAX_FIELD_MANAGER = 128  # the API server's limit
+API_VERSION = node_entries.API_VERSION
 
 
 def field_manager(node: str) -> str:
     """The server-side apply field manager of `node`'s entry in a VIPPool's `status.nodes`."""
-    return f"{FIELD_MANAGER}/{node}"[:MAX_FIELD_MANAGER]
+    return node_entries.field_manager(node)
 
 
 @dataclass(frozen=True)
@@ -93,48 +86,40 @@ class Write:
 
     def body(self) -> dict[str, Any]:
         """The server-side apply body; the pool's uid guards against a pool re-created under the name."""
-        metadata = {"name": self.pool.name, **({"uid": self.pool.uid} if self.pool.uid else {})}
-        nodes = []
+        return self.applied().body()
+
+    def applied(self) -> node_entries.Write:
+        """This write as `kube` sends it: the entry's API fields, None when there is nothing to say."""
+        fields = None
         if self.entry is not None and self.entry.missing:
-            nodes.append(
-                {
-                    "node": self.node,
-                    "missingInterfaces": list(self.entry.missing),
-                    "observedGeneration": self.entry.generation,
-                }
-            )
-        status = {"nodes": nodes} if nodes else {}
-        return {"apiVersion": API_VERSION, "kind": "VIPPool", "metadata": metadata, "status": status}
+            fields = {
+                "missingInterfaces": list(self.entry.missing),
+                "observedGeneration": self.entry.generation,
+            }
+        return node_entries.Write("VIPPool", self.pool.name, self.pool.uid, self.node, fields)
 
     def field_manager(self) -> str:
         return field_manager(self.node)
 
 
-def _stored(pool: Mapping[str, Any]) -> dict[str, Entry]:
-    """Node → its entry, as a VIPPool object (from the watch) stores them."""
-    found = {}
-    for item in (pool.get("status") or {}).get("nodes") or []:
-        if isinstance(item, Mapping) and item.get("node"):
-            names = tuple(str(name) for name in item.get("missingInterfaces") or [])
-            found[str(item["node"])] = Entry(int(item.get("observedGeneration") or 0), names)
-    return found
+def _parse(item: Mapping[str, Any]) -> Entry | None:
+    names = tuple(str(name) for name in item.get("missingInterfaces") or [])
+    return _normal(Entry(int(item.get("observedGeneration") or 0), names))
 
 
 def _normal(entry: Entry | None) -> Entry | None:
     return entry if entry is not None and entry.missing else None
 
 
-class Publisher:
-    """One speaker's memory of the entries it wrote, so that it writes only on a change (see the module)."""
+def _write(name: str, uid: str, node: str, entry: Entry | None) -> Write:
+    return Write(Owner("VIPPool", "", name, uid, API_VERSION), node, entry)
+
+
+class Publisher(node_entries.Publisher[Entry, Write]):
+    """One speaker's memory of the entries it wrote on the VIPPools (`node_entries.Publisher`)."""
 
     def __init__(self, node: str) -> None:
-        self.node = node
-        self._written: dict[str, Entry | None] = {}  # pool uid → the entry last applied (None: removed)
-        self._cleared: set[tuple[str, str]] = set()  # (pool uid, node) whose stale entry was removed
-
-    def forget(self, uid: str) -> None:
-        """A write to pool `uid` failed: compare with what is stored next time instead of the memory."""
-        self._written.pop(uid, None)
+        super().__init__(node, _parse, _write)
 
     def update(
         self,
@@ -146,31 +131,5 @@ class Publisher:
         """The writes owed: this node's entry on each pool (`found`: its missing interfaces per pool) and,
         when `clears` (this speaker cleans up) and the Node list `nodes` is known, the removal of the
         entries of Nodes that no longer exist. `pools` are the VIPPool objects as watched."""
-        wanted = {owner.uid or owner.name: (owner, _normal(entry)) for owner, entry in found.items()}
-        writes: list[Write] = []
-        seen_uids: set[str] = set()
-        cleared: set[tuple[str, str]] = set()
-        for pool in pools:
-            meta = pool.get("metadata") or {}
-            name, uid = str(meta.get("name") or ""), str(meta.get("uid") or "")
-            if not name:
-                continue
-            key = uid or name
-            seen_uids.add(key)
-            owner, entry = wanted.get(key, (Owner("VIPPool", "", name, uid, API_VERSION), None))
-            stored = _stored(pool)
-            known = self._written[key] if key in self._written else _normal(stored.get(self.node))
-            if entry != known:
-                writes.append(Write(owner, self.node, entry))
-            self._written[key] = entry
-            if not clears or nodes is None:
-                continue
-            for node in sorted(stored):
-                if node in nodes or node == self.node:
-                    continue
-                cleared.add((key, node))
-                if (key, node) not in self._cleared:
-                    writes.append(Write(owner, node, None))
-        self._written = {key: entry for key, entry in self._written.items() if key in seen_uids}
-        self._cleared = cleared
-        return writes
+        wanted = {owner.uid or owner.name: _normal(entry) for owner, entry in found.items()}
+        return self.writes(lambda name, uid: wanted.get(uid or name), pools, nodes, clears)
