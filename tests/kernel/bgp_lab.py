@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tests.kernel.speaker_lan import wait_until
+from tests.kernel.speaker_lan import wait_until, write_config
 from tests.netns import Namespace, Spawned, Topology
 
 NODES = {"node1": "10.0.60.1", "node2": "10.0.60.2", "node3": "10.0.60.3"}
@@ -208,12 +206,7 @@ class BgpLab:
 
     def configure(self, document: dict[str, Any], node: str | None = None) -> None:
         """Writes the static configuration (peers are the lab's nodes) of every node, or one, atomically."""
-        full = {"peers": NODES, **document}
-        for name in [node] if node else self.nodes:
-            target = self.folder / f"{name}.yaml"
-            temporary = target.with_suffix(".tmp")
-            temporary.write_text(yaml.safe_dump(full), encoding="utf-8")
-            temporary.replace(target)
+        write_config(self.folder, [node] if node else self.nodes, {"peers": NODES, **document})
 
     def start(self, node: str, *extra: str) -> Spawned:
         """Starts node's speaker (the real command, BIRD under it) and returns at once."""

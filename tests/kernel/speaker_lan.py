@@ -48,6 +48,16 @@ def wait_until(what: str, condition: Callable[[], Any], timeout: float = 20.0, e
     raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
+def write_config(folder: Path, nodes: Iterable[str], document: dict[str, Any]) -> None:
+    """Writes `document` as each node's static configuration, `folder/NODE.yaml`, atomically (a running
+    speaker reloads it)."""
+    for name in nodes:
+        target = folder / f"{name}.yaml"
+        temporary = target.with_suffix(".tmp")
+        temporary.write_text(yaml.safe_dump(document), encoding="utf-8")
+        temporary.replace(target)
+
+
 def watch_arp(path: str, interface: str) -> None:
     """Runs in the client: appends one JSON line per ARP frame seen (op, sender IP and MAC, time)."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
@@ -110,12 +120,7 @@ class Lan:
 
     def configure(self, vips: Sequence[dict[str, Any]], node: str | None = None) -> None:
         """Writes the static configuration (every node's, or one node's) atomically."""
-        document = {"peers": NODES, "vips": list(vips)}
-        for name in [node] if node else self.nodes:
-            target = self.folder / f"{name}.yaml"
-            temporary = target.with_suffix(".tmp")
-            temporary.write_text(yaml.safe_dump(document), encoding="utf-8")
-            temporary.replace(target)
+        write_config(self.folder, [node] if node else self.nodes, {"peers": NODES, "vips": list(vips)})
 
     def start(self, node: str, *extra: str) -> Spawned:
         """Starts node's speaker (the real command) and returns at once."""
