@@ -5,7 +5,8 @@ veth `eth0` holding their Nodes' InternalIPs (heartbeats, ARP), under a ServiceA
 to exactly the chart's speaker ClusterRole; the API server (bound to 127.0.0.1 on the host) reached
 through a socat relay over a Unix socket, so the kubeconfig and its TLS name stay as they are. The Nodes
 are objects only (no kubelet): Ready, their Leases renewed by the test, tainted so nothing is scheduled.
-A LoadBalancer is made eligible by a forwarding pod object the test marks Running and Ready.
+A LoadBalancer is made eligible by a forwarding pod object the test marks Running and Ready. That setup
+is e2e/speakers.py's, shared with e2e/test_bgp_kube.py.
 
 Shown: the LoadBalancer's `status.announcement` (and `kubectl get llb`'s ANNOUNCED BY), its VIP Service's
 `layerlb.dev/AnnouncedIPv4` condition, a dual-stack Service whose two addresses are held by the two nodes
@@ -23,23 +24,19 @@ import ipaddress
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from layerlb_operator import objects
 from layerlb_speaker import announcement
 
-from e2e import harness
+from e2e import harness, speakers
 from e2e.cluster.cluster import Cluster
 from e2e.harness import Operator, fresh_namespace, wait_for
-from e2e.kube import ROOT, Kubectl
+from e2e.kube import Kubectl
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("socat") is None, reason="needs root (network namespaces) and socat"
@@ -72,99 +69,8 @@ def _node_names() -> tuple[str, str]:
 NODES = _node_names()
 
 
-def apply(kubectl: Kubectl, *documents: dict[str, Any]) -> None:
-    kubectl.ok("apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
-
-
-def _now(micro: bool = False) -> str:
-    moment = datetime.datetime.now(datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
-
-
-def _node(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "spec": {"taints": [{"key": "layerlb.dev/e2e-no-kubelet", "effect": "NoSchedule"}]},
-    }
-
-
-def _node_status(kubectl: Kubectl, name: str, address: str) -> None:
-    now = _now()
-    ready = {
-        "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "the test says so",
-        "lastHeartbeatTime": now, "lastTransitionTime": now,
-    }  # fmt: skip
-    status = {"status": {"conditions": [ready], "addresses": [{"type": "InternalIP", "address": address}]}}
-    kubectl.ok("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
-
-
-def _renew_leases(kubectl: Kubectl, stop: threading.Event) -> None:
-    """Node Leases renewed as a kubelet would, so the node lifecycle controller keeps the Nodes Ready."""
-    while not stop.is_set():
-        leases = [
-            {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": node, "namespace": "kube-node-lease"},
-                "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": _now(micro=True)},
-            }
-            for node in NODES
-        ]
-        kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(leases))
-        stop.wait(5.0)
-
-
-def _speaker_kubeconfig(k8s: Cluster, kubectl: Kubectl, folder: Path) -> Path:
-    """A kubeconfig for a ServiceAccount bound to exactly the chart's speaker ClusterRole."""
-    from tests.test_chart import template
-
-    rendered = list(yaml.safe_load_all(template("--show-only", "templates/speaker.yaml")))
-    [role] = [d for d in rendered if d and d["kind"] == "ClusterRole"]
-    system = f"{NS}-system"
-    account = {"kind": "ServiceAccount", "name": "speaker", "namespace": system}
-    apply(
-        kubectl,
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": system}},
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "speaker", "namespace": system}},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": f"{NS}-speaker"},
-            "rules": role["rules"],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": f"{NS}-speaker"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": f"{NS}-speaker",
-            },
-            "subjects": [account],
-        },
-    )
-    token = kubectl.ok("create", "token", "speaker", "-n", system, "--duration=2h").strip()
-    admin = yaml.safe_load(k8s.kubeconfig.read_text())
-    return harness.token_kubeconfig(
-        folder / "speaker.kubeconfig", admin["clusters"][0]["cluster"], "speaker", token
-    )
-
-
-def _api_port(k8s: Cluster) -> int:
-    server = yaml.safe_load(k8s.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
-    return int(server.rsplit(":", 1)[1].strip("/"))
-
-
 def _get(kubectl: Kubectl, kind: str, name: str) -> dict[str, Any]:
     return harness.get(kubectl, kind, name, NS) or {}
-
-
-def _condition(body: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    found = (body.get("status") or {}).get("conditions") or []
-    return next((c for c in found if c.get("type") == kind), None)
 
 
 def _managers(body: dict[str, Any], kind: str) -> set[str]:
@@ -193,65 +99,43 @@ def lab(
         ("ann-svc", [f"{SVC_V4}/32", f"{SVC_V6}/128"], {}),
         ("ann-lonely", [f"{LONELY_VIP}/32"], {"announce": nobody}),
     ]
-    apply(
-        kubectl,
-        *(
-            {
-                "apiVersion": "layerlb.dev/v1alpha1",
-                "kind": "VIPPool",
-                "metadata": {"name": name},
-                "spec": {"addresses": addresses, "namespaces": [NS], "autoAssign": False, **extra},
-            }
-            for name, addresses, extra in pools
-        ),
+    speakers.apply(
+        kubectl, *(speakers.pool(name, NS, addresses, **extra) for name, addresses, extra in pools)
     )
-    for index, name in enumerate(NODES):
-        apply(kubectl, _node(name))
-        _node_status(kubectl, name, ADDRESSES[index])
     stop = threading.Event()
-    renewer = threading.Thread(target=_renew_leases, args=(kubectl, stop), daemon=True)
-    renewer.start()
+    renewer = speakers.ready_nodes(
+        kubectl, {name: ADDRESSES[index] for index, name in enumerate(NODES)}, stop
+    )
 
     lease = f"{NS}/layerlb-operator"
     config = harness.operator_kubeconfig(k8s, kubectl, folder, NS, f"{NS}-op-system", lease)
     operator = Operator(config, folder / "operator.log", NS, lease)
-    speaker_config = _speaker_kubeconfig(k8s, kubectl, folder)
-    port = _api_port(k8s)
+    speaker_config = speakers.speaker_kubeconfig(k8s, kubectl, folder, NS)
+    port = speakers.api_port(k8s)
     socket_path = folder / "api.sock"
-    relay = subprocess.Popen(
-        ["socat", f"UNIX-LISTEN:{socket_path},fork,unlink-early", f"TCP:127.0.0.1:{port}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    relay = speakers.api_relay(socket_path, port)
     topology = Topology("announce")
-    speakers = []
+    running = []
     try:
         spaces = [topology.namespace(f"n{index}") for index in range(len(NODES))]
         topology.link(spaces[0], "eth0", spaces[1], "eth0")  # the node network: heartbeats, ARP
         for index, (space, node) in enumerate(zip(spaces, NODES, strict=True)):
             space.ip("link", "set", "lo", "up")
             space.addr("eth0", f"{ADDRESSES[index]}/24")
-            space.popen(
-                [
-                    "socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
-                    f"UNIX-CONNECT:{socket_path}",
-                ],
-                "api relay",
-            )  # fmt: skip
-            command = [
-                "env", f"KUBECONFIG={speaker_config}", f"PYTHONPATH={ROOT}", sys.executable, "-m",
-                "layerlb.cli", "speaker", "--node", node, "--port", str(PORT), "--interface", "eth0",
-                "--announce-count", "1",
-            ]  # fmt: skip
-            speakers.append(space.popen(command, f"speaker {node}"))
+            running.append(
+                speakers.start_speaker(
+                    space, node, speaker_config, socket_path, port, PORT, "--announce-count", "1"
+                )
+            )
         wait_for(
             "the operator to lead", lambda: operator.metrics().get("layerlb_operator_leader") == 1, TIMEOUT
         )
-        for each in speakers:
+        for each in running:
             each.wait_for_line("joined", timeout=TIMEOUT)
-        yield {"operator": operator, "speakers": speakers}
+        yield {"operator": operator, "speakers": running}
     finally:
         try:
-            for each in speakers:
+            for each in running:
                 log = each.stderr()
                 (folder / f"{each.what.split()[-1]}.log").write_text(log)
             kubectl("delete", "svc,llb,pod", "--all", "-n", NS, "--wait=true", "--timeout=60s")
@@ -260,59 +144,10 @@ def lab(
             topology.close()
             relay.terminate()
             relay.wait(timeout=10)
-            stop.set()
-            renewer.join(timeout=10)
-            kubectl("delete", "node", *NODES, "--ignore-not-found")
-            kubectl("delete", "lease", "-n", "kube-node-lease", *NODES, "--ignore-not-found")
+            speakers.remove_nodes(kubectl, NODES, stop, renewer)
             kubectl("delete", "vippool", *(name for name, _, _ in pools), "--ignore-not-found")
             kubectl("delete", "clusterrole,clusterrolebinding", f"{NS}-speaker", "--ignore-not-found")
             kubectl("delete", "namespace", NS, "--wait=false")
-
-
-def _loadbalancer(name: str, pool: str) -> dict[str, Any]:
-    document: dict[str, Any] = next(
-        d
-        for d in yaml.safe_load_all((ROOT / "examples" / "l4-proxy-tcp.yaml").read_text())
-        if d["kind"] == "LoadBalancer"
-    )
-    document["metadata"] = {"name": name, "namespace": NS}
-    document["spec"].pop("vip", None)
-    document["spec"]["vipPool"] = pool
-    return document
-
-
-def _forwarding_pod(kubectl: Kubectl, loadbalancer: str, node: str) -> None:
-    """A forwarding pod object of `loadbalancer` on `node`, Running and Ready (no kubelet runs here)."""
-    labels = {
-        objects.NAME_LABEL: "layerlb",
-        objects.COMPONENT_LABEL: "dataplane",
-        objects.INSTANCE_LABEL: objects.label_value(loadbalancer),
-        objects.LOADBALANCER_LABEL: objects.label_value(loadbalancer),
-    }
-    name = f"{loadbalancer}-fake-{node}"
-    apply(
-        kubectl,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "labels": labels},
-            "spec": {
-                "nodeName": node,
-                "containers": [{"name": "dataplane", "image": "layerlb:e2e"}],
-                "tolerations": [{"operator": "Exists"}],
-            },
-        },
-    )
-    now = _now()
-    status = {
-        "status": {
-            "phase": "Running",
-            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-        }
-    }
-    kubectl.ok(
-        "patch", "pod", name, "-n", NS, "--subresource=status", "--type=merge", "-p", json.dumps(status)
-    )
 
 
 def _stable(
@@ -337,12 +172,12 @@ def test_a_loadbalancer_shows_its_announcing_node_and_the_operator_leaves_it_alo
     lab: dict[str, Any], kubectl: Kubectl
 ) -> None:
     holder = NODES[0]
-    apply(kubectl, _loadbalancer("web", "ann-lb"))
+    speakers.apply(kubectl, speakers.loadbalancer(NS, "web", "ann-lb"))
     wait_for(
         "the VIP", lambda: (_get(kubectl, "llb", "web").get("status") or {}).get("vip") == LB_VIP, TIMEOUT
     )
-    _forwarding_pod(kubectl, "web", NODES[0])
-    _forwarding_pod(kubectl, "web", NODES[1])
+    speakers.forwarding_pod(kubectl, NS, "web", NODES[0])
+    speakers.forwarding_pod(kubectl, NS, "web", NODES[1])
     announced = wait_for(
         "status.announcement",
         lambda: (_get(kubectl, "llb", "web").get("status") or {}).get("announcement"),
@@ -363,7 +198,7 @@ def test_a_loadbalancer_shows_its_announcing_node_and_the_operator_leaves_it_alo
     service = objects.dataplane_name("web")
     condition = wait_for(
         "the VIP Service's condition",
-        lambda: _condition(_get(kubectl, "svc", service), "layerlb.dev/AnnouncedIPv4"),
+        lambda: speakers.condition(_get(kubectl, "svc", service), "layerlb.dev/AnnouncedIPv4"),
         TIMEOUT,
     )
     assert (condition["status"], condition["reason"], condition["message"]) == (
@@ -375,7 +210,7 @@ def test_a_loadbalancer_shows_its_announcing_node_and_the_operator_leaves_it_alo
     # The operator's conditions are intact, and a write of its own (a spec change) keeps the speaker's field.
     wait_for(
         "Accepted",
-        lambda: _condition(_get(kubectl, "llb", "web"), "Accepted") or None,
+        lambda: speakers.condition(_get(kubectl, "llb", "web"), "Accepted") or None,
         TIMEOUT,
     )
     kubectl.ok(
@@ -411,21 +246,21 @@ def test_a_dual_stack_service_shows_each_family_from_its_node_next_to_the_operat
             "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
         },
     }
-    apply(kubectl, service)
+    speakers.apply(kubectl, service)
 
     def both() -> dict[str, Any] | None:
         body = _get(kubectl, "svc", "dual")
-        found = [_condition(body, f"layerlb.dev/AnnouncedIPv{v}") for v in (4, 6)]
+        found = [speakers.condition(body, f"layerlb.dev/AnnouncedIPv{v}") for v in (4, 6)]
         return body if all(c and c["status"] == "True" for c in found) else None
 
     body = wait_for("both families' conditions", both, TIMEOUT)
-    v4 = _condition(body, "layerlb.dev/AnnouncedIPv4")
-    v6 = _condition(body, "layerlb.dev/AnnouncedIPv6")
+    v4 = speakers.condition(body, "layerlb.dev/AnnouncedIPv4")
+    v6 = speakers.condition(body, "layerlb.dev/AnnouncedIPv6")
     assert v4 and v4["message"] == f"{SVC_V4} from {NODES[0]} on eth0"
     assert v6 and v6["message"] == f"{SVC_V6} from {NODES[1]} on eth0"
     assert _managers(body, "layerlb.dev/AnnouncedIPv4") == {f"layerlb-speaker/IPv4/{NODES[0]}"}
     assert _managers(body, "layerlb.dev/AnnouncedIPv6") == {f"layerlb-speaker/IPv6/{NODES[1]}"}
-    assigned = _condition(body, "layerlb.dev/AddressAssigned")
+    assigned = speakers.condition(body, "layerlb.dev/AddressAssigned")
     assert assigned and assigned["status"] == "True"
     assert _managers(body, "layerlb.dev/AddressAssigned") == {"layerlb-operator"}
     ingress = [i["ip"] for i in body["status"]["loadBalancer"]["ingress"]]
@@ -440,7 +275,7 @@ def test_a_service_no_longer_served_loses_the_speakers_conditions_with_the_opera
     the operator's release removes the speakers' `AnnouncedIPv4|6` next to its own status."""
     body = wait_for(
         "both families' conditions on service/dual",
-        lambda: found if all(_condition(found := _get(kubectl, "svc", "dual"), f"layerlb.dev/AnnouncedIPv{v}")
+        lambda: found if all(speakers.condition(found := _get(kubectl, "svc", "dual"), f"layerlb.dev/AnnouncedIPv{v}")
                              for v in (4, 6)) else None,
         TIMEOUT,
     )  # fmt: skip
@@ -475,10 +310,10 @@ def test_a_vip_nobody_may_announce_is_said_so_by_one_speaker(lab: dict[str, Any]
             "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
         },
     }
-    apply(kubectl, service)
+    speakers.apply(kubectl, service)
     condition = wait_for(
         "NotAnnounced",
-        lambda: _condition(_get(kubectl, "svc", "lonely"), "layerlb.dev/AnnouncedIPv4"),
+        lambda: speakers.condition(_get(kubectl, "svc", "lonely"), "layerlb.dev/AnnouncedIPv4"),
         TIMEOUT,
     )
     assert (condition["status"], condition["reason"], condition["message"]) == (
@@ -514,7 +349,7 @@ def _pool_status(
     """The pool, its node entries by node, and its InterfacesFound condition (empty dicts when absent)."""
     body = harness.get(kubectl, "vippool", name, None) or {}
     entries = {e["node"]: e for e in (body.get("status") or {}).get("nodes") or []}
-    return body, entries, _condition(body, "InterfacesFound") or {}
+    return body, entries, speakers.condition(body, "InterfacesFound") or {}
 
 
 def _entry_managers(body: dict[str, Any]) -> dict[str, set[str]]:
@@ -532,7 +367,7 @@ def test_a_pool_naming_a_missing_interface_says_so_per_node_and_in_its_condition
 ) -> None:
     """A pool naming a missing interface: each speaker writes its node's entry, the operator a False InterfacesFound
     naming the field, the interface and the nodes; a Warning Event too; all gone once the spec is fixed."""
-    apply(kubectl, _pool("ann-iface", ["eth0", "llb9"]))
+    speakers.apply(kubectl, _pool("ann-iface", ["eth0", "llb9"]))
     try:
 
         def reported() -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]] | None:
@@ -590,7 +425,7 @@ def test_the_entry_of_a_deleted_node_is_removed_by_a_live_speaker(
 ) -> None:
     """A Node gone for good leaves its entry with nobody to remove it but the speakers, which watch Nodes."""
     gone = "llb-ann-gone"
-    apply(kubectl, _pool("ann-gone", ["llb9"]), _node(gone))
+    speakers.apply(kubectl, _pool("ann-gone", ["llb9"]), speakers.node(gone))
     try:
         wait_for(
             "the live nodes' entries",
