@@ -218,7 +218,9 @@ def test_upgrade_with_changed_values_updates_and_removes_what_the_values_say(
     deployment = get(kubectl, "deployment", "layerlb", RELEASE_NS) or {}
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert deployment["spec"]["replicas"] == 2
-    assert container["args"][-2:] == ["--namespace", NS]
+    args = container["args"]
+    assert args[args.index("--namespace") : args.index("--namespace") + 2] == ["--namespace", NS]
+    assert args.count("--namespace") == 1  # the values' other namespace is gone
     assert {"name": "LAYERLB_DATAPLANE_IMAGE", "value": "ghcr.io/layerlb/layerlb:0.1.0-e2e"} in container[
         "env"
     ]
@@ -330,7 +332,13 @@ def test_the_notes_load_balancer_is_ready_by_the_operator_on_the_chart_rbac(
     kubectl.ok(*shlex.split(wait), "-n", NS)
     web = get(kubectl, "llb", "web") or {}
     assert condition(kubectl, "web", "Ready")["reason"] == "Serving"
-    assert health(web) == ("Healthy", f"1/1 forwarding pods serve generation {web['metadata']['generation']}")
+    # Ready includes the speakers' announcement (the chart runs them): "...; VIP announced".
+    state, message = health(web)
+    assert state == "Healthy", message
+    assert message.startswith(f"1/1 forwarding pods serve generation {web['metadata']['generation']}; "), (
+        message
+    )
+    assert message.endswith(" announced"), message
     logs = operator.logs()
     assert "ApplyFailed" not in logs and "Forbidden" not in logs, operator.tail()
 

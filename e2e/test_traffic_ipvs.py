@@ -119,7 +119,7 @@ def test_dsr_on_ipvs_backends_answer_the_client_directly(outcome: dict[str, Any]
     assert "ERROR" not in counted and len(counted) == 1, lines  # maglev hashes the client's address
     assert all(line.endswith(f"from={network.CLIENT}") for line in lines), lines
     table = outcome["ipvs"]["video"]
-    assert "mh" in table and "Route" in table, table
+    assert "mh" in table and "Route" in table and "mh-port" not in table, table
 
 
 def test_tunnel_on_ipvs_carries_udp_in_ip_in_ip(outcome: dict[str, Any]) -> None:
@@ -128,7 +128,8 @@ def test_tunnel_on_ipvs_carries_udp_in_ip_in_ip(outcome: dict[str, Any]) -> None
     assert "ERROR" not in counted and len(counted) == 1, lines  # source-hash and ClientIP affinity
     assert all(line.split(" ", 1)[1].startswith("ping") for line in lines), lines
     table = outcome["ipvs"]["game"]
-    assert "sh" in table and "Tunnel" in table, table
+    # source-hash under tunnel: Maglev by client address, the same table on every node (ECMP).
+    assert "mh" in table and "Tunnel" in table, table
 
 
 def test_deleting_them_removes_their_ipvs_services(outcome: dict[str, Any]) -> None:

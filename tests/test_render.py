@@ -367,8 +367,8 @@ def _l4_plan(
         (api.Algorithm.round_robin, api.AffinityType.None_, "mh-fallback,mh-port"),
         (api.Algorithm.least_connections, api.AffinityType.None_, "mh-fallback,mh-port"),
         (api.Algorithm.random_two_choices, api.AffinityType.None_, "mh-fallback,mh-port"),
-        (api.Algorithm.maglev, api.AffinityType.None_, "mh-fallback,mh-port"),
-        (api.Algorithm.ring_hash, api.AffinityType.None_, "mh-fallback,mh-port"),
+        (api.Algorithm.maglev, api.AffinityType.None_, "mh-fallback"),
+        (api.Algorithm.ring_hash, api.AffinityType.None_, "mh-fallback"),
         (api.Algorithm.source_hash, api.AffinityType.None_, "mh-fallback"),
         (api.Algorithm.round_robin, api.AffinityType.ClientIP, "mh-fallback"),
     ],
@@ -376,8 +376,8 @@ def _l4_plan(
 def test_dsr_and_tunnel_schedule_every_flow_by_maglev_so_every_node_picks_the_same_backend(
     architecture: api.Architecture, algorithm: api.Algorithm, affinity: api.AffinityType, flags: str
 ) -> None:
-    """mh-port hashes the client's port too (the flow); by client address alone for source-hash and
-    ClientIP affinity. nat keeps the algorithm's own scheduler (its flows cannot change node anyway)."""
+    """mh-port hashes the client's port too (the flow); by client address alone for the hashing algorithms
+    (their key is the client address) and ClientIP affinity. nat keeps the algorithm's own scheduler (its flows cannot change node anyway)."""
     p = _l4_plan(architecture, algorithm, affinity)
     assert ipvs_rules.ipvs_schedule(p, p.backends[0]) == ("mh", flags)
     (service,) = ipvs_rules.ipvs_services(p)

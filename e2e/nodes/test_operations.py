@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,12 +164,28 @@ def test_scaling_the_services_endpoints_moves_traffic_without_a_failed_request(l
     kubectl(lab.platform, "delete", "service", "app", "-n", namespace)
 
 
+def _settled(lab: Lab, name: str, replicas: int = 2) -> dict[str, Any] | None:
+    """The LoadBalancer once every replica serves and its status reads the same twice, 2 s apart."""
+    first = lab.load_balancer(name)
+    ready: dict[str, Any] = next(
+        (c for c in first.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {}
+    )
+    if not str(ready.get("message", "")).startswith(f"{replicas}/{replicas} "):
+        return None
+    time.sleep(2)  # the observation window: nothing may write meanwhile
+    second = lab.load_balancer(name)
+    return second if second["status"] == first["status"] else None
+
+
 def test_broken_load_balancers_are_refused_with_a_reason_and_the_others_keep_serving(lab: Lab) -> None:
     """A missing Service and a taken VIP each get Accepted=False with their reason and no forwarding pod;
     nothing changes for a LoadBalancer already serving: its status stays, and its traffic never fails."""
     namespace = lab.platform.namespace
-    shop = lab.deploy("l7-proxy-routes.yaml")
-    name, vip = shop["metadata"]["name"], shop["status"]["vip"]
+    deployed = lab.deploy("l7-proxy-routes.yaml")
+    name, vip = deployed["metadata"]["name"], deployed["status"]["vip"]
+    # Ready needs one serving replica; the status this test keeps is the one with both: the second replica's
+    # readiness may still move the VIP to its node (rendezvous over the eligible nodes) and rewrite Ready.
+    shop = harness.wait_for(f"{name}'s status settled with both replicas", lambda: _settled(lab, name), 120)
     missing = [{"name": "app", "service": {"name": "nowhere", "port": 80}}]
     broken = {
         "no-service": ("BackendNotFound", {"backends": missing}),

@@ -44,6 +44,12 @@ def test_a_host_network_nat_with_a_replica_on_each_node_is_answered_by_the_annou
     local, namespace = lan.local, lan.namespace
     nodes = {n.name: n.ip for n in local.cluster.node_list()}
     knob = "net.ipv4.conf.eth0.arp_ignore"
+    # A fresh node answers ARP for any of its addresses on any interface. Earlier kernel LoadBalancers of
+    # this session made these nodes strict (the setting outlives them, as on a real node): make them lax again.
+    for node in nodes:
+        for scope in ("all", "eth0"):
+            local.node_exec(node, "sysctl", "-q", "-w", f"net.ipv4.conf.{scope}.arp_ignore=0")
+            local.node_exec(node, "sysctl", "-q", "-w", f"net.ipv4.conf.{scope}.arp_announce=0")
     assert {local.node_exec(n, "sysctl", "-n", knob).strip() for n in nodes} == {"0"}, "the nodes start lax"
     lb = deploy(local, "l4-nat-nftables.yaml", lan.addresses, name="strict", replicas=len(nodes))
     name, vip = lb["metadata"]["name"], lb["status"]["vip"]

@@ -65,15 +65,16 @@ def ipvs_schedule(p: plan.Plan, backend: plan.Backend) -> tuple[str, str | None]
     same on every node that holds the same servers in the same order (the engine keeps that order,
     `diff`). Round-robin and the connection-counting algorithms keep per-node counters that no two nodes
     share, so under `dsr`/`tunnel` they balance by this consistent flow hash instead (as Katran and
-    Cilium's Maglev do); weights are honoured. `source-hash`, and ClientIP affinity (its persistence
-    templates live on one node), hash the client address alone (`mh` without `mh-port`): all of a
-    client's connections reach one backend, from every node.
+    Cilium's Maglev do); weights are honoured. The hashing algorithms (`source-hash`, `ring-hash`,
+    `maglev`: their key is the client address, as the API says) and ClientIP affinity (its persistence
+    templates live on one node) hash the client address alone (`mh` without `mh-port`): all of a
+    client's connections reach one backend, from every node — consistent across nodes all the same.
     """
     if p.architecture not in FLOW_HASHED_ARCHITECTURES:
         scheduler = ipvs_scheduler(backend)
         return scheduler, IPVS_SCHEDULER_FLAGS.get(scheduler)
     by_client = (
-        backend.algorithm is api.Algorithm.source_hash or p.session_affinity.type is api.AffinityType.ClientIP
+        backend.algorithm in api.HASHING_ALGORITHMS or p.session_affinity.type is api.AffinityType.ClientIP
     )
     return "mh", IPVS_SCHEDULER_FLAGS["mh"] if by_client else MH_FLOW_FLAGS
 

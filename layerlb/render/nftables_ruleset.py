@@ -156,7 +156,7 @@ def nft_dsr_rules(
         transport = listener.transport.lower()
         key = (
             f"{ip} saddr"
-            if backend.algorithm is api.Algorithm.source_hash
+            if backend.algorithm in api.HASHING_ALGORITHMS  # their key is the client address (the API's)
             else f"{ip} saddr . {transport} sport"
         )
         comment = (

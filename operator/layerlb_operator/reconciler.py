@@ -94,7 +94,7 @@ class Reconciler:
         self.client = client
         # Ready waits for a speaker's `status.announcement` (the chart's operator, when it runs speakers).
         self.ready_needs_announcement = ready_needs_announcement
-        self._announced: dict[str, str | None] = {}  # key → the announcing node the last status used
+        self._announced: dict[str, bool] = {}  # key → whether the last status saw its VIP announced
         self.settings = settings
         self.metrics = metrics
         self.now = now
@@ -238,7 +238,7 @@ class Reconciler:
                 announced=status.announced_by(document.get("status") or {}, outcome.vip),
                 needs_announcement=self.ready_needs_announcement,
             )
-            self._announced[key] = status.announced_by(document.get("status") or {}, new.get("vip"))
+            self._announced[key] = bool(status.announced_by(document.get("status") or {}, new.get("vip")))
             result = Result(
                 "failed" if apply_error else outcome.verdict, apply_error or outcome.accepted["message"]
             )
@@ -298,17 +298,17 @@ class Reconciler:
                 self.queue.touch(str(key), delay)
 
     def announcement_changed(self, document: Mapping[str, Any]) -> None:
-        """A LoadBalancer event: when a speaker wrote (or removed) its VIP's announcement since the last
-        status was computed, and Ready depends on it, compute the status again (kopf's update handlers
+        """A LoadBalancer event: when a speaker wrote its VIP's first announcement (or removed the last) since
+        the last status was computed, and Ready depends on it, compute the status again (kopf's update handlers
         never see a status-only change)."""
         if not self.ready_needs_announcement:
             return
         key = desired_state.key_of(document)
         current = document.get("status") or {}
-        if key in self._announced and self._announced[key] != status.announced_by(
-            current, current.get("vip")
+        if key in self._announced and self._announced[key] != bool(
+            status.announced_by(current, current.get("vip"))
         ):
-            self.queue.touch(key, self.status_delay)
+            self.queue.touch(key, self.status_delay)  # not on a move from node to node: Ready is the same
 
     def pod_gone(self, instance: tuple[str, str | None, str | None], pod: str) -> None:
         """A forwarding pod was deleted: drop its entry from the serving ConfigMap so entries do not pile up.

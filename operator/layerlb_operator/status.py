@@ -147,7 +147,8 @@ def ready(
                 "Events on this LoadBalancer say why)",
                 generation,
             )
-        message += f"; {vip} announced by {announced}"
+        # Not which node: the holder may move (ANNOUNCED BY shows it), and Ready would be rewritten each time.
+        message += f"; {vip} announced"
     return condition(READY, True, "Serving", message, generation)
 
 

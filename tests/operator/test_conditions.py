@@ -131,7 +131,7 @@ def test_where_speakers_announce_ready_also_waits_for_the_vips_announcement() ->
     )
     done = status.ready(**serving, reports=reports, vip="192.0.2.7", announced="node-2")  # type: ignore[arg-type]
     assert (done["status"], done["reason"], done["message"]) == (
-        "True", "Serving", "1/1 forwarding pods serve generation 4; 192.0.2.7 announced by node-2",
+        "True", "Serving", "1/1 forwarding pods serve generation 4; 192.0.2.7 announced",
     )  # fmt: skip
     pending = status.ready(**{**serving, "programmed": False}, reports=reports, vip="192.0.2.7")  # type: ignore[arg-type]
     assert pending["reason"] == "Pending"  # not serving comes first: no announcement makes it Ready

@@ -330,5 +330,5 @@ def test_with_speakers_ready_waits_for_the_announcement_and_a_speakers_write_rec
     ready = next(c for c in client.patched[-1][1]["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["message"]) == (
         "True",
-        f"1/1 forwarding pods serve generation 1; {vip} announced by n2",
+        f"1/1 forwarding pods serve generation 1; {vip} announced",
     )
