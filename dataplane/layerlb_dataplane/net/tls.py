@@ -50,9 +50,13 @@ def new_server_context() -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)
     context.set_alpn_protocols(list(ALPN_PROTOCOLS))
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    with contextlib.suppress(ValueError, ssl.SSLError):  # an OpenSSL without these groups keeps its default
-        context.set_ecdh_curve("prime256v1")
+    # No stateless session tickets: Python exposes no ticket-key callback, so a ticket key could never be
+    # rotated and would decrypt every TLS 1.2 session of the process's life (Mozilla's "intermediate"
+    # profile turns tickets off for that reason). Sessions still resume from the server's own cache
+    # (TLS 1.2 session IDs, TLS 1.3 stateful tickets). The key-exchange groups are OpenSSL's defaults
+    # (X25519 first, as HAProxy and Envoy): naming P-256 alone made every client that sends an X25519 key
+    # share (curl, browsers) pay a HelloRetryRequest round trip, and X25519-only clients fail.
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     return context
 
 
