@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from layerlb import api, plan
-from layerlb_dataplane.control import admin, config, probes
+from layerlb_dataplane.control import accept, admin, config, probes
 from layerlb_dataplane.core.metrics import Dump, Metrics, render
 from layerlb_dataplane.core.state import Registry, Snapshot
 from layerlb_dataplane.http.proxy import HttpListener
@@ -172,7 +172,7 @@ class Served:
     listener: plan.Listener
     sock: socket.socket
     handler: Handler
-    server: asyncio.AbstractServer | None = None
+    server: accept.Acceptor | None = None
     certificates: tls.CertificateStore | None = None
 
 
@@ -557,7 +557,6 @@ class Dataplane:
             inst.loopback_vip = None
 
     async def _serve(self, inst: Instance, listener: plan.Listener, sock: socket.socket) -> Served:
-        loop = asyncio.get_running_loop()
         if listener.transport == "UDP":
             udp = UdpListener(listener, inst.current, inst.metrics)
             await udp.start(sock)
@@ -570,11 +569,14 @@ class Dataplane:
             handler = HttpListener(listener, inst.current, inst.metrics)
         else:
             handler = TcpListener(listener, inst.current, inst.metrics)
-        server = await loop.create_server(
+        tcp = handler
+        sock.listen(BACKLOG)  # again when bound listening: harmless
+        server = accept.Acceptor(
+            sock,
             handler.protocol_factory,
-            sock=sock,
-            backlog=BACKLOG,
-            ssl=certificates.context if certificates is not None else None,
+            name=f"{inst.key} listener {listener.name}",
+            context=certificates.context if certificates is not None else None,
+            on_error=lambda reason: inst.metrics.accept_error(tcp.listener.name, reason),
         )
         return Served(listener, sock, handler, server, certificates)
 

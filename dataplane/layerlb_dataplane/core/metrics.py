@@ -40,7 +40,16 @@ _ROW: Final = len(BUCKETS) + 2  # one count per bucket, the +Inf bucket, then th
 
 Dump = dict[str, Any]
 # How many leading fields of a dumped row are its labels; the rest are values (durations: one list).
-_KEY_WIDTH: Final = {"requests": 3, "durations": 2, "active": 1, "accepted": 1, "failures": 2, "relayed": 2}
+_KEY_WIDTH: Final = {
+    "requests": 3,
+    "durations": 2,
+    "active": 1,
+    "accepted": 1,
+    "failures": 2,
+    "relayed": 2,
+    "accept_errors": 2,
+    "refused": 2,
+}
 
 
 class RequestSeries:
@@ -73,6 +82,8 @@ class Metrics:
         self.accepted: dict[str, int] = {}
         self.failures: dict[tuple[str, str], int] = {}
         self.relayed: dict[tuple[str, str], list[int]] = {}  # L4: [connections, bytes from client, to client]
+        self.accept_errors: dict[tuple[str, str], int] = {}
+        self.refused: dict[tuple[str, str], int] = {}
 
     def connection_opened(self, listener: str) -> None:
         """A client connection (or, for UDP, a flow) was accepted on `listener`."""
@@ -82,6 +93,16 @@ class Metrics:
     def connection_closed(self, listener: str) -> None:
         """A client connection (or UDP flow) on `listener` ended."""
         self.active[listener] = self.active.get(listener, 0) - 1
+
+    def accept_error(self, listener: str, reason: str) -> None:
+        """Accepting on `listener` failed: `reason` is EMFILE, ENFILE, ENOBUFS, ENOMEM or other."""
+        key = (listener, reason)
+        self.accept_errors[key] = self.accept_errors.get(key, 0) + 1
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        """A connection was closed by a limit (`reason`: max_connections or per_client) before being served."""
+        key = (listener, reason)
+        self.refused[key] = self.refused.get(key, 0) + 1
 
     def series(self, listener: str, backend: str) -> RequestSeries:
         """The request counters of `listener` and `backend` (created on first use)."""
@@ -122,6 +143,8 @@ class Metrics:
             "accepted": [[key, count] for key, count in self.accepted.items()],
             "failures": [[*key, count] for key, count in self.failures.items()],
             "relayed": [[*key, *row] for key, row in self.relayed.items()],
+            "accept_errors": [[*key, count] for key, count in self.accept_errors.items()],
+            "refused": [[*key, count] for key, count in self.refused.items()],
         }
 
 
@@ -195,6 +218,16 @@ _FAMILIES: Final = (
     ("layerlb_relayed_bytes_total", "counter", "L4 bytes relayed; direction received is from clients."),
     ("layerlb_upstream_failures_total", "counter", "Failed attempts to reach a backend, by kind."),
     (
+        "layerlb_accept_errors_total",
+        "counter",
+        "Failed accepts on a listener, by reason (EMFILE: out of file descriptors); accepting pauses.",
+    ),
+    (
+        "layerlb_connections_refused_total",
+        "counter",
+        "Client connections closed unserved by a limit (max_connections, per_client).",
+    ),
+    (
         "layerlb_backend_endpoints",
         "gauge",
         "A backend's endpoints: total in the Plan, and ready to take traffic.",
@@ -246,6 +279,13 @@ def render(dumps: Iterable[tuple[str, Dump]], extra: Iterable[str] = ()) -> str:
             lines["layerlb_upstream_failures_total"].append(
                 f"layerlb_upstream_failures_total{labels} {_number(count)}"
             )
+        for kind, name in (
+            ("accept_errors", "layerlb_accept_errors_total"),
+            ("refused", "layerlb_connections_refused_total"),
+        ):
+            for listener, reason, count in dump.get(kind, ()):
+                labels = _labels({**lb, "listener": listener, "reason": reason})
+                lines[name].append(f"{name}{labels} {_number(count)}")
         for backend, ready, total in dump.get("endpoints", ()):
             for state, count in (("ready", ready), ("total", total)):
                 labels = _labels({**lb, "backend": backend, "state": state})
