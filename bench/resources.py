@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 NAMESPACE = "bench"
+BENCH_CLIENTS = 1_000_000  # maxConnectionsPerClient: the bench's many connections come from one address
 IDLE_SECONDS = 300  # longer than any scenario, so no idle timeout closes a connection under measurement
 
 Resource = dict[str, Any]
@@ -41,7 +42,10 @@ def l7_proxy(vip: str, port: int, backend_ports: Sequence[int], name: str = "ben
             "mode": "L7",
             "architecture": "proxy",
             "vip": vip,
-            "listeners": [{"name": "http", "port": port, "protocol": "HTTP"}],
+            # Every bench client is one address (loopback): the per-client cap must not bind.
+            "listeners": [
+                {"name": "http", "port": port, "protocol": "HTTP", "maxConnectionsPerClient": BENCH_CLIENTS}
+            ],
             "backends": [{"name": "web", "endpoints": _endpoints("127.0.0.1", backend_ports)}],
             "defaultBackend": "web",
             "timeouts": {"idleSeconds": IDLE_SECONDS},
@@ -57,7 +61,9 @@ def l4_proxy(vip: str, port: int, backend_ports: Sequence[int], name: str = "ben
             "mode": "L4",
             "architecture": "proxy",
             "vip": vip,
-            "listeners": [{"name": "tcp", "port": port, "protocol": "TCP"}],
+            "listeners": [
+                {"name": "tcp", "port": port, "protocol": "TCP", "maxConnectionsPerClient": BENCH_CLIENTS}
+            ],
             "backends": [{"name": "web", "endpoints": _endpoints("127.0.0.1", backend_ports)}],
             "timeouts": {"idleSeconds": IDLE_SECONDS},
         },

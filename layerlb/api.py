@@ -47,6 +47,10 @@ MAX_ENDPOINTS = 1024
 MAX_ROUTES = 256
 MAX_NAME = 63
 MAX_WEIGHT = 256  # HAProxy's bound, tighter than IPVS' 65535, so every render of a Plan is valid.
+# A client address's concurrent connections when a proxy listener sets no maxConnectionsPerClient: far
+# above what browsers (6 per origin) or a large NAT need, low enough that one address cannot hold every
+# descriptor of a forwarding pod (docs/security.md, "Limits against resource abuse").
+PER_CLIENT_CONNECTIONS = 1000
 
 
 class Mode(StrEnum):
@@ -195,6 +199,14 @@ class Listener(Model):
     maxConnections: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] | None = Field(
         default=None,
         description="Cap on concurrent client connections; beyond it new ones wait in the backlog.",
+    )
+    maxConnectionsPerClient: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] | None = Field(
+        default=None,
+        description=(
+            f"Cap on one client address's concurrent connections (proxy architectures; default "
+            f"{PER_CLIENT_CONNECTIONS}); beyond it a new one gets 503 (L7) or is closed (L4). Connections "
+            "from acceptProxyProtocol's trusted networks are not counted."
+        ),
     )
     acceptProxyProtocol: AcceptProxyProtocol | None = Field(
         default=None, description="Read a PROXY protocol header from trusted clients (proxy architectures)."

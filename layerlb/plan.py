@@ -59,6 +59,7 @@ class Listener(Frozen):
         default=(), description="HTTPS: the first is the default; SNI picks among the rest by name."
     )
     max_connections: int | None = None
+    max_connections_per_client: int | None = None
     accept_proxy_protocol: AcceptProxyProtocol | None = None
 
 

@@ -116,6 +116,7 @@ def resolve(resource: api.LoadBalancer, view: View) -> plan.Plan:
             return None
 
     listeners = []
+    proxy = spec.architecture in (api.Architecture.proxy, api.Architecture.transparent)
     for index, listener in enumerate(spec.listeners):
         certificates: list[plan.Certificate] = []
         if listener.tls is not None:
@@ -136,6 +137,11 @@ def resolve(resource: api.LoadBalancer, view: View) -> plan.Plan:
                 transport=api.transport(listener.protocol),
                 certificates=tuple(certificates),
                 max_connections=listener.maxConnections,
+                max_connections_per_client=(
+                    (listener.maxConnectionsPerClient or api.PER_CLIENT_CONNECTIONS)
+                    if proxy and api.transport(listener.protocol) == "TCP"
+                    else None
+                ),
                 accept_proxy_protocol=(
                     plan.AcceptProxyProtocol(trusted_cidrs=tuple(accept.trustedCIDRs)) if accept else None
                 ),

@@ -167,11 +167,16 @@ def _proxy_listeners(spec: LoadBalancerSpec) -> str | None:
     bad = [
         listener.name
         for listener in spec.listeners
-        if listener.acceptProxyProtocol is not None or listener.maxConnections is not None
+        if listener.acceptProxyProtocol is not None
+        or listener.maxConnections is not None
+        or listener.maxConnectionsPerClient is not None
     ]
     if not bad or _is_proxy(spec):
         return None
-    return f"acceptProxyProtocol and maxConnections need architecture proxy or transparent: {_list(bad)}"
+    return (
+        "acceptProxyProtocol, maxConnections and maxConnectionsPerClient need architecture proxy or "
+        f"transparent: {_list(bad)}"
+    )
 
 
 def _proxy_settings(spec: LoadBalancerSpec) -> str | None:
@@ -509,9 +514,11 @@ RULES: tuple[Rule, ...] = (
          ".format([self.backends.filter(b, has(b.proxyProtocol)).map(b, b.name)])",
          _proxy_protocol_backends),
     Rule(LB, "spec", ".listeners",
-         f"self.architecture in {PROXIES} || self.listeners.all(l, !has(l.acceptProxyProtocol) && !has(l.maxConnections))",
-         "'acceptProxyProtocol and maxConnections need architecture proxy or transparent: %s'.format(["
-         "self.listeners.filter(l, has(l.acceptProxyProtocol) || has(l.maxConnections)).map(l, l.name)])",
+         f"self.architecture in {PROXIES} || self.listeners.all(l, !has(l.acceptProxyProtocol) && "
+         "!has(l.maxConnections) && !has(l.maxConnectionsPerClient))",
+         "'acceptProxyProtocol, maxConnections and maxConnectionsPerClient need architecture proxy or "
+         "transparent: %s'.format([self.listeners.filter(l, has(l.acceptProxyProtocol) || "
+         "has(l.maxConnections) || has(l.maxConnectionsPerClient)).map(l, l.name)])",
          _proxy_listeners),
     Rule(LB, "spec", ".timeouts",
          f"!has(self.timeouts) || self.architecture in {PROXIES}",

@@ -318,7 +318,7 @@ def test_an_unknown_field_lists_the_valid_fields_of_its_object() -> None:
     listeners = [{"name": "http", "port": 8080, "protocol": "HTTP", "targetPort": 9001}]
     assert _problems(_lb(_spec(listeners=listeners))) == [
         "spec.listeners[0].targetPort: unknown field; valid fields: name, port, protocol, tls, maxConnections, "
-        "acceptProxyProtocol"
+        "maxConnectionsPerClient, acceptProxyProtocol"
     ]
 
 
@@ -362,6 +362,24 @@ def test_a_weight_above_256_is_out_of_range() -> None:
     backends = [{"name": "app", "endpoints": [{"address": "127.0.0.1", "weight": 257}]}]
     assert _problems(_lb(_spec(backends=backends))) == [
         "spec.backends[0].endpoints[0].weight: 257 is out of range; must be <= 256"
+    ]
+
+
+def test_max_connections_per_client_is_bounded_and_proxy_only() -> None:
+    listeners = [{"name": "http", "port": 8080, "protocol": "HTTP", "maxConnectionsPerClient": 0}]
+    assert _problems(_lb(_spec(listeners=listeners))) == [
+        "spec.listeners[0].maxConnectionsPerClient: 0 is out of range; must be >= 1"
+    ]
+    kernel = _spec(
+        mode="L4",
+        architecture="nat",
+        defaultBackend=None,
+        listeners=[{"name": "tcp", "port": 8080, "protocol": "TCP", "maxConnectionsPerClient": 10}],
+    )
+    del kernel["defaultBackend"]
+    assert _problems(_lb(kernel)) == [
+        "spec.listeners: acceptProxyProtocol, maxConnections and maxConnectionsPerClient need architecture "
+        'proxy or transparent: ["tcp"]'
     ]
 
 

@@ -219,9 +219,18 @@ def haproxy_frontends(p: plan.Plan, cert_dir: str) -> list[HAProxyFrontend]:
         lines: list[str] = []
         if listener.max_connections is not None:
             lines.append(f"maxconn {listener.max_connections}")
+        networks = ""
         if listener.accept_proxy_protocol is not None:
             networks = " ".join(listener.accept_proxy_protocol.trusted_cidrs)
             lines.append(f"tcp-request connection expect-proxy layer4 if {{ src {networks} }}")
+        if listener.max_connections_per_client is not None:
+            # One client address's open connections (trusted PROXY senders not counted), as the data plane.
+            unless = f" if !{{ src {networks} }}" if networks else ""
+            lines += [
+                "stick-table type ipv6 size 1m expire 60s store conn_cur",
+                f"tcp-request connection track-sc0 src{unless}",
+                f"tcp-request connection reject if {{ sc0_conn_cur gt {listener.max_connections_per_client} }}",
+            ]
         if l7:
             lines.append("option forwardfor")
             proto = "https" if https else "http"

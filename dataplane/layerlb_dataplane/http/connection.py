@@ -137,6 +137,11 @@ class ClientConnection(Exchange, asyncio.Protocol):
         elif not self.transport.is_closing():
             self._pause(PAUSED_QUEUED)
 
+    @property
+    def behind_proxy(self) -> bool:
+        """The peer must send a PROXY header (a trusted proxy): the per-client cap does not count it."""
+        return self.proxy_parser is not None
+
     def admit(self) -> None:
         """A slot under the connection cap is ours: start reading (the header timeout runs from now)."""
         self.admitted = True

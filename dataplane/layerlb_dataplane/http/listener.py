@@ -70,6 +70,11 @@ class Connection(Protocol):
     transport: asyncio.Transport
     admitted: bool
     state: int
+    client_ip: str  # the peer's address (a PROXY header may replace it later)
+
+    @property
+    def behind_proxy(self) -> bool:
+        """The peer is a trusted PROXY-protocol sender whose header is still to come: its clients are many."""
 
     def admit(self) -> None:
         """A slot under the connection cap freed: start reading requests."""

@@ -18,6 +18,10 @@ Behaviour, in short:
 - Connection cap (`listener.max_connections`, per worker process): connections beyond it are accepted but
   not read until a slot frees, so they wait as the API promises (like HAProxy's maxconn); when as many
   again are already waiting, a further one is answered 503 and closed.
+- Per-client cap (`listener.max_connections_per_client`, per worker process, like nginx's `limit_conn`
+  on the address or HAProxy's `sc_conn_cur`): a client address holding that many connections (admitted
+  or waiting) gets 503 and a close for the next one; trusted PROXY-protocol peers are not counted (their
+  clients are many).
 - TLS is the runtime's (it passes the context to `create_server`); HTTPS listeners send
   `X-Forwarded-Proto: https` and mark the affinity cookie Secure.
 - `close(timeout)` drains: idle connections close at once, busy ones after their response.
@@ -55,6 +59,9 @@ class HttpListener:
         self.connections: set[Connection] = set()
         self.admitted = 0
         self.waiting: deque[Connection] = deque()
+        # Per-client cap: open connections by client address, and the address each counted one holds.
+        self.per_client: dict[str, int] = {}
+        self.counted: dict[Connection, str] = {}
         self.pool = upstream.UpstreamPool()
         self.affinity = affinity.Affinity()
         self.closing = False
@@ -122,11 +129,25 @@ class HttpListener:
         if self.closing:
             connection.transport.close()
             return False
+        limit = self.listener.max_connections_per_client
+        if limit is not None and not connection.behind_proxy:
+            ip = connection.client_ip
+            count = self.per_client.get(ip, 0)
+            if count >= limit:
+                self.metrics.connection_refused(self.name, "per_client")
+                connection.transport.write(
+                    error_response(503, "too many connections from this address", close=True)
+                )
+                connection.transport.close()
+                return False
+            self.per_client[ip] = count + 1
+            self.counted[connection] = ip
         cap = self.listener.max_connections
         if cap is None or self.admitted < cap:
             self.admitted += 1
             return True
         if len(self.waiting) >= cap:
+            self.metrics.connection_refused(self.name, "max_connections")
             connection.transport.write(error_response(503, "too many connections", close=True))
             connection.transport.close()
             return False
@@ -137,6 +158,13 @@ class HttpListener:
         """A connection ended: free its slot (a waiting connection may start) and note a finished drain."""
         self.connections.discard(connection)
         self.metrics.connection_closed(self.name)
+        ip = self.counted.pop(connection, None)
+        if ip is not None:
+            left = self.per_client[ip] - 1
+            if left:
+                self.per_client[ip] = left
+            else:
+                del self.per_client[ip]
         if connection.admitted:
             self.admitted -= 1
             self._admit_waiting()

@@ -68,6 +68,7 @@ class TcpListener:
         self.metrics = metrics
         self.connections: set[_Client] = set()
         self.waiting: deque[_Client] = deque()  # accepted beyond max_connections, not read yet
+        self.per_client: dict[str, int] = {}  # open connections by client address (the per-client cap)
         self.idle = asyncio.Event()
         self.idle.set()
         self.closing = False
@@ -105,6 +106,9 @@ class TcpListener:
         cap = self.listener.max_connections
         if self.closing:
             client.transport.close()
+        elif not self._count(client):
+            self.metrics.connection_refused(self.listener.name, "per_client")
+            client.transport.abort()
         elif cap is not None and len(self.connections) >= cap:
             client.transport.pause_reading()
             self.waiting.append(client)
@@ -113,8 +117,32 @@ class TcpListener:
             self.idle.clear()
             client.start()
 
+    def _count(self, client: _Client) -> bool:
+        """Count `client` against its address's cap: False when the address already holds as many.
+
+        Trusted PROXY-protocol peers are not counted: the clients behind one are many.
+        """
+        limit = self.listener.max_connections_per_client
+        accept = self.listener.accept_proxy_protocol
+        ip = client.source[0]
+        if limit is None or (accept is not None and proxy_protocol.trusted(ip, accept.trusted_cidrs)):
+            return True
+        count = self.per_client.get(ip, 0)
+        if count >= limit:
+            return False
+        self.per_client[ip] = count + 1
+        client.counted = ip
+        return True
+
     def _closed(self, client: _Client) -> None:
         self.metrics.connection_closed(self.listener.name)
+        ip = client.counted
+        if ip is not None:
+            left = self.per_client[ip] - 1
+            if left:
+                self.per_client[ip] = left
+            else:
+                del self.per_client[ip]
         self.connections.discard(client)
         if not self.closing:
             self._admit()
@@ -146,6 +174,7 @@ class _Client(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.done = False
         self.first = True
+        self.counted: str | None = None  # the address this connection counts against (per-client cap)
 
     # --- the client's transport ---------------------------------------------------------------------
 
@@ -471,7 +500,8 @@ class UdpListener:
         flow.send(data)
 
     def _open(self, client: tuple[str, int]) -> _Flow | None:
-        if len(self.flows) >= self.max_flows:
+        cap = self.listener.max_connections  # a UDP listener's connections are its flows
+        if len(self.flows) >= (self.max_flows if cap is None else min(cap, self.max_flows)):
             self.dropped += 1
             if self.dropped & (self.dropped - 1) == 0:  # log the 1st, 2nd, 4th, 8th... drop
                 log.warning(
