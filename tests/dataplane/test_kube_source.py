@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
@@ -55,6 +56,8 @@ class FakeApi:
         self.patches: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.patch_failures: list[Exception] = []
         self.secrets: dict[str, dict[str, Any]] = {}
+        self.secret_reads = 0  # every get_secret, so a test can wait for the source to have looked again
+        self.read = threading.Condition()
 
     def list(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
         self.lists.append(f"{namespace}/{name}")
@@ -75,7 +78,22 @@ class FakeApi:
             yield item
 
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self.read:
+            self.secret_reads += 1
+            self.read.notify_all()
         return self.secrets.get(name)
+
+    async def secret_read_again(self, times: int = 2) -> None:
+        """Return once the source has read Secrets `times` more times: then it has acted on at least one
+        read that began after this call (it reads, decides, waits `secret_poll`, reads again)."""
+        with self.read:
+            wanted = self.secret_reads + times
+
+        def wait() -> bool:
+            with self.read:
+                return self.read.wait_for(lambda: self.secret_reads >= wanted, 10)
+
+        assert await asyncio.to_thread(wait), "the source did not read the Secret again"
 
     def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         if self.patch_failures:
@@ -373,7 +391,7 @@ def test_keys_come_from_the_named_secret_and_a_renewed_one_is_loaded_without_a_n
     async def scenario() -> tuple[bool, str, str, str, str]:
         source = kube_source.ConfigMapSource("shop", "web-plan", api, "web-1", secret_poll=0.05)
         starting = asyncio.create_task(source.start())
-        await asyncio.sleep(0.3)
+        await api.secret_read_again()  # it looked for the Secret, found none, and looks again
         waited = not starting.done()  # no key yet: not a valid Plan to serve
         api.secrets["web-tls"] = tls_secret("first")
         await starting
@@ -382,7 +400,7 @@ def test_keys_come_from_the_named_secret_and_a_renewed_one_is_loaded_without_a_n
         await source.changed()
         renewed = source.load()[0].listeners[0].certificates[0]
         del api.secrets["web-tls"]  # gone: the last good pair keeps serving
-        await asyncio.sleep(0.3)
+        await api.secret_read_again()  # a read after the deletion was acted on
         kept = source.load()[0].listeners[0].certificates[0]
         await stopped(source, api)
         return waited, first.key_pem, renewed.cert_pem, renewed.key_pem, kept.key_pem

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from layerlb_operator import apiserver, cluster_view, objects, reconciler, status, sync_result
 from layerlb_operator.metrics import Metrics
+
+from tests.clock import Clock
 
 T = TypeVar("T")
 
@@ -98,6 +100,15 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
 
 
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Yield to the loop until `condition()` holds (the code under test reached a state), or fail."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.005)
+
+
 def test_an_unchanged_load_balancer_synced_twice_patches_its_status_once() -> None:
     worker, client, store = _setup(_lb("a"))
     first = _run(worker.sync(store["shop/a"][0]))
@@ -143,23 +154,35 @@ def test_deleting_a_load_balancer_frees_its_vip_for_one_that_waits() -> None:
 
 def test_a_burst_of_endpoint_changes_re_renders_the_affected_load_balancer_once() -> None:
     worker, client, _ = _setup(_lb("a", service="app"), _lb("b"))
+    clock = worker.queue.clock = Clock()  # the queue's time moves only when the test says
+    renders: list[str] = []
+    sync = worker.sync
+
+    async def counted(document: Any) -> sync_result.Result:
+        renders.append(f"{document['metadata']['namespace']}/{document['metadata']['name']}")
+        return await sync(document)
+
+    worker.sync = counted  # type: ignore[method-assign]
 
     async def scenario() -> None:
         runner = asyncio.create_task(worker.run())
-        for _ in range(20):
+        for _ in range(20):  # a burst, the runner free to take work between the changes
             worker.touch(("service", "shop", "app"))
+            for _ in range(5):
+                await asyncio.sleep(0)
         worker.touch(("service", "shop", "unrelated"))
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if client.patched:
-                break
-        await asyncio.sleep(0.1)
+        assert renders == [] and len(worker.queue) == 1  # nothing due while the debounce runs
+        clock.now += worker.queue.delay
+        # Idle: the render ran and queued its retry; with the clock still, nothing else can come due.
+        await _until(lambda: bool(client.patched) and "shop/a" in worker.queue, "rendered and requeued")
+        assert worker.queue.pop_due() == []
+        assert worker.queue.next_due() == clock.now + reconciler.backoff(1)  # transient: retried with backoff
         runner.cancel()
 
     _run(scenario())
+    assert renders == ["shop/a"]
     assert [key for key, _ in client.patched] == ["shop/a"]
     assert client.patched[0][1]["conditions"][0]["reason"] == "BackendNotFound"
-    assert "shop/a" in worker.queue  # transient: retried with backoff
 
 
 def test_a_load_balancer_being_deleted_is_not_reconciled() -> None:
@@ -201,11 +224,18 @@ def test_deletion_writes_the_empty_plan_and_waits_until_every_running_pod_remove
     worker, client, store = _setup(_lb("a"))
     _pods(worker, ("a-1", True), ("a-2", False), serving={"a-1": "1"})
 
+    instance = ("instance", "shop", "a")
+
+    def waiting_again() -> bool:
+        """The deletion looked at the pods' latest reports and waits on its change event once more."""
+        changed = worker._changed.get(instance)
+        return changed is not None and not changed.is_set()
+
     async def scenario() -> list[str]:
         deleting = asyncio.create_task(worker.forget(store["shop/a"][0]))
         seen = []
         for report in ({"a-1": "removed"}, {"a-1": "removed", "a-2": "removed"}):
-            await asyncio.sleep(0.05)
+            await _until(lambda: deleting.done() or waiting_again(), "the deletion settled")
             seen.append("done" if deleting.done() else "waiting")
             _pods(worker, ("a-1", True), ("a-2", False), serving=report)
             worker.touch(("instance", "shop", "a"))
@@ -265,23 +295,24 @@ def test_a_pods_change_moves_ready_at_once_while_endpoint_changes_wait_for_the_d
     references[("instance", "shop", "a")] = references[("service", "shop", "app")] = ["shop/a"]
     _pods(worker, ("a-1", True), serving={"a-1": "1"})
 
-    async def scenario() -> float:
-        runner = asyncio.create_task(worker.run())
-        worker.touch(("service", "shop", "app"))
-        await asyncio.sleep(0.3)
-        assert client.patched == [], "the endpoint change waits for the debounce"
-        started = asyncio.get_running_loop().time()
-        worker.touch(("instance", "shop", "a"))  # the pod became Ready, or reported what it serves
-        while not client.patched and asyncio.get_running_loop().time() - started < 10:
-            await asyncio.sleep(0.01)
-        runner.cancel()
-        return asyncio.get_running_loop().time() - started
+    clock = worker.queue.clock = Clock()
+    start = clock.now
 
-    took = _run(scenario())
+    async def scenario() -> None:
+        worker.touch(("service", "shop", "app"))
+        assert worker.queue.next_due() == start + 30.0, "the endpoint change waits for the debounce"
+        worker.touch(("instance", "shop", "a"))  # the pod became Ready, or reported what it serves
+        assert worker.queue.next_due() == start + worker.status_delay  # the same key, due much sooner
+        clock.now = start + worker.status_delay
+        runner = asyncio.create_task(worker.run())
+        await _until(lambda: bool(client.patched), "the status written")
+        assert len(worker.queue) == 0  # handed out once: the endpoint change's entry went with it
+        runner.cancel()
+
+    _run(scenario())
     [(key, patched)] = client.patched
     ready = next(c for c in patched["conditions"] if c["type"] == "Ready")
     assert key == "shop/a" and ready["status"] == "True", patched
-    assert took < 5, f"Ready followed the pod after {took:.2f} s"
 
 
 def test_the_speakers_announcement_is_never_written_compared_or_dropped_by_the_operator() -> None:
