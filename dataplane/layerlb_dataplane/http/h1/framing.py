@@ -129,8 +129,14 @@ def _llhttp_is_strict() -> bool:
 LLHTTP_STRICT: Final = _llhttp_is_strict()
 
 
-def parse_length(values: list[bytes]) -> int:
-    """Content-Length: digits only; a list (or repeated header) only when every value agrees."""
+def parse_length(values: list[bytes], *, only_one: bool = False) -> int:
+    """Content-Length: digits only; a list (or repeated header) only when every value agrees.
+
+    `only_one` (requests) refuses even agreeing lists and repeats (RFC 9110 8.6 lets a recipient refuse
+    them): nginx does, so a request that reached a backend behind nginx would not mean the same there.
+    """
+    if only_one and (len(values) > 1 or b"," in values[0]):
+        raise ParseError(400, "more than one Content-Length value")
     result: int | None = None
     for value in values:
         for part in value.split(b","):
@@ -145,20 +151,25 @@ def parse_length(values: list[bytes]) -> int:
     return result
 
 
-def parse_codings(values: list[bytes]) -> bytes:
+def parse_codings(values: list[bytes], *, only_chunked: bool = False) -> bytes:
     """The transfer codings before the final `chunked` (b"" for plain chunked); refuse anything else.
 
-    Only registered codings are known; the last must be `chunked`, and `chunked` may appear once only
-    (RFC 9112 6.1): otherwise the message length is unknowable and the message is refused.
+    The last coding must be `chunked`, and `chunked` may appear once only (RFC 9112 6.1, 6.3): otherwise
+    the message length is unknowable (400). Before it, only registered codings are known (400 for others);
+    `only_chunked` (requests) refuses every other coding with 501 (RFC 9112 6.1: a coding the server does
+    not implement), as nginx (501) and HAProxy (422) do: the proxy does not decode them and will not
+    hand a backend a request body in a coding neither common proxy forwards.
     """
     codings = [coding.strip(b" \t").lower() for value in values for coding in value.split(b",")]
     if not codings or codings[-1] != b"chunked":
         raise ParseError(400, "Transfer-Encoding must end with chunked")
-    for coding in codings:
-        if coding not in KNOWN_CODINGS:
-            raise ParseError(400, "unknown transfer coding")
     if codings.count(b"chunked") != 1:
         raise ParseError(400, "chunked applied more than once")
+    for coding in codings:
+        if coding not in KNOWN_CODINGS:
+            raise ParseError(501 if only_chunked else 400, "unknown transfer coding")
+    if only_chunked and len(codings) > 1:
+        raise ParseError(501, "transfer coding other than chunked")
     return b", ".join(codings[:-1])
 
 

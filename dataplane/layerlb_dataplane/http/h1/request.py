@@ -43,6 +43,12 @@ _REQUEST_LINES: Final = re.compile(
 # origin-form target of RFC 3986 characters only (a subset of what llhttp accepts).
 _TARGET_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@%/?"
 _METHODS: set[bytes] = set()
+# A method is any token (RFC 9110 9.1, 5.6.2), case-sensitive; those llhttp does not know are checked here.
+_METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# What llhttp sees in place of such a method: a method llhttp frames by Content-Length and
+# Transfer-Encoding only, as the proxy frames every request.
+_STAND_IN: Final = b"GET"
+_VERSION: Final = re.compile(rb" HTTP/([0-9])\.[0-9]")
 # reg-name, IPv4 or IP-literal, and an optional port: what a Host header may hold (RFC 3986 3.2.2).
 _HOST_VALUE: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?")
 
@@ -295,6 +301,10 @@ class RequestParser:
             raise ParseError(431, "request header block too large")
         if b"\n" in data and data.count(b"\n") != data.count(b"\r\n"):
             raise ParseError(400, "bare LF in the request head")
+        if line >= 0:
+            version = data[line - 9 : line]
+            if version != b" HTTP/1.1" and version != b" HTTP/1.0":
+                _check_version(data, line)  # an HTTP/0.9 line is refused now, not at the header timeout
         self._scanned = max(0, len(data) - 3)
         self._buf = data if isinstance(data, bytearray) else bytearray(data)
 
@@ -309,6 +319,9 @@ class RequestParser:
         if data[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines (CRLF) before a request line
             stripped = data.lstrip(b"\r\n")
             skipped = len(data) - len(stripped)
+            if not stripped and skipped % 2:  # the read ends inside a CRLF: its LF comes in the next one
+                skipped -= 1
+                stripped = data[skipped:]
             if data[:skipped] != b"\r\n" * (skipped // 2):
                 raise ParseError(400, "bare CR or LF before the request line")
             data = stripped
@@ -329,9 +342,7 @@ class RequestParser:
             raise ParseError(431, "request header block too large")
         version = head[line - 9 : line]
         if version != b" HTTP/1.1" and version != b" HTTP/1.0":
-            if head.startswith(b"PRI * HTTP/2"):
-                raise ParseError(505, "HTTP/2 without TLS is not served")
-            raise ParseError(505 if b" HTTP/" in head[:line] else 400, "not an HTTP/1.x request line")
+            _check_version(head, line)  # HTTP/1.2 to 1.9 pass (as HTTP/1.1), the rest is refused
         request = None
         block = self._memo_block
         if version == b" HTTP/1.1" and block and end + 4 - line == len(block) and head.endswith(block):
@@ -373,24 +384,55 @@ class RequestParser:
         """The whole head through llhttp, then `_interpret`; remembered for the next head (HTTP/1.1)."""
         if not LLHTTP_STRICT:
             check_head(head)
+        method, _, target = head[: line - 9].partition(b" ")
+        known_method = True
         try:
             self._llhttp.feed_data(head)
         except httptools.HttpParserUpgrade:
             self._llhttp = httptools.HttpRequestParser(VALIDATOR)  # llhttp stays paused after an upgrade
         except httptools.HttpParserError as error:
             self._llhttp = httptools.HttpRequestParser(VALIDATOR)
-            raise ParseError(400, f"malformed request: {error}") from None
-        method, _, target = head[: line - 9].partition(b" ")
+            known_method = self._check_stand_in(head, method, line, error)
         request = self._interpret(head, method, target, line, end, http10)
         if request.has_body or not request.keep_alive:
             # llhttp would expect the body next (the proxy frames bodies itself), or refuse more after "close"
             self._llhttp = httptools.HttpRequestParser(VALIDATOR)
         if not http10 and target[:1] == b"/":
-            _METHODS.add(method)
+            if known_method:  # llhttp's table is finite; extension methods would grow the set without bound
+                _METHODS.add(method)
             self._memo_head = head
             self._memo_block = head[line:]
             self._memo_request = request
         return request
+
+    def _check_stand_in(self, head: bytes, method: bytes, line: int, error: Exception) -> bool:
+        """A head llhttp refused for its method or version alone, checked again by llhttp behind a stand-in
+        request line with the same framing; returns whether the method is one llhttp knows.
+
+        llhttp's method table is fixed and it knows HTTP/1.0 and 1.1 only, but any token is a method
+        (RFC 9110 9.1: lower-case ones are other methods, kept as sent) and HTTP/1.2 to 1.9 are served as
+        HTTP/1.1 (RFC 9112 2.3). The method is checked here; llhttp checks the rest of the head in C, so
+        these requests are held to the same rules as every other (this runs only after a refusal: the
+        common request pays nothing).
+        """
+        stand_in = head
+        if head[line - 1] > 0x31:  # HTTP/1.2 to 1.9 (`_check_version` let only those through)
+            stand_in = head[: line - 1] + b"1" + head[line:]
+        known = not isinstance(error, httptools.HttpParserInvalidMethodError)
+        if not known:
+            if _METHOD.fullmatch(method) is None:
+                raise ParseError(400, "malformed method (a token is expected)")
+            stand_in = _STAND_IN + stand_in[len(method) :]
+        elif stand_in is head:
+            raise ParseError(400, f"malformed request: {error}")
+        try:
+            self._llhttp.feed_data(stand_in)
+        except httptools.HttpParserUpgrade:
+            self._llhttp = httptools.HttpRequestParser(VALIDATOR)
+        except httptools.HttpParserError as again:
+            self._llhttp = httptools.HttpRequestParser(VALIDATOR)
+            raise ParseError(400, f"malformed request: {again}") from None
+        return known
 
     def _interpret(
         self, head: bytes, method: bytes, target: bytes, line: int, end: int, http10: bool
@@ -478,13 +520,13 @@ class RequestParser:
         if request.target[:1] != b"/" and request.target != b"*":
             self._absolute_form(request, head, low, line, end, spans)
         if lengths is not None:
-            request.content_length = parse_length(lengths)
+            request.content_length = parse_length(lengths, only_one=True)
         if codings is not None:
             if http10:
                 raise ParseError(400, "Transfer-Encoding in an HTTP/1.0 request")
             if lengths is not None:
                 raise ParseError(400, "both Content-Length and Transfer-Encoding")
-            request.codings = parse_codings(codings)
+            request.codings = parse_codings(codings, only_chunked=True)
             request.chunked = True
         request.has_body = request.chunked or bool(request.content_length)
         listed = tokens(connection) if connection is not None else set()
@@ -523,3 +565,18 @@ class RequestParser:
         request.host_in_block = False
         spans += listed_lines(head, low, line, end, {b"host"})
         spans.sort()
+
+
+def _check_version(head: bytes | bytearray, line: int) -> None:
+    """Refuse a request line whose version is not HTTP/1.x: 505 for another major, 400 for none (HTTP/0.9).
+
+    HTTP/1.2 to 1.9 pass: a recipient of a higher minor version than its own processes the message as
+    the highest it conforms to (RFC 9112 2.3), and the proxy forwards every request as HTTP/1.1.
+    """
+    if head.startswith(b"PRI * HTTP/2"):
+        raise ParseError(505, "HTTP/2 without TLS is not served")
+    match = _VERSION.fullmatch(head, line - 9, line)
+    if match is None:
+        raise ParseError(400, "not an HTTP/1.x request line (method, target, HTTP/1.x)")
+    if match.group(1) != b"1":
+        raise ParseError(505, "only HTTP/1.x is served on this connection")

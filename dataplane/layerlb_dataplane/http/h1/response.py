@@ -257,7 +257,17 @@ class ResponseParser:
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError as error:
-            raise ParseError(502, f"malformed response: {error}") from None
+            if not 0x32 <= head[7] <= 0x39:
+                raise ParseError(502, f"malformed response: {error}") from None
+            # llhttp knows HTTP/1.0 and 1.1 only: a later 1.x minor (RFC 9112 2.3) is checked as the
+            # HTTP/1.1 the proxy takes it for and forwards it as.
+            llhttp = self._llhttp = httptools.HttpResponseParser(VALIDATOR)
+            try:
+                llhttp.feed_data(b"HTTP/1.1" + head[8:])
+            except httptools.HttpParserUpgrade:
+                pass
+            except httptools.HttpParserError as again:
+                raise ParseError(502, f"malformed response: {again}") from None
         status = llhttp.get_status_code()
         if not 100 <= status <= 599:
             raise ParseError(502, "response status out of range")
