@@ -1,0 +1,31 @@
+"""What the fuzzers found, each as the smallest input that showed it, kept so it stays fixed."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fuzz import targets
+
+
+def test_empty_lines_before_a_request_line_cut_between_cr_and_lf_are_still_skipped() -> None:
+    # http_request found it: a read ending in the CR of a leading CRLF was refused as a bare CR,
+    # so whether a client got a 400 depended on where the network cut its bytes.
+    events, refusal, _ = targets.frame_requests([b"\r\n\r", b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"])
+    assert refusal is None
+    assert [event[:3] for event in events] == [("request", b"GET", b"/"), ("end", b"")]
+
+
+def test_a_bare_cr_before_a_request_line_is_still_refused() -> None:
+    _, refusal, _ = targets.frame_requests([b"\r\n\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"])
+    assert refusal == "400 bare CR or LF before the request line"
+
+
+@pytest.mark.parametrize(
+    "line", [b"GET /admin  HTTP/1.1", b"GET /admin   HTTP/1.1", b"GET http://a/x  HTTP/1.1"]
+)
+def test_a_request_line_with_more_than_one_space_before_the_version_is_refused(line: bytes) -> None:
+    # differential found it: llhttp took `GET /admin  HTTP/1.1`, and the target became `/admin ` (a route
+    # for /admin missed it, an upstream splitting on whitespace would serve /admin); h11 refuses it.
+    events, refusal, _ = targets.frame_requests([line + b"\r\nHost: a\r\n\r\n"])
+    assert events == []
+    assert refusal == "400 malformed request line (one space between method, target and version)"
