@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from layerlb_dataplane.control import config
 
 from tests.fuzz import targets
 
@@ -18,6 +19,15 @@ def test_empty_lines_before_a_request_line_cut_between_cr_and_lf_are_still_skipp
 def test_a_bare_cr_before_a_request_line_is_still_refused() -> None:
     _, refusal, _ = targets.frame_requests([b"\r\n\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"])
     assert refusal == "400 bare CR or LF before the request line"
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 100_000])
+def test_plan_json_nested_deeper_than_the_stack_is_invalid_config_not_a_crash(text: str) -> None:
+    # plan_json found it: json's decoder recursed into a RecursionError, which the ConfigMap watch
+    # took for a bug and retried forever instead of reporting the Plan as invalid.
+    with pytest.raises(config.InvalidConfig) as error:
+        config.parse_plans("cm/plan.json", text, allow_empty=True)
+    assert error.value.lines == ["cm/plan.json: -: not Plan JSON: nested too deeply"]
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,8 @@ def parse_plans(where: str, data: bytes | str, *, allow_empty: bool) -> list[pla
         objects = _json_values(text)
     except (UnicodeDecodeError, ValueError) as error:
         raise InvalidConfig([f"{where}: -: not Plan JSON: {error}"]) from None
+    except RecursionError:  # json's decoder recurses per nesting level: a hostile text ends the stack
+        raise InvalidConfig([f"{where}: -: not Plan JSON: nested too deeply"]) from None
     errors: list[str] = []
     if not objects and not allow_empty:
         errors.append(f"{where}: -: no Plan in the file")
