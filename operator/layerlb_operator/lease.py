@@ -8,6 +8,12 @@ leader renews every `retry` seconds and, once it cannot renew for `renew_deadlin
 
 Expiry is judged by this process's monotonic clock from the moment it last saw the Lease change (as
 client-go does), so clocks that disagree between nodes cannot make two leaders.
+
+One exception to waiting out the duration: a holder that was an earlier container of this same pod (the
+identity's pod part, from the downward API's `POD_NAME`, is ours). The kubelet starts a pod's container only
+once the previous one has exited, so that holder can no longer act; waiting would only leave the
+LoadBalancers unattended. This is the common way a leader goes: it cannot renew through an API server
+outage, steps down by exiting, and its restarted container finds the API server back and its own old Lease.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ class Elector:
     renew_deadline: float = 10.0
     retry: float = 2.0
     clock: Callable[[], float] = time.monotonic
+    # This process's pod (`POD_NAME`): holders `POD-PID-SUFFIX` of it were earlier containers (see above).
+    # None off a pod: processes sharing a hostname are not one pod's containers one after another.
+    pod: str | None = None
     _seen: tuple[str, str] | None = field(default=None, init=False)  # (holder, renewTime) last observed
     _seen_at: float = field(default=0.0, init=False)
 
@@ -85,7 +94,12 @@ class Elector:
         if observed != self._seen:
             self._seen, self._seen_at = observed, self.clock()
         duration = float(spec.get("leaseDurationSeconds") or self.duration)
-        if holder and holder != self.identity and self.clock() - self._seen_at < duration:
+        if (
+            holder
+            and holder != self.identity
+            and not self._earlier_container(holder)
+            and self.clock() - self._seen_at < duration
+        ):
             return False
         transitions = int(spec.get("leaseTransitions") or 0)
         if holder == self.identity:
@@ -101,6 +115,10 @@ class Elector:
                 return False
             raise
         return True
+
+    def _earlier_container(self, holder: str) -> bool:
+        """Whether `holder` (an identity `POD-PID-SUFFIX`, `main.identity`) was a container of this pod."""
+        return self.pod is not None and holder.rsplit("-", 2)[0] == self.pod
 
     async def acquire(self) -> None:
         """Wait until this process holds the Lease."""

@@ -138,7 +138,7 @@ async def run(args: argparse.Namespace) -> int:
     elector = None
     if not args.standalone:
         namespace, name = lease_location(args.peering)
-        elector = lease.Elector(client, namespace, name, own_identity)
+        elector = lease.Elector(client, namespace, name, own_identity, pod=os.environ.get("POD_NAME") or None)
         acquiring = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -109,3 +109,21 @@ def test_two_replicas_racing_for_a_free_lease_cannot_both_win(clock: Clock) -> N
     assert not first.try_acquire()
     assert results == [True]
     assert shared["lease"]["spec"]["holderIdentity"] == "replica-1"
+
+
+def test_a_restarted_container_takes_its_pods_lease_at_once_but_never_another_pods(clock: Clock) -> None:
+    """A leader that lost its Lease (an API server outage) exits; its restarted container must not wait out
+    the Lease its own pod's earlier container still holds, or the LoadBalancers go unattended for its
+    duration after the API server returns. Another pod's holder, or a process off a pod, still waits."""
+    shared: dict[str, Any] = {}
+
+    def elector(identity: str, pod: str | None) -> lease.Elector:
+        return lease.Elector(LeaseServer(shared), "ops", "leader", identity, clock=clock, pod=pod)
+
+    assert elector("layerlb-7d9-abcde-1-a1b2c3", "layerlb-7d9-abcde").try_acquire()
+    assert not elector("layerlb-7d9-fghij-1-d4e5f6", "layerlb-7d9-fghij").try_acquire()  # another pod
+    assert not elector("layerlb-7d9-abcde-7-0a0b0c", None).try_acquire()  # no pod: a hostname only
+    assert not elector("layerlb-7d9-abc-1-0d0e0f", "layerlb-7d9-abc").try_acquire()  # a prefix is not a pod
+    restarted = elector("layerlb-7d9-abcde-1-f7f8f9", "layerlb-7d9-abcde")  # same pod, pid 1 again
+    assert restarted.try_acquire()
+    assert shared["lease"]["spec"]["holderIdentity"] == "layerlb-7d9-abcde-1-f7f8f9"
