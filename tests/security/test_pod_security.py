@@ -127,3 +127,28 @@ def test_the_chart_runs_no_other_pods() -> None:
             "DaemonSet",
             "Deployment",
         ]
+
+
+@pytest.mark.parametrize(("mode", "port"), [("L7", 8080), ("L4", 5432)])
+def test_a_pod_network_vip_carries_the_listener_ports_only(mode: str, port: int) -> None:
+    """The VIP reaches pod-network forwarding pods through their VIP Service: its ports are the listeners',
+    so a client of the VIP never reaches the admin port, and it allocates no node port."""
+    endpoint = {"address": "10.1.0.5", "port": 9000}
+    document = {
+        "apiVersion": "layerlb.dev/v1alpha1",
+        "kind": "LoadBalancer",
+        "metadata": {"name": "web", "namespace": "shop", "generation": 1},
+        "spec": {
+            "mode": mode,
+            "architecture": "proxy",
+            "listeners": [{"name": "main", "port": port, "protocol": {"L7": "HTTP", "L4": "TCP"}[mode]}],
+            "backends": [{"name": "app", "endpoints": [endpoint]}],
+            "defaultBackend": "app",
+        },
+    }
+    resource = validation.validate(document)
+    assert isinstance(resource, api.LoadBalancer)
+    service = objects.vip_service("shop", "web", "uid-1", resource.spec, "192.0.2.10")
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, port)]
+    assert objects.ADMIN_PORT not in {p["port"] for p in service["spec"]["ports"]}
+    assert service["spec"]["allocateLoadBalancerNodePorts"] is False
