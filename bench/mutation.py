@@ -1,0 +1,376 @@
+"""Mutation testing of the sans-IO cores with cosmic-ray: the kill rate per module, and each survivor's diff.
+
+A mutant is the module with one small change (a comparison flipped, a constant moved, a `break` made a
+`continue`, ...); the tests of that module's layer kill it when one fails. A survivor is a change nothing
+notices: a missing test, or an equivalent mutant (one that cannot change behaviour), which `EQUIVALENT`
+lists with the reason and the rate leaves out.
+
+Each module runs in a private copy of the working tree (cosmic-ray writes the mutant into the file, so the
+checkout others test in is never touched), against its own test subset only (`MODULES`), fail-fast, the
+smallest module first. `cosmic-ray exec` resumes: a run cut by `--budget` continues where it stopped
+when started again with the same `--workdir`.
+
+    make bench-mutation                                  # every module, smallest first
+    .venv/bin/python -m bench.mutation --modules targets state --budget 1800
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cosmic_ray.work_db import WorkDB, use_db  # type: ignore[import-untyped]
+from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult  # type: ignore[import-untyped]
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("layerlb", "dataplane", "operator", "speaker", "tests", "templates", "pyproject.toml")
+SOURCE_ROOTS = (".", "dataplane", "operator", "speaker")
+PYTEST = "python -m pytest -x -q -p no:cacheprovider"
+
+
+@dataclass(frozen=True)
+class Module:
+    """A module under mutation and the tests of its layer, as pytest arguments."""
+
+    name: str
+    path: str
+    tests: str
+
+
+DP = "dataplane/layerlb_dataplane"
+UNIT_HEALTH = "tests/dataplane/test_health.py -k 'not checker and not probe'"
+MODULES = (
+    Module(
+        "targets",
+        f"{DP}/core/targets.py",
+        f"tests/dataplane/test_targets.py tests/dataplane/test_balancing.py {UNIT_HEALTH}",
+    ),
+    Module("state", f"{DP}/core/state.py", f"tests/dataplane/test_balancing.py {UNIT_HEALTH}"),
+    Module("resolve", "layerlb/resolve.py", "tests/test_resolve.py tests/test_plan_contract.py"),
+    Module(
+        "affinity",
+        f"{DP}/core/affinity.py",
+        "tests/dataplane/test_proxy_http.py -k 'affinity or cookie or client_ip'",
+    ),
+    Module("health", f"{DP}/core/health.py", UNIT_HEALTH),
+    Module("validation", "layerlb/validation.py", "tests/test_validation.py tests/test_bgp_validation.py"),
+    Module("routing", f"{DP}/core/routing.py", "tests/dataplane/test_routing.py"),
+    Module("metrics", f"{DP}/core/metrics.py", "tests/dataplane/test_admin.py"),
+    Module("framing", f"{DP}/http/h1/framing.py", "tests/dataplane/test_http1.py"),
+    Module("response", f"{DP}/http/h1/response.py", "tests/dataplane/test_http1.py"),
+    Module(
+        "balancing",
+        f"{DP}/core/balancing.py",
+        "tests/dataplane/test_balancing.py tests/dataplane/test_hash_keys.py",
+    ),
+    Module(
+        "rules", "layerlb/rules.py", "tests/test_validation.py tests/test_bgp_validation.py tests/test_crd.py"
+    ),
+    Module("request", f"{DP}/http/h1/request.py", "tests/dataplane/test_http1.py"),
+)
+
+
+@dataclass(frozen=True)
+class Equivalent:
+    """A mutant that cannot change behaviour: matched by module, operator and the mutated line's text."""
+
+    module: str
+    operator: str
+    line: str  # a substring of the source line the mutation starts on
+    reason: str
+
+
+EQUIVALENT: tuple[Equivalent, ...] = (
+    Equivalent(
+        "targets",
+        "core/ReplaceComparisonOperator_Gt_NotEq",
+        "self.weight > 0",
+        "weights are never negative: api.Endpoint.weight is ge=0 and Plans come from resolve",
+    ),
+)
+
+
+@dataclass
+class Survivor:
+    line: int
+    operator: str
+    occurrence: int
+    diff: str
+    equivalent: str | None = None  # the reason, when `EQUIVALENT` lists it
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    path: str
+    mutants: int
+    done: int = 0
+    killed: int = 0
+    timeouts: int = 0
+    survivors: list[Survivor] = field(default_factory=list)
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def equivalent(self) -> int:
+        return sum(1 for s in self.survivors if s.equivalent)
+
+    @property
+    def rate(self) -> float | None:
+        """Killed over done, equivalent mutants left out."""
+        counted = self.done - self.equivalent
+        return self.killed / counted if counted > 0 else None
+
+
+def copy_tree(workdir: Path) -> None:
+    """The working tree (committed or not) as the mutants' sandbox, without caches."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".mypy_cache", ".pytest_cache")
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        source, target = ROOT / name, workdir / name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=ignore)
+        elif source.exists():
+            shutil.copy2(source, target)
+
+
+def environment(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(str(workdir / root) for root in SOURCE_ROOTS)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutant's bytecode must never be found by the next one
+    return env
+
+
+def cosmic_ray(*args: str, workdir: Path, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    tool = Path(sys.executable).parent / "cosmic-ray"
+    return subprocess.run(
+        [str(tool), *args],
+        cwd=workdir,
+        env=environment(workdir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def baseline_seconds(module: Module, workdir: Path) -> float:
+    """The unmutated tests' duration; they must pass, or every mutant would count as killed."""
+    started = time.monotonic()
+    result = subprocess.run(
+        f"{PYTEST} {module.tests}", shell=True, cwd=workdir, env=environment(workdir),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"{module.name}: the tests fail unmutated:\n{result.stdout[-2000:]}")
+    return time.monotonic() - started
+
+
+def config(module: Module, timeout: float) -> str:
+    return (
+        "[cosmic-ray]\n"
+        f'module-path = "{module.path}"\n'
+        f"timeout = {timeout:.0f}\n"
+        "excluded-modules = []\n"
+        f'test-command = "{PYTEST} {module.tests}"\n'
+        '[cosmic-ray.distributor]\nname = "local"\n'
+    )
+
+
+def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where a mutant cannot change behaviour by construction: a function's parameter and return annotations
+    and annotations of local variables (Python never evaluates the latter; the modules here import
+    `annotations` from `__future__`, so signatures are strings nobody reads). Class-level annotations are
+    left in: dataclasses and pydantic read them."""
+    tree = ast.parse(source)
+    future = any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "__future__"
+        and any(a.name == "annotations" for a in node.names)
+        for node in tree.body
+    )
+    spans = []
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        annotations: list[ast.expr | None] = []
+        if future:
+            arguments = function.args
+            every = [
+                *arguments.posonlyargs,
+                *arguments.args,
+                *arguments.kwonlyargs,
+                arguments.vararg,
+                arguments.kwarg,
+            ]
+            annotations += [argument.annotation for argument in every if argument is not None]
+            annotations.append(function.returns)
+        annotations += [node.annotation for node in ast.walk(function) if isinstance(node, ast.AnnAssign)]
+        for node in annotations:
+            if node is not None and node.end_lineno is not None and node.end_col_offset is not None:
+                spans.append(((node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset)))
+    return spans
+
+
+def skip_annotations(module: Module, session: Path) -> int:
+    """Mark the mutants inside annotations skipped (see `annotation_spans`); how many there were."""
+    spans = annotation_spans((ROOT / module.path).read_text())
+    skipped = []
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item in db.work_items:
+            (mutation,) = item.mutations
+            start, end = tuple(mutation.start_pos), tuple(mutation.end_pos)
+            if any(low <= start and end <= high for low, high in spans):
+                skipped.append(item.job_id)
+        if skipped:
+            db.set_multiple_results(
+                skipped, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="in an annotation")
+            )
+    return len(skipped)
+
+
+def forget_survivors(session: Path) -> None:
+    """Run the survivors again (after tests were added): their results are dropped, so exec redoes them."""
+    with sqlite3.connect(session) as db:
+        db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+
+
+def equivalent_reason(module: Module, operator: str, line_text: str) -> str | None:
+    for known in EQUIVALENT:
+        if known.module == module.name and known.operator == operator and known.line in line_text:
+            return known.reason
+    return None
+
+
+def read_results(module: Module, workdir: Path, session: Path, result: ModuleResult) -> None:
+
+    lines = (ROOT / module.path).read_text().splitlines()
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        result.mutants = db.num_work_items
+        for item, outcome in db.completed_work_items:
+            if outcome.worker_outcome is WorkerOutcome.SKIPPED:
+                result.mutants -= 1  # in an annotation: not a mutant of behaviour
+                continue
+            result.done += 1
+            if outcome.test_outcome is not TestOutcome.SURVIVED:
+                result.killed += 1
+                if outcome.output == "timeout":
+                    result.timeouts += 1
+                continue
+            (mutation,) = item.mutations
+            line = mutation.start_pos[0]
+            text = lines[line - 1] if 0 < line <= len(lines) else ""
+            result.survivors.append(
+                Survivor(
+                    line=line,
+                    operator=mutation.operator_name,
+                    occurrence=mutation.occurrence,
+                    diff="\n".join(
+                        d
+                        for d in (outcome.diff or "").splitlines()
+                        if d[:1] in "+-" and d[:3] not in ("+++", "---")
+                    ),
+                    equivalent=equivalent_reason(module, mutation.operator_name, text),
+                )
+            )
+    result.survivors.sort(key=lambda s: (s.line, s.operator, s.occurrence))
+
+
+def run_module(module: Module, workdir: Path, deadline: float, recheck: bool = False) -> ModuleResult:
+    session = workdir / f"mutation-{module.name}.sqlite"
+    result = ModuleResult(module.name, module.path, mutants=0)
+    started = time.monotonic()
+    base = baseline_seconds(module, workdir)
+    (workdir / f"mutation-{module.name}.toml").write_text(config(module, max(10.0, 5 * base)))
+    if not session.exists():
+        init = cosmic_ray("init", f"mutation-{module.name}.toml", session.name, workdir=workdir)
+        if init.returncode != 0:
+            raise RuntimeError(f"{module.name}: cosmic-ray init failed: {init.stderr[-2000:]}")
+        skip_annotations(module, session)
+    elif recheck:
+        forget_survivors(session)
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        try:
+            cosmic_ray(
+                "exec", f"mutation-{module.name}.toml", session.name, workdir=workdir, timeout=remaining
+            )
+        except subprocess.TimeoutExpired:
+            result.note = "budget ran out: partial (resume with the same --workdir)"
+    else:
+        result.note = "not run: budget spent"
+    (workdir / module.path).write_text((ROOT / module.path).read_text())  # in case exec was cut mid-mutant
+    read_results(module, workdir, session, result)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def table(results: list[ModuleResult]) -> str:
+    rows = [
+        "| module | mutants | run | killed | survived | equivalent | kill rate | time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rate = "—" if r.rate is None else f"{100 * r.rate:.1f} %"
+        survived = len(r.survivors) - r.equivalent
+        rows.append(
+            f"| {r.name} (`{r.path}`) | {r.mutants} | {r.done} | {r.killed} | {survived} | {r.equivalent} "
+            f"| {rate} | {r.seconds:.0f} s |" + (f" {r.note}" if r.note else "")
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--modules", nargs="*", help="names from MODULES (default: all, smallest first)")
+    parser.add_argument("--budget", type=float, default=4 * 3600, help="seconds for the whole run")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/layerlb-mutation"))
+    parser.add_argument("--fresh", action="store_true", help="forget earlier sessions in --workdir")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="run the survivors of earlier sessions again, with today's tests",
+    )
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MODULES}
+    unknown = [name for name in args.modules or () if name not in known]
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    chosen = [known[name] for name in args.modules] if args.modules else list(MODULES)
+    if args.fresh and args.workdir.exists():
+        shutil.rmtree(args.workdir)
+    copy_tree(args.workdir)
+    deadline = time.monotonic() + args.budget
+    results = []
+    for module in chosen:
+        print(f"mutating {module.name} ({module.path}) against: {module.tests}", flush=True)
+        result = run_module(module, args.workdir, deadline, args.recheck)
+        results.append(result)
+        for survivor in result.survivors:
+            mark = f"  [equivalent: {survivor.equivalent}]" if survivor.equivalent else ""
+            print(f"  survived {module.path}:{survivor.line} {survivor.operator}{mark}\n    {survivor.diff}")
+        print(table([result]).splitlines()[-1], flush=True)
+    print("\n" + table(results))
+    if args.json:
+        payload = [{**asdict(r), "rate": r.rate, "equivalent": r.equivalent} for r in results]
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
