@@ -14,11 +14,17 @@ set -euo pipefail
 
 packages=(haproxy nftables iproute2 openssl ca-certificates curl make ipvsadm qemu-system-x86 busybox-static kmod lua5.4
   containerd runc containernetworking-plugins iptables conntrack socat umoci skopeo debootstrap gcc libc6-dev util-linux
-  arping ndisc6 iputils-ping bird2 frr)
+  arping ndisc6 iputils-ping bird2 frr nginx-light)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
+# nginx (beside haproxy): the HTTP/1 strictness table's reference (tests/dataplane/test_http1_strictness.py);
+# any of the packages that provide /usr/sbin/nginx will do.
+if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
+  missing=("${missing[@]/nginx-light/}")
+fi
+read -r -a missing <<<"${missing[*]:-}"
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "[setup] installing Debian packages: ${missing[*]}"
@@ -37,9 +43,9 @@ if ! $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/l
   $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >>/tmp/layerlb-apt.log 2>&1 \
     || { cat /tmp/layerlb-apt.log; exit 1; }
 fi
-# Leave no routing daemon to start at boot (only where systemd manages services).
+# Leave no routing daemon, nor the tests' nginx (port 80), to start at boot (only where systemd manages services).
 if [ -d /run/systemd/system ]; then
-  for unit in bird.service frr.service; do
+  for unit in bird.service frr.service nginx.service; do
     $sudo systemctl disable --now "$unit" >/dev/null 2>&1 || true
   done
 fi

@@ -44,6 +44,10 @@ REQUESTS: Final[dict[str, bytes]] = {
     "extension_method": b"FOOBAR / HTTP/1.1\r\n" + _H + b"\r\n",
     "http_1_2": b"GET / HTTP/1.2\r\n" + _H + b"\r\n",
     "leading_crlf": b"\r\n\r\nGET / HTTP/1.1\r\n" + _H + b"\r\n",
+    # Findings, kept in the corpus so every run tries them again (tests/fuzz/test_regressions.py).
+    "found_two_spaces_before_version": b"GET /admin  HTTP/1.1\r\n" + _H + b"\r\n",
+    "found_trailer_framing_fields": b"POST / HTTP/1.1\r\n" + _H + b"Transfer-Encoding: chunked\r\n\r\n"
+    b"0\r\nContent-Length: 1, 3\r\n\r\n",
     # The framing rules of #18: each refused or normalised so that no two readers can disagree.
     "rule_length_over_64_bits": b"POST / HTTP/1.1\r\n"
     + _H
@@ -114,7 +118,10 @@ PLANS: Final[dict[str, bytes]] = {
 }
 
 SEEDS: Final[dict[str, dict[str, bytes]]] = {
-    "http_request": {name: b"\x13" + data for name, data in REQUESTS.items()},
+    "http_request": {
+        **{name: b"\x13" + data for name, data in REQUESTS.items()},
+        "found_crlf_cut_before_lf": b"\x12\r\n\r\nGET / HTTP/1.1\r\n" + _H + b"\r\n",
+    },
     "differential": REQUESTS,
     "http_response": RESPONSES,
     "chunked": CHUNKED,

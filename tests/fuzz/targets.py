@@ -159,9 +159,12 @@ def frame_responses(reads: list[bytes], head_request: bool) -> tuple[list[tuple[
     parser.expect(head_request)
     try:
         for data in reads:
+            ended = sum(1 for event in log.events if event[0] == "end")
             if parser.feed(data):
                 return log.events, "tunnel"
-            if parser.reusable:
+            if sum(1 for event in log.events if event[0] == "end") > ended:
+                if not parser.reusable:  # bytes after a response in the same read: never reused
+                    return log.events, "out of step"
                 parser.expect(head_request)
         if parser.feed_eof():
             log.events.append(("eof",))
@@ -177,13 +180,18 @@ def http_response(data: bytes) -> None:
     whole = frame_responses([rest], head_request)
     split = frame_responses(reads, head_request)
     if whole != split:
-        # Framing reads ahead only within one read: bytes after a finished response arriving in the same
-        # read are refused at once, in a later read once awaited. What was framed before must agree.
+        # Bytes after a finished response in the same read mark the backend out of step; in a later read
+        # (as if the proxy had sent the next request in between) they are the next response. Otherwise
+        # a refusal may only come at another point: what was framed before it must agree.
         short = min(len(whole[0]), len(split[0]))
-        if whole[0][:short] != split[0][:short] or (whole[1] is None) != (split[1] is None):
+        if whole[0][:short] != split[0][:short]:
             raise Finding(f"one read framed {whole!r}, several reads framed {split!r}")
+        if "out of step" not in (whole[1], split[1]):
+            for accepted, refused in ((whole, split), (split, whole)):
+                if accepted[1] in (None, "tunnel") and len(accepted[0]) > len(refused[0]):
+                    raise Finding(f"refused {refused!r} in one reading, framed {accepted!r} in the other")
     for outcome in (whole, split):
-        if outcome[1] not in (None, "tunnel") and not str(outcome[1]).startswith("502 "):
+        if outcome[1] not in (None, "tunnel", "out of step") and not str(outcome[1]).startswith("502 "):
             raise Finding(f"a malformed response must be a 502, got {outcome[1]!r}")
 
 

@@ -160,6 +160,10 @@ class Exchange:
         """Open a connection to `target` for the request in flight (ClientConnection does it)."""
         raise NotImplementedError
 
+    def _retarget(self, failed: Target) -> Target | None:
+        """Another target for the request in flight, or None (ClientConnection does it)."""
+        raise NotImplementedError
+
     # --- responses (response.ResponseHandler, upstream.Owner) --------------------------------------
 
     def upstream_data(self, connection: UpstreamConnection, data: bytes) -> None:
@@ -329,7 +333,7 @@ class Exchange:
             if out:
                 send(self.transport, out)
         elif WAITING <= state <= RESPONDING:
-            self._upstream_failed(connection, "reset", "backend closed the connection")
+            self._upstream_failed(connection, "reset", "backend closed the connection", closed=True)
 
     def upstream_write_paused(self, paused: bool) -> None:
         """The backend reads slower than the client sends: stop (or resume) reading the client."""
@@ -339,9 +343,20 @@ class Exchange:
             self._unpause(PAUSED_UPSTREAM)
 
     def _upstream_failed(
-        self, up: UpstreamConnection | None, kind: str, text: str, timed_out: bool = False
+        self,
+        up: UpstreamConnection | None,
+        kind: str,
+        text: str,
+        timed_out: bool = False,
+        closed: bool = False,
     ) -> None:
-        """The backend failed this exchange: retry, answer 502/504, or (mid-response) abort the client."""
+        """The backend failed this exchange: retry, answer 502/504, or (mid-response) abort the client.
+
+        `closed`: the backend closed or reset the connection. Before any byte of an answer, an idempotent
+        request without a body goes to another endpoint (RFC 9110 §9.2.2; nginx's default
+        `proxy_next_upstream error` does the same): a backend that dies or resets under load costs the
+        client nothing. A timeout is not resent (the backend may still be executing the request, and the
+        client would wait twice), nor is anything with a body or a non-idempotent method."""
         target = self.target
         assert target is not None
         if up is not None:
@@ -360,6 +375,11 @@ class Exchange:
             self._connect_later(target)
             return
         self.lb.current().record_passive(target, False)
+        if closed and up is not None and not up.parser.started and req.idempotent and not req.has_body:
+            retry = self._retarget(target)
+            if retry is not None:
+                self._connect_later(retry)
+                return
         self._fail(504 if timed_out else 502, text)
 
     # --- tunnels (after 101 Switching Protocols) -------------------------------------------------------
