@@ -115,7 +115,11 @@ class BgpAnnouncer:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.config.with_suffix(".tmp")
-        temporary.write_text(text, encoding="utf-8")
+        # Owner-only: the configuration carries the BGPPeers' TCP-MD5 passwords.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file left by an older speaker keeps its mode through O_CREAT
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
         os.replace(temporary, self.config)
         if not self._alive():
             await self._start()
