@@ -54,7 +54,7 @@ MODULES = (
         f"{DP}/core/targets.py",
         f"tests/dataplane/test_targets.py tests/dataplane/test_balancing.py {UNIT_HEALTH}",
     ),
-    Module("state", f"{DP}/core/state.py", f"tests/dataplane/test_balancing.py {UNIT_HEALTH}"),
+    Module("state", f"{DP}/core/state.py", f"tests/dataplane/test_state.py {UNIT_HEALTH}"),
     Module("resolve", "layerlb/resolve.py", "tests/test_resolve.py tests/test_plan_contract.py"),
     Module(
         "affinity",
@@ -63,7 +63,11 @@ MODULES = (
     ),
     Module("health", f"{DP}/core/health.py", UNIT_HEALTH),
     Module("validation", "layerlb/validation.py", "tests/test_validation.py tests/test_bgp_validation.py"),
-    Module("routing", f"{DP}/core/routing.py", "tests/dataplane/test_routing.py"),
+    Module(
+        "routing",
+        f"{DP}/core/routing.py",
+        "tests/dataplane/test_routing.py tests/dataplane/test_request_targets.py",
+    ),
     Module("metrics", f"{DP}/core/metrics.py", "tests/dataplane/test_admin.py"),
     Module("framing", f"{DP}/http/h1/framing.py", "tests/dataplane/test_http1.py"),
     Module("response", f"{DP}/http/h1/response.py", "tests/dataplane/test_http1.py"),
@@ -95,6 +99,24 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         "core/ReplaceComparisonOperator_Gt_NotEq",
         "self.weight > 0",
         "weights are never negative: api.Endpoint.weight is ge=0 and Plans come from resolve",
+    ),
+    Equivalent(
+        "routing",
+        "core/NumberReplacer",
+        "HOST_CACHE_SIZE = ",
+        "the cache's bound, which the test reads by name: any bound is the same behaviour",
+    ),
+    Equivalent(
+        "routing",
+        "core/ReplaceComparisonOperator_NotEq_IsNot",
+        "!= -1",
+        "str.find's -1 is CPython's cached small int: `is not -1` is `!= -1`",
+    ),
+    Equivalent(
+        "routing",
+        "core/ReplaceComparisonOperator_Eq_LtE",
+        'host.find("]", colon) == -1',
+        "str.find never returns less than -1: `<= -1` is `== -1`",
     ),
 )
 
