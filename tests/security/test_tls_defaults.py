@@ -145,3 +145,15 @@ def test_a_rotated_certificate_reaches_new_handshakes(served: ServedHttps) -> No
     wait_until("the rotated certificate served", lambda: serial(s_client(served, "-tls1_3")) == expected)
     assert served.process.pid == pid and served.process.poll() is None
     served.cert_pem, served.key_pem = cert, key
+
+
+def test_client_initiated_renegotiation_is_refused(served: ServedHttps) -> None:
+    """A renegotiation is a full handshake the client can ask for at will on one connection (a CPU
+    amplification), and the source of old attacks on TLS 1.2: refused with a `no_renegotiation` alert."""
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", f"{VIP}:{served.port}", "-servername", SERVER_NAME, "-tls1_2"],
+        input="R\n", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert negotiated(output) is not None and "RENEGOTIATING" in output, output
+    assert "no renegotiation" in output, output
