@@ -120,3 +120,10 @@ clean:
 .PHONY: bench-mutation
 bench-mutation: setup
 	$(PY) -m bench.mutation $(MUTATION_ARGS)
+
+# The parsers under atheris, coverage-guided (#18): each fuzz target for 10 million executions from its committed
+# corpus (hours; FUZZ_ARGS: --seconds S per target, --targets http_request,differential, --rounds R); a table of
+# executions, execs/s and findings, the inputs of any finding under bench/results/.
+.PHONY: bench-fuzz
+bench-fuzz: setup
+	$(PY) -m bench.fuzz $(FUZZ_ARGS)
