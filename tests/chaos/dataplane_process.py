@@ -34,18 +34,26 @@ def _env() -> dict[str, str]:
 
 
 class DataplaneProcess:
-    """`layerlb dataplane --plan PATH`, reloaded by SIGHUP only; its output goes to a file."""
+    """`layerlb dataplane --plan PATH` (given `plans`) or `layerlb serve FILE` (given `serve`), reloaded by
+    SIGHUP only; its output goes to a file."""
 
     started: ClassVar[list[DataplaneProcess]] = []
 
-    def __init__(self, tmp_path: Path, plans: list[plan.Plan]) -> None:
+    def __init__(
+        self, tmp_path: Path, plans: list[plan.Plan] | None = None, serve: Path | None = None
+    ) -> None:
         self.path = tmp_path / "plan.json"
-        self.write(plans)
+        if plans is not None:
+            self.write(plans)
+            command = ["dataplane", "--plan", str(self.path)]
+        else:
+            assert serve is not None, "plans or a LoadBalancer file to serve"
+            command = ["serve", str(serve)]
         self.log = tmp_path / "dataplane.log"
         self.admin_port = free_port("127.0.0.1")
         self.output = self.log.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "layerlb.cli", "dataplane", "--plan", str(self.path),
+            [sys.executable, "-m", "layerlb.cli", *command,
              "--poll-interval", "3600", "--admin", f"127.0.0.1:{self.admin_port}"],
             stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(),
         )  # fmt: skip
