@@ -416,6 +416,19 @@ class Exchange:
     def _backend_name(self) -> str:
         return self.pool.backend.name if self.pool is not None else ""
 
+    def _client_stalled(self) -> None:
+        """The client read nothing for the idle timeout while its response waited (a send timeout).
+
+        Its write buffer is full and the backend is paused behind it, so memory stayed bounded; the stall
+        is the client's, so nothing counts against the backend: both connections are cut.
+        """
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.abort()
+        self._end_exchange(self.status)
+        self.transport.abort()
+
     def _end_exchange(self, status: int) -> None:
         """Account for a finished exchange: the target's active count and the request metrics."""
         target = self.target
@@ -566,9 +579,15 @@ class Exchange:
             else:
                 self.transport.close()
         elif state == WAITING:
-            self._upstream_failed(self.up, "timeout", "backend did not answer in time", timed_out=True)
+            if not self.body_done:  # the client's body stalled, not the backend (which waits for it)
+                self._fail(408, "request body not received in time")
+            else:
+                self._upstream_failed(self.up, "timeout", "backend did not answer in time", timed_out=True)
         elif state == RESPONDING:
-            self._upstream_failed(self.up, "timeout", "backend stalled")
+            if self.write_paused:
+                self._client_stalled()
+            else:
+                self._upstream_failed(self.up, "timeout", "backend stalled")
         elif state == TUNNEL:
             if self.up is not None:
                 self.up.close()
