@@ -3,10 +3,15 @@ accepted, with llhttp still checking the rest of the head in C behind a stand-in
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from layerlb_dataplane.http.h1 import request as h1_request
 from layerlb_dataplane.http.h1.framing import ParseError
 
+from tests.dataplane.conftest import Backend, ProxyUnderTest, Seen, get, lb_document
 from tests.dataplane.test_http1 import request_parser, response_parser
 
 
@@ -59,7 +64,7 @@ def test_extension_methods_do_not_grow_the_memo_of_known_methods() -> None:
     assert not any(method.startswith(b"EXT") for method in h1_request._METHODS)
 
 
-@pytest.mark.parametrize("minor", b"23456789")
+@pytest.mark.parametrize("minor", b"23456789", ids=lambda minor: f"HTTP/1.{minor - 0x30}")
 def test_http_1_2_to_1_9_requests_are_served_as_http_1_1(minor: int) -> None:
     parser, seen = request_parser()
     parser.feed(b"GET / HTTP/1.%c\r\nHost: h\r\n\r\n" % minor)
@@ -88,7 +93,7 @@ def test_other_versions_are_refused_as_soon_as_the_request_line_is_complete(line
     assert seen.requests == []
 
 
-@pytest.mark.parametrize("minor", b"23456789")
+@pytest.mark.parametrize("minor", b"23456789", ids=lambda minor: f"HTTP/1.{minor - 0x30}")
 def test_an_http_1_x_response_is_framed_as_http_1_1_and_forwarded_as_such(minor: int) -> None:
     parser, seen = response_parser()
     parser.expect(head_request=False)
@@ -106,3 +111,19 @@ def test_other_response_versions_are_refused(version: bytes) -> None:
     with pytest.raises(ParseError) as raised:
         parser.feed(version + b" 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert raised.value.status == 502
+
+
+def test_a_backends_http_1_2_response_reaches_the_client_as_http_1_1_and_the_connection_is_reused(
+    backends: Callable[..., Backend], proxies: Callable[[dict[str, Any]], ProxyUnderTest]
+) -> None:
+    async def http_1_2(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.2 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+
+    backend = backends(handler=http_1_2)
+    proxy = proxies(lb_document({"app": [("127.0.0.1", backend.port)]}))
+    client = proxy.client()
+    for _ in range(2):
+        client.send(get())
+        response = client.response()
+        assert response.raw_head.startswith(b"HTTP/1.1 200 ") and response.body == b"hello"
+    assert backend.accepted == 1  # framed as HTTP/1.1: kept alive and reused
