@@ -39,3 +39,12 @@ def test_a_request_line_with_more_than_one_space_before_the_version_is_refused(l
     events, refusal, _ = targets.frame_requests([line + b"\r\nHost: a\r\n\r\n"])
     assert events == []
     assert refusal == "400 malformed request line (one space between method, target and version)"
+
+
+@pytest.mark.parametrize("reason", [b"No Cont\x00ent", b"O\x01K", b"O\x7fK"])
+def test_a_status_line_with_a_control_character_is_a_502_not_forwarded(reason: bytes) -> None:
+    # response_differential found it: llhttp lets any byte through in a reason phrase, and the proxy
+    # forwards the status line as received, so a backend's NUL reached the client; h11 refuses it.
+    events, refusal = targets.frame_responses([b"HTTP/1.1 204 " + reason + b"\r\n\r\n"], False)
+    assert events == []
+    assert refusal == "502 control character in the response status line"

@@ -31,6 +31,9 @@ from layerlb_dataplane.http.h1.framing import (
 
 MAX_RESPONSE_HEAD: Final = 65536
 _RESPONSE_LINES: Final = re.compile(rb"\r\n(content-length|" + HOP_BY_HOP + rb"):([^\r]*)")
+# llhttp lets any byte through in a reason phrase, and the status line is forwarded as received (RFC 9112 4:
+# HTAB, SP, VCHAR and obs-text only).
+_STATUS_LINE_CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Response:
@@ -246,6 +249,8 @@ class ResponseParser:
         """The head through llhttp and the framing rules; remembered for the next head."""
         if head[:7] != b"HTTP/1.":
             raise ParseError(502, "not an HTTP/1.x response")
+        if _STATUS_LINE_CTL.search(head, 0, head.find(b"\r\n")) is not None:
+            raise ParseError(502, "control character in the response status line")
         if not LLHTTP_STRICT:
             check_head(head, "response")
         if not self._clean:
