@@ -119,6 +119,13 @@ def test_the_listener_cap_holds_on_l7_and_l4(tmp_path: Path) -> None:
             for sock in waiting:
                 sock.sendall(GET)
             assert _silent(waiting, 1.0), f"{mode}: a connection beyond the cap was served"
+            wait_until(lambda: lab.metric("layerlb_connections_total") >= 20, 10, "all accepted")
+            for sock in [lab.connect(source) for source in sources(5)]:  # twice the cap: refused
+                sock.sendall(GET)
+                answer = _answer(sock)
+                assert answer == b"" if mode == "L4" else answer.startswith(b"HTTP/1.1 503"), (mode, answer)
+                sock.close()
+            assert lab.metric("layerlb_connections_refused_total", reason="max_connections") == 5, mode
             for sock in served:
                 sock.close()
             for sock in waiting:  # a freed slot admits a waiting connection

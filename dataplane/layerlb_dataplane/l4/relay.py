@@ -110,6 +110,10 @@ class TcpListener:
             self.metrics.connection_refused(self.listener.name, "per_client")
             client.transport.abort()
         elif cap is not None and len(self.connections) >= cap:
+            if len(self.waiting) >= cap:  # as many again wait already: refused, as the L7 proxy does
+                self.metrics.connection_refused(self.listener.name, "max_connections")
+                client.transport.abort()
+                return
             client.transport.pause_reading()
             self.waiting.append(client)
         else:
