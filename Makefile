@@ -127,3 +127,11 @@ bench-mutation: setup
 .PHONY: bench-fuzz
 bench-fuzz: setup
 	$(PY) -m bench.fuzz $(FUZZ_ARGS)
+
+# Resource abuse against `layerlb serve`, longer and harder than tests/chaos/test_abuse_*.py (#18): per abuse
+# (idle, flood, slowloris heads and bodies, huge headers and bodies, clients that never read, one address over
+# its cap, descriptors exhausted) the legitimate client's p50/p99 quiet and abused, and the serve process's
+# RSS, descriptors and CPU meanwhile (~10 min). ABUSE_ARGS: --seconds S per window, --only NAME,..., --json PATH.
+.PHONY: bench-abuse
+bench-abuse: setup
+	$(PY) -m bench.abuse $(ABUSE_ARGS)
