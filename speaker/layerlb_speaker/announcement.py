@@ -1,16 +1,24 @@
 """Who announces which VIP: a pure function from (VIPs with their eligible nodes, live speakers) to holders.
 
 Every speaker evaluates the same function on the same inputs and so agrees on one holder per VIP without
-talking to the others. The holder is chosen by rendezvous (highest-random-weight) hashing of (VIP, node
-name) over the nodes that are both eligible for the VIP and alive: each node's weight for a VIP is fixed,
-so a VIP moves only when its holder leaves (or stops being eligible), and then to the next-highest node;
-VIPs held by other nodes stay put. A returning node takes back exactly the VIPs it ranks first for.
+asking the others. A VIP stays with its **incumbent**, the live candidate that announces it now (each
+speaker tells its peers which VIPs it holds, `membership.Holding`), for as long as the incumbent may hold it.
+Only a VIP that no candidate holds is placed, by rendezvous (highest-random-weight) hashing of (VIP, node
+name) over the nodes that are both eligible for the VIP and alive. So a VIP moves only when its holder
+leaves, stops being eligible or loses the VIP's interfaces — never because another node became eligible or
+came back: a second forwarding pod turning Ready elsewhere, a node joining, a speaker restarting move
+nothing. That matters because a move cuts connections: the new holder's node has no state for the flows
+that reached the old one (its kube-proxy or its forwarding pod answers them with a reset). VIPs held by
+other nodes stay put when one leaves, and its VIPs go to the next-highest node each.
+Should two candidates claim one VIP (both took it while they could not hear each other), the one ranking
+first for it keeps it and the other lets go, on every speaker alike.
 A VIP restricted to interfaces (its VIPPool's `spec.announce.interfaces`) is held only by a node that has
 one of them: each speaker tells its peers which wanted interfaces it lacks (`membership`), so a node
 missing them drops out of the candidates the same way everywhere, and the weights never change.
 
 The weight is a wire contract between speakers: two versions that hash differently would both answer
-during a rolling upgrade. `tests/speaker/test_announcement.py` pins it with a golden file.
+during a rolling upgrade. `tests/speaker/test_announcement.py` pins it with a golden file. A speaker of the
+version before incumbency tells no holdings: it is nobody's incumbent, and it places by weight alone.
 
 Freshness (see `membership` and `runtime`): a speaker whose view of the Kubernetes API is stale still
 heartbeats, and says so. For each VIP the candidates are the eligible live speakers with a fresh view;
@@ -71,12 +79,14 @@ class Vip:
 
 @dataclass(frozen=True)
 class Member:
-    """A live speaker as the membership sees it: its node name, whether its API view is fresh, and the
-    interfaces wanted by some VIP that it cannot answer on (missing or down on its node)."""
+    """A live speaker as the membership sees it: its node name, whether its API view is fresh, the
+    interfaces wanted by some VIP that it cannot answer on (missing or down on its node), and the VIPs it
+    says it holds."""
 
     node: str
     fresh: bool = True
     unavailable: frozenset[str] = frozenset()
+    holds: frozenset[Address] = frozenset()
 
     def serves(self, vip: Vip) -> bool:
         """Whether this speaker can answer for `vip`: it has (up) at least one of the VIP's interfaces."""
@@ -94,18 +104,31 @@ def rank(address: Address, nodes: Iterable[str]) -> list[str]:
     return sorted(nodes, key=lambda node: (weight(address, node), node), reverse=True)
 
 
+def candidates(vip: Vip, members: Mapping[str, Member]) -> list[str]:
+    """The nodes that may hold `vip`: the eligible live speakers that have one of the VIP's interfaces and
+    whose view is fresh; if none is fresh, the eligible live ones that have an interface."""
+    live = [node for node in vip.eligible if node in members and members[node].serves(vip)]
+    fresh = [node for node in live if members[node].fresh]
+    return fresh or live
+
+
+def first_by_weight(vip: Vip, members: Mapping[str, Member]) -> str | None:
+    """The candidate ranking first for `vip`: where it goes when nobody holds it."""
+    pool = candidates(vip, members)
+    return max(pool, key=lambda node: (weight(vip.address, node), node)) if pool else None
+
+
 def holder(vip: Vip, members: Mapping[str, Member]) -> str | None:
     """The node that announces `vip` given the live speakers, or None when no live speaker may serve it.
 
-    Candidates are the eligible live speakers that have one of the VIP's interfaces and whose view is
-    fresh; if none is fresh, the eligible live ones that have an interface.
+    A candidate that holds the VIP keeps it (the first by weight, should two hold it); else the first
+    candidate by weight takes it.
     """
-    live = [node for node in vip.eligible if node in members and members[node].serves(vip)]
-    fresh = [node for node in live if members[node].fresh]
-    pool = fresh or live
-    if not pool:
+    pool = candidates(vip, members)
+    incumbents = [node for node in pool if vip.address in members[node].holds]
+    if not (incumbents or pool):
         return None
-    return max(pool, key=lambda node: (weight(vip.address, node), node))
+    return max(incumbents or pool, key=lambda node: (weight(vip.address, node), node))
 
 
 def announcements(vips: Iterable[Vip], members: Mapping[str, Member]) -> dict[Address, str]:

@@ -14,7 +14,9 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 
-from layerlb_speaker.membership import Heartbeat, Pressure, Unavailable
+from layerlb_speaker.membership import Heartbeat, Holding, Pressure, Unavailable
+
+Message = Heartbeat | Unavailable | Pressure | Holding
 
 log = logging.getLogger("layerlb.speaker")
 
@@ -30,13 +32,13 @@ def _canonical(address: str) -> str:
 
 class HeartbeatSocket:
     """UDP on `port` of every address of the node; `received(message)` runs for each valid heartbeat,
-    `Unavailable` or `Pressure` message."""
+    `Unavailable`, `Pressure` or `Holding` message."""
 
     def __init__(
         self,
         port: int,
         loop: asyncio.AbstractEventLoop,
-        received: Callable[[Heartbeat | Unavailable | Pressure], None],
+        received: Callable[[Message], None],
         ipv6: bool,
     ) -> None:
         self.loop = loop
@@ -70,8 +72,11 @@ class HeartbeatSocket:
             except OSError as error:
                 log.debug("heartbeat socket: %s", error)
                 return
-            beat: Heartbeat | Unavailable | Pressure | None = (
-                Heartbeat.decode(data) or Unavailable.decode(data) or Pressure.decode(data)
+            beat: Message | None = (
+                Heartbeat.decode(data)
+                or Unavailable.decode(data)
+                or Pressure.decode(data)
+                or Holding.decode(data)
             )
             if beat is None:
                 continue
@@ -80,7 +85,7 @@ class HeartbeatSocket:
                 continue
             self.received(beat)
 
-    def send(self, beat: Heartbeat | Unavailable | Pressure, me: str) -> None:
+    def send(self, beat: Message, me: str) -> None:
         """Sends `beat` to every peer but this node; unreachable peers are skipped (they are dead to us)."""
         data = beat.encode()
         for node, address in self.peers.items():

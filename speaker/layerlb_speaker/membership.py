@@ -32,14 +32,21 @@ Rules, in order:
    (the rounds run late, the heartbeats with them) says so while it still can, and its peers wait for it
    longer instead of taking its VIPs for a stall (a false takeover: two ARP answers, then a move back).
    An old peer sends no `Pressure`: it is judged by `dead_after` alone.
+7. Next to each heartbeat also go `Holding` datagrams: the VIPs the sender announces now (as many
+   datagrams as its VIPs need, `MAX_HOLDING` addresses each). `announcement.holder` keeps a VIP with the
+   candidate that holds it, so a VIP moves only when it must. A peer's holding of an address lasts while
+   the peer lives and tells it again within its dead-after (a lost datagram is repeated next interval; a
+   released VIP is simply no longer told). An old peer tells no holdings: it holds nothing in others' eyes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from layerlb_speaker.announcement import Member
+from layerlb_speaker.announcement import Address, Member
 
 MAGIC = b"LLBS"
 VERSION = 1
@@ -166,6 +173,64 @@ class Pressure:
         return cls(node, late)
 
 
+HOLDING_MAGIC = b"LLBH"
+_HOLDING = struct.Struct("!4sBBB")  # magic, version, name length, count; the name, then each address
+MAX_HOLDING = 64  # 64 addresses of at most 1 + 16 bytes: one datagram of at most 1.4 kB
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One speaker's "I announce these VIPs" (a share of them: at most `MAX_HOLDING` per datagram)."""
+
+    node: str
+    addresses: tuple[Address, ...] = ()
+
+    def encode(self) -> bytes:
+        """b"LLBH", version 1, name length, count, the UTF-8 node name, then each address as its IP version
+        (4 or 6) and its packed bytes. At most `MAX_HOLDING` addresses (the rest are left out)."""
+        name = self.node.encode()
+        addresses = self.addresses[:MAX_HOLDING]
+        body = b"".join(bytes((address.version,)) + address.packed for address in addresses)
+        return _HOLDING.pack(HOLDING_MAGIC, VERSION, len(name), len(addresses)) + name + body
+
+    @classmethod
+    def decode(cls, data: bytes) -> Holding | None:
+        """The message in a datagram, or None for anything else (a heartbeat, noise, a truncation)."""
+        if len(data) < _HOLDING.size:
+            return None
+        magic, version, length, count = _HOLDING.unpack_from(data)
+        if magic != HOLDING_MAGIC or version != VERSION or length == 0 or count > MAX_HOLDING:
+            return None
+        at = _HOLDING.size + length
+        try:
+            node = data[_HOLDING.size : at].decode()
+        except UnicodeDecodeError:
+            return None
+        if len(node.encode()) != length:
+            return None
+        addresses: list[Address] = []
+        for _ in range(count):
+            if at >= len(data) or data[at] not in (4, 6):
+                return None
+            size = 4 if data[at] == 4 else 16
+            packed = data[at + 1 : at + 1 + size]
+            if len(packed) != size:
+                return None
+            addresses.append(ipaddress.ip_address(packed))
+            at += 1 + size
+        if at != len(data):
+            return None
+        return cls(node, tuple(addresses))
+
+    @classmethod
+    def split(cls, node: str, addresses: Iterable[Address]) -> list[Holding]:
+        """`addresses` (in a stable order) as the datagrams that carry them all; none for none."""
+        ordered = sorted(addresses, key=lambda address: (address.version, address.packed))
+        return [
+            cls(node, tuple(ordered[at : at + MAX_HOLDING])) for at in range(0, len(ordered), MAX_HOLDING)
+        ]
+
+
 @dataclass(frozen=True)
 class Timing:
     """Heartbeat interval, how long a silent peer stays alive (at least `dead_after`, at most
@@ -216,6 +281,8 @@ class Membership:
         self._peers: dict[str, _Peer] = {}
         self._unavailable: dict[str, frozenset[str]] = {}
         self._late: dict[str, float] = {}  # peer → its last reported lateness, seconds
+        self._holds: dict[str, dict[Address, float]] = {}  # peer → address it holds → when it last said so
+        self.holds: frozenset[Address] = frozenset()  # what this speaker announces now (`set_holds`)
         self._joined_at = now + timing.join
         self.joined = timing.join == 0
         self.longest_gap: dict[str, float] = {}  # peer → longest time between two of its heartbeats heard
@@ -254,6 +321,24 @@ class Membership:
         if message.node != self.me:
             self._late[message.node] = message.late_ms / 1000
 
+    def heard_holding(self, message: Holding, now: float) -> bool:
+        """Records VIPs a peer holds (the caller checked the address); True if it holds one it did not."""
+        if message.node == self.me or self._member(message.node) is None:
+            return False  # a joining or leaving speaker holds nothing in our eyes, whatever it says
+        held = self._holds.setdefault(message.node, {})
+        new = any(address not in held for address in message.addresses)
+        for address in message.addresses:
+            held[address] = now
+        return new
+
+    def set_holds(self, addresses: Iterable[Address]) -> None:
+        """What this speaker announces now: told to the peers (`holding_messages`) and its own incumbency."""
+        self.holds = frozenset(addresses)
+
+    def holding_messages(self) -> list[Holding]:
+        """The datagrams telling the peers every VIP this speaker holds."""
+        return Holding.split(self.me, self.holds)
+
     def dead_after(self, node: str) -> float:
         """How long `node` may stay silent before it is dead, given the lateness it reported."""
         return self.timing.dead_after_for(self._late.get(node, 0.0))
@@ -276,6 +361,14 @@ class Membership:
                 self._unavailable.pop(node, None)
                 self._late.pop(node, None)
                 changed = changed or peer.ready
+        for node, held in list(self._holds.items()):
+            if node not in self._peers:
+                del self._holds[node]
+                continue
+            for address, told in list(held.items()):
+                if now - told > self.dead_after(node):  # released: no longer told
+                    del held[address]
+                    changed = changed or self._peers[node].ready
         return changed
 
     def set_fresh(self, fresh: bool) -> bool:
@@ -289,6 +382,7 @@ class Membership:
         self._peers.clear()
         self._unavailable.clear()
         self._late.clear()
+        self._holds.clear()
         self.joined = self.timing.join == 0
         self._joined_at = now + self.timing.join
         return changed
@@ -297,11 +391,12 @@ class Membership:
         peer = self._peers.get(node)
         if peer is None or not peer.ready:
             return None
-        return Member(node, peer.fresh, self._unavailable.get(node, frozenset()))
+        held = self._holds.get(node, {})
+        return Member(node, peer.fresh, self._unavailable.get(node, frozenset()), frozenset(held))
 
     def members(self) -> dict[str, Member]:
         """Node name → Member for every ready, live speaker, this one included once it has joined."""
         members = {node: member for node in self._peers if (member := self._member(node)) is not None}
         if self.joined:
-            members[self.me] = Member(self.me, self.fresh, self.unavailable)
+            members[self.me] = Member(self.me, self.fresh, self.unavailable, self.holds)
         return members

@@ -153,6 +153,7 @@ class Speaker:
         # told too, though nothing was taken over.
         self._told: dict[tuple[Address, str], frozenset[Owner]] = {}
         self._pool_reported: set[tuple[str, str]] = set()  # (pool, interface) reported missing
+        self._kept: set[tuple[Address, str]] = set()  # (VIP, holder) this node ranks first for, logged
         self._noticed: set[tuple[str, str]] = set()  # (reason, message) of notices reported
         self._up: dict[str, bool] = {}
         self._offline = False
@@ -178,8 +179,11 @@ class Speaker:
             self._socket.set_peers(inventory.peers)
         self._dirty = True
 
-    def _heard(self, beat: membership.Heartbeat | membership.Unavailable | membership.Pressure) -> None:
-        if isinstance(beat, membership.Pressure):
+    def _heard(self, beat: heartbeat.Message) -> None:
+        if isinstance(beat, membership.Holding):
+            if self.membership.heard_holding(beat, self.clock()):
+                self._dirty = True
+        elif isinstance(beat, membership.Pressure):
             before = self.membership.dead_after(beat.node)
             self.membership.heard_pressure(beat)
             after = self.membership.dead_after(beat.node)
@@ -254,6 +258,8 @@ class Speaker:
         self._socket.send(
             membership.Pressure(self.settings.node, round(self.late() * 1000)), self.settings.node
         )
+        for holding in self.membership.holding_messages():
+            self._socket.send(holding, self.settings.node)
         self._socket.send(self.membership.heartbeat(), self.settings.node)
         if self._dirty and now >= self._claim_after:
             self._dirty = False
@@ -346,6 +352,7 @@ class Speaker:
         bgp_only = tuple(vip for vip in self.inventory.vips if not vip.l2)
         vips = tuple(vip for vip in self.inventory.vips if vip.l2)
         self.holders = announcement.announcements(vips, members)
+        self._report_kept(vips, members)
         mine = [vip for vip in vips if self.holders.get(vip.address) == self.settings.node]
         defaults = self.default_interfaces()
         wanted: dict[tuple[Address, str], Vip] = {}
@@ -370,6 +377,8 @@ class Speaker:
         for address, name in self.held.keys() - wanted.keys():
             log.info("withdrawing %s on %s (now %s)", address, name, self.holders.get(address, "nobody"))
         self.held = wanted
+        # Told to the peers from the next heartbeat on: they keep these VIPs here while this node may hold them.
+        self.membership.set_holds(address for address, _ in wanted)
         if self.publisher is not None:
             held_on: dict[Address, tuple[str, ...]] = {}
             for address, name in wanted:
@@ -395,6 +404,24 @@ class Speaker:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         log.info("holding %d of %d VIPs; live speakers %s", len(mine), len(vips), sorted(members))
+
+    def _report_kept(self, vips: tuple[Vip, ...], members: Mapping[str, announcement.Member]) -> None:
+        """Logs, once per VIP and holder, a VIP this node ranks first for that stays with its holder: why
+        the VIP is not where the hash alone would put it."""
+        me = self.settings.node
+        kept = set()
+        for vip in vips:
+            holder = self.holders.get(vip.address)
+            if holder is not None and holder != me and announcement.first_by_weight(vip, members) == me:
+                kept.add((vip.address, holder))
+                if (vip.address, holder) not in self._kept:
+                    log.info(
+                        "%s stays on %s, its holder, though this node ranks first for it: a move would cut "
+                        "its connections",
+                        vip.address,
+                        holder,
+                    )
+        self._kept = kept
 
     def _route(self, vips: tuple[Vip, ...]) -> None:
         """BGP: every VIP this node is eligible for goes to the peers its advertisements name (no holder)."""

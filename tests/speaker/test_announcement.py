@@ -43,14 +43,61 @@ def test_every_speaker_computes_the_same_single_holder() -> None:
     assert all(20 <= len(share) <= 60 for share in shares), [len(s) for s in shares]  # roughly even
 
 
-def test_a_vip_moves_only_when_its_holder_leaves_and_comes_back_when_it_returns() -> None:
+def holding(
+    members: dict[str, Member], chosen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str]
+) -> None:
+    """Each member told the VIPs it holds in `chosen` (what the speakers' `Holding` datagrams carry)."""
+    for node, member in members.items():
+        held = frozenset(address for address, holder_ in chosen.items() if holder_ == node)
+        members[node] = Member(node, member.fresh, member.unavailable, held)
+
+
+def test_a_vip_moves_only_when_its_holder_leaves_and_stays_where_it_went_when_the_holder_returns() -> None:
     vips = [vip(f"10.0.1.{n}") for n in range(200)]
     before = announcements(vips, live(*NODES))
-    after = announcements(vips, live(*NODES[1:]))
+    members = live(*NODES[1:])
+    holding(members, {address: node for address, node in before.items() if node != "node-1"})
+    after = announcements(vips, members)
     moved = {address for address in before if before[address] != after[address]}
     assert moved == {address for address, node in before.items() if node == "node-1"}
     assert all(after[address] == rank(address, NODES[1:])[0] for address in moved)
-    assert announcements(vips, live(*NODES)) == before
+    # node-1 comes back: it ranks first for the moved VIPs, but their holders keep them (a move cuts
+    # connections); it takes only a VIP nobody holds.
+    back = live(*NODES)
+    holding(back, after)
+    assert announcements(vips, back) == after
+    assert announcements(vips, live(*NODES)) == before  # nobody holding: placed by weight alone
+
+
+def test_a_newly_eligible_node_ranking_first_does_not_take_a_held_vip() -> None:
+    """A second forwarding pod turning Ready elsewhere must not move the VIP from the first one's node."""
+    address = ipaddress.ip_address("10.0.4.1")
+    first, second = rank(address, NODES)[:2]
+    members = live(*NODES)
+    alone = Vip(address, frozenset({second}))
+    assert holder(alone, members) == second
+    holding(members, {address: second})
+    both = Vip(address, frozenset({first, second}))
+    assert holder(both, members) == second
+    assert holder(both, live(*NODES)) == first  # what placement by weight alone would do
+    # The incumbent stops being eligible (its pod went): then, and only then, it moves.
+    assert holder(Vip(address, frozenset({first})), members) == first
+
+
+def test_two_holders_of_one_vip_settle_on_the_one_ranking_first_and_a_stale_or_ineligible_claim_counts_not() -> (
+    None
+):
+    address = ipaddress.ip_address("10.0.4.2")
+    first, second, third = rank(address, NODES)[:3]
+    members = live(*NODES)
+    holding(members, {address: second})
+    members[third] = Member(third, True, frozenset(), frozenset({address}))  # both took it in a partition
+    assert holder(vip(str(address)), members) == second
+    # An incumbent that may not hold it (not eligible, its interfaces gone, its view stale while others'
+    # is fresh) is no incumbent.
+    assert holder(vip(str(address), [n for n in NODES if n != second]), members) == third
+    members[third] = Member(third, False, frozenset(), frozenset({address}))
+    assert holder(vip(str(address), [n for n in NODES if n != second]), members) == first
 
 
 def test_only_eligible_live_nodes_hold() -> None:

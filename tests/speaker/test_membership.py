@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from layerlb_speaker.announcement import Member
-from layerlb_speaker.membership import Heartbeat, Membership, Pressure, Timing, Unavailable
+from layerlb_speaker.membership import (
+    MAX_HOLDING,
+    Heartbeat,
+    Holding,
+    Membership,
+    Pressure,
+    Timing,
+    Unavailable,
+)
 
 TIMING = Timing(interval=0.1, dead_after=0.5, join=0.5)
 
@@ -199,3 +209,61 @@ def test_the_extra_time_is_capped_and_forgotten_with_the_peer() -> None:
 def test_timing_refuses_a_ceiling_below_dead_after() -> None:
     with pytest.raises(ValueError, match=r"max_dead_after 0\.4s must not be below dead_after 0\.5s"):
         Timing(interval=0.1, dead_after=0.5, join=0.5, max_dead_after=0.4)
+
+
+def test_holdings_round_trip_in_datagrams_of_their_own_and_noise_is_ignored() -> None:
+    addresses = (ipaddress.ip_address("192.0.2.7"), ipaddress.ip_address("2001:db8::7"))
+    message = Holding("node-2", addresses)
+    data = message.encode()
+    assert Holding.decode(data) == message
+    assert Holding.decode(Holding("node-2").encode()) == Holding("node-2")
+    for noise in (
+        b"",
+        data[:-1],
+        data + b"x",
+        Heartbeat("node-2", True, True).encode(),
+        b"LLBH\x01\x06\x01node-2\x05",
+    ):
+        assert Holding.decode(noise) is None
+    assert (
+        Heartbeat.decode(data) is None and Unavailable.decode(data) is None and Pressure.decode(data) is None
+    )
+
+
+def test_many_holdings_are_split_over_datagrams_that_each_fit_and_carry_them_all() -> None:
+    addresses = [ipaddress.ip_address(f"2001:db8::{n:x}") for n in range(1, 1001)]
+    messages = Holding.split("node-with-a-long-name-" + "x" * 200, addresses)
+    assert len(messages) == -(-1000 // MAX_HOLDING)
+    assert all(len(message.encode()) <= 2048 for message in messages)  # what the heartbeat socket reads
+    assert {a for message in messages for a in message.addresses} == set(addresses)
+    assert Holding.split("node-1", []) == []
+
+
+def test_a_peers_holdings_reach_its_member_and_go_when_no_longer_told_or_when_it_dies() -> None:
+    membership = joined(0.0, "node-2")
+    now = TIMING.join
+    vip_a, vip_b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    assert membership.heard_holding(Holding("node-2", (vip_a, vip_b)), now)
+    assert not membership.heard_holding(Holding("node-2", (vip_a,)), now)  # nothing new
+    assert membership.members()["node-2"].holds == {vip_a, vip_b}
+    for step in range(1, 8):  # node-2 keeps telling vip_a only, and keeps beating
+        at = now + step * TIMING.interval
+        membership.heard(Heartbeat("node-2", True, True), at)
+        membership.heard_holding(Holding("node-2", (vip_a,)), at)
+        membership.expire(at)
+    assert membership.members()["node-2"].holds == {vip_a}  # vip_b released: no longer told
+    membership.expire(now + 10)
+    assert "node-2" not in membership.members()
+    membership.heard(Heartbeat("node-2", True, True), now + 10)
+    assert membership.members()["node-2"].holds == frozenset()  # a dead peer's holdings are forgotten
+
+
+def test_its_own_holdings_are_in_its_member_and_messages_and_a_joining_peers_count_not() -> None:
+    membership = joined(0.0)
+    address = ipaddress.ip_address("192.0.2.9")
+    membership.set_holds([address])
+    assert membership.members()["node-1"].holds == {address}
+    assert membership.holding_messages() == [Holding("node-1", (address,))]
+    assert not membership.heard_holding(Holding("node-1", ()), 1.0)  # our own echo
+    membership.heard(Heartbeat("node-3", False, True), 1.0)  # still joining: not a member
+    assert not membership.heard_holding(Holding("node-3", (address,)), 1.0)
