@@ -262,6 +262,40 @@ def test_two_workers_share_the_listener_and_a_crashed_one_is_restarted(
     two.close()
 
 
+def test_a_worker_whose_loop_stops_answering_makes_the_process_unready_until_it_answers_again(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    """Ready means every worker answers: a stopped worker still holds its SO_REUSEPORT socket and the kernel
+    keeps handing it new connections, which would wait unanswered behind a Ready pod."""
+    from layerlb_dataplane.control.workers import UNRESPONSIVE_SECONDS
+
+    backend = TcpBackend(loop_thread, "one")
+    port = free_port(VIP)
+    document: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "l4-proxy-tcp.yaml").read_text())
+    document["spec"].update(vip=VIP, listeners=[{"name": "echo", "port": port, "protocol": "TCP"}])
+    document["spec"]["backends"][0].update(endpoints=[{"address": "127.0.0.1", "port": backend.port}])
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(document))
+    serve = Serve(tmp_path, "serve", str(path), "--workers", "2")
+    serve.wait_ready()
+    stopped = _worker_pids(serve.process.pid)[0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        moment = time.monotonic()
+        wait_until(
+            lambda: serve.get("/readyz")[0] == 503 and "has not answered" in serve.get("/readyz")[1],
+            UNRESPONSIVE_SECONDS + TIMEOUT,
+            "unready while a worker is stopped",
+        )
+        assert time.monotonic() - moment >= UNRESPONSIVE_SECONDS - 1  # not at the first late answer
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    serve.wait_ready()
+    assert _worker_pids(serve.process.pid)[0] == stopped  # the same worker, answering again: no restart
+    assert serve.stop() == 0
+    backend.close()
+
+
 def test_workers_share_one_prober_and_all_follow_its_verdicts(
     tmp_path: Path, loop_thread: LoopThread
 ) -> None:

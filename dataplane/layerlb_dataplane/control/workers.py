@@ -34,6 +34,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,9 @@ from layerlb_dataplane.kernel import driver
 log = logging.getLogger("layerlb")
 
 REPORT_SECONDS = 1.0
+PULSE_SECONDS = 1.0  # how often the parent asks every worker for its metrics: proof that its loop runs
+UNRESPONSIVE_SECONDS = 10.0  # a worker silent this long is not ready (its listeners' share of the kernel's
+# connections would wait unanswered), long enough that a busy node's scheduling hiccups do not count
 START_SECONDS = 60.0
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STEADY_SECONDS = 10.0  # a worker that lived this long restarts without backoff
@@ -68,6 +72,7 @@ class Worker:
         self.ids = itertools.count(1)
         self.reader_task: asyncio.Task[None] | None = None
         self.on_applied: Callable[[], None] = lambda: None
+        self.answered_at = time.monotonic()  # its last answer on the control channel (or its start)
 
     async def start(self) -> None:
         """Start the process with the child end of a fresh control channel."""
@@ -112,6 +117,7 @@ class Worker:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             message = json.loads(line)
+            self.answered_at = time.monotonic()
             if message["op"] == "applied":
                 self.applied_seq, self.problems = message["seq"], message["problems"]
                 self.warnings = list(message.get("warnings") or [])
@@ -167,6 +173,10 @@ class Supervisor:
                 problems.append(f"worker {index} is not running")
             elif worker.applied_seq != self.seq:
                 problems.append(f"worker {index} has not applied the current Plans yet")
+            elif (silent := time.monotonic() - worker.answered_at) > UNRESPONSIVE_SECONDS:
+                problems.append(
+                    f"worker {index} has not answered for {silent:.0f} s: its event loop is stuck or starved"
+                )
             else:
                 problems += [f"worker {index}: {problem}" for problem in worker.problems]
         return (not problems and not self.stopping.is_set(), problems)
@@ -289,6 +299,7 @@ class Supervisor:
             return 1
         for worker in self.workers.values():
             self.watchers.add(asyncio.create_task(self._watch(worker)))
+        self.watchers.add(asyncio.create_task(self._pulse()))
         while not self.stopping.is_set():
             waits = [
                 asyncio.ensure_future(self.stopping.wait()),
@@ -353,6 +364,20 @@ class Supervisor:
         self._send_plans(worker)
         self._send_verdicts(worker)
         return worker
+
+    async def _pulse(self) -> None:
+        """Ask every running worker for its metrics each `PULSE_SECONDS`: an answer is what keeps it ready.
+
+        A worker whose loop is stuck (a bug, a hung call) or starved still holds its SO_REUSEPORT sockets,
+        and the kernel keeps handing it its share of the new connections; `/readyz` must then say so, so
+        that the pod leaves the VIP's eligible nodes instead of leaving those connections unanswered.
+        """
+        while not self.stopping.is_set():
+            live = [
+                w for w in self.workers.values() if w.process is not None and w.process.returncode is None
+            ]
+            await asyncio.gather(*(worker.report() for worker in live))
+            await asyncio.sleep(PULSE_SECONDS)
 
     async def _watch(self, worker: Worker) -> None:
         """Restart a worker that exits while we are not stopping, backing off when it keeps crashing."""
