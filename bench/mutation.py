@@ -59,7 +59,7 @@ MODULES = (
     Module(
         "affinity",
         f"{DP}/core/affinity.py",
-        "tests/dataplane/test_proxy_http.py -k 'affinity or cookie or client_ip'",
+        "tests/dataplane/test_proxy_http.py tests/dataplane/test_hash_keys.py -k 'affinity or cookie or client_ip'",
     ),
     Module("health", f"{DP}/core/health.py", UNIT_HEALTH),
     Module("validation", "layerlb/validation.py", "tests/test_validation.py tests/test_bgp_validation.py"),

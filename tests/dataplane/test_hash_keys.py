@@ -128,3 +128,48 @@ def test_requests_without_the_hash_key_hash_the_client_address(backends: Backend
         assert len(answers) == 1, (source, answers)
         by_source[source] = answers.pop()
     assert len(set(by_source.values())) >= 2, by_source  # twelve addresses do not all share one backend
+
+
+# --- session affinity over endpoints sharing an IP ---------------------------------------------------------
+
+
+def test_client_ip_affinity_spreads_clients_over_endpoints_sharing_an_ip(
+    backends: Backends, proxies: Proxies
+) -> None:
+    """Twelve client addresses reach all three backends of one host, each address keeping its backend."""
+    _, endpoints = three_on_one_host(backends)
+    document = lb_document({"app": endpoints}, sessionAffinity={"type": "ClientIP", "timeoutSeconds": 60})
+    proxy = proxies(document)
+    homes = {}
+    for source in (f"127.0.0.{n}" for n in range(2, 14)):
+        answers = set()
+        for _ in range(2):
+            client = ClientFrom(proxy.port, source)
+            answers.add(served_by(client, get()))
+            client.close()
+        assert len(answers) == 1, (source, answers)
+        homes[source] = answers.pop()
+    assert set(homes.values()) == {"a", "b", "c"}, homes
+
+
+def test_cookie_affinity_tells_endpoints_sharing_an_ip_apart(backends: Backends, proxies: Proxies) -> None:
+    """Each backend's cookie brings its client back to that backend, not to a neighbour on the same host."""
+    _, endpoints = three_on_one_host(backends)
+    document = lb_document({"app": endpoints}, sessionAffinity={"type": "Cookie", "cookieName": "sticky"})
+    proxy = proxies(document)
+    cookies: dict[str, str] = {}
+    client = proxy.client()
+    for _ in range(30):  # new clients (no cookie) are balanced round-robin: all three are met
+        client.send(get())
+        response = client.response()
+        name = response.body.decode().removeprefix("ok ")
+        cookie = response.header("set-cookie")
+        assert cookie is not None
+        cookies.setdefault(name, cookie.split(";")[0])
+        if len(cookies) == 3:
+            break
+    assert set(cookies) == {"a", "b", "c"}, cookies
+    assert len(set(cookies.values())) == 3  # three endpoints, three tokens
+    for name, cookie in cookies.items():
+        for _ in range(3):
+            assert served_by(client, get(extra=f"Cookie: {cookie}\r\n")) == name
