@@ -444,8 +444,9 @@ class RequestParser:
         if method == b"CONNECT":
             raise ParseError(405, "CONNECT is not served")
         # llhttp lets a run of spaces before the version through: the target would end in spaces, routed as
-        # one path here and read as another by an upstream that splits the line on whitespace.
-        if b" " in target:
+        # one path here and read as another by an upstream that splits the line on whitespace. (An int needle
+        # is one memchr; `b" " in target` sets up a substring search, several times slower per parsed head.)
+        if 0x20 in target:
             raise ParseError(400, "malformed request line (one space between method, target and version)")
         low = head.lower()
         search = _REQUEST_LINES.search
