@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Final
 
 from kubernetes import client as k8s
@@ -80,6 +81,9 @@ class Client:
         self.api_client = api_client
         self.field_manager = field_manager
         self.writes: Counter[str] = Counter()
+        # Set by a replica under leader election (`lease.Elector.leading`): False once its Lease may have
+        # passed to another replica, and then no write goes out (see `write`).
+        self.may_write: Callable[[], bool] | None = None
 
     def request(
         self,
@@ -119,7 +123,14 @@ class Client:
         return answer if isinstance(answer, dict) else {}
 
     def write(self, kind: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        """A request that may change cluster state, counted by kind."""
+        """A request that may change cluster state, counted by kind.
+
+        Refused (`ApiError` 0, a transient error: the caller retries later) while `may_write` says this
+        replica's Lease may have passed on: a leader frozen past its Lease (a stalled node, a paused
+        cgroup) wakes with queued work and would otherwise write alongside the replica that took over
+        before its own renewal loop notices. The Lease's own writes pass: they are how a replica takes it."""
+        if kind != "Lease" and self.may_write is not None and not self.may_write():
+            raise ApiError(0, f"not writing {kind}: this replica's Lease is not current (another may lead)")
         self.writes[kind] += 1
         return self.request(method, path, **kwargs)
 

@@ -4,7 +4,8 @@ Why a Lease and not kopf's peering: kopf pauses *every* operator when two of the
 (replicas of one Deployment all have the same priority), it needs two extra CRDs, and it would not
 cover the operator's own debounced queue, which runs outside kopf's handlers. A Lease is what
 kube-controller-manager itself uses: the standbys wait, watching nothing and writing nothing; the
-leader renews every `retry` seconds and, once it cannot renew for `renew_deadline`, stops acting.
+leader renews every `retry` seconds and, once it cannot renew for `renew_deadline`, stops acting: it writes
+nothing more (`leading`, checked at every write), and it exits.
 
 Expiry is judged by this process's monotonic clock from the moment it last saw the Lease change (as
 client-go does), so clocks that disagree between nodes cannot make two leaders.
@@ -52,6 +53,7 @@ class Elector:
     pod: str | None = None
     _seen: tuple[str, str] | None = field(default=None, init=False)  # (holder, renewTime) last observed
     _seen_at: float = field(default=0.0, init=False)
+    _renewed_at: float = field(default=float("-inf"), init=False)  # when the last successful attempt began
 
     @property
     def path(self) -> str:
@@ -70,6 +72,7 @@ class Elector:
 
     def try_acquire(self) -> bool:
         """One attempt to take or renew the Lease; True when this process holds it afterwards."""
+        began = self.clock()
         try:
             lease = self.client.request("GET", self.path)
         except apiserver.ApiError as error:
@@ -87,6 +90,7 @@ class Elector:
                 apiserver.collection_path("coordination.k8s.io/v1", "Lease", self.namespace),
                 body=body,
             )
+            self._renewed_at = began
             return True
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or ""
@@ -100,6 +104,7 @@ class Elector:
             and not self._earlier_container(holder)
             and self.clock() - self._seen_at < duration
         ):
+            self._renewed_at = float("-inf")  # another replica leads: nothing more from this one
             return False
         transitions = int(spec.get("leaseTransitions") or 0)
         if holder == self.identity:
@@ -112,9 +117,18 @@ class Elector:
             self.client.write("Lease", "PUT", self.path, body=lease)
         except apiserver.ApiError as error:
             if error.status == 409:
+                self._renewed_at = float("-inf")  # another replica wrote the Lease in between
                 return False
             raise
+        self._renewed_at = began
         return True
+
+    def leading(self) -> bool:
+        """Whether this process may still act as the leader: its last successful take or renewal began less
+        than `renew_deadline` ago. A standby takes over only once `duration` (longer) has passed since it saw
+        that renewal, which it cannot have seen before the renewal began, so while this holds no other
+        replica leads. Judged at each write (`apiserver.Client.may_write`), not only by `hold`'s loop."""
+        return self.clock() - self._renewed_at < self.renew_deadline
 
     def _earlier_container(self, holder: str) -> bool:
         """Whether `holder` (an identity `POD-PID-SUFFIX`, `main.identity`) was a container of this pod."""

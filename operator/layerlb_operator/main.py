@@ -139,6 +139,7 @@ async def run(args: argparse.Namespace) -> int:
     if not args.standalone:
         namespace, name = lease_location(args.peering)
         elector = lease.Elector(client, namespace, name, own_identity, pod=os.environ.get("POD_NAME") or None)
+        client.may_write = elector.leading
         acquiring = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -127,3 +127,22 @@ def test_a_restarted_container_takes_its_pods_lease_at_once_but_never_another_po
     restarted = elector("layerlb-7d9-abcde-1-f7f8f9", "layerlb-7d9-abcde")  # same pod, pid 1 again
     assert restarted.try_acquire()
     assert shared["lease"]["spec"]["holderIdentity"] == "layerlb-7d9-abcde-1-f7f8f9"
+
+
+def test_a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes(clock: Clock) -> None:
+    """A leader paused (SIGSTOP, a stalled node) until a standby took over wakes with queued work: no write
+    may leave it, though its renewal loop has not yet noticed the loss. Only the Lease is written to."""
+    (first, second), shared = _electors(2, clock)
+    first.client.may_write = first.leading
+    assert first.try_acquire() and first.leading()
+    assert not second.try_acquire()
+    clock.now += 9  # renewals late but within renew_deadline: still acting
+    assert first.leading()
+    clock.now += 7  # frozen: the standby saw no renewal for the Lease's duration
+    assert second.try_acquire()
+    assert not first.leading()
+    with pytest.raises(apiserver.ApiError, match="not current") as refused:
+        first.client.write("ConfigMap", "PATCH", "/api/v1/namespaces/ops/configmaps/x-plan", body={})
+    assert refused.value.status == 0 and first.client.writes["ConfigMap"] == 0
+    assert not first.try_acquire()  # it reads the Lease, sees the new holder, and stands by
+    assert shared["lease"]["spec"]["holderIdentity"] == "replica-1"
