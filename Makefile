@@ -135,3 +135,10 @@ bench-fuzz: setup
 .PHONY: bench-abuse
 bench-abuse: setup
 	$(PY) -m bench.abuse $(ABUSE_ARGS)
+
+# 10,000 Plan updates under load (#18; ~6 min): tests/chaos/test_plan_churn.py's scenario, longer. Endpoints, a
+# route and the HTTPS certificate change on every update while wrk counts failed requests; the data plane's RSS
+# every 1,000 updates. CHURN_ARGS: --updates N, --every N, --max-growth MiB.
+.PHONY: bench-chaos-churn
+bench-chaos-churn: setup
+	PYTHONPATH="$(CURDIR):$(CURDIR)/operator:$(CURDIR)/dataplane" $(PY) -m bench.plan_churn $(CHURN_ARGS)

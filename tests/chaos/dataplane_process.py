@@ -91,11 +91,11 @@ class DataplaneProcess:
         """Serve `plans` (whose Plans carry `generation`): written, SIGHUP, and waited for."""
         self.write(plans)
         self.process.send_signal(signal.SIGHUP)
-        wait_until(
-            lambda: self._ready() and self.metric("layerlb_plan_generation") == generation,
-            TIMEOUT,
-            f"generation {generation} served",
-        )
+        wait_until(lambda: self._serves(generation), TIMEOUT, f"generation {generation} served")
+
+    def _serves(self, generation: int) -> bool:
+        assert self.process.poll() is None, f"exited with {self.process.returncode}:\n{self.text()}"
+        return self.metric("layerlb_plan_generation") == generation
 
     def rss(self) -> int:
         """Resident memory in bytes (VmRSS)."""
