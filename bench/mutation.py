@@ -55,7 +55,11 @@ MODULES = (
         f"tests/dataplane/test_targets.py tests/dataplane/test_balancing.py {UNIT_HEALTH}",
     ),
     Module("state", f"{DP}/core/state.py", f"tests/dataplane/test_state.py {UNIT_HEALTH}"),
-    Module("resolve", "layerlb/resolve.py", "tests/test_resolve.py tests/test_plan_contract.py"),
+    Module(
+        "resolve",
+        "layerlb/resolve.py",
+        "tests/test_resolve.py tests/test_resolve_details.py tests/test_plan_contract.py tests/test_render.py",
+    ),
     Module(
         "affinity",
         f"{DP}/core/affinity.py",
@@ -100,6 +104,12 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         "core/ReplaceComparisonOperator_Gt_NotEq",
         "self.weight > 0",
         "weights are never negative: api.Endpoint.weight is ge=0 and Plans come from resolve",
+    ),
+    Equivalent(
+        "state",
+        "core/ReplaceComparisonOperator_Eq_LtE",
+        "target.active == 0",
+        "a target's active count never goes below 0 (one decrement per increment)",
     ),
     Equivalent(
         "routing",
