@@ -78,7 +78,7 @@ def test_a_secret_needs_a_pem_certificate_and_key(fields: dict[str, Any], accept
 
 
 def test_string_data_wins_over_data_as_the_api_server_would_store_it() -> None:
-    fields = {
+    fields: dict[str, Any] = {
         "stringData": {"tls.crt": PEM_CERT, "tls.key": PEM_KEY},
         "data": {"tls.crt": b64(b"stale"), "tls.key": b64(b"stale")},
     }
