@@ -48,3 +48,14 @@ def test_a_status_line_with_a_control_character_is_a_502_not_forwarded(reason: b
     events, refusal = targets.frame_responses([b"HTTP/1.1 204 " + reason + b"\r\n\r\n"], False)
     assert events == []
     assert refusal == "502 control character in the response status line"
+
+
+def test_a_bare_lf_inside_the_request_line_is_refused_in_one_read_too() -> None:
+    # The long http_request run found it: llhttp ends the request line at the LF and reads
+    # `Host:exe:z HTTP/1.1` as a header, while layerlb took `/1.\nHost:exe:z` for the target and would have
+    # forwarded the LF (a Host header to a lenient upstream). Only a head arriving in pieces was refused.
+    data = b"GET /1.\nHost:exe:z HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    for reads in ([data], [data[:9], data[9:]]):
+        events, refusal, _ = targets.frame_requests(reads)
+        assert events == []
+        assert refusal is not None and "bare LF" in refusal

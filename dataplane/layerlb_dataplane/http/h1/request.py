@@ -338,6 +338,10 @@ class RequestParser:
         line = head.find(b"\r\n")
         if line > self.max_request_line:
             raise ParseError(414, "request line too long")
+        # llhttp ends a request line at a bare LF (as HTTP/0.9) and reads on: `GET /x\nHost: evil HTTP/1.1`
+        # would be a Host header to it and to a lenient upstream, and part of the target here.
+        if b"\n" in head[:line]:
+            raise ParseError(400, "bare LF in the request line")
         if end + 2 - line > self.max_header:
             raise ParseError(431, "request header block too large")
         version = head[line - 9 : line]
