@@ -32,7 +32,17 @@ from cosmic_ray.work_db import WorkDB, use_db  # type: ignore[import-untyped]
 from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ("layerlb", "dataplane", "operator", "speaker", "tests", "templates", "pyproject.toml")
+COPIED = (
+    "layerlb",
+    "dataplane",
+    "operator",
+    "speaker",
+    "tests",
+    "testdata",
+    "examples",
+    "crds",
+    "pyproject.toml",
+)
 SOURCE_ROOTS = (".", "dataplane", "operator", "speaker")
 PYTEST = "python -m pytest -x -q -p no:cacheprovider"
 
@@ -403,7 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for module in chosen:
         print(f"mutating {module.name} ({module.path}) against: {module.tests}", flush=True)
-        result = run_module(module, args.workdir, deadline, args.recheck)
+        try:
+            result = run_module(module, args.workdir, deadline, args.recheck)
+        except RuntimeError as error:  # the module cannot run: say why, go on with the next
+            print(error, flush=True)
+            results.append(ModuleResult(module.name, module.path, mutants=0, note=str(error).splitlines()[0]))
+            continue
         results.append(result)
         for survivor in result.survivors:
             mark = f"  [equivalent: {survivor.equivalent}]" if survivor.equivalent else ""
