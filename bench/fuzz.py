@@ -24,7 +24,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
-TARGETS = ("http_request", "differential", "http_response", "chunked", "proxy_protocol", "plan_json")
+TARGETS = (
+    "http_request",
+    "differential",
+    "http_response",
+    "response_differential",
+    "chunked",
+    "proxy_protocol",
+    "plan_json",
+)
 GOAL = 10_000_000
 
 
@@ -89,6 +97,13 @@ def run_round(target: str, runs: int, seconds: int, scratch: Path, artifacts: Pa
     return result, done.stderr
 
 
+def _finding(report: str) -> str:
+    """The exception and the input from libFuzzer's report, without its progress lines."""
+    start = report.find("=== Uncaught Python exception")
+    lines = report[start if start >= 0 else 0 :].splitlines()
+    return "\n".join(line for line in lines if not re.match(r"#\d+\s", line))[-6000:]
+
+
 def fuzz(target: str, runs: int, seconds: int, rounds: int, artifacts: Path) -> TargetRun:
     """`rounds` rounds sharing one scratch corpus, splitting the executions and the time between them."""
     run = TargetRun(target)
@@ -107,7 +122,7 @@ def fuzz(target: str, runs: int, seconds: int, rounds: int, artifacts: Path) -> 
                 flush=True,
             )
             if result.exit_code != 0:
-                run.findings.append(report[-3000:])
+                run.findings.append(_finding(report))
                 break
     return run
 

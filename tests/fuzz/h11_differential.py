@@ -222,9 +222,10 @@ KNOWN_DIFFERENCES: Final[tuple[KnownDifference, ...]] = (
     KnownDifference(
         "bare LF or CR line endings",
         "layerlb",
-        lambda m, r: re.search(rb"(?<!\r)\n|\r(?!\n)", _head(m)) is not None,
+        lambda m, r: re.search(rb"(?<!\r)\n|\r(?!\n)", m) is not None,
         "RFC 9112 2.2 lets a recipient accept a bare LF; two readers disagreeing on line ends is a classic "
-        "smuggling vector, so layerlb refuses both bare LF and bare CR in a head (h11 accepts bare LF)",
+        "smuggling vector, so layerlb refuses both bare LF and bare CR in a head and in the chunked "
+        "framing (h11 accepts bare LF in both)",
         b"GET / HTTP/1.1\n" + _H + b"\r\n",
     ),
     KnownDifference(
@@ -396,9 +397,17 @@ def differential(data: bytes) -> None:
         other = theirs.messages[index] if index < len(theirs.messages) else None
         if mine is not None and other is not None:
             if mine.end < 0 or other.end < 0:  # one still reads its body: the head must agree
+                _agree(
+                    Message(**{**mine.__dict__, "end": -1, "body": b""}),
+                    Message(**{**other.__dict__, "end": -1, "body": b""}),
+                )
                 if mine.end >= 0 or other.end >= 0:
-                    raise Finding(f"one reader ended a body the other still reads: {mine!r} / {other!r}")
-                _agree(Message(**{**mine.__dict__, "end": -1}), Message(**{**other.__dict__, "end": -1}))
+                    # Same head, so the same body framing: only a chunked syntax one reader is lenient
+                    # about can leave the other waiting (for bytes that can never make it valid).
+                    waiting: Literal["layerlb", "h11"] = "layerlb" if mine.end < 0 else "h11"
+                    start = ours.messages[index - 1].end if index else 0
+                    if explain(waiting, data[start:], "waits for more of the body") is None:
+                        raise Finding(f"one reader ended a body the other still reads: {mine!r} / {other!r}")
                 return
             _agree(mine, other)
             if mine.upgrade or other.upgrade or not mine.keep_alive or not other.keep_alive:

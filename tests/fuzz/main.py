@@ -15,9 +15,13 @@ import sys
 import atheris  # type: ignore[import-untyped]  # no type information published
 
 with atheris.instrument_imports(include=["layerlb_dataplane", "layerlb", "h11", "tests.fuzz"]):
-    from tests.fuzz import h11_differential, targets
+    from tests.fuzz import h11_differential, h11_response_differential, targets
 
-ALL = {**targets.TARGETS, "differential": h11_differential.differential}
+ALL = {
+    **targets.TARGETS,
+    "differential": h11_differential.differential,
+    "response_differential": h11_response_differential.response_differential,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -124,6 +124,7 @@ SEEDS: Final[dict[str, dict[str, bytes]]] = {
     },
     "differential": REQUESTS,
     "http_response": RESPONSES,
+    "response_differential": RESPONSES,
     "chunked": CHUNKED,
     "proxy_protocol": PROXY,
     "plan_json": PLANS,

@@ -1,7 +1,7 @@
 """The fuzz targets in CI: every seed in-process, then a short coverage-guided atheris run of each target.
 
 The short runs start from the committed corpora and stop after `RUNS` inputs or `SECONDS` (whichever
-comes first; six targets stay well under 90 s on a busy two-core machine). A finding fails the test with
+comes first; seven targets stay within 90 s on a busy two-core machine). A finding fails the test with
 libFuzzer's report: the exception, and the input in hex, Base64 and as a file under the run's scratch
 directory. The long run is `make bench-fuzz` (bench/fuzz.py).
 """
@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz import h11_differential, seeds, targets
+from tests.fuzz import h11_differential, h11_response_differential, seeds, targets
 
-ALL = {**targets.TARGETS, "differential": h11_differential.differential}
+ALL = {
+    **targets.TARGETS,
+    "differential": h11_differential.differential,
+    "response_differential": h11_response_differential.response_differential,
+}
 RUNS = 20_000
 SECONDS = 8
 ROOT = Path(__file__).parents[2]
@@ -66,6 +70,18 @@ def test_each_known_difference_with_h11_still_shows_in_its_example(
     assert accepting.messages and accepting.messages[0].end > 0
     assert h11_differential.explain(row.refused_by, row.example, refusing.reason) == row
     h11_differential.differential(row.example)
+
+
+@pytest.mark.parametrize("row", h11_response_differential.RESPONSE_DIFFERENCES, ids=lambda row: row.name)
+def test_each_known_response_difference_with_h11_still_shows_in_its_example(
+    row: h11_differential.KnownDifference,
+) -> None:
+    ours = h11_response_differential.layerlb_framing(row.example, head_request=False)
+    theirs = h11_response_differential.h11_framing(row.example, head_request=False)
+    refusing, accepting = (ours, theirs) if row.refused_by == "layerlb" else (theirs, ours)
+    assert refusing.stop == "refused" and accepting.stop == "framed"
+    assert h11_response_differential.explain(row.refused_by, row.example, refusing.reason) == row
+    h11_response_differential.response_differential(b"\x00" + row.example)
 
 
 def test_a_refusal_without_its_row_fails_the_differential_target(monkeypatch: pytest.MonkeyPatch) -> None:
