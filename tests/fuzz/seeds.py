@@ -46,6 +46,7 @@ REQUESTS: Final[dict[str, bytes]] = {
     "leading_crlf": b"\r\n\r\nGET / HTTP/1.1\r\n" + _H + b"\r\n",
     # Findings, kept in the corpus so every run tries them again (tests/fuzz/test_regressions.py).
     "found_two_spaces_before_version": b"GET /admin  HTTP/1.1\r\n" + _H + b"\r\n",
+    "found_lf_in_request_line": b"GET /1.\nHost:exe:z HTTP/1.1\r\n" + _H + b"\r\n",
     "found_trailer_framing_fields": b"POST / HTTP/1.1\r\n" + _H + b"Transfer-Encoding: chunked\r\n\r\n"
     b"0\r\nContent-Length: 1, 3\r\n\r\n",
     # The framing rules of #18: each refused or normalised so that no two readers can disagree.
@@ -124,7 +125,11 @@ SEEDS: Final[dict[str, dict[str, bytes]]] = {
     },
     "differential": REQUESTS,
     "http_response": RESPONSES,
-    "response_differential": RESPONSES,
+    "response_differential": {
+        **RESPONSES,
+        "found_status_line_control": b"\x00HTTP/1.1 204 No Cont\x00ent\r\n\r\n",
+        "found_http10_informational": b"\x00HTTP/1.0 105 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    },
     "chunked": CHUNKED,
     "proxy_protocol": PROXY,
     "plan_json": PLANS,
