@@ -46,11 +46,20 @@ class Figures:
     rss_peak_mib: float
     fds_peak: int
     cpu_cores: float
+    tcp_mem_peak_mib: float  # the host's TCP socket buffers (/proc/net/sockstat): what RSS does not show
     note: str = ""
 
     @property
     def ratio(self) -> float:
         return self.abused_p99_ms / self.quiet_p99_ms if self.quiet_p99_ms else 0.0
+
+
+def tcp_memory() -> int:
+    """Bytes in the host's TCP socket buffers (all sockets: the proxy's, the backend's, the clients')."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            return int(line.split()[-1]) * 4096
+    return 0
 
 
 class Sampler:
@@ -60,6 +69,7 @@ class Sampler:
         self.lab = lab
         self.rss_peak = lab.rss()
         self.fds_peak = lab.fds()
+        self.tcp_mem_peak = tcp_memory()
         self.stop = threading.Event()
         self.cpu_start = lab.cpu_seconds()
         self.started = time.monotonic()
@@ -71,6 +81,7 @@ class Sampler:
             with contextlib.suppress(OSError, ValueError):
                 self.rss_peak = max(self.rss_peak, self.lab.rss())
                 self.fds_peak = max(self.fds_peak, self.lab.fds())
+                self.tcp_mem_peak = max(self.tcp_mem_peak, tcp_memory())
 
     def finish(self) -> float:
         """Stop; the CPU used meanwhile, in cores."""
@@ -299,20 +310,21 @@ def measure(name: str, seconds: float, folder: Path) -> Figures:
         rss_peak_mib=sampler.rss_peak / 2**20,
         fds_peak=sampler.fds_peak,
         cpu_cores=cpu,
+        tcp_mem_peak_mib=sampler.tcp_mem_peak / 2**20,
         note=result.get("note", ""),
     )
 
 
 def table(rows: list[Figures]) -> str:
     lines = [
-        "abuse         quiet p50/p99 ms   abused p50/p99 ms   p99 x   failed/requests   RSS MiB before/peak   fds peak   CPU cores",
+        "abuse         quiet p50/p99 ms   abused p50/p99 ms   p99 x   failed/requests   RSS MiB before/peak   fds peak   CPU cores   TCP buffers MiB",
     ]
     for row in rows:
         lines.append(
             f"{row.name:<13} {row.quiet_p50_ms:6.1f} / {row.quiet_p99_ms:6.1f}    "
             f"{row.abused_p50_ms:7.1f} / {row.abused_p99_ms:7.1f}   {row.ratio:5.1f}   "
             f"{row.abused_failures:5d} / {row.abused_requests:<6d}    {row.rss_before_mib:6.1f} / {row.rss_peak_mib:6.1f}"
-            f"       {row.fds_peak:6d}     {row.cpu_cores:4.2f}"
+            f"       {row.fds_peak:6d}     {row.cpu_cores:4.2f}        {row.tcp_mem_peak_mib:7.0f}"
         )
     lines += [f"  {row.name}: {row.note}" for row in rows]
     return "\n".join(lines)

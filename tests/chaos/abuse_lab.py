@@ -1,5 +1,9 @@
-"""The abuse tests' lab: `layerlb serve` on a loopback VIP in front of its own backend process, a
-legitimate client measured from another address while an abuse runs, and the serve process's resources.
+"""The abuse tests' lab: `layerlb serve` on a loopback VIP in front of its own backends, a legitimate
+client measured from another address while an abuse runs, and the serve process's resources.
+
+The backends: nginx (C, one worker) answers `/` and serves `/big` (256 MiB, by sendfile), so what the
+legitimate client measures is the proxy and not a backend starved by the abuse; `/upload` goes to
+`abuse_peers`' Python backend, which reads a whole body and answers its length.
 
 Everything stays on loopback. The abusers connect from 127.0.0.1 (or from `ABUSER_SOURCES` when they
 must look like many clients); the legitimate client from `LEGIT_SOURCE`, so the per-client cap that
@@ -36,6 +40,41 @@ ABUSER_SOURCES = tuple(f"127.0.1.{n}" for n in range(1, 41))
 # asserts this looser bound, and an absolute floor below which a difference is scheduling noise.
 LOOSE_FACTOR = 5.0
 NOISE_FLOOR = 0.150
+
+
+NGINX = "/usr/sbin/nginx"
+BIG_BYTES = 256 << 20
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_rlimit_nofile 20000;
+pid {home}/nginx.pid;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {home}/tmp;
+    proxy_temp_path {home}/tmp;
+    fastcgi_temp_path {home}/tmp;
+    uwsgi_temp_path {home}/tmp;
+    scgi_temp_path {home}/tmp;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 "ok\\n"; }}
+        location = /big {{ root {home}; default_type application/octet-stream; }}
+    }}
+}}
+"""
+
+
+def _accepts(port: int, process: subprocess.Popen[bytes]) -> bool:
+    assert process.poll() is None, "nginx exited"
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _env() -> dict[str, str]:
@@ -102,6 +141,7 @@ class Lab:
         self.vip = vip
         self.port = free_port(vip)
         self.backend_port = free_port("127.0.0.1")
+        self.upload_port = free_port("127.0.0.1")
         self.admin_port = free_port("127.0.0.1")
         self.processes: list[subprocess.Popen[bytes]] = []
         self.log = folder / "serve.log"
@@ -113,8 +153,20 @@ class Lab:
             raise
 
     def _start_backend(self) -> None:
+        home = self.folder / "nginx"
+        (home / "tmp").mkdir(parents=True)
+        with (home / "big").open("wb") as big:
+            big.truncate(BIG_BYTES)
+        conf = home / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(home=home, port=self.backend_port))
+        nginx = subprocess.Popen(
+            [NGINX, "-p", str(home), "-e", str(home / "error.log"), "-c", str(conf)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.processes.append(nginx)
+        wait_until(lambda: _accepts(self.backend_port, nginx), TIMEOUT, "nginx listening")
         backend = subprocess.Popen(
-            [sys.executable, "-m", "tests.chaos.abuse_peers", "backend", str(self.backend_port)],
+            [sys.executable, "-m", "tests.chaos.abuse_peers", "backend", str(self.upload_port)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=ROOT, env=_env(),
         )  # fmt: skip
         self.processes.append(backend)
@@ -134,6 +186,10 @@ class Lab:
         }
         if mode == "L7":
             spec["defaultBackend"] = "app"
+            spec["backends"].append(
+                {"name": "upload", "endpoints": [{"address": "127.0.0.1", "port": self.upload_port}]}
+            )
+            spec["routes"] = [{"match": {"pathPrefix": "/upload"}, "backend": "upload"}]
         if timeouts:
             spec["timeouts"] = timeouts
         resource = {
