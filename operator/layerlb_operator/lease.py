@@ -5,7 +5,7 @@ Why a Lease and not kopf's peering: kopf pauses *every* operator when two of the
 cover the operator's own debounced queue, which runs outside kopf's handlers. A Lease is what
 kube-controller-manager itself uses: the standbys wait, watching nothing and writing nothing; the
 leader renews every `retry` seconds and, once it cannot renew for `renew_deadline`, stops acting: it writes
-nothing more (`leading`, checked at every write), and it exits.
+nothing more (`leading`, checked at every write), and it exits once an answer shows another holder.
 
 Expiry is judged by this process's monotonic clock from the moment it last saw the Lease change (as
 client-go does), so clocks that disagree between nodes cannot make two leaders.
@@ -155,16 +155,41 @@ class Elector:
             await asyncio.sleep(self.retry)
 
     async def hold(self) -> None:
-        """Renew the Lease until renewal fails for `renew_deadline` seconds; then return (leadership lost)."""
+        """Renew the Lease every `retry` seconds; return (leadership lost) once an answer shows another holder,
+        or renewal was refused for `renew_deadline` seconds.
+
+        An API server that does not answer (down, or its etcd down: 5xx) says nothing about the holder, so
+        through such an outage the process stays up and keeps trying: `leading` keeps its writes back once
+        renewal is `renew_deadline` overdue, and the first renewal after the outage (the Lease still names
+        this process unless a standby reached the API server meanwhile and took it, which the answer shows)
+        resumes them. Exiting instead would cost a container restart and a cold start after every outage."""
         last = self.clock()
+        paused = False
         while True:
             await asyncio.sleep(self.retry)
             try:
                 if await asyncio.to_thread(self.try_acquire):
                     last = self.clock()
+                    if paused:
+                        log.info(
+                            "leader election: Lease %s/%s renewed, writing again", self.namespace, self.name
+                        )
+                        paused = False
                     continue
+                if self._seen is not None and self._seen[0] != self.identity:
+                    log.error(
+                        "leader election: Lease %s/%s is now %s's", self.namespace, self.name, self._seen[0]
+                    )
+                    return
             except apiserver.ApiError as error:
                 log.warning("leader election: renewal failed: %s", error)
+                if error.status == 0 or error.status >= 500:
+                    if not self.leading() and not paused:
+                        log.warning(
+                            "leader election: no answer for %.0f s; writes paused", self.renew_deadline
+                        )
+                        paused = True
+                    continue
             if self.clock() - last > self.renew_deadline:
                 log.error("leader election: lost Lease %s/%s", self.namespace, self.name)
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
@@ -145,4 +146,36 @@ def test_a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes(clock: Cloc
         first.client.write("ConfigMap", "PATCH", "/api/v1/namespaces/ops/configmaps/x-plan", body={})
     assert refused.value.status == 0 and first.client.writes["ConfigMap"] == 0
     assert not first.try_acquire()  # it reads the Lease, sees the new holder, and stands by
+    assert shared["lease"]["spec"]["holderIdentity"] == "replica-1"
+
+
+def test_an_api_server_outage_pauses_the_leaders_writes_and_its_return_resumes_them(clock: Clock) -> None:
+    """No answer says nothing about the holder: the leader stays up through an outage, its writes kept back
+    once renewal is overdue, and renews and writes again once the API server answers (exiting instead cost
+    a restart and a cold start after every outage). An answer naming another holder ends its leadership."""
+    shared: dict[str, Any] = {}
+    server = LeaseServer(shared)
+    elector = lease.Elector(server, "ops", "leader", "replica-0", clock=clock, retry=0)
+    server.may_write = elector.leading
+    assert elector.try_acquire()
+    answered = server.request
+    seen: list[tuple[int, bool]] = []  # (attempt, leading) at each renewal attempt
+
+    def outage_then_a_takeover(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        clock.now += 2
+        attempt = len(seen) + 1
+        seen.append((attempt, elector.leading()))
+        if attempt <= 10:  # 20 s without an answer
+            raise apiserver.ApiError(0, "MaxRetryError: connection refused")
+        if attempt == 13 and method == "GET":  # another replica took the Lease meanwhile
+            shared["lease"]["spec"].update(holderIdentity="replica-1", renewTime="later")
+        return answered(method, path, **kwargs)
+
+    server.request = outage_then_a_takeover  # type: ignore[method-assign]
+    asyncio.run(asyncio.wait_for(elector.hold(), timeout=10))
+    during, after = [leading for _, leading in seen[:10]], [leading for _, leading in seen[10:]]
+    assert during[0] and not during[-1], seen  # writes kept back once renewal was 10 s overdue
+    assert after[-1], seen  # the renewal after the outage: writing again, until the takeover shows
+    with pytest.raises(apiserver.ApiError, match="not current"):
+        server.write("ConfigMap", "PATCH", "/api/v1/namespaces/ops/configmaps/x-plan", body={})
     assert shared["lease"]["spec"]["holderIdentity"] == "replica-1"
