@@ -22,7 +22,7 @@ Behaviour, in short:
   on the address or HAProxy's `sc_conn_cur`): a client address holding that many connections (admitted
   or waiting) gets 503 and a close for the next one; trusted PROXY-protocol peers are not counted (their
   clients are many).
-- TLS is the runtime's (it passes the context to `create_server`); HTTPS listeners send
+- TLS is the runtime's (its accept loop, `control.accept`, wraps each connection); HTTPS listeners send
   `X-Forwarded-Proto: https` and mark the affinity cookie Secure.
 - `close(timeout)` drains: idle connections close at once, busy ones after their response.
 """
@@ -47,7 +47,7 @@ from layerlb_dataplane.http.listener import Connection, Settings
 
 class HttpListener:
     """One per listener and updated in place, so a reload never closes it; `protocol_factory` goes to
-    `loop.create_server`, and the listener holds what its connections share."""
+    the runtime's accept loop, and the listener holds what its connections share."""
 
     def __init__(self, listener: plan.Listener, current: Callable[[], Snapshot], metrics: Metrics) -> None:
         """`current()` returns the Snapshot to serve each new request from (it changes on reload)."""
@@ -73,7 +73,7 @@ class HttpListener:
         self._drained: asyncio.Event | None = None
 
     def protocol_factory(self) -> asyncio.Protocol:
-        """A protocol for a new client connection (called by the server, inside the event loop)."""
+        """A protocol for a new client connection (called by the accept loop, inside the event loop)."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         return ClientConnection(self)

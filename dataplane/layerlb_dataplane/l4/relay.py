@@ -59,7 +59,7 @@ def _address(sockname: Any) -> tuple[str, int]:
 
 
 class TcpListener:
-    """Serves one TCP listener; `protocol_factory` goes to `loop.create_server` (the runtime owns the socket)."""
+    """Serves one TCP listener; `protocol_factory` goes to the runtime's accept loop (which owns the socket)."""
 
     def __init__(self, listener: plan.Listener, current: Callable[[], Snapshot], metrics: Metrics) -> None:
         """`current()` gives the Snapshot each new connection picks its backend from."""
@@ -74,7 +74,7 @@ class TcpListener:
         self.closing = False
 
     def protocol_factory(self) -> asyncio.Protocol:
-        """One client connection's protocol (the runtime hands this to `loop.create_server`)."""
+        """One client connection's protocol (the runtime hands this to its accept loop)."""
         return _Client(self)
 
     def update(self, listener: plan.Listener) -> None:
