@@ -73,14 +73,15 @@ MODULES = (
     Module(
         "affinity",
         f"{DP}/core/affinity.py",
-        "tests/dataplane/test_proxy_http.py tests/dataplane/test_hash_keys.py -k 'affinity or cookie or client_ip'",
+        "tests/dataplane/test_affinity.py tests/dataplane/test_proxy_http.py tests/dataplane/test_hash_keys.py"
+        " -k 'affinity or cookie or client_ip'",
     ),
     Module("health", f"{DP}/core/health.py", UNIT_HEALTH),
     Module("validation", "layerlb/validation.py", "tests/test_validation.py tests/test_bgp_validation.py"),
     Module(
         "routing",
         f"{DP}/core/routing.py",
-        "tests/dataplane/test_routing.py tests/dataplane/test_request_targets.py",
+        "tests/dataplane/test_routing.py tests/dataplane/test_request_targets.py tests/dataplane/test_route_conditions.py",
     ),
     Module("metrics", f"{DP}/core/metrics.py", "tests/dataplane/test_admin.py"),
     Module("framing", f"{DP}/http/h1/framing.py", "tests/dataplane/test_http1.py"),
@@ -137,6 +138,34 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "scheme == -1",
             "index != -1",
         )
+    ),
+    *(
+        Equivalent(
+            "routing", "core/NumberReplacer", line, "the first piece of a split is the same for any maxsplit"
+        )
+        for line in ('split("?", 1)[0]', 'split("#", 1)[0]')
+    ),
+    *(
+        Equivalent(
+            "routing", f"core/ReplaceComparisonOperator_{operator}", "if index != -1 and index < end:", why
+        )
+        for operator, why in (
+            ("NotEq_Gt", "str.find returns -1 or more: `> -1` is `!= -1`"),
+            ("NotEq_IsNot", FIND),
+            ("Lt_LtE", "two different characters are never found at one index, and none at the end"),
+        )
+    ),
+    Equivalent(
+        "routing",
+        "core/ReplaceComparisonOperator_Eq_LtE",
+        "path.startswith(prefix) and (len(path) == len(prefix)",
+        "a path that starts with the prefix is at least as long: `<=` is `==` there",
+    ),
+    Equivalent(
+        "routing",
+        "core/ReplaceBinaryOperator_Mul_Div",
+        "*,",
+        "`/` instead of `*` in match()'s signature: default_port is still passed by keyword everywhere",
     ),
     Equivalent(
         "routing",
