@@ -59,3 +59,19 @@ def test_a_bare_lf_inside_the_request_line_is_refused_in_one_read_too() -> None:
         events, refusal, _ = targets.frame_requests(reads)
         assert events == []
         assert refusal is not None and "bare LF" in refusal
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"],
+        [b"\r\n", b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"],
+        [b"\r\n\r", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"],
+    ],
+)
+def test_a_lone_cr_before_the_request_line_is_refused_not_made_part_of_the_method(reads: list[bytes]) -> None:
+    # The long http_request run found it: llhttp skips a CR before the request line, while the line as
+    # cut here began with it, so `\rGET / HTTP/1.1` was forwarded upstream with a method of "\rGET".
+    events, refusal, _ = targets.frame_requests(reads)
+    assert events == []
+    assert refusal == "400 bare CR or LF before the request line"

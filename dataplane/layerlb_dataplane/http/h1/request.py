@@ -316,7 +316,9 @@ class RequestParser:
             assert request is not None
             self._dispatch(request)
             return data[len(memo) :]
-        if data[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines (CRLF) before a request line
+        # RFC 9112 2.2: ignore empty lines (CRLF) before a request line. A lone CR or LF there is refused:
+        # llhttp skips it, and the request line as cut here would start with it (a method of "\rGET").
+        if data[:1] == b"\r" or data[:1] == b"\n":
             stripped = data.lstrip(b"\r\n")
             skipped = len(data) - len(stripped)
             if not stripped and skipped % 2:  # the read ends inside a CRLF: its LF comes in the next one
