@@ -94,7 +94,7 @@ def run_round(target: str, runs: int, seconds: int, scratch: Path, artifacts: Pa
         peak_rss_mb=_stat(done.stderr, "peak_rss_mb"),
         exit_code=done.returncode,
     )
-    return result, done.stderr
+    return result, done.stdout + done.stderr  # atheris prints the Python exception on stdout
 
 
 def _finding(report: str) -> str:

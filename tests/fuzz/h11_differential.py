@@ -345,7 +345,7 @@ KNOWN_DIFFERENCES: Final[tuple[KnownDifference, ...]] = (
     KnownDifference(
         "empty lines before the request line",
         "h11",
-        lambda m, r: m[:1] in (b"\r", b"\n"),
+        lambda m, r: re.match(rb"(?:\r\n)+[^\r\n]", m) is not None,
         "RFC 9112 2.2: a server should ignore at least one empty line (CRLF) before a request line; "
         "layerlb skips CRLFs there (and refuses bare ones), h11 refuses",
         b"\r\nGET / HTTP/1.1\r\n" + _H + b"\r\n",

@@ -46,6 +46,7 @@ REQUESTS: Final[dict[str, bytes]] = {
     "leading_crlf": b"\r\n\r\nGET / HTTP/1.1\r\n" + _H + b"\r\n",
     # Findings, kept in the corpus so every run tries them again (tests/fuzz/test_regressions.py).
     "found_two_spaces_before_version": b"GET /admin  HTTP/1.1\r\n" + _H + b"\r\n",
+    "found_cr_before_request_line": b"\r\n\rGET / HTTP/1.1\r\n" + _H + b"\r\n",
     "found_lf_in_request_line": b"GET /1.\nHost:exe:z HTTP/1.1\r\n" + _H + b"\r\n",
     "found_trailer_framing_fields": b"POST / HTTP/1.1\r\n" + _H + b"Transfer-Encoding: chunked\r\n\r\n"
     b"0\r\nContent-Length: 1, 3\r\n\r\n",
