@@ -116,6 +116,69 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         "self.weight > 0",
         "weights are never negative: api.Endpoint.weight is ge=0 and Plans come from resolve",
     ),
+    *(
+        Equivalent(
+            "resolve",
+            "core/NumberReplacer",
+            line,
+            "route_priority is a sort key: the mutant keeps the order of ranks",
+        )
+        for line in (
+            "host_rank = 0",
+            "host_rank = 2",
+            "1 if route.path is not None else 0",
+            "1 if route.methods else 0",
+        )
+    ),
+    Equivalent(
+        "resolve", "core/NumberReplacer", "if route.path_prefix else -1", "a sort key: -2 keeps the order"
+    ),
+    Equivalent(
+        "resolve",
+        "core/ReplaceUnaryOperator_USub_Invert",
+        "if route.path_prefix else -1",
+        "a sort key: ~1 is -2",
+    ),
+    *(
+        Equivalent("resolve", f"core/ReplaceComparisonOperator_{operator}", "spec.mode is api.Mode.L4", why)
+        for operator, why in (
+            ("Is_Eq", "an enum member is equal only to itself"),
+            ("Is_LtE", "L7 > L4 and L4 == L4"),
+        )
+    ),
+    *(
+        Equivalent(
+            "resolve", f"core/ReplaceComparisonOperator_{operator}", 'listener.protocol) == "TCP"', why
+        )
+        for operator, why in (
+            ("Eq_Is", "api.transport returns the interned literal"),
+            ("Eq_LtE", "a transport is TCP or UDP, and UDP > TCP"),
+        )
+    ),
+    Equivalent(
+        "resolve", "core/ReplaceComparisonOperator_Eq_LtE", "secret_index == 0", "enumerate counts from 0"
+    ),
+    *(
+        Equivalent(
+            "resolve",
+            "core/NumberReplacer",
+            "e.port or 0",
+            "ports are None only under dsr/tunnel, all of them",
+        )
+        for _ in (0,)
+    ),
+    Equivalent(
+        "resolve",
+        "core/ReplaceTrueWithFalse",
+        "check=True,",
+        "a failing openssl prints nothing: no names either way",
+    ),
+    Equivalent(
+        "resolve",
+        "core/NumberReplacer",
+        "timeout=10,",
+        "openssl answers in milliseconds: any timeout of seconds",
+    ),
     Equivalent(
         "state",
         "core/ReplaceComparisonOperator_Eq_LtE",

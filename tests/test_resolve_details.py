@@ -24,9 +24,12 @@ def b64(data: bytes) -> str:
 
 
 def test_each_missing_tls_secret_is_named_by_its_own_field() -> None:
-    tls = {"secretName": "main", "extraSecretNames": ["first", "second"]}
+    tls = {"secretName": "main", "extraSecretNames": ["first", "second", "third", "fourth"]}
     view = resolve.StaticView(
-        secrets={("demo", "first"): secret("first", stringData={"tls.crt": PEM_CERT, "tls.key": PEM_KEY})}
+        secrets={
+            ("demo", name): secret(name, stringData={"tls.crt": PEM_CERT, "tls.key": PEM_KEY})
+            for name in ("first", "third")
+        }
     )
     resource = _lb(listeners=[{"name": "https", "port": 8443, "protocol": "HTTPS", "tls": tls}])
     with pytest.raises(resolve.Unresolvable) as caught:
@@ -34,6 +37,7 @@ def test_each_missing_tls_secret_is_named_by_its_own_field() -> None:
     assert [p.path for p in caught.value.problems] == [
         "spec.listeners[0].tls.secretName",
         "spec.listeners[0].tls.extraSecretNames[1]",
+        "spec.listeners[0].tls.extraSecretNames[3]",
     ]
 
 
@@ -137,3 +141,40 @@ def test_dsr_and_tunnel_send_to_the_vip_port_so_service_endpoints_lose_theirs(
     endpoints = resolve.resolve(resource, ServiceView()).backend("app").endpoints
     assert [e.address for e in endpoints] == ["10.0.0.1", "10.0.0.2"]  # sorted by address
     assert [e.port for e in endpoints] == ports
+
+
+def test_routes_that_differ_only_in_methods_put_the_one_with_methods_first() -> None:
+    backends = [
+        {"name": n, "endpoints": [{"address": "127.0.0.1", "port": 9000 + i}]} for i, n in enumerate("ab")
+    ]
+    routes = [
+        {"match": {"pathPrefix": "/v1"}, "backend": "a"},
+        {"match": {"pathPrefix": "/v1", "methods": ["POST"]}, "backend": "b"},
+    ]
+    result = resolve.resolve(_lb(backends=backends, routes=routes, defaultBackend="a"), resolve.StaticView())
+    assert [r.backend for r in result.routes] == ["b", "a"]
+
+
+class RecordingView(ServiceView):
+    """Remembers the namespace each Service was looked up in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.namespaces: list[str] = []
+
+    def service_endpoints(self, namespace: str, service: api.ServiceRef, path: str) -> list[plan.Endpoint]:
+        self.namespaces.append(namespace)
+        return [
+            plan.Endpoint(address="10.0.0.1", port=9002, weight=1),
+            plan.Endpoint(address="10.0.0.1", port=9001, weight=1),
+        ]
+
+
+def test_services_are_looked_up_in_the_resources_namespace_else_default_and_sorted_by_port() -> None:
+    view = RecordingView()
+    resource = _lb(backends=[{"name": "app", "service": {"name": "shop", "port": 80}}])
+    endpoints = resolve.resolve(resource, view).backend("app").endpoints
+    resource.metadata.namespace = None
+    resolve.resolve(resource, view)
+    assert view.namespaces == ["demo", "default"]
+    assert [e.port for e in endpoints] == [9001, 9002]  # one address: by port
