@@ -158,14 +158,8 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent(
         "resolve", "core/ReplaceComparisonOperator_Eq_LtE", "secret_index == 0", "enumerate counts from 0"
     ),
-    *(
-        Equivalent(
-            "resolve",
-            "core/NumberReplacer",
-            "e.port or 0",
-            "ports are None only under dsr/tunnel, all of them",
-        )
-        for _ in (0,)
+    Equivalent(
+        "resolve", "core/NumberReplacer", "e.port or 0", "ports are None only under dsr/tunnel, all of them"
     ),
     Equivalent(
         "resolve",
