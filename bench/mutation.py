@@ -187,7 +187,7 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     ),
     *(
         Equivalent("routing", f"core/ReplaceComparisonOperator_{operator}", line, FIND)
-        for operator in ("NotEq_IsNot", "Eq_Is", "Eq_LtE")
+        for operator in ("NotEq_IsNot", "Eq_Is", "Eq_LtE", "NotEq_Gt")
         for line in (
             "query != -1",
             "query == -1",
@@ -211,6 +211,31 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             ("NotEq_IsNot", FIND),
             ("Lt_LtE", "two different characters are never found at one index, and none at the end"),
         )
+    ),
+    *(
+        Equivalent("routing", f"core/ReplaceComparisonOperator_{operator}", "len(name) > len(suffix)", why)
+        for operator, why in (
+            ("Gt_GtE", "a name equal to `.suffix` would start with a dot, which no Host does"),
+            ("Gt_IsNot", "lengths of host names are cached small ints, and never shorter than the suffix"),
+        )
+    ),
+    Equivalent(
+        "routing",
+        "core/ReplaceComparisonOperator_Eq_Is",
+        'path[len(prefix)] == "/"',
+        "CPython caches one-character strings: `is` is `==` for them",
+    ),
+    Equivalent(
+        "routing",
+        "core/ReplaceComparisonOperator_Eq_GtE",
+        'host.find("]", colon) == -1',
+        "a bracketed literal without a port ends with `]`, so what follows its last colon is never a port",
+    ),
+    Equivalent(
+        "routing",
+        "core/ReplaceComparisonOperator_GtE_Eq",
+        "len(self._by_host) >= HOST_CACHE_SIZE",
+        "cleared on reaching the bound, the cache never exceeds it: `==` is `>=`",
     ),
     Equivalent(
         "routing",

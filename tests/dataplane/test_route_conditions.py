@@ -17,6 +17,7 @@ def test_a_wildcard_host_with_a_port_matches_subdomains_on_that_port_only() -> N
     router = routing.Router([plan.Route(backend="wild", hosts=("*.example.com:8080",))], "main")
     assert router.match("GET", "api.example.com:8080", "/", no_headers) == "wild"
     assert router.match("GET", "api.example.com:9090", "/", no_headers) == "main"
+    assert router.match("GET", "api.example.com:80", "/", no_headers) == "main"
     assert router.match("GET", "badexample.com:8080", "/", no_headers) == "main"  # not a subdomain
     assert router.match("GET", "example.com:8080", "/", no_headers) == "main"
 
