@@ -155,6 +155,9 @@ def h11_reading(data: bytes) -> Reading:
                 False,
                 upgrade=event.method == b"CONNECT" or any(n == b"upgrade" for n, _ in event.headers),
             )
+            connection = b",".join(v for n, v in event.headers if n == b"connection").lower()
+            # h11's keep-alive rule (decided for good once answered): HTTP/1.1 and no `close` token
+            current.keep_alive = event.http_version == b"1.1" and b"close" not in framing.tokens([connection])
             for name, value in event.headers:
                 if name == b"content-length":
                     current.length = int(value)
@@ -385,7 +388,8 @@ def _agree(ours: Message, theirs: Message) -> None:
         raise Finding(f"targets differ: layerlb {ours.target!r}, h11 {theirs.target!r}")
     if ours.headers != _expected_forwarded(theirs):
         raise Finding(f"forwarded fields differ: layerlb {ours.headers!r}, h11 {theirs.headers!r}")
-    if ours.version == theirs.version == b"1.1" and ours.keep_alive != theirs.keep_alive and not ours.upgrade:
+    upgrade = ours.upgrade or theirs.upgrade  # h11 stops at any Upgrade header, before deciding keep-alive
+    if ours.version == theirs.version == b"1.1" and ours.keep_alive != theirs.keep_alive and not upgrade:
         raise Finding(f"keep-alive differs: layerlb {ours!r}, h11 {theirs!r}")
 
 
