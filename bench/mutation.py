@@ -57,6 +57,19 @@ class Module:
 
 
 DP = "dataplane/layerlb_dataplane"
+# The readers' own tests, then the proxy's over sockets: local answers and framing decisions show there.
+H1 = (
+    " ".join(
+        f"tests/dataplane/{name}.py"
+        for name in (
+            "test_http1",
+            "test_http1_strictness",
+            "test_http1_own_checks",
+            "test_http1_methods_versions",
+        )
+    )
+    + " tests/dataplane/test_proxy_http.py"
+)
 UNIT_HEALTH = "tests/dataplane/test_health.py -k 'not checker and not probe'"
 MODULES = (
     Module(
@@ -84,8 +97,8 @@ MODULES = (
         "tests/dataplane/test_routing.py tests/dataplane/test_request_targets.py tests/dataplane/test_route_conditions.py",
     ),
     Module("metrics", f"{DP}/core/metrics.py", "tests/dataplane/test_admin.py"),
-    Module("framing", f"{DP}/http/h1/framing.py", "tests/dataplane/test_http1.py"),
-    Module("response", f"{DP}/http/h1/response.py", "tests/dataplane/test_http1.py"),
+    Module("framing", f"{DP}/http/h1/framing.py", H1),
+    Module("response", f"{DP}/http/h1/response.py", H1),
     Module(
         "balancing",
         f"{DP}/core/balancing.py",
@@ -94,7 +107,7 @@ MODULES = (
     Module(
         "rules", "layerlb/rules.py", "tests/test_validation.py tests/test_bgp_validation.py tests/test_crd.py"
     ),
-    Module("request", f"{DP}/http/h1/request.py", "tests/dataplane/test_http1.py"),
+    Module("request", f"{DP}/http/h1/request.py", H1),
 )
 
 
