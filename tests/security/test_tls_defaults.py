@@ -157,3 +157,10 @@ def test_client_initiated_renegotiation_is_refused(served: ServedHttps) -> None:
     output = done.stdout + done.stderr
     assert negotiated(output) is not None and "RENEGOTIATING" in output, output
     assert "no renegotiation" in output, output
+
+
+def test_one_tls_1_3_session_ticket_per_connection(served: ServedHttps) -> None:
+    """Each ticket is a session held in the listener's cache (tickets are stateful): one per connection."""
+    output = s_client(served, "-tls1_3", "-msg")
+    assert negotiated(output) is not None, output
+    assert output.count("NewSessionTicket") == 1, output
