@@ -41,6 +41,9 @@ COPIED = (
     "testdata",
     "examples",
     "crds",
+    "templates",
+    "docs",
+    "charts",
     "pyproject.toml",
 )
 SOURCE_ROOTS = (".", "dataplane", "operator", "speaker")
