@@ -122,6 +122,7 @@ class Equivalent:
     operator: str
     line: str  # a substring of the source line the mutation starts on
     reason: str
+    mutant: str = ""  # when given, a substring of the mutated line too (one line, several mutants)
 
 
 FIND = "str.find returns -1 or more, and -1 is CPython's cached small int: `<= -1`, `is -1` are `== -1`"
@@ -147,7 +148,11 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         )
     ),
     Equivalent(
-        "resolve", "core/NumberReplacer", "if route.path_prefix else -1", "a sort key: -2 keeps the order"
+        "resolve",
+        "core/NumberReplacer",
+        "if route.path_prefix else -1",
+        "a sort key: -2 keeps the order",
+        mutant="else - 2",
     ),
     Equivalent(
         "resolve",
@@ -428,9 +433,10 @@ def forget_survivors(session: Path) -> None:
         db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
 
 
-def equivalent_reason(module: Module, operator: str, line_text: str) -> str | None:
+def equivalent_reason(module: Module, operator: str, line_text: str, diff: str = "") -> str | None:
     for known in EQUIVALENT:
-        if known.module == module.name and known.operator == operator and known.line in line_text:
+        same = known.module == module.name and known.operator == operator and known.line in line_text
+        if same and (not known.mutant or known.mutant in diff):
             return known.reason
     return None
 
@@ -463,7 +469,7 @@ def read_results(module: Module, workdir: Path, session: Path, result: ModuleRes
                         for d in (outcome.diff or "").splitlines()
                         if d[:1] in "+-" and d[:3] not in ("+++", "---")
                     ),
-                    equivalent=equivalent_reason(module, mutation.operator_name, text),
+                    equivalent=equivalent_reason(module, mutation.operator_name, text, outcome.diff or ""),
                 )
             )
     result.survivors.sort(key=lambda s: (s.line, s.operator, s.occurrence))

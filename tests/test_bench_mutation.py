@@ -54,3 +54,12 @@ def test_equivalent_mutants_are_matched_by_module_operator_and_line() -> None:
     assert mutation.equivalent_reason(routing, "core/ReplaceComparisonOperator_NotEq_IsNot", line)
     assert mutation.equivalent_reason(routing, "core/ReplaceComparisonOperator_NotEq_Eq", line) is None
     assert mutation.equivalent_reason(targets, "core/ReplaceComparisonOperator_NotEq_IsNot", line) is None
+
+
+def test_an_equivalent_entry_can_name_one_of_several_mutants_of_a_line() -> None:
+    resolve = next(module for module in mutation.MODULES if module.name == "resolve")
+    line = '        len(route.path_prefix.rstrip("/")) if route.path_prefix else -1,'
+    kept = '+        len(route.path_prefix.rstrip("/")) if route.path_prefix else - 2,'
+    changed = '+        len(route.path_prefix.rstrip("/")) if route.path_prefix else - 0,'
+    assert mutation.equivalent_reason(resolve, "core/NumberReplacer", line, kept)
+    assert mutation.equivalent_reason(resolve, "core/NumberReplacer", line, changed) is None
