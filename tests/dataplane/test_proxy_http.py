@@ -37,7 +37,7 @@ from tests.dataplane.conftest import (
     read_body,
     respond,
 )
-from tests.dataplane.helpers_runtime import make_certificate
+from tests.dataplane.helpers_runtime import make_certificate, wait_until
 
 Backends = Callable[..., Backend]
 Proxies = Callable[[dict[str, Any]], ProxyUnderTest]
@@ -833,6 +833,35 @@ def test_connections_beyond_the_cap_wait_for_a_slot(backends: Backends, proxies:
     second.close()
     third.send(get())
     assert third.response().status == 200
+
+
+def test_one_address_beyond_its_cap_gets_503_unless_it_is_a_trusted_proxy(
+    backends: Backends, proxies: Proxies
+) -> None:
+    backend = backends()
+    capped = proxies(one(backend, listener={"maxConnectionsPerClient": 2}))
+    first, second = capped.client(), capped.client()
+    third = capped.client()
+    assert third.response().status == 503 and third.closed()
+    for client in (first, second):  # the two under the cap are served
+        client.send(get())
+        assert client.response().status == 200
+    first.close()
+    wait_until(lambda: _served(capped.client()), what="a slot of the address freed")
+    trusted = {"maxConnectionsPerClient": 2, "acceptProxyProtocol": {"trustedCIDRs": ["127.0.0.0/8"]}}
+    behind = proxies(one(backend, listener=trusted))
+    header = proxy_protocol.encode(
+        ProxyProtocolVersion.v1, ("203.0.113.7", 40000), ("127.0.0.1", behind.port)
+    )
+    clients = [behind.client() for _ in range(4)]  # a trusted proxy carries many clients: not counted
+    for client in clients:
+        client.send(header + get())
+        assert client.response().status == 200
+
+
+def _served(client: Any) -> bool:
+    client.send(get())
+    return bool(client.response().status == 200)
 
 
 # --- strict parsing --------------------------------------------------------------------------------------

@@ -355,14 +355,15 @@ def test_a_udp_listeners_max_connections_caps_its_flows(loop_thread: LoopThread)
     port = free_port(VIP, socket.SOCK_DGRAM)
     running = Running(loop_thread, [l4_plan(VIP, [("dns", port, "UDP")], [backend.port], max_connections=2)])
     (udp,) = served(running)
-    assert isinstance(udp.handler, relay.UdpListener)
+    handler = udp.handler
+    assert isinstance(handler, relay.UdpListener)
     clients = [_udp_client() for _ in range(3)]
     for client in clients[:2]:
         client.sendto(b"in", (VIP, port))
         assert client.recvfrom(2048)[0] == b"u:in"
     clients[2].sendto(b"over", (VIP, port))
-    wait_until(lambda: udp.handler.dropped == 1, what="the third flow refused")
-    assert len(udp.handler.flows) == 2
+    wait_until(lambda: handler.dropped == 1, what="the third flow refused")
+    assert len(handler.flows) == 2
     for client in clients:
         client.close()
     running.stop()
