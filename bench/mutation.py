@@ -92,7 +92,7 @@ MODULES = (
         "tests/dataplane/test_affinity.py tests/dataplane/test_proxy_http.py tests/dataplane/test_hash_keys.py"
         " -k 'affinity or cookie or client_ip'",
     ),
-    Module("health", f"{DP}/core/health.py", UNIT_HEALTH),
+    Module("health", f"{DP}/core/health.py", f"tests/dataplane/test_health_state.py {UNIT_HEALTH}"),
     Module("validation", "layerlb/validation.py", "tests/test_validation.py tests/test_bgp_validation.py"),
     Module(
         "routing",
@@ -125,6 +125,7 @@ class Equivalent:
     mutant: str = ""  # when given, a substring of the mutated line too (one line, several mutants)
 
 
+DOUBLE = "rendezvous' unit is a double: one more or less on a 64-bit integer is below its precision"
 FIND = "str.find returns -1 or more, and -1 is CPython's cached small int: `<= -1`, `is -1` are `== -1`"
 EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent(
@@ -193,6 +194,60 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         "core/NumberReplacer",
         "timeout=10,",
         "openssl answers in milliseconds: any timeout of seconds",
+    ),
+    *(
+        Equivalent("affinity", operator, "unit = (int.from_bytes(digest", DOUBLE)
+        for operator in (
+            "core/NumberReplacer",
+            *(
+                f"core/ReplaceBinaryOperator_Add_{name}"
+                for name in ("FloorDiv", "Pow", "Div", "BitXor", "Mul", "BitOr", "Sub")
+            ),
+        )
+    ),
+    *(
+        Equivalent(
+            "affinity", operator, "best_score = -1.0", "every score is positive: any start at or below 0"
+        )
+        for operator in ("core/NumberReplacer", "core/ReplaceUnaryOperator_USub_Not")
+    ),
+    Equivalent(
+        "affinity",
+        "core/ReplaceComparisonOperator_Gt_GtE",
+        "if score > best_score:",
+        "64-bit hashes never tie",
+    ),
+    Equivalent(
+        "affinity",
+        "core/ReplaceComparisonOperator_NotEq_IsNot",
+        "cached[0] != plan_key",
+        "an equal key that is another object only recomputes the same token",
+    ),
+    *(
+        Equivalent("health", "core/NumberReplacer", line, why)
+        for line, why in (
+            ("self._successes = 0", "successes count only while down, and going down resets them"),
+            ("self._ejected_until = 0.0", "-1.0 is as much in the past as 0.0 for a monotonic clock"),
+        )
+    ),
+    *(
+        Equivalent("health", f"core/ReplaceComparisonOperator_{operator}", line, why)
+        for operator, line, why in (
+            ("Eq_Lt", "self._ejected_until == 0.0 or", "a monotonic clock is never negative"),
+            (
+                "GtE_Eq",
+                "self._successes >= check.healthy_threshold",
+                "it is up at the threshold: never beyond",
+            ),
+            ("GtE_Is", "self._failures >= check.unhealthy_threshold", "small ints, down at the threshold"),
+            (
+                "Lt_IsNot",
+                "self.passive_failures < self.passive_threshold",
+                "small ints, reset at the threshold",
+            ),
+            ("NotEq_IsNot", "return self.healthy != before", "bools are singletons"),
+            ("NotEq_Lt", "return self.healthy != before", "an ejection only ever turns healthy off"),
+        )
     ),
     Equivalent(
         "state",

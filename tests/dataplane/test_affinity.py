@@ -76,3 +76,37 @@ def test_a_client_ip_entry_lasts_its_timeout_and_expires_exactly_then() -> None:
     assert ("app", "192.0.2.1") in table.clients  # until 30.0
     table.expire(now=30.0)
     assert table.clients == {}
+
+
+def test_rendezvous_skips_unusable_and_excluded_targets_even_when_they_score_highest() -> None:
+    members = three()
+    chosen = pool(*members)
+    top = affinity.rendezvous(chosen, "192.0.2.5")
+    assert top is not None
+    top.draining = True
+    second = affinity.rendezvous(chosen, "192.0.2.5")
+    assert second is not None and second is not top
+    top.draining = False
+    assert affinity.rendezvous(chosen, "192.0.2.5", exclude=[top]) is second
+
+
+def test_a_remembered_client_that_a_retry_excludes_moves_to_another_target() -> None:
+    table = affinity.Affinity()
+    members = pool(*three())
+    home = table.by_client(members, "192.0.2.1", now=0.0, timeout=10)
+    assert home is not None
+    moved = table.by_client(members, "192.0.2.1", now=1.0, timeout=10, exclude=[home])
+    assert moved is not None and moved is not home
+    assert table.by_client(members, "192.0.2.1", now=2.0, timeout=10) is moved  # pinned where the retry went
+
+
+def test_tokens_are_worked_out_once_per_load_balancer_key() -> None:
+    table = affinity.Affinity()
+    first, second = three()[:2]
+    members = pool(first, second)
+    token = table.cookie_token("shop/web", first)
+    assert table.cookie_token("shop/web", first) is token  # the cached bytes, not a new computation
+    table.by_cookie("shop/web", members, token)
+    lookups = table._tokens[members]
+    table.by_cookie("shop/web", members, token)
+    assert table._tokens[members] is lookups
