@@ -65,6 +65,7 @@ H1 = (
     " ".join(
         f"tests/dataplane/{name}.py"
         for name in (
+            "test_local_answers",
             "test_http1",
             "test_http1_strictness",
             "test_http1_own_checks",
@@ -248,6 +249,33 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             ("NotEq_IsNot", "return self.healthy != before", "bools are singletons"),
             ("NotEq_Lt", "return self.healthy != before", "an ejection only ever turns healthy off"),
         )
+    ),
+    Equivalent(
+        "framing",
+        "core/ReplaceComparisonOperator_Eq_Is",
+        'what == "response"',
+        "both sides are interned literals",
+    ),
+    Equivalent(
+        "framing",
+        "core/ReplaceComparisonOperator_NotEq_Gt",
+        'head.count(b"\\n") != crlf',
+        "every CRLF holds an LF: the count is never below crlf",
+    ),
+    Equivalent(
+        "framing",
+        "core/NumberReplacer",
+        'b"," in values[0]',
+        "values[-1] is values[0] when there is only one value, the only case that reaches it",
+    ),
+    *(
+        Equivalent(
+            "framing",
+            operator,
+            "% bytes([c]) for c in",
+            "a probe of llhttp: another control byte probes as well",
+        )
+        for operator in ("core/NumberReplacer", "core/ReplaceBinaryOperator_Mod_Add")
     ),
     Equivalent(
         "state",
