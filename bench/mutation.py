@@ -558,9 +558,19 @@ def read_results(module: Module, workdir: Path, session: Path, result: ModuleRes
     result.survivors.sort(key=lambda s: (s.line, s.operator, s.occurrence))
 
 
-def run_module(module: Module, workdir: Path, deadline: float, recheck: bool = False) -> ModuleResult:
+def run_module(
+    module: Module, workdir: Path, deadline: float, recheck: bool = False, report_only: bool = False
+) -> ModuleResult:
     session = workdir / f"mutation-{module.name}.sqlite"
     result = ModuleResult(module.name, module.path, mutants=0)
+    if report_only:
+        if not session.exists():
+            result.note = "no session in --workdir"
+            return result
+        read_results(module, workdir, session, result)
+        if result.done < result.mutants:
+            result.note = f"partial: {result.done} of {result.mutants} run"
+        return result
     started = time.monotonic()
     base = baseline_seconds(module, workdir)
     (workdir / f"mutation-{module.name}.toml").write_text(config(module, max(10.0, 5 * base)))
@@ -584,6 +594,8 @@ def run_module(module: Module, workdir: Path, deadline: float, recheck: bool = F
     (workdir / module.path).write_text((ROOT / module.path).read_text())  # in case exec was cut mid-mutant
     read_results(module, workdir, session, result)
     result.seconds = time.monotonic() - started
+    if result.done < result.mutants and not result.note:
+        result.note = f"partial: {result.done} of {result.mutants} run"
     return result
 
 
@@ -612,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="forget earlier sessions in --workdir")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
+        "--report-only", action="store_true", help="print what the sessions in --workdir hold; run nothing"
+    )
+    parser.add_argument(
         "--recheck",
         action="store_true",
         help="run the survivors of earlier sessions again, with today's tests",
@@ -624,13 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [known[name] for name in args.modules] if args.modules else list(MODULES)
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
-    copy_tree(args.workdir)
+    if not args.report_only:
+        copy_tree(args.workdir)
     deadline = time.monotonic() + args.budget
     results = []
     for module in chosen:
         print(f"mutating {module.name} ({module.path}) against: {module.tests}", flush=True)
         try:
-            result = run_module(module, args.workdir, deadline, args.recheck)
+            result = run_module(module, args.workdir, deadline, args.recheck, args.report_only)
         except RuntimeError as error:  # the module cannot run: say why, go on with the next
             print(error, flush=True)
             results.append(ModuleResult(module.name, module.path, mutants=0, note=str(error).splitlines()[0]))
