@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -876,6 +877,39 @@ def _walk_bottom_up(root: Path) -> Iterator[Path]:
             yield base / f
         for d in dirnames:
             yield base / d
+
+
+# ------------------------------------------------------------------------------------ outages
+
+
+def crash(cluster: Cluster, names: Sequence[str]) -> dict[str, list[str]]:
+    """SIGKILL the control-plane processes `names` (e.g. etcd and kube-apiserver), as a crashed control-plane
+    host would lose them; returns each one's command line, for `restart`. Their state (etcd's data folder,
+    the certificates) stays where `up` put it."""
+    argvs: dict[str, list[str]] = {}
+    for name in names:
+        pid = cluster.pids[name]
+        argvs[name] = Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _wait_for(functools.partial(_is_dead, pid, name), 10.0):
+            raise ClusterError(f"{name} (pid {pid}) survived SIGKILL")
+        _CHILDREN.pop(pid, None)
+    return argvs
+
+
+def _is_dead(pid: int, binary: str) -> bool:
+    return not _is_alive(pid, binary)
+
+
+def restart(cluster: Cluster, argvs: dict[str, list[str]], timeout: float = 120.0) -> None:
+    """Start the processes `crash` killed again, in start order, from the same command lines and state;
+    returns once the API server's /readyz passes. The new pids are recorded, so `down` stops them."""
+    for name in (c for c in COMPONENTS if c in argvs):
+        cluster.pids[name] = _spawn(name, argvs[name], cluster.state_dir)
+        _write_state(cluster)
+    _wait_ready("kube-apiserver /readyz after a restart", lambda: _api_ok(cluster, "/readyz"), cluster,
+                tuple(c for c in COMPONENTS if c in argvs), timeout)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- CLI
