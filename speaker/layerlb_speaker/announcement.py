@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -118,24 +118,29 @@ def first_by_weight(vip: Vip, members: Mapping[str, Member]) -> str | None:
     return max(pool, key=lambda node: (weight(vip.address, node), node)) if pool else None
 
 
-def holder(vip: Vip, members: Mapping[str, Member]) -> str | None:
+def holder(vip: Vip, members: Mapping[str, Member], joining: Collection[str] = ()) -> str | None:
     """The node that announces `vip` given the live speakers, or None when no live speaker may serve it.
 
     A candidate that holds the VIP keeps it (the first by weight, should two hold it); else the first
-    candidate by weight takes it.
+    candidate by weight takes it — unless an eligible speaker still `joining` ranks above it: then nobody
+    takes it until that one has joined (it takes it) or died.
     """
     pool = candidates(vip, members)
     incumbents = [node for node in pool if vip.address in members[node].holds]
-    if not (incumbents or pool):
-        return None
-    return max(incumbents or pool, key=lambda node: (weight(vip.address, node), node))
+    if incumbents:
+        return max(incumbents, key=lambda node: (weight(vip.address, node), node))
+    waiting = [node for node in joining if node in vip.eligible and node not in members]
+    first = max([*pool, *waiting], key=lambda node: (weight(vip.address, node), node), default=None)
+    return None if first in waiting else first
 
 
-def announcements(vips: Iterable[Vip], members: Mapping[str, Member]) -> dict[Address, str]:
+def announcements(
+    vips: Iterable[Vip], members: Mapping[str, Member], joining: Collection[str] = ()
+) -> dict[Address, str]:
     """Every VIP that some live speaker announces → that speaker's node name (the whole desired state)."""
     chosen: dict[Address, str] = {}
     for vip in vips:
-        node = holder(vip, members)
+        node = holder(vip, members, joining)
         if node is not None:
             chosen[vip.address] = node
     return chosen

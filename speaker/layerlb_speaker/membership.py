@@ -32,7 +32,11 @@ Rules, in order:
    (the rounds run late, the heartbeats with them) says so while it still can, and its peers wait for it
    longer instead of taking its VIPs for a stall (a false takeover: two ARP answers, then a move back).
    An old peer sends no `Pressure`: it is judged by `dead_after` alone.
-7. Next to each heartbeat also go `Holding` datagrams: the VIPs the sender announces now (as many
+7. A speaker still joining is no member, but a VIP that nobody holds and that it ranks first for waits
+   for it (at most its join period, or until it is dead): without that, the first of several speakers
+   starting together would take every VIP and, holding them, keep them. A goodbye heartbeat carries
+   `leaving`, so a stopping speaker is not mistaken for a joining one (its VIPs move at once).
+8. Next to each heartbeat also go `Holding` datagrams: the VIPs the sender announces now (as many
    datagrams as its VIPs need, `MAX_HOLDING` addresses each). `announcement.holder` keeps a VIP with the
    candidate that holds it, so a VIP moves only when it must. A peer's holding of an address lasts while
    the peer lives and tells it again within its dead-after (a lost datagram is repeated next interval; a
@@ -50,7 +54,7 @@ from layerlb_speaker.announcement import Address, Member
 
 MAGIC = b"LLBS"
 VERSION = 1
-_READY, _FRESH = 0x01, 0x02
+_READY, _FRESH, _LEAVING = 0x01, 0x02, 0x04
 _HEADER = struct.Struct("!4sBBB")  # magic, version, flags, name length; the node name follows
 MAX_NAME = 253  # a Node name is a DNS subdomain
 
@@ -77,15 +81,20 @@ def _named(data: bytes, header: struct.Struct, magic: bytes) -> tuple[int, str] 
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """One speaker's "I am here": its node name, whether it has joined, whether its API view is fresh."""
+    """One speaker's "I am here": its node name, whether it has joined, whether its API view is fresh, and
+    (its goodbye) whether it is leaving rather than joining."""
 
     node: str
     ready: bool
     fresh: bool
+    leaving: bool = False
 
     def encode(self) -> bytes:
-        """The datagram: b"LLBS", version 1, flags, name length, the UTF-8 node name."""
-        flags = (_READY if self.ready else 0) | (_FRESH if self.fresh else 0)
+        """The datagram: b"LLBS", version 1, flags, name length, the UTF-8 node name. (A speaker of the
+        version before `leaving` reads the goodbye's flags as "not ready", as it did.)"""
+        flags = (
+            (_READY if self.ready else 0) | (_FRESH if self.fresh else 0) | (_LEAVING if self.leaving else 0)
+        )
         return _pack_named(_HEADER, MAGIC, flags, self.node)
 
     @classmethod
@@ -95,7 +104,7 @@ class Heartbeat:
         if found is None:
             return None
         flags, node = found
-        return cls(node, bool(flags & _READY), bool(flags & _FRESH))
+        return cls(node, bool(flags & _READY), bool(flags & _FRESH), bool(flags & _LEAVING))
 
 
 UNAVAILABLE_MAGIC = b"LLBU"
@@ -267,6 +276,7 @@ class _Peer:
     last_heard: float
     ready: bool
     fresh: bool
+    leaving: bool = False
 
 
 class Membership:
@@ -301,7 +311,7 @@ class Membership:
         if previous is not None:
             gap = now - previous.last_heard
             self.longest_gap[beat.node] = max(gap, self.longest_gap.get(beat.node, 0.0))
-        self._peers[beat.node] = _Peer(now, beat.ready, beat.fresh)
+        self._peers[beat.node] = _Peer(now, beat.ready, beat.fresh, beat.leaving)
         return self._member(beat.node) != before
 
     def unavailable_message(self) -> Unavailable:
@@ -360,7 +370,7 @@ class Membership:
                 del self._peers[node]
                 self._unavailable.pop(node, None)
                 self._late.pop(node, None)
-                changed = changed or peer.ready
+                changed = changed or peer.ready or not peer.leaving  # a member, or VIPs waiting for it
         for node, held in list(self._holds.items()):
             if node not in self._peers:
                 del self._holds[node]
@@ -393,6 +403,12 @@ class Membership:
             return None
         held = self._holds.get(node, {})
         return Member(node, peer.fresh, self._unavailable.get(node, frozenset()), frozenset(held))
+
+    def joining(self) -> frozenset[str]:
+        """The live peers still joining (heard, not ready, not saying goodbye): a VIP nobody holds and that
+        one of them ranks first for waits for it (`announcement.holder`), so speakers starting together
+        spread the VIPs by weight instead of the first one taking them all and keeping them."""
+        return frozenset(node for node, peer in self._peers.items() if not peer.ready and not peer.leaving)
 
     def members(self) -> dict[str, Member]:
         """Node name → Member for every ready, live speaker, this one included once it has joined."""

@@ -224,7 +224,8 @@ class Speaker:
                     await asyncio.wait_for(stop.wait(), interval)
         finally:
             self._socket.send(
-                membership.Heartbeat(self.settings.node, False, self.membership.fresh), self.settings.node
+                membership.Heartbeat(self.settings.node, False, self.membership.fresh, leaving=True),
+                self.settings.node,
             )
             self._socket.close()
             for each in self.responders.values():
@@ -351,7 +352,7 @@ class Speaker:
         # ARP/NDP); their status names the live nodes advertising them (`statuses`, rule 4).
         bgp_only = tuple(vip for vip in self.inventory.vips if not vip.l2)
         vips = tuple(vip for vip in self.inventory.vips if vip.l2)
-        self.holders = announcement.announcements(vips, members)
+        self.holders = announcement.announcements(vips, members, self.membership.joining())
         self._report_kept(vips, members)
         mine = [vip for vip in vips if self.holders.get(vip.address) == self.settings.node]
         defaults = self.default_interfaces()

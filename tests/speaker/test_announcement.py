@@ -128,3 +128,21 @@ def test_a_node_lacking_every_interface_of_a_vip_is_passed_over_without_moving_o
     assert holder(plain, members) == first
     members = {node: Member(node, True, frozenset({"eth1", "eth2"})) for node in NODES}
     assert holder(restricted, members) is None
+
+
+def test_a_vip_nobody_holds_waits_for_a_joining_speaker_that_ranks_first_for_it() -> None:
+    """Speakers starting together spread the VIPs by weight: the first to join does not take them all."""
+    vips = [vip(f"10.0.5.{n}") for n in range(60)]
+    first_joined = NODES[0]
+    alone = {first_joined: Member(first_joined)}
+    early = announcements(vips, alone, joining=NODES[1:])
+    assert set(early.values()) == {first_joined}
+    assert set(early) == {v.address for v in vips if rank(v.address, NODES)[0] == first_joined}
+    assert announcements(vips, live(*NODES)) == {v.address: rank(v.address, NODES)[0] for v in vips}
+    # A joining speaker that is not eligible, or a VIP someone holds, waits for nobody.
+    held = vips[0]
+    members = live(first_joined)
+    members[first_joined] = Member(first_joined, holds=frozenset({held.address}))
+    assert holder(held, members, joining=NODES[1:]) == first_joined
+    only_first = Vip(vips[1].address, frozenset({first_joined}))
+    assert holder(only_first, alone, joining=NODES[1:]) == first_joined

@@ -267,3 +267,15 @@ def test_its_own_holdings_are_in_its_member_and_messages_and_a_joining_peers_cou
     assert not membership.heard_holding(Holding("node-1", ()), 1.0)  # our own echo
     membership.heard(Heartbeat("node-3", False, True), 1.0)  # still joining: not a member
     assert not membership.heard_holding(Holding("node-3", (address,)), 1.0)
+
+
+def test_a_goodbye_says_leaving_so_a_stopping_speaker_is_not_taken_for_a_joining_one() -> None:
+    goodbye = Heartbeat("node-2", ready=False, fresh=True, leaving=True)
+    assert Heartbeat.decode(goodbye.encode()) == goodbye
+    membership = joined(0.0, "node-2", "node-3")
+    membership.heard(Heartbeat("node-3", False, True), 0.6)  # restarted: joining again
+    membership.heard(goodbye, 0.6)
+    assert membership.joining() == {"node-3"}
+    assert set(membership.members()) == {"node-1"}
+    assert membership.expire(5.0)  # the joining one died: VIPs that waited for it are placed again
+    assert membership.joining() == frozenset()
