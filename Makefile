@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # helm comes from the local cluster's Go-module build, in the same cache the e2e fixtures use.
 HELM := $(or $(LAYERLB_CACHE),$(CURDIR)/.cache)/k8s/bin/helm
 
-.PHONY: setup system-packages lint typecheck unit test demo bench bench-operator bench-services bench-ipvs bench-ecmp bench-bgp bench-announce bench-announce-kube bench-announce-soak kind-e2e crds chart goldens cluster cluster-down clean
+.PHONY: setup system-packages lint typecheck unit test chaos demo bench bench-operator bench-services bench-ipvs bench-ecmp bench-bgp bench-announce bench-announce-kube bench-announce-soak kind-e2e crds chart goldens cluster cluster-down clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -32,6 +32,14 @@ unit: setup
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# The chaos and abuse suite (#18), each case under real traffic counting every failed request: faults of the
+# data plane and its backends, resource abuse, the parsers' short fuzzing (tests/chaos, tests/fuzz), the
+# control plane killed and cut off (e2e/chaos, API server only), and faults on real nodes (e2e/nodes'
+# chaos and Ready-under-load tests, root). All of it is also part of `make test`; the long runs are
+# `make bench-fuzz`, `bench-mutation` and `bench-abuse`.
+chaos: setup
+	$(BIN)/pytest -q tests/chaos tests/fuzz e2e/chaos $(wildcard e2e/nodes/test_chaos_*.py) e2e/nodes/test_ready_serving.py
 
 # Regenerate what is generated from the models and templates (then review the diff).
 crds: setup
