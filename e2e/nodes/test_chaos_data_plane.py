@@ -10,13 +10,17 @@ fault's instant and the requests are on one axis.
   the client resends a GET whose reused connection closed, as common clients do); the pod comes back Ready
   and serves again, and nothing fails from then on. A new connection that kube-proxy still sends to the
   dead pod's address before its endpoint leaves the VIP Service is refused (nothing was sent): counted
-  and reported with that window, and allowed only inside it — layerlb cannot answer for a SIGKILLed
-  process; the platform's endpoint removal bounds it.
+  and reported with that window, and allowed only until the pod is back Ready: layerlb cannot answer for
+  a SIGKILLed process; the platform's endpoint removal bounds it.
 - The node announcing the VIP lost (its LAN link cut, as a pulled cable or a dead switch port: its
   speaker's heartbeats, its ARP answers and its pods are gone from the LAN): the other node announces the
   VIP within the speaker's dead-after bound (`maxDeadAfter` 2 s, plus a busy machine's slack), the LAN
   client's failures are bounded by one per worker per client timeout while the VIP moves, and none once
   it has moved; when the link returns, the VIP stays where it is (it moves only when its holder is lost).
+- The VIP holder's forwarding pod SIGKILLed under load from the LAN client (externalTrafficPolicy Local:
+  the holder's node sends the VIP to its own pod only): its requests fail until the pod is seen not Ready
+  and the VIP moves to the other node (`KILL_MOVE_BOUND`), none after: the price of Local (the client
+  address kept, no second hop) is that the holder's node has no other pod to send new connections to.
 
 The figures are printed (`-s`); local platform only (the nodes' network namespaces and the LAN client).
 """
@@ -59,6 +63,9 @@ MAX_DEAD_AFTER = 2.0
 # What a busy 2-core machine adds to it: the surviving speaker's check round, its gratuitous ARP, and
 # scheduling delays of the speaker and the client (the speaker-kill test in test_announcement allows 5 s).
 MOVE_SLACK = 3.0
+# A SIGKILLed forwarding pod's VIP moves once the pod is seen not Ready: the kubelet notices the exit (its
+# pod lifecycle relist, every second), writes the pod's status, the speakers' watch sees it; measured 2-4 s.
+KILL_MOVE_BOUND = 10.0
 
 
 @dataclass
@@ -379,6 +386,57 @@ def test_losing_the_node_that_announces_the_vip_moves_it_within_the_dead_after_b
     assert len(failed) <= bound, [(round(r["start"] - lost, 2), r["error"]) for r in failed]
     assert not late, [(round(r["start"] - lost, 2), r["error"]) for r in late]
     assert stays == other, f"the VIP went back to {holder} when it returned"
+
+
+def test_killing_the_announcing_nodes_forwarding_pod_fails_lan_requests_only_until_the_vip_moves(
+    lan: Lan, tmp_path: Path
+) -> None:
+    local = lan.local
+    timeout = 1.0
+    lb = deploy(local, "l7-proxy-routes.yaml", lan.addresses, name="chaos-lan-kill", replicas=2)
+    name, vip = lb["metadata"]["name"], lb["status"]["vip"]
+    harness.wait_for("a forwarding pod on each node", lambda: len(lan.pod_nodes(name)) == len(lan.macs), 120)
+    holder = lan.announcer(vip)
+    [other] = set(lan.macs) - {holder}
+    [victim] = [p for p in _forwarding_pods(local, name) if p["spec"]["nodeName"] == holder]
+    lan.answer(vip, 8080)
+    try:
+        with load_from_lan(local, vip, 8080, tmp_path / "stop", timeout) as load:
+            started = time.monotonic()
+            harness.wait_for(
+                "the LAN client served through the VIP",
+                lambda: sum(r["ok"] for r in load.records) >= 10 * WORKERS,
+                timeout=120,
+            )
+            pid = _dataplane_pid(local, victim)
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            moved = harness.wait_for(
+                f"the LAN client's neighbour cache to point {vip} at {other}",
+                lambda: time.monotonic() - killed if _neighbour(lan, vip) == lan.macs[other] else None,
+                timeout=60,
+                every=0.02,
+            )
+            settled = killed + moved + timeout
+            harness.wait_for(
+                "requests served after the move",
+                lambda: sum(r["ok"] for r in load.records if r["start"] > settled) >= 10 * WORKERS,
+                timeout=120,
+            )
+        records = load.finish()
+    finally:
+        kubectl(local, "delete", "llb", name, "-n", local.namespace, "--wait=true", "--timeout=120s")
+    failed = [r for r in records if not r["ok"]]
+    late = [r for r in failed if r["start"] > settled]
+    print(
+        f"\nforwarding pod on {holder}, the VIP's holder, SIGKILLed under LAN load ({WORKERS} connections, "
+        f"client timeout {timeout:.0f} s; {_figures(records, started, killed)}): the VIP moved to {other} "
+        f"after {moved:.2f} s; {len(failed)} requests failed meanwhile, {len(late)} after"
+    )
+    # The holder's node keeps the VIP until its pod is seen not Ready (kube-proxy sends the VIP to local pods
+    # only: externalTrafficPolicy Local), so its new connections fail until then: bounded by the move.
+    assert moved < KILL_MOVE_BOUND, f"the VIP moved only after {moved:.2f} s"
+    assert not late, [(round(r["start"] - killed, 2), r["error"]) for r in late]
 
 
 def _neighbour(lan: Lan, vip: str) -> str | None:
