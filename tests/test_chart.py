@@ -182,7 +182,8 @@ def test_the_deployment_runs_the_operator_with_the_chart_settings() -> None:
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["args"] == [
         "operator", "--peering", "lb-leader", "--metrics", "0.0.0.0:8080",
-        "--namespace", "shop", "--namespace", "payments", "--verbose", "--ready-needs-announcement",
+        "--namespace", "shop", "--namespace", "payments", "--verbose", "--vips-outside-pools", "refuse",
+        "--ready-needs-announcement",
     ]  # fmt: skip
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LAYERLB_DATAPLANE_IMAGE"] == "registry.example.com/layerlb/layerlb-dataplane:0.1.0"
@@ -204,6 +205,23 @@ def test_ready_waits_for_the_announcement_only_where_the_chart_runs_speakers() -
 
     assert "--ready-needs-announcement" in args()
     assert "--ready-needs-announcement" not in args("--set", "speaker.enabled=false")
+
+
+def test_the_charts_operator_refuses_a_vip_outside_every_pool_unless_told_to_allow_it() -> None:
+    """The chart runs the speakers, which announce every VIP on the nodes' LAN: by default a spec.vip must
+    come from a VIPPool (docs/security.md); `allow` is the bare binary's default and must be asked for."""
+
+    def args(*extra: str) -> list[str]:
+        [deployment] = [d for d in documents(template(*extra)) if d["kind"] == "Deployment"]
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    def setting(found: list[str]) -> str:
+        return found[found.index("--vips-outside-pools") + 1]
+
+    assert setting(args()) == "refuse"
+    assert setting(args("--set", "operator.vipsOutsidePools=allow")) == "allow"
+    done = helm("template", RELEASE, str(CHART), "--set", "operator.vipsOutsidePools=yes")
+    assert done.returncode != 0 and "at '/operator/vipsOutsidePools'" in done.stderr, done.stderr
 
 
 def test_the_dataplane_image_defaults_to_the_operator_image() -> None:

@@ -80,6 +80,7 @@ class ClusterView:
     broken_pools: Mapping[str, str] = field(default_factory=dict)
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # backend path → (ready, total)
     allocated: str | None = None
+    vips_outside_pools: str = vips.ALLOW  # `--vips-outside-pools` (see vips.allocate)
 
     def service_endpoints(self, namespace: str, service: api.ServiceRef, path: str) -> list[plan.Endpoint]:
         """The ready endpoints of the Service port, one per (address, target port), from all its EndpointSlices."""
@@ -150,6 +151,7 @@ class ClusterView:
             pools=self.pools,
             holders=self.holders,
             broken_pools=self.broken_pools,
+            outside_pools=self.vips_outside_pools,
         )
         return self.allocated
 

@@ -66,6 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a LoadBalancer is Ready only once a speaker announces its VIP (status.announcement); the "
         "chart sets it when it runs the speakers",
     )
+    parser.add_argument(
+        "--vips-outside-pools",
+        choices=("allow", "refuse"),
+        default="allow",
+        help="a LoadBalancer's spec.vip that no VIPPool covers: honour it (allow, the default) or refuse it "
+        "as a VIPConflict (refuse: the chart's default, since the speakers announce every VIP on the "
+        "nodes' network)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's own messages too")
 
 
@@ -117,12 +125,14 @@ async def run(args: argparse.Namespace) -> int:
         counters,
         serve_classless=args.serve_classless_services,
         ready_needs_announcement=args.ready_needs_announcement,
+        vips_outside_pools=args.vips_outside_pools,
     )
     log.info(
         "serving Services of type LoadBalancer of class %s%s",
         CLASS,
         " and without a class" if args.serve_classless_services else "",
     )
+    log.info("a spec.vip outside every VIPPool: %s (--vips-outside-pools)", args.vips_outside_pools)
     handlers.install(worker)
     login.install(args.namespace or [])
     essential: list[asyncio.Task[Any]] = []  # healthy while none of these has ended

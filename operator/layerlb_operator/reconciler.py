@@ -90,8 +90,11 @@ class Reconciler:
         cleanup_timeout: float = CLEANUP_SECONDS,
         serve_classless: bool = False,
         ready_needs_announcement: bool = False,
+        vips_outside_pools: str = vips.ALLOW,
     ) -> None:
         self.client = client
+        # Whether a spec.vip that no VIPPool covers is honoured (vips.allocate; the chart refuses it).
+        self.vips_outside_pools = vips_outside_pools
         # Ready waits for a speaker's `status.announcement` (the chart's operator, when it runs speakers).
         self.ready_needs_announcement = ready_needs_announcement
         self._announced: dict[str, bool] = {}  # key → whether the last status saw its VIP announced
@@ -200,6 +203,7 @@ class Reconciler:
                 self.services.shared(self.ledger.holders(self._holdings(sources)), document),
                 current_vip=previous.get("vip"),
                 broken_pools=broken,
+                vips_outside_pools=self.vips_outside_pools,
             )
             owner = _port_owner(meta)
             held = self.port_ledger.holders(

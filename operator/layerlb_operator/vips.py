@@ -4,9 +4,14 @@ Rules, in the order they are applied:
 
 - A requested `spec.vip` is honoured when no other LoadBalancer holds it. When VIPPools cover the address,
   at least one of them must serve the LoadBalancer's namespace (and be `spec.vipPool` when that is
-  given); otherwise the request is a `VIPConflict`. An address that no pool covers is honoured as is:
-  pools govern what the operator hands out, and someone who writes an address down means it (unlike
-  MetalLB, which refuses addresses outside its pools).
+  given); otherwise the request is a `VIPConflict`. An address that no pool covers depends on
+  `outside_pools` (`layerlb operator --vips-outside-pools`): `refuse` (the chart's default) makes it a
+  `VIPConflict` too, because the speakers answer ARP/NDP and advertise over BGP for every VIP: whoever may
+  create a LoadBalancer could otherwise take over any address of the nodes' LAN (the gateway's, a
+  server's); the cluster admin grants addresses by writing VIPPools, as MetalLB and Cilium LB-IPAM do.
+  `allow` (the bare binary's default, for API-server-only tests and setups without speakers) honours
+  it as written. Services of type LoadBalancer never get an address outside their pools
+  (`service_frontend.assign`: `AddressNotInPool`), whatever this says.
 - Without `spec.vip`, the address already in `status.vip` is kept while it stays eligible, so a VIP
   never moves under running traffic; otherwise the first free address of `spec.vipPool`, or of the
   `autoAssign` pools serving the namespace (by pool name), is taken. None free: `NoVIPAvailable`.
@@ -36,6 +41,11 @@ from layerlb.resolve import Unresolvable
 from layerlb.validation import Problem
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# `--vips-outside-pools`: what a requested `spec.vip` that no VIPPool covers gets.
+ALLOW = "allow"
+REFUSE = "refuse"
+OUTSIDE_POOLS = (ALLOW, REFUSE)
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,11 @@ class Pool:
     def size(self) -> int:
         """How many addresses the pool holds (blocks may overlap; this counts them once per block)."""
         return sum(block.size for block in self.blocks)
+
+    def describe(self) -> str:
+        """`public (192.0.2.0-192.0.2.15)`: the pool and its addresses, for messages."""
+        blocks = ", ".join(f"{block.first}-{block.at(block.size - 1)}" for block in self.blocks)
+        return f"{self.name} ({blocks})"
 
     def versions(self) -> frozenset[int]:
         """The IP versions (4, 6) the pool has addresses of."""
@@ -175,17 +190,19 @@ def allocate(
     pools: Iterable[Pool],
     holders: Mapping[str, str],
     broken_pools: Mapping[str, str] | None = None,
+    outside_pools: str = ALLOW,
 ) -> str:
     """The VIP for `owner` (`namespace/name`); raise `Unresolvable` (VIPConflict, NoVIPAvailable) when none.
 
     `holders` maps addresses to the LoadBalancers holding them (this owner's entry is ignored);
-    `broken_pools` names invalid VIPPools and why, so a request for one says so.
+    `broken_pools` names invalid VIPPools and why, so a request for one says so; `outside_pools`
+    (ALLOW, REFUSE) says whether a requested address that no pool covers is honoured.
     """
     pools = sorted(pools, key=lambda pool: pool.name)
     taken = {address for address, holder in holders.items() if holder != owner}
     broken = broken_pools or {}
     if requested is not None:
-        return _requested(owner, namespace, requested, pool_name, pools, holders, taken)
+        return _requested(owner, namespace, requested, pool_name, pools, holders, taken, outside_pools)
     if pool_name is not None:
         named = [pool for pool in pools if pool.name == pool_name]
         if not named:
@@ -234,6 +251,7 @@ def _requested(
     pools: list[Pool],
     holders: Mapping[str, str],
     taken: set[str],
+    outside_pools: str,
 ) -> str:
     address = ipaddress.ip_address(requested)
     text = str(address)
@@ -243,6 +261,8 @@ def _requested(
             _problem("spec.vip", f"{text} is already the VIP of {describe_holder(holders[text])}"),
         )
     covering = [pool for pool in pools if address in pool]
+    if not covering and outside_pools == REFUSE:
+        raise Unresolvable("VIPConflict", _problem("spec.vip", _outside_pools(text, namespace, pools)))
     if pool_name is not None and not any(pool.name == pool_name for pool in covering):
         raise Unresolvable("VIPConflict", _problem("spec.vip", f"{text} is not in spec.vipPool {pool_name}"))
     if covering and not any(pool.serves(namespace) for pool in covering):
@@ -254,6 +274,18 @@ def _requested(
             ),
         )
     return text
+
+
+def _outside_pools(text: str, namespace: str, pools: list[Pool]) -> str:
+    """Why `text` is refused and what would be valid: the pools this namespace may use, or none."""
+    serving = [pool for pool in pools if pool.serves(namespace)]
+    usable = "; ".join(pool.describe() for pool in serving)
+    return (
+        f"{text} is in no VIPPool, and this operator refuses addresses outside the VIPPools "
+        f"(--vips-outside-pools=refuse); create a VIPPool covering it that serves namespace {namespace}, "
+        f"ask for an address of a VIPPool serving namespace {namespace} ({usable or 'there are none'}), "
+        "or leave spec.vip out to get a free one"
+    )
 
 
 def first_free(pool: Pool, taken: set[str], version: int | None = None) -> str | None:

@@ -29,6 +29,7 @@ def _allocate(
     pool_name: str | None = None,
     current: str | None = None,
     holders: dict[str, str] | None = None,
+    outside_pools: str = vips.ALLOW,
 ) -> str:
     return vips.allocate(
         owner=owner,
@@ -38,6 +39,7 @@ def _allocate(
         current=current,
         pools=pools,
         holders=holders or {},
+        outside_pools=outside_pools,
     )
 
 
@@ -75,6 +77,43 @@ def test_a_requested_free_address_inside_a_pool_is_honoured() -> None:
 def test_a_requested_address_outside_every_pool_is_honoured_as_written() -> None:
     assert _allocate([_pool("public", "192.0.2.0/24")], requested="127.0.0.10") == "127.0.0.10"
     assert _allocate([], requested="2001:db8::0010") == "2001:db8::10"
+
+
+def test_a_requested_address_outside_every_pool_is_refused_when_the_operator_refuses_them() -> None:
+    """The chart's default: the speakers would announce any address on the nodes' LAN (the gateway's)."""
+    pools = [
+        _pool("public", "192.0.2.64/30", "2001:db8:1::/126"),
+        _pool("shop-only", "198.51.100.0/28", namespaces=["shop"]),
+    ]
+    for address, written in (("192.0.2.1", "192.0.2.1"), ("2001:db8::0010", "2001:db8::10")):
+        message = _refused("VIPConflict", pools=pools, requested=address, outside_pools=vips.REFUSE)
+        assert message.startswith(f"spec.vip: {written} is in no VIPPool"), message
+        assert "create a VIPPool covering it that serves namespace demo" in message
+        assert "public (192.0.2.64-192.0.2.67, 2001:db8:1::-2001:db8:1::3)" in message  # what would do
+        assert "shop-only" not in message  # a pool the namespace may not use is no advice
+        assert "leave spec.vip out" in message
+    message = _refused("VIPConflict", pools=[], requested="10.0.0.1", outside_pools=vips.REFUSE)
+    assert "serving namespace demo (there are none)" in message
+
+
+def test_refusing_addresses_outside_pools_leaves_the_other_rules_as_they_were() -> None:
+    pools = [_pool("public", "192.0.2.64/30"), _pool("shop-only", "198.51.100.0/28", namespaces=["shop"])]
+    refuse = vips.REFUSE
+    assert _allocate(pools, requested="192.0.2.65", outside_pools=refuse) == "192.0.2.65"  # inside: honoured
+    assert _allocate(pools, outside_pools=refuse) == "192.0.2.64"  # none asked for: allocated as before
+    assert (
+        _allocate(pools, owner="shop/web", requested="198.51.100.3", outside_pools=refuse) == "198.51.100.3"
+    )
+    assert "which do not serve namespace demo" in _refused(
+        "VIPConflict", pools=pools, requested="198.51.100.3", outside_pools=refuse
+    )
+    assert "already the VIP of LoadBalancer shop/front" in _refused(
+        "VIPConflict",
+        pools=pools,
+        requested="192.0.2.66",
+        holders={"192.0.2.66": "shop/front"},
+        outside_pools=refuse,
+    )
 
 
 def test_a_requested_address_held_by_another_load_balancer_is_a_conflict_naming_the_holder() -> None:
