@@ -125,6 +125,36 @@ def nft_nat_rules(p: plan.Plan) -> list[NftRule]:
     return rules
 
 
+def nft_guard_rules(p: plan.Plan) -> list[str]:
+    """What the node itself accepts on the VIP: its listeners' ports and ICMP; anything else is rejected.
+
+    The VIP is an address of the node (on `lo`), so without these rules a client of the VIP reaches every
+    socket bound to the node's wildcard address - sshd, the kubelet, host-network admin ports (issue #18;
+    kube-proxy's IPVS mode had the same hole, kubernetes/kubernetes#72236). Reject, not drop: the client
+    sees what a closed port answers (TCP reset, ICMP port unreachable), as with kube-proxy's
+    KUBE-IPVS-FILTER, so nothing tells a listening node port from a closed one and a client that
+    mistyped a port fails at once instead of after its connect timeout. ICMP stays allowed: a ping of
+    the VIP discloses only that it is up (its listeners already do), and path-MTU discovery needs ICMP.
+    """
+    ip = "ip6" if shared.is_ipv6(p.vip) else "ip"
+    icmp = "ipv6-icmp" if ip == "ip6" else "icmp"
+    ports: dict[str, list[int]] = {}
+    for listener in p.listeners:
+        known = ports.setdefault(listener.transport.lower(), [])
+        if listener.port not in known:
+            known.append(listener.port)
+    rules = [
+        f"{ip} daddr {p.vip} {transport} dport {{ {', '.join(str(port) for port in sorted(numbers))} }} accept"
+        for transport, numbers in sorted(ports.items())
+    ]
+    rules += [
+        f"{ip} daddr {p.vip} meta l4proto {icmp} accept",
+        f"{ip} daddr {p.vip} meta l4proto tcp reject with tcp reset",
+        f"{ip} daddr {p.vip} reject",
+    ]
+    return rules
+
+
 def nft_masquerade_rule(p: plan.Plan) -> str:
     """Masquerade connections this table balanced: backends then reply to this node, not the client."""
     ip = "ip6" if shared.is_ipv6(p.vip) else "ip"
@@ -218,6 +248,7 @@ def nftables(
             rules=nft_nat_rules(p),
             masquerade=masquerade,
             masquerade_rule=nft_masquerade_rule(p),
+            guard=nft_guard_rules(p),
             comment=comment,
         )
     if not INTERFACE_NAME.match(device):
@@ -233,6 +264,7 @@ def nftables(
         device=device,
         rules=rules,
         placeholder=placeholder,
+        guard=nft_guard_rules(p),
         comment=comment,
     )
 

@@ -49,6 +49,7 @@ LB_BACK = "10.0.2.1"
 NAT_BACKENDS = {"be1": "10.0.2.11", "be2": "10.0.2.12", "be3": "10.0.2.13"}
 DSR_BACKENDS = {"be1": "10.0.3.11", "be2": "10.0.3.12"}
 NAT_PORT, DSR_PORT, BACKEND_PORT = 80, 80, 8080
+NODE_SERVICE_PORT = 2222  # a node service bound to the wildcard address (sshd, say), not a listener
 FOREIGN = """table inet foreign {
 	set allowed {
 		type ipv4_addr
@@ -645,6 +646,68 @@ def test_dsr_restart_adopts_and_remove_cleans_up(dsr: dict[str, Namespace], agen
         assert table(lb, "netdev", "probe") is not None
     finally:
         restarted.close()
+
+
+# ---- the VIP reaches the listeners, not the node's own services (issue #18) ------------------------------
+
+
+def node_service(port: int) -> None:
+    """A TCP service on the node's wildcard address, as sshd, the kubelet or a host-network admin port
+    listen: it says "node" to every connection."""
+    server = socket.create_server(("0.0.0.0", port), backlog=64)
+    print("ready", flush=True)
+    while True:
+        connection, _ = server.accept()
+        with connection:
+            connection.sendall(b"node\n")
+
+
+def connect_outcome(address: str, port: int) -> str:
+    """What a TCP client gets from `address:port`: the first line served, "refused", or "timeout"."""
+    try:
+        with socket.create_connection((address, port), timeout=15) as connection:
+            return connection.makefile().readline().strip() or "closed"
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "timeout"
+
+
+@contextlib.contextmanager
+def serving_on_the_node(lb: Namespace) -> Iterator[None]:
+    """`node_service` on NODE_SERVICE_PORT of the LB namespace's wildcard address, while the block runs."""
+    service = lb.spawn(node_service, NODE_SERVICE_PORT)
+    try:
+        service.wait_for_line("ready", timeout=30)
+        yield
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("agent", ["nat"], indirect=True)
+def test_nat_vip_serves_its_listeners_and_not_the_nodes_own_ports(
+    nat: dict[str, Namespace], agent: Agent
+) -> None:
+    client = nat["client"]
+    agent.sync(nat_plan({"be1": 1}))
+    with serving_on_the_node(nat["lb"]):
+        assert client.call(connect_outcome, "10.0.1.1", NODE_SERVICE_PORT) == "node"  # the node's own address
+        assert client.call(connect_outcome, VIP_NAT, NODE_SERVICE_PORT) == "refused"  # a TCP reset, at once
+        assert backends_of(client.call(fetch_many, VIP_NAT, NAT_PORT, 5)) == {"be1": 5}
+    client.run(["ping", "-c", "1", "-W", "10", VIP_NAT])  # ICMP stays allowed
+
+
+@pytest.mark.parametrize("agent", ["dsr"], indirect=True)
+def test_dsr_vip_serves_its_listeners_and_not_the_nodes_own_ports(
+    dsr: dict[str, Namespace], agent: Agent
+) -> None:
+    client = dsr["client"]
+    agent.sync(dsr_plan(["be1", "be2"]))
+    with serving_on_the_node(dsr["lb"]):
+        assert client.call(connect_outcome, "10.0.3.1", NODE_SERVICE_PORT) == "node"
+        assert client.call(connect_outcome, VIP_DSR, NODE_SERVICE_PORT) == "refused"
+        assert set(backends_of(client.call(fetch_many, VIP_DSR, DSR_PORT, 20))) <= {"be1", "be2"}
+    client.run(["ping", "-c", "1", "-W", "10", VIP_DSR])
 
 
 # ---- the bench figure (printed, never asserted on time) -------------------------------------------------
