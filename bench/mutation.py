@@ -126,6 +126,7 @@ class Equivalent:
     mutant: str = ""  # when given, a substring of the mutated line too (one line, several mutants)
 
 
+CLOCK_FIRST = "0.0 <= clock() holds anyway: the first test only saves a clock call"
 DOUBLE = "rendezvous' unit is a double: one more or less on a 64-bit integer is below its precision"
 FIND = "str.find returns -1 or more, and -1 is CPython's cached small int: `<= -1`, `is -1` are `== -1`"
 EQUIVALENT: tuple[Equivalent, ...] = (
@@ -248,7 +249,40 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             ),
             ("NotEq_IsNot", "return self.healthy != before", "bools are singletons"),
             ("NotEq_Lt", "return self.healthy != before", "an ejection only ever turns healthy off"),
+            ("GtE_Is", "self._successes >= check.healthy_threshold", "small ints, up at the threshold"),
+            (
+                "GtE_Eq",
+                "self._failures >= check.unhealthy_threshold",
+                "down at the threshold: never beyond while up",
+            ),
+            (
+                "Lt_NotEq",
+                "self.passive_failures < self.passive_threshold",
+                "reset at the threshold: never beyond",
+            ),
+            (
+                "NotEq_Gt",
+                "if self._ejected_until != 0.0 and",
+                "an ejection's end is a clock time, never negative",
+            ),
+            ("Eq_LtE", "return self._ejected_until == 0.0 or", CLOCK_FIRST),
         )
+    ),
+    *(
+        Equivalent("health", "core/NumberReplacer", line, why)
+        for line, why in (
+            ("return self._ejected_until == 0.0 or", CLOCK_FIRST),
+            ("self._last_ejection_end = 0.0", "read only once an ejection ended, which sets it"),
+        )
+    ),
+    *(
+        Equivalent(
+            module,
+            "core/ReplaceBinaryOperator_Mul_Div",
+            "*,",
+            "`/` for `*`: every caller passes these by keyword",
+        )
+        for module in ("health",)
     ),
     Equivalent(
         "framing",

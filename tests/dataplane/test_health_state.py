@@ -98,7 +98,7 @@ def test_a_new_check_restarts_the_runs_and_an_equal_one_does_not() -> None:
     assert [fresh.record(False) for _ in range(3)] == [False, False, True]
 
 
-def test_without_a_check_a_probe_result_is_no_change() -> None:
+def test_without_a_check_a_result_changes_nothing() -> None:
     state = health.HealthState()
     assert state.record(False) is False and state.record(True) is False
     assert state.healthy and state.up is True
@@ -107,3 +107,14 @@ def test_without_a_check_a_probe_result_is_no_change() -> None:
 def test_the_repr_says_the_state_and_whether_a_check_is_configured() -> None:
     assert repr(health.HealthState()) == "HealthState(healthy, check=no)"
     assert repr(health.HealthState(check())) == "HealthState(healthy, check=yes)"
+
+
+def test_the_backoff_decays_on_a_clock_that_started_near_zero() -> None:
+    clock = Clock(now=100.0)
+    state = health.HealthState(clock=clock)
+    eject(state)
+    clock.now = state.ejected_until  # 130
+    assert state.healthy
+    clock.now = 500.0  # 370 s in service: more than five minutes
+    eject(state)
+    assert state.ejected_until - clock.now == 30
