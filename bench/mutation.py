@@ -275,14 +275,11 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             ("self._last_ejection_end = 0.0", "read only once an ejection ended, which sets it"),
         )
     ),
-    *(
-        Equivalent(
-            module,
-            "core/ReplaceBinaryOperator_Mul_Div",
-            "*,",
-            "`/` for `*`: every caller passes these by keyword",
-        )
-        for module in ("health",)
+    Equivalent(
+        "health",
+        "core/ReplaceBinaryOperator_Mul_Div",
+        "*,",
+        "`/` for `*`: every caller passes these by keyword",
     ),
     Equivalent(
         "framing",
