@@ -94,7 +94,11 @@ MODULES = (
         " -k 'affinity or cookie or client_ip'",
     ),
     Module("health", f"{DP}/core/health.py", f"tests/dataplane/test_health_state.py {UNIT_HEALTH}"),
-    Module("validation", "layerlb/validation.py", "tests/test_validation.py tests/test_bgp_validation.py"),
+    Module(
+        "validation",
+        "layerlb/validation.py",
+        "tests/test_validation_messages.py tests/test_validation.py tests/test_bgp_validation.py",
+    ),
     Module(
         "routing",
         f"{DP}/core/routing.py",
@@ -128,6 +132,7 @@ class Equivalent:
 
 CLOCK_FIRST = "0.0 <= clock() holds anyway: the first test only saves a clock call"
 DOUBLE = "rendezvous' unit is a double: one more or less on a 64-bit integer is below its precision"
+KEY_LAST = "pydantic puts `[key]` last in a location: nothing follows a map key"
 FIND = "str.find returns -1 or more, and -1 is CPython's cached small int: `<= -1`, `is -1` are `== -1`"
 EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent(
@@ -307,6 +312,24 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "a probe of llhttp: another control byte probes as well",
         )
         for operator in ("core/NumberReplacer", "core/ReplaceBinaryOperator_Mod_Add")
+    ),
+    Equivalent(
+        "validation", "core/ReplaceTrueWithFalse", "@dataclass(frozen=True)", "nothing assigns to a Problem"
+    ),
+    Equivalent("validation", "core/ReplaceContinueWithBreak", "continue", KEY_LAST),
+    *(
+        Equivalent("validation", operator, 'location[index + 1 : index + 2] == ("[key]",)', KEY_LAST)
+        for operator in ("core/NumberReplacer", "core/ReplaceBinaryOperator_Add_LShift")
+    ),
+    *(
+        Equivalent(
+            "validation",
+            f"core/ReplaceComparisonOperator_{operator}",
+            line,
+            "too_short/too_long sort after string_*",
+        )
+        for operator in ("Eq_LtE",)
+        for line in ('kind == "string_too_short"', 'kind == "string_too_long"')
     ),
     Equivalent(
         "state",
