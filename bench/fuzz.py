@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ class Round:
     executions: int
     seconds: float
     execs_per_second: int
+    execs_per_cpu_second: int  # what one quiet core would do: the machine running this may be shared
     new_units: int
     peak_rss_mb: int
     exit_code: int
@@ -66,6 +68,11 @@ def _stat(text: str, name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_round(target: str, runs: int, seconds: int, scratch: Path, artifacts: Path) -> tuple[Round, str]:
     """One atheris process: at most `runs` inputs or `seconds`; libFuzzer's final statistics read back."""
     command = [
@@ -82,14 +89,15 @@ def run_round(target: str, runs: int, seconds: int, scratch: Path, artifacts: Pa
         str(scratch),
         str(CORPUS / target),
     ]
-    started = time.monotonic()
+    started, cpu = time.monotonic(), _children_cpu()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 600)
-    elapsed = time.monotonic() - started
+    elapsed, cpu = time.monotonic() - started, _children_cpu() - cpu
     executions = _stat(done.stderr, "number_of_executed_units")
     result = Round(
         executions=executions,
         seconds=round(elapsed, 1),
         execs_per_second=_stat(done.stderr, "average_exec_per_sec"),
+        execs_per_cpu_second=round(executions / cpu) if cpu > 0 else 0,
         new_units=_stat(done.stderr, "new_units_added"),
         peak_rss_mb=_stat(done.stderr, "peak_rss_mb"),
         exit_code=done.returncode,
@@ -118,7 +126,8 @@ def fuzz(target: str, runs: int, seconds: int, rounds: int, artifacts: Path) -> 
             run.rounds.append(result)
             print(
                 f"  {target} round {index + 1}: {result.executions:,} executions in {result.seconds} s, "
-                f"{result.execs_per_second:,}/s, exit {result.exit_code}",
+                f"{result.execs_per_second:,}/s ({result.execs_per_cpu_second:,} per CPU second), "
+                f"exit {result.exit_code}",
                 flush=True,
             )
             if result.exit_code != 0:
@@ -133,15 +142,17 @@ def _duration(seconds: float) -> str:
 
 def table(runs: list[TargetRun]) -> str:
     lines = [
-        "| target | executions | execs/s median (min-max over rounds) | 10 M executions take | new corpus units | findings |",
-        "|---|---|---|---|---|---|",
+        "| target | executions | execs/s median (min-max over rounds) | execs per CPU second, median | "
+        "10 M executions take | new corpus units | findings |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         rates = run.rates or [0]
         median = statistics.median(rates)
         take = _duration(GOAL / median) if median else "-"
+        cpu = statistics.median([r.execs_per_cpu_second for r in run.rounds] or [0])
         lines.append(
-            f"| {run.target} | {run.executions:,} | {median:,.0f} ({min(rates):,}-{max(rates):,}) | {take} | "
+            f"| {run.target} | {run.executions:,} | {median:,.0f} ({min(rates):,}-{max(rates):,}) | {cpu:,.0f} | {take} | "
             f"{sum(r.new_units for r in run.rounds)} | {len(run.findings) or 'none'} |"
         )
     return "\n".join(lines)
