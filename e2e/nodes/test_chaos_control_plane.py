@@ -8,7 +8,12 @@ keep answering ARP, kube-proxy keeps its rules: nothing on a node needs the API 
 forwarding pod restarts; and what changed meanwhile reaches the LoadBalancer's status promptly once the
 API server is back. The change: one of the L7 LoadBalancer's two Service backends turns NotReady during
 the outage (its readiness file removed through the host's /proc; it keeps serving, so no request may fail
-for it), which status.backends must show as 1 of 2 ready.
+for it), which status.backends must show as 1 of 2 ready. The chain after the return: the kubelet posts the
+Pod's NotReady (under a second), kube-controller-manager's EndpointSlice controller marks the endpoint (its
+watches come back on client-go's reflector backoff: 38-66 s after a 60 s outage), the operator writes the
+status: its share, from the EndpointSlice to the status, is what CATCH_UP (5 s) bounds. Traffic goes on for
+10 s after the catch-up; a failed request's message carries what the nodes, the forwarding pods and the
+VIPs' announcements did after the return, and kube-controller-manager's node-lifecycle lines.
 
 Why SIGKILL and a restart rather than SIGSTOP/SIGCONT: a crash is the harsher fault (connections reset,
 watches broken, the API server's caches rebuilt from etcd), and the local cluster's harness keeps every
@@ -225,8 +230,8 @@ def test_control_plane_crash_under_traffic_fails_no_request_and_status_catches_u
 ) -> None:
     """etcd and kube-apiserver SIGKILLed for CHAOS_OUTAGE_SECONDS while a LAN client sends GETs to an L7 and
     an L4 VIP: zero failed requests, no forwarding pod or speaker restarted, the L4 Plan not rewritten, and a
-    backend that went NotReady during the outage shows in status.backends within CATCH_UP s of the API
-    server's return (and of the kubelet posting it)."""
+    backend that went NotReady during the outage shows in status.backends within CATCH_UP s of its
+    EndpointSlice showing it once the API server is back."""
     namespace = local.namespace
     addresses = [p["status"]["podIP"] for p in _get(local, "pods", "-l", "app=suite-backend")]
     l7 = apply_example(local, "l7-proxy-routes.yaml", sorted(addresses), "chaos-l7", _service_backed)
