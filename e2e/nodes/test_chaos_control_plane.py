@@ -10,7 +10,7 @@ API server is back. The change: one of the L7 LoadBalancer's two Service backend
 the outage (its readiness file removed through the host's /proc; it keeps serving, so no request may fail
 for it), which status.backends must show as 1 of 2 ready. The chain after the return: the kubelet posts the
 Pod's NotReady (under a second), kube-controller-manager's EndpointSlice controller marks the endpoint (its
-watches come back on client-go's reflector backoff: 38-66 s after a 60 s outage), the operator writes the
+watches come back on client-go's reflector backoff: 45 s after a 60 s outage), the operator writes the
 status: its share, from the EndpointSlice to the status, is what CATCH_UP (5 s) bounds. Traffic goes on for
 10 s after the catch-up; a failed request's message carries what the nodes, the forwarding pods and the
 VIPs' announcements did after the return, and kube-controller-manager's node-lifecycle lines.
