@@ -66,6 +66,7 @@ H1 = (
         f"tests/dataplane/{name}.py"
         for name in (
             "test_local_answers",
+            "test_chunked_decoder",
             "test_http1",
             "test_http1_strictness",
             "test_http1_own_checks",
