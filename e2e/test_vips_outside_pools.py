@@ -91,9 +91,8 @@ def accepted(kubectl: Kubectl, name: str, state: str, reason: str | None = None)
     """The Accepted condition once it is `state` (with `reason`, when given)."""
 
     def probe() -> dict[str, Any] | None:
-        found = next(
-            (c for c in status(kubectl, name).get("conditions") or [] if c["type"] == "Accepted"), {}
-        )
+        conditions: list[dict[str, Any]] = status(kubectl, name).get("conditions") or []
+        found = next((c for c in conditions if c["type"] == "Accepted"), {})
         ok = found.get("status") == state and (reason is None or found.get("reason") == reason)
         return found if ok else None
 
