@@ -247,7 +247,7 @@ def test_a_failing_backend_is_taken_out_within_the_health_bounds_and_no_request_
     bound: int = HEALTH["intervalSeconds"] * HEALTH["unhealthyThreshold"] + HEALTH["timeoutSeconds"]
     print(
         f"\n{fault}: out after {out_after if out_after is None else round(out_after, 2)} s (bound {bound} s"
-        f" + {SLACK:.0f} s slack); {len(faulty.requests) - before} requests reached it failing; GETs"
+        f" + {SLACK:.0f} s slack); {len(faulty.requests) - before} requests reached it since; GETs"
         f" {dict(gets)}; POSTs {dict(posts)}"
     )
     assert all(count == 1 for count in received.values()), "a POST reached a backend twice"
