@@ -155,6 +155,41 @@ def nft_guard_rules(p: plan.Plan) -> list[str]:
     return rules
 
 
+def nft_guard_table_name(p: plan.Plan) -> str:
+    """`layerlb_guard_<namespace>_<name>`: the guard table of an engine that has no table of its own."""
+    name = f"layerlb_guard_{p.namespace}_{p.name}"
+    if len(name) <= NFT_NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return f"{name[: NFT_NAME_MAX - 13]}_{digest}"
+
+
+def nft_guard_ruleset(p: plan.Plan, comment: str | None = None) -> str:
+    """The guard alone, as one `nft -f` transaction replacing its own table: for the IPVS engine and
+    `transparent`, which put the VIP on the node but program no nftables table of their own.
+
+    Its input chain runs at the filter priority (0), before IPVS takes packets at LOCAL_IN (priority 98
+    and 99, NF_IP_PRI_NAT_SRC - 2 and - 1), so IPVS still sees the listeners' ports it balances.
+    """
+    if comment is not None and not NFT_COMMENT.match(comment):
+        raise ValueError(f"table comment {comment!r} must be 1-128 printable characters without quotes")
+    family = "ip6" if shared.is_ipv6(p.vip) else "ip"
+    table = nft_guard_table_name(p)
+    lines = [
+        f"# {shared.header(p)}: only the VIP's listeners' ports (and ICMP) reach this node's sockets",
+        f"table {family} {table} {{}}",
+        f"delete table {family} {table}",
+        f"table {family} {table} {{",
+        *([f'\tcomment "{comment}"'] if comment else []),
+        "\tchain input {",
+        "\t\ttype filter hook input priority filter; policy accept;",
+        *(f"\t\t{rule}" for rule in nft_guard_rules(p)),
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def nft_masquerade_rule(p: plan.Plan) -> str:
     """Masquerade connections this table balanced: backends then reply to this node, not the client."""
     ip = "ip6" if shared.is_ipv6(p.vip) else "ip"
@@ -234,8 +269,13 @@ def nftables(
     neighbours: Mapping[str, str] | None = None,
     masquerade: bool = False,
     comment: str | None = None,
+    guard: bool = True,
 ) -> str:
-    """The `nft -f` ruleset of a nat or dsr Plan: one table, replaced in one transaction."""
+    """The `nft -f` ruleset of a nat or dsr Plan: one table, replaced in one transaction.
+
+    `guard`: reject what is sent to the VIP but not to a listener (`nft_guard_rules`); off for a VIP that
+    is also the node's own address, whose other ports are the node's to serve.
+    """
     table = nft_table_name(p)
     if comment is not None and not NFT_COMMENT.match(comment):
         raise ValueError(f"table comment {comment!r} must be 1-128 printable characters without quotes")
@@ -248,7 +288,7 @@ def nftables(
             rules=nft_nat_rules(p),
             masquerade=masquerade,
             masquerade_rule=nft_masquerade_rule(p),
-            guard=nft_guard_rules(p),
+            guard=nft_guard_rules(p) if guard else [],
             comment=comment,
         )
     if not INTERFACE_NAME.match(device):
@@ -264,7 +304,7 @@ def nftables(
         device=device,
         rules=rules,
         placeholder=placeholder,
-        guard=nft_guard_rules(p),
+        guard=nft_guard_rules(p) if guard else [],
         comment=comment,
     )
 

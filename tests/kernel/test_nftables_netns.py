@@ -697,6 +697,15 @@ def test_nat_vip_serves_its_listeners_and_not_the_nodes_own_ports(
     client.run(["ping", "-c", "1", "-W", "10", VIP_NAT])  # ICMP stays allowed
 
 
+@pytest.mark.parametrize("agent", ["nat"], indirect=True)
+def test_nat_leaves_a_vip_that_is_the_nodes_own_address_unguarded(
+    nat: dict[str, Namespace], agent: Agent
+) -> None:
+    own = make_plan(api.Architecture.nat, "10.0.1.1", [(NAT_BACKENDS["be1"], BACKEND_PORT, 1)])
+    assert "reject" not in agent.send("desired", own)["ruleset"]  # sshd on the node's address stays
+    assert "reject" in agent.send("desired", nat_plan({"be1": 1}))["ruleset"]
+
+
 @pytest.mark.parametrize("agent", ["dsr"], indirect=True)
 def test_dsr_vip_serves_its_listeners_and_not_the_nodes_own_ports(
     dsr: dict[str, Namespace], agent: Agent

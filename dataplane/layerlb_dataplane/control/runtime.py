@@ -41,7 +41,7 @@ from layerlb_dataplane.control import accept, admin, config, probes
 from layerlb_dataplane.core.metrics import Dump, Metrics, render
 from layerlb_dataplane.core.state import Registry, Snapshot
 from layerlb_dataplane.http.proxy import HttpListener
-from layerlb_dataplane.kernel import addresses, strict_arp
+from layerlb_dataplane.kernel import addresses, strict_arp, vip_guard
 from layerlb_dataplane.l4.relay import TcpListener, UdpListener
 from layerlb_dataplane.net import tls, transparent
 
@@ -191,6 +191,8 @@ class Instance:
     health: probes.HealthChecker = field(default_factory=probes.HealthChecker)
     loopback_vip: str | None = None  # a transparent Plan's VIP this process put on the node's loopback
     arp_warning: str | None = None  # transparent: strict ARP could not be set before the VIP went on lo
+    guarded: plan.Plan | None = None  # transparent: the Plan whose VIP guard this process loaded
+    guard_warning: str | None = None  # transparent: the VIP guard could not be loaded
 
     def current(self) -> Snapshot:
         """The Snapshot new requests and connections are served from."""
@@ -242,6 +244,8 @@ class Dataplane:
         # A transparent VIP goes on the node's loopback: with strict ARP (the operator's pods) the node must
         # not answer ARP for it, as the kernel engines do (`strict_arp`).
         self.strict_arp = strict_arp.StrictArp() if strict_arp.enabled() else None
+        # ... and only its listeners' ports may reach the node through it, as with the kernel engines.
+        self.vip_guard = vip_guard.VipGuard()
         self.reported_warnings: list[str] = []
 
     # --- what the admin server shows -----------------------------------------------------------------
@@ -275,7 +279,8 @@ class Dataplane:
         found: list[str] = []
         for _, inst in sorted(self.instances.items()):
             engine_warnings = getattr(inst.engine, "warnings", ()) if inst.engine is not None else ()
-            for warning in (*engine_warnings, *([inst.arp_warning] if inst.arp_warning else [])):
+            own = [warning for warning in (inst.arp_warning, inst.guard_warning) if warning]
+            for warning in (*engine_warnings, *own):
                 if warning not in found:
                     found.append(warning)
         return found
@@ -398,6 +403,7 @@ class Dataplane:
             if inst.engine is not None:
                 await inst.engine.close(remove=True)
             await self._release_loopback(inst)
+            await self._release_guard(inst)
         fatal = None
         for key, p in wanted.items():
             inst = self.instances.get(key) or self._instance(key)
@@ -456,6 +462,9 @@ class Dataplane:
                 inst.problem = f"{inst.key}: transparent proxying needs policy routing: {_message(error)}"
                 return inst.problem
             self.transparent_routing = True
+        if new.architecture is api.Architecture.transparent:  # guarded before its VIP is on the node
+            guarded = await asyncio.to_thread(self.vip_guard.ensure, new)
+            inst.guarded, inst.guard_warning = new, guarded.warning
         if new.architecture is api.Architecture.transparent and inst.loopback_vip != new.vip:
             # The transparent proxy runs on the node's network, where its VIP's packets arrive: the VIP must
             # be local there (as the kernel engines make it), or the node forwards them instead.
@@ -471,6 +480,7 @@ class Dataplane:
                 return inst.problem
         elif new.architecture is not api.Architecture.transparent:
             await self._release_loopback(inst)
+            await self._release_guard(inst)
         wanted = {listener_key(new, listener): listener for listener in new.listeners}
         ours = {
             _address(i.current().plan, s.listener) for i in self.instances.values() for s in i.served.values()
@@ -555,6 +565,12 @@ class Dataplane:
         if inst.loopback_vip is not None:
             await asyncio.to_thread(addresses.remove_from_loopback, inst.loopback_vip)
             inst.loopback_vip = None
+
+    async def _release_guard(self, inst: Instance) -> None:
+        inst.guard_warning = None
+        if inst.guarded is not None:
+            await asyncio.to_thread(self.vip_guard.remove, inst.guarded)
+            inst.guarded = None
 
     async def _serve(self, inst: Instance, listener: plan.Listener, sock: socket.socket) -> Served:
         if listener.transport == "UDP":

@@ -61,6 +61,25 @@ def is_local(vip: str) -> bool:
 LOOPBACK_LABEL = "lo:llb"
 
 
+def is_foreign(vip: str) -> bool:
+    """Whether `vip` is an address the node had of its own (not one layerlb placed: an IPv4 address
+    labelled `*:llb`, an IPv6 /128). The VIP guard leaves such an address alone: it is also the node's
+    address for sshd, the kubelet and the replies to its own connections."""
+    host = f"{vip}/{128 if shared.is_ipv6(vip) else 32}"
+    for link in ip_json("addr", "show", "to", host):
+        for info in infos(link):
+            if not info.get("local"):
+                continue
+            ours = (
+                info.get("prefixlen") == 128
+                if shared.is_ipv6(vip)
+                else str(info.get("label", "")).endswith(":llb")
+            )
+            if not ours:
+                return True
+    return False
+
+
 def add_to_loopback(vip: str) -> bool:
     """Put `vip` on this node's loopback (so packets for it are delivered here), unless it is local already;
     True when it was added. Raises OSError with `ip`'s message when the kernel refuses."""

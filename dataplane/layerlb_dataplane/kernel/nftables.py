@@ -42,6 +42,12 @@ other. The engine adds only what the kernel state at sync time decides:
   for the VIP from one elected node, so before an IPv4 VIP is added `strict_arp.check` makes the node stop
   answering ARP for loopback addresses (`arp_ignore=1`, `arp_announce=2`); a node where that cannot be
   done is reported in `SyncReport.warnings` (forwarding works regardless).
+- **The VIP guard.** The VIP is a node address, so the node would accept packets to it on any port and
+  a client of the VIP would reach every socket bound to the node's wildcard address (sshd, the kubelet,
+  host-network admin ports: kubernetes/kubernetes#72236). The table rejects what is sent to the VIP but
+  not to a listener's protocol and port (ICMP passes): nat in an input-hook chain, dsr at the end of its
+  ingress chain (so on the dsr device only). A VIP the node already had as its own address is not
+  guarded: its other ports are the node's (sshd on it, replies to the node's own connections).
 - **Masquerade** (`nat` only) is not in the Plan: it is a property of the node's network (do backends
   route replies back through it?), so it is the constructor option `masquerade`. `nat` also needs IP
   forwarding; `forwarding=True` (the default) turns it on (it is never turned off again).
@@ -319,6 +325,7 @@ class NftablesEngine:
         self._routes: dict[str, str] = {}  # backend address -> device
         self._macs: dict[str, str] = {}  # device -> its MAC
         self.unresolved: dict[str, set[str]] = {}  # per table: backends whose MAC did not resolve
+        self._foreign: dict[str, bool] = {}  # VIP -> the node had it of its own (then it is not guarded)
 
     # --- the contract --------------------------------------------------------------------------------
 
@@ -408,8 +415,12 @@ class NftablesEngine:
             )
             effective = _with_endpoints(plan, backend, endpoints)
 
+            guard = self._guarded(plan.vip)
+
             def draw(comment: str | None) -> str:
-                return nftables_ruleset.nftables(effective, masquerade=self.masquerade, comment=comment)
+                return nftables_ruleset.nftables(
+                    effective, masquerade=self.masquerade, comment=comment, guard=guard
+                )
 
             # The digest covers what nft loads; the comment that carries it needs a second render.
             return Desired(family, table, draw, ruleset_digest(draw(None)), effective)
@@ -429,6 +440,7 @@ class NftablesEngine:
             if slot.address in missing:
                 slot.usable = False
         dsr_effective = _with_endpoints(plan, backend, _spread(slots))
+        dsr_guard = self._guarded(plan.vip)
 
         def draw_dsr(comment: str | None) -> str:
             return nftables_ruleset.nftables(
@@ -437,6 +449,7 @@ class NftablesEngine:
                 device_mac=device_mac,
                 neighbours=neighbours,
                 comment=comment,
+                guard=dsr_guard,
             )
 
         order = [(slot.address, slot.port) for slot in slots]
@@ -448,6 +461,15 @@ class NftablesEngine:
         table = nftables_ruleset.nft_table_name(plan)
         ends = [since + self.drain_seconds for (name, _), since in self._drain_since.items() if name == table]
         return min(ends) if ends else None
+
+    def _guarded(self, vip: str) -> bool:
+        """Whether the table guards the VIP (`nftables_ruleset.nft_guard_rules`): unless it is an address the
+        node had of its own, whose other ports are the node's. Decided once per VIP: a sync asks no `ip`."""
+        if vip not in self._foreign:
+            self._foreign[vip] = addresses.is_foreign(vip)
+            if self._foreign[vip]:
+                log.warning("VIP %s is this node's own address: its other ports are not guarded", vip)
+        return not self._foreign[vip]
 
     @staticmethod
     def _target_usable(target: Target | None) -> bool:

@@ -27,6 +27,12 @@ still logged and reported in ipvsadm's syntax (`table.Change`), the render's own
 and replay them; a change the kernel refuses is reported with its ipvsadm line and the kernel's reason
 (`table.IpvsError`), and does not stop the others (as with `ipvsadm -R`).
 
+**The VIP guard.** The VIP is a node address, so without a filter a client of the VIP reaches every
+socket bound to the node's wildcard address (kubernetes/kubernetes#72236). The engine loads
+`vip_guard`'s nftables table for the Plan before the VIP goes on the node: an input chain at the filter
+priority, ahead of IPVS's LOCAL_IN hooks, that lets the listeners' ports (what IPVS balances) and ICMP
+through and rejects the rest. A node whose nftables refuses it keeps forwarding, with a warning.
+
 **Ownership.** IPVS has no comments or owners. A VIP belongs to exactly one LoadBalancer (a VIPPool
 never hands out an address twice), so the engine owns every TCP and UDP virtual service whose address
 is the VIP of a Plan it syncs, and nothing else: services on other addresses, fwmark and SCTP services
@@ -85,7 +91,7 @@ from layerlb import api
 from layerlb import plan as plan_model
 from layerlb.render import ipvs_rules, shared
 from layerlb_dataplane.core.targets import Target
-from layerlb_dataplane.kernel import SyncReport
+from layerlb_dataplane.kernel import SyncReport, vip_guard
 from layerlb_dataplane.kernel.ipvs import desired as desired_state
 from layerlb_dataplane.kernel.ipvs import diff, kernel, table
 from layerlb_dataplane.kernel.ipvs import vip as vip_addresses
@@ -127,8 +133,12 @@ class IpvsEngine:
         strict_arp: bool = False,
         ipvs: kernel.IpvsKernel | None = None,
         vips: vip_addresses.VipAddresses | None = None,
+        guard: vip_guard.VipGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # The node's own ports stay out of reach on the VIP (`vip_guard`): on by default with the real
+        # kernel, off with a given `ipvs` (the fakes of the unit tests) unless a guard is given too.
+        self.guard = guard if guard is not None else (vip_guard.VipGuard() if ipvs is None else None)
         self.ipvs: kernel.IpvsKernel = ipvs or kernel.NetlinkIpvs()
         self.vips: vip_addresses.VipAddresses = vips or vip_addresses.NodeVipAddresses(
             device=device, strict_arp=strict_arp
@@ -190,10 +200,17 @@ class IpvsEngine:
                 self._checked[plan.key] = _Checked(desired, fingerprint, self.clock())
             else:
                 self._next[plan.key] = next_sync
+        warnings: tuple[str, ...] = ()
+        if self.guard is not None:  # before the VIP is on the node
+            guarded = self.guard.ensure(plan)
+            changes += guarded.changes
+            warnings = (guarded.warning,) if guarded.warning else ()
         placed = self.vips.ensure(plan, vip)
         changes += placed.changes
         changes += self._ensure_sysctls(plan, vip)
-        return SyncReport(changes=changes, seconds=time.perf_counter() - started, warnings=placed.warnings)
+        return SyncReport(
+            changes=changes, seconds=time.perf_counter() - started, warnings=warnings + placed.warnings
+        )
 
     def remove(self, plan: plan_model.Plan) -> None:
         """Deletes every virtual service on the Plan's VIP and the VIP, because the LoadBalancer is gone (so
@@ -205,6 +222,8 @@ class IpvsEngine:
         for vip in sorted(vips):
             self._remove_vip_services(vip)
             self.vips.remove(vip)
+        if self.guard is not None:
+            self.guard.remove(plan)
         self._next.pop(plan.key, None)
         self._desired.pop(plan.key, None)
         self._checked.pop(plan.key, None)
