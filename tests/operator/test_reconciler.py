@@ -136,6 +136,20 @@ def test_vips_are_allocated_without_repeats_and_exhaustion_is_reported() -> None
     assert worker.metrics.vips() == 2
 
 
+def test_the_reconciler_refuses_a_vip_outside_every_pool_only_when_told_to() -> None:
+    """`--vips-outside-pools` reaches the allocation: refused, the LoadBalancer has no VIP to announce."""
+    for setting, verdict, vip in (("refuse", "unresolvable", None), ("allow", "accepted", "203.0.113.9")):
+        worker, client, store = _setup(_lb("a", vip="203.0.113.9"))
+        worker.vips_outside_pools = setting
+        result = _run(worker.sync(store["shop/a"][0]))
+        assert result.verdict == verdict, (setting, result)
+        [(_, written)] = client.patched
+        assert written.get("vip") == vip, setting
+        if vip is None:
+            assert "spec.vip: 203.0.113.9 is in no VIPPool" in result.message
+            assert client.events[0]["reason"] == "VIPConflict", client.events
+
+
 def test_deleting_a_load_balancer_frees_its_vip_for_one_that_waits() -> None:
     worker, client, store = _setup(_lb("a"), _lb("b"), pool="192.0.2.0/32")
 
