@@ -216,17 +216,22 @@ def _established_by_pid(port: int) -> dict[int, int]:
     return counts
 
 
-def test_two_workers_share_the_listener_and_a_crashed_one_is_restarted(
-    tmp_path: Path, loop_thread: LoopThread
-) -> None:
-    backend = TcpBackend(loop_thread, "one")
+def _two_workers_echo(tmp_path: Path, backend: TcpBackend) -> tuple[int, dict[str, Any], Path, Serve]:
+    """`layerlb serve --workers 2` of the L4 example on a free port of VIP, relaying to `backend`."""
     port = free_port(VIP)
     document: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "l4-proxy-tcp.yaml").read_text())
     document["spec"].update(vip=VIP, listeners=[{"name": "echo", "port": port, "protocol": "TCP"}])
     document["spec"]["backends"][0].update(endpoints=[{"address": "127.0.0.1", "port": backend.port}])
     path = tmp_path / "lb.yaml"
     path.write_text(yaml.safe_dump(document))
-    serve = Serve(tmp_path, "serve", str(path), "--workers", "2")
+    return port, document, path, Serve(tmp_path, "serve", str(path), "--workers", "2")
+
+
+def test_two_workers_share_the_listener_and_a_crashed_one_is_restarted(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    backend = TcpBackend(loop_thread, "one")
+    port, document, path, serve = _two_workers_echo(tmp_path, backend)
     serve.wait_ready()
     workers = _worker_pids(serve.process.pid)
     assert len(workers) == 2
@@ -270,13 +275,7 @@ def test_a_worker_whose_loop_stops_answering_makes_the_process_unready_until_it_
     from layerlb_dataplane.control.workers import UNRESPONSIVE_SECONDS
 
     backend = TcpBackend(loop_thread, "one")
-    port = free_port(VIP)
-    document: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "l4-proxy-tcp.yaml").read_text())
-    document["spec"].update(vip=VIP, listeners=[{"name": "echo", "port": port, "protocol": "TCP"}])
-    document["spec"]["backends"][0].update(endpoints=[{"address": "127.0.0.1", "port": backend.port}])
-    path = tmp_path / "lb.yaml"
-    path.write_text(yaml.safe_dump(document))
-    serve = Serve(tmp_path, "serve", str(path), "--workers", "2")
+    *_, serve = _two_workers_echo(tmp_path, backend)
     serve.wait_ready()
     stopped = _worker_pids(serve.process.pid)[0]
     os.kill(stopped, signal.SIGSTOP)
