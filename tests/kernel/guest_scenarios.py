@@ -229,6 +229,15 @@ class Client:
             sock = socket.create_connection((address, port), timeout=timeout)
         return Connection(sock)
 
+    def outcome(self, address: str, port: int) -> str:
+        """Who answers a new connection to `address:port` (the backend's name), or "refused" or "timeout"."""
+        try:
+            return self.ask_new(address, port)[0]
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timeout"
+
     def ask_new(self, address: str, port: int) -> tuple[str, str]:
         """One question on a new connection."""
         connection = self.connect(address, port)
@@ -467,6 +476,7 @@ NAT_VIP, NAT_VIP2, FOREIGN_VIP, SCRATCH_VIP = "10.0.100.1", "10.0.100.2", "10.0.
 NAT_CLIENT = "10.0.1.2"
 NAT_BACKENDS = {"be1": "10.0.2.11", "be2": "10.0.2.12", "be3": "10.0.2.13"}
 NAT_PORT, UDP_PORT, BACKEND_PORT = 80, 5353, 8080
+NODE_SERVICE_PORT = 2222  # a node service on the LB's wildcard address (sshd, say), not a listener
 HEALTH = plan.HealthCheck(
     protocol=api.HealthProtocol.TCP,
     path="/",
@@ -553,6 +563,13 @@ def scenario_nat() -> Findings:
     wait_until(lambda: ipvs_stats("lb", NAT_VIP)[tcp_service]["conns"] >= 30, timeout=20)  # see direct_return
     found["stats"] = ipvs_stats("lb", NAT_VIP)
     found["resync"] = lb.sync(p1, targets)
+
+    # The VIP guard (issue #18): a service of the LB node's own, on its wildcard address, is reachable on
+    # the node's address and not through the VIP, while IPVS keeps the listeners' ports (above).
+    Backend("node", "lb", NODE_SERVICE_PORT)
+    found["guard_node_address"] = client.outcome("10.0.1.1", NODE_SERVICE_PORT)
+    found["guard_vip"] = client.outcome(NAT_VIP, NODE_SERVICE_PORT)
+    found["guard_tables"] = run(["nft", "list", "tables"], "lb").split()
 
     # Health: real TCP probes from the LB find be2 down once it refuses connections; weight 0 follows.
     be2_target = targets["app"][1]

@@ -149,10 +149,18 @@ def test_nat_drain_of_a_removed_backend(nat: dict[str, Any]) -> None:
     assert nat["drain_next_resync_after"] is None
 
 
+def test_nat_vip_reaches_the_listeners_and_not_the_nodes_own_ports(nat: dict[str, Any]) -> None:
+    """The VIP guard (issue #18) ahead of IPVS: IPVS still balances the listeners (spread above), and a
+    service the LB node runs on its wildcard address answers on the node's address, not on the VIP."""
+    assert nat["guard_node_address"] == "node"
+    assert nat["guard_vip"] == "refused"
+    assert "layerlb_guard_guest_web" in nat["guard_tables"], nat["guard_tables"]
+
+
 def test_nat_listener_removed(nat: dict[str, Any]) -> None:
     """A listener gone from the Plan drains like a backend: weight 0 first, the service deleted once no
     flow is left."""
-    assert nat["listener_removed_sync"]["changes"] == 1
+    assert nat["listener_removed_sync"]["changes"] == 2  # the service's weight, and the VIP guard's ports
     assert nat["table_listener_draining"][UDP_SERVICE]["servers"][BE1]["weight"] == 0
     assert nat["listener_deleted_after"] is not None
     assert set(nat["table_listener_removed"]) == {TCP_SERVICE}
@@ -291,8 +299,8 @@ def test_bench_sync_of_1000_services(bench: dict[str, Any], capsys: pytest.Captu
     assert bench["kernel_servers"] == scenarios.BENCH_SERVICES * scenarios.BENCH_SERVERS
     noops = bench["noop_syncs"] + bench["restart_syncs"] + bench["full_noop_syncs"]
     assert all(sync["changes"] == 0 for sync in noops)
-    # every service and real server, plus the VIP address and ip_forward
-    assert bench["first_sync"]["changes"] == scenarios.BENCH_SERVICES * (1 + scenarios.BENCH_SERVERS) + 2
+    # every service and real server, plus the VIP guard, the VIP address and ip_forward
+    assert bench["first_sync"]["changes"] == scenarios.BENCH_SERVICES * (1 + scenarios.BENCH_SERVERS) + 3
     assert bench["health_change_sync"]["changes"] == scenarios.BENCH_SERVICES
     started = time.perf_counter()
     host_probe = scenarios._emulation_probe()
