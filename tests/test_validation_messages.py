@@ -97,3 +97,12 @@ def test_real_pydantic_errors_get_the_same_words(spec: dict[str, Any], problem: 
 
 def test_a_map_key_right_after_the_root() -> None:
     assert validation.path_of(("labels", "app", "[key]")) == "labels[app]"
+
+
+@pytest.mark.parametrize("version", ["layerlb.dev/v2", "layerlb.dev/v1", "layerlb.dev/v1alpha0", "v1"])
+def test_any_other_api_version_is_refused_whichever_way_it_sorts(version: str) -> None:
+    document = lb()
+    document["apiVersion"] = version
+    with pytest.raises(validation.Invalid) as caught:
+        validation.validate(document)
+    assert [p.path for p in caught.value.problems] == ["apiVersion"]
