@@ -348,6 +348,35 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         for line in ('kind == "string_too_short"', 'kind == "string_too_long"')
     ),
     Equivalent(
+        "framing",
+        "core/NumberReplacer",
+        "MAX_CHUNK_LINE: Final = ",
+        "the limit's value: tests read it by name",
+    ),
+    Equivalent(
+        "framing",
+        "core/ReplaceComparisonOperator_Eq_GtE",
+        'what == "response"',
+        "request sorts before response",
+    ),
+    Equivalent(
+        "framing",
+        "core/ReplaceComparisonOperator_NotEq_Gt",
+        'codings[-1] != b"chunked"',
+        "a list not ending in chunked is refused with the same 400 by the count of chunked just after",
+    ),
+    Equivalent(
+        "framing", "core/ReplaceComparisonOperator_Lt_NotEq", "while pos < size:", "pos never passes size"
+    ),
+    *(
+        Equivalent("framing", f"core/ReplaceComparisonOperator_{operator}", "sink(data if take == size", why)
+        for operator, why in (
+            ("Eq_Is", "whole or sliced, the sink gets the same bytes"),
+            ("Eq_GtE", "take never exceeds size"),
+            ("Eq_Gt", "whole or sliced, the sink gets the same bytes"),
+        )
+    ),
+    Equivalent(
         "state",
         "core/ReplaceComparisonOperator_Eq_LtE",
         "target.active == 0",

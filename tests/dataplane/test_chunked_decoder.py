@@ -36,12 +36,16 @@ def test_chunk_data_arrives_whole_or_in_pieces_and_the_rest_is_returned() -> Non
 def test_data_not_followed_by_crlf_is_a_400() -> None:
     assert refusal(b"3\r\nabcX\r\n0\r\n\r\n") == 400
     assert refusal(b"3\r\nabcX") == 400  # one byte after the data, and it is not CR
+    assert refusal(b"3\r\nabc\n") == 400  # a bare LF, at once (it sorts below CR)
 
 
 def test_a_size_line_may_be_4096_bytes_long_but_not_longer() -> None:
     assert decode(b"0" * framing.MAX_CHUNK_LINE) == (b"", None)  # waits for more
     assert refusal(b"0" * (framing.MAX_CHUNK_LINE + 1)) == 400
     assert refusal(b"12" + b"0" * framing.MAX_CHUNK_LINE) == 400
+    after_a_chunk = b"1\r\na\r\n"  # the line starts further into the data
+    assert decode(after_a_chunk + b"0" * framing.MAX_CHUNK_LINE) == (b"a", None)
+    assert refusal(after_a_chunk + b"0" * (framing.MAX_CHUNK_LINE + 1)) == 400
 
 
 def test_the_trailer_section_is_bounded_with_its_line_ends_and_refused_with_431() -> None:
