@@ -173,3 +173,36 @@ def test_cookie_affinity_tells_endpoints_sharing_an_ip_apart(backends: Backends,
     for name, cookie in cookies.items():
         for _ in range(3):
             assert served_by(client, get(extra=f"Cookie: {cookie}\r\n")) == name
+
+
+# --- pinned choices --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "ports"),
+    [
+        (Algorithm.source_hash, "100011121120000111211011"),
+        (Algorithm.ring_hash, "121110211220212202212111"),
+        (Algorithm.maglev, "010121112202010011112121"),
+    ],
+)
+def test_hashing_choices_are_pinned_so_replicas_of_two_versions_agree(
+    algorithm: Algorithm, ports: str
+) -> None:
+    """During a rollout old and new replicas serve side by side: a key must reach the same endpoint from
+    both, so the tables (hash inputs, ring points, Maglev permutations) may not drift between releases."""
+    targets = [
+        Target("app", "10.0.0.7", 8080 + offset, weight) for offset, weight in ((0, 1), (1, 2), (2, 1))
+    ]
+    balancer = balancing.create(algorithm, targets)
+    picks = [balancer.pick(b"key-%d" % n) for n in range(24)]
+    assert "".join(str(pick.port - 8080) if pick and pick.port else "-" for pick in picks) == ports
+
+
+@pytest.mark.parametrize(("size", "prime"), [(3, True), (4, False), (9, False), (25, False), (65537, True)])
+def test_a_maglev_table_size_must_be_prime(size: int, prime: bool) -> None:
+    if prime:
+        assert balancing.Maglev([], table_size=size).table_size == size
+        return
+    with pytest.raises(ValueError, match="must be a prime number"):
+        balancing.Maglev([], table_size=size)
