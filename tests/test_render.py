@@ -149,6 +149,14 @@ def test_nft_accepts_the_nftables_render(name: str, tmp_path: Path) -> None:
     _nft_check(formats.render(PLANS[name], "nftables"), tmp_path)
 
 
+@pytest.mark.parametrize("name", ["l4-nat-nftables-weighted", "l4-nat-nftables-ipv6", "l4-dsr-nftables"])
+def test_nft_accepts_the_vip_guard_table(name: str, tmp_path: Path) -> None:
+    """The IPVS engine's and transparent's guard (kernel/vip_guard.py), IPv4 and IPv6, TCP and UDP ports."""
+    ruleset = nftables_ruleset.nft_guard_ruleset(PLANS[name], "layerlb sha256:" + "0" * 64)
+    assert "hook input priority filter" in ruleset and ruleset.rstrip().endswith("reject\n\t}\n}")
+    _nft_check(ruleset, tmp_path)
+
+
 def test_nft_catches_an_invalid_ruleset(tmp_path: Path) -> None:
     broken = formats.render(PLANS["l4-nat-nftables-weighted"], "nftables").replace("4-5 :", "3-5 :")
     with pytest.raises(AssertionError, match="conflicting intervals"):
