@@ -26,6 +26,7 @@ from layerlb_dataplane.kernel import addresses, nftables
 log = logging.getLogger("layerlb.kernel.guard")
 
 FAMILIES = ("ip", "ip6")
+Shape = tuple[str, str, tuple[tuple[str, int], ...]]  # table, VIP, the listeners' (transport, port)
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,11 @@ class VipGuard:
         self._nft = nft
         self._verified: dict[str, tuple[str, str, int | None]] = {}  # table -> (family, digest, generation)
         self._foreign: dict[str, bool] = {}  # VIP -> the node had it of its own (decided once)
-        self._digests: dict[
-            str, tuple[tuple[object, ...], str]
-        ] = {}  # table -> (what it follows from, digest)
+        self._digests: dict[str, tuple[Shape, str]] = {}  # table -> what its rules follow from, their digest
 
     @property
     def nft(self) -> nftables.Nft:
+        """Made at first use, so in the network namespace of the thread that first syncs (as the engines)."""
         if self._nft is None:
             self._nft = nftables.default_nft()
         return self._nft
@@ -69,8 +69,8 @@ class VipGuard:
         family = "ip6" if shared.is_ipv6(p.vip) else "ip"
         # The rules follow from the VIP and the listeners' ports alone: a re-sync renders nothing (a Plan of
         # 1,000 listeners took 7 ms per no-op sync to render and hash, 0.1 ms with this).
-        shape = (table, p.vip, tuple((listener.transport, listener.port) for listener in p.listeners))
-        if self._digests.get(table, ((), ""))[0] != shape:
+        shape: Shape = (table, p.vip, tuple((listener.transport, listener.port) for listener in p.listeners))
+        if table not in self._digests or self._digests[table][0] != shape:
             self._digests[table] = (shape, nftables.ruleset_digest(nftables_ruleset.nft_guard_ruleset(p)))
         digest = self._digests[table][1]
         generation = nftables.ruleset_generation()
