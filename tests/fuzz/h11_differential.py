@@ -136,6 +136,8 @@ def h11_reading(data: bytes) -> Reading:
             event = conn.next_event()
         except h11.RemoteProtocolError as error:
             reading.stop, reading.reason = "refused", str(error)
+            if current is not None:
+                reading.messages.append(current)  # refused in its body: the head was read, compared as such
             return reading
         if event is h11.NEED_DATA:
             reading.stop = "incomplete" if current is not None or conn.trailing_data[0] else "done"
@@ -409,8 +411,10 @@ def differential(data: bytes) -> None:
                     # Same head, so the same body framing: only a chunked syntax one reader is lenient
                     # about can leave the other waiting (for bytes that can never make it valid).
                     waiting: Literal["layerlb", "h11"] = "layerlb" if mine.end < 0 else "h11"
+                    reading = ours if waiting == "layerlb" else theirs
+                    reason = reading.reason if reading.stop == "refused" else "waits for more of the body"
                     start = ours.messages[index - 1].end if index else 0
-                    if explain(waiting, data[start:], "waits for more of the body") is None:
+                    if explain(waiting, data[start:], reason) is None:
                         raise Finding(f"one reader ended a body the other still reads: {mine!r} / {other!r}")
                 return
             _agree(mine, other)
