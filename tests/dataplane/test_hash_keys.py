@@ -206,3 +206,16 @@ def test_a_maglev_table_size_must_be_prime(size: int, prime: bool) -> None:
         return
     with pytest.raises(ValueError, match="must be a prime number"):
         balancing.Maglev([], table_size=size)
+
+
+@pytest.mark.parametrize("algorithm", HASHING)
+def test_a_mostly_dead_table_falls_back_to_the_usable_targets_by_hash(algorithm: Algorithm) -> None:
+    """Past 64 dead slots a pick hashes over the usable targets instead of walking the table on."""
+    targets = [Target("app", "10.0.0.7", 8000 + n, 1) for n in range(300)]
+    balancer = balancing.create(algorithm, targets)
+    alive = targets[:3]
+    for target in targets[3:]:
+        target.draining = True  # without update(): the tables still hold them
+    picks = [balancer.pick(b"key-%d" % n) for n in range(300)]
+    assert set(picks) == set(alive)
+    assert picks == [balancer.pick(b"key-%d" % n) for n in range(300)]  # and the same every time
