@@ -116,6 +116,23 @@ def serving(
         kubectl(lab.local, "delete", "llb", name, "-n", lab.local.namespace, "--wait=true", "--timeout=120s")
 
 
+def admin_of(lab: Lab, vip: str) -> tuple[str, int]:
+    """The node address and admin port of the (one) forwarding pod serving `vip`: with the node's network,
+    its admin server listens on the node's wildcard address (`0.0.0.0:<port>`)."""
+    lbs = json.loads(kubectl(lab.local, "get", "llb", "-n", lab.local.namespace, "-o", "json"))["items"]
+    [name] = [lb["metadata"]["name"] for lb in lbs if lb.get("status", {}).get("vip") == vip]
+    [pod] = pods.wait_ready(lab.local.env, lab.local.namespace, f"layerlb.dev/loadbalancer={name}")
+    [port] = [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"] if p.get("name") == "admin"]
+    return pod["status"]["hostIP"], int(port)
+
+
+def admin_answer(lab: Lab, address: str, port: int) -> str:
+    """What the LAN client gets from `/healthz` there: `<HTTP status> exit=<curl's exit code>` (7: refused)."""
+    url = f"http://{address}:{port}/healthz"
+    command = f'curl -s -o /dev/null -w "%{{http_code}}" --max-time 10 {url}; echo " exit=$?"'
+    return lab.local.client_exec("sh", "-c", command).strip()
+
+
 def test_l7_transparent_reaches_every_backend_with_the_clients_address(lab: Lab) -> None:
     with serving(lab, "l7-transparent.yaml", 8080) as vip:
         answers = [http(lab, vip, 8080) for _ in range(30)]
@@ -127,6 +144,11 @@ def test_l4_nat_keeps_a_client_on_one_backend_over_tcp_and_udp_with_its_address(
     with serving(lab, "l4-nat-nftables.yaml", 53) as vip:
         over_tcp = [http(lab, vip, 53) for _ in range(6)]
         over_udp = [lab.local.client_exec("python3", "-c", UDP_ASK, vip, "53").strip() for _ in range(6)]
+        # The VIP guard (issue #18): the forwarding pod's admin port is on the node's address, not the VIP's.
+        node, admin = admin_of(lab, vip)
+        on_node, on_vip = admin_answer(lab, node, admin), admin_answer(lab, vip, admin)
+    assert on_node == "200 exit=0", on_node
+    assert on_vip == "000 exit=7", on_vip  # refused (a TCP reset), not a timeout
     assert all(a.endswith(f"from={CLIENT_IP}") for a in over_tcp), over_tcp
     assert len({a.split()[0] for a in over_tcp}) == 1, over_tcp  # source-hash: one client, one backend
     assert len({a.split()[0] for a in over_udp}) == 1 and "ping" in over_udp[0], over_udp
