@@ -833,6 +833,7 @@ def direct_return(found: Findings, p: plan.Plan, lb: LB, client: Client, vip: st
     # IPVS folds its per-CPU counters into what it reports every 2 s: wait for all 21 connections.
     wait_until(lambda: ipvs_stats("lb", vip)[service]["conns"] >= 21, timeout=20)
     found["stats"] = ipvs_stats("lb", vip)
+    found["guard_vip"] = client.outcome(vip, NODE_SERVICE_PORT)  # dsr: the LB node serves that port itself
     found["resync"] = lb.sync(p, targets_of(p))
     restarted = LB("lb", ipvs_engine.IpvsEngine())
     found["restart_sync"] = restarted.sync(p, targets_of(p))
@@ -865,9 +866,11 @@ def scenario_dsr() -> Findings:
         sysctls(name, ARP_SYSCTLS)
         ip_batch([f"addr add {DSR_VIP}/32 dev lo"], name)
     servers = [Backend(name, name, DIRECT_PORT) for name in DSR_BACKENDS]
+    servers.append(Backend("node", "lb", NODE_SERVICE_PORT))  # the LB node's own service (the VIP guard)
     endpoints = [(address, None, 1) for address in DSR_BACKENDS.values()]
     p = make_plan("direct", DSR_VIP, api.Architecture.dsr, endpoints)
     direct_return(found, p, LB("lb", ipvs_engine.IpvsEngine()), Client("c"), DSR_VIP)
+    found["guard_node_address"] = Client("c").outcome(DSR_LB, NODE_SERVICE_PORT)
     neighbours = json.loads(run(["ip", "-j", "neigh", "show", DSR_VIP], "c") or "[]")
     found["client_vip_mac"] = neighbours[0].get("lladdr") if neighbours else None
     found["lb_mac"] = mac_of("lb", "eth0")

@@ -281,6 +281,9 @@ def test_dsr(dsr: dict[str, Any]) -> None:
     (VIP on lo, arp_ignore=1, arp_announce=2) answer it directly."""
     check_direct_return(dsr, scenarios.DSR_VIP, scenarios.DSR_CLIENT, "-g")
     assert dsr["client_vip_mac"] == dsr["lb_mac"]
+    # The VIP guard (issue #18), with the VIP on the LB's eth0: the LB node's own service on its wildcard
+    # address answers on the node's address, and not on the VIP.
+    assert (dsr["guard_node_address"], dsr["guard_vip"]) == ("node", "refused")
 
 
 def test_tunnel(tunnel: dict[str, Any]) -> None:
