@@ -35,11 +35,11 @@ test: lint typecheck unit
 
 # The chaos and abuse suite (#18), each case under real traffic counting every failed request: faults of the
 # data plane and its backends, resource abuse, the parsers' short fuzzing (tests/chaos, tests/fuzz), the
-# control plane killed and cut off (e2e/chaos, API server only), and faults on real nodes (e2e/nodes'
+# control plane killed and cut off (e2e/operator_faults, API server only), and faults on real nodes (e2e/nodes'
 # chaos and Ready-under-load tests, root). All of it is also part of `make test`; the long runs are
 # `make bench-fuzz`, `bench-mutation` and `bench-abuse`.
 chaos: setup
-	$(BIN)/pytest -q tests/chaos tests/fuzz e2e/chaos $(wildcard e2e/nodes/test_chaos_*.py) e2e/nodes/test_ready_serving.py
+	$(BIN)/pytest -q tests/chaos tests/fuzz e2e/operator_faults $(wildcard e2e/nodes/test_chaos_*.py) e2e/nodes/test_ready_serving.py
 
 # Regenerate what is generated from the models and templates (then review the diff).
 crds: setup

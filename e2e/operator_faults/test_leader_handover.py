@@ -4,7 +4,7 @@ without kubelets.
 What must hold (issue #18): the standby takes the Lease within its bound (the 15 s duration it must see pass
 without a renewal, plus one 2 s retry), converges every change made before and during the hand-over, and
 the two replicas never both write: every write of one process lies before the other's first (writes are
-logged per process with their time, `e2e.chaos.operators`). Two ways to lose a leader:
+logged per process with their time, `e2e.operator_faults.operators`). Two ways to lose a leader:
 SIGKILL (a crashed pod), and SIGSTOP (a frozen one: its node stalls, its cgroup is frozen), resumed after the
 standby took over with the changes it slept through still in its sockets; it must not write one of them,
 and must step down.
@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from e2e import harness
-from e2e.chaos.operators import ObservedOperator, Write
 from e2e.cluster.cluster import Cluster
 from e2e.harness import fresh_namespace, wait_for
 from e2e.kube import Kubectl
+from e2e.operator_faults.operators import ObservedOperator, Write
 
 NS = "llb-chaos-leader"
 SYSTEM_NS = "llb-chaos-leader-system"

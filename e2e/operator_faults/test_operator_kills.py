@@ -30,10 +30,10 @@ import pytest
 import yaml
 
 from e2e import harness
-from e2e.chaos.operators import ObservedOperator
 from e2e.cluster.cluster import Cluster
 from e2e.harness import fresh_namespace, wait_for
 from e2e.kube import Kubectl
+from e2e.operator_faults.operators import ObservedOperator
 
 NS = "llb-chaos-kills"
 REFERENCE_NS = "llb-chaos-reference"
