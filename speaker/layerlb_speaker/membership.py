@@ -293,6 +293,7 @@ class Membership:
         self._late: dict[str, float] = {}  # peer → its last reported lateness, seconds
         self._holds: dict[str, dict[Address, float]] = {}  # peer → address it holds → when it last said so
         self.holds: frozenset[Address] = frozenset()  # what this speaker announces now (`set_holds`)
+        self._holding: list[Holding] = []
         self._joined_at = now + timing.join
         self.joined = timing.join == 0
         self.longest_gap: dict[str, float] = {}  # peer → longest time between two of its heartbeats heard
@@ -344,10 +345,11 @@ class Membership:
     def set_holds(self, addresses: Iterable[Address]) -> None:
         """What this speaker announces now: told to the peers (`holding_messages`) and its own incumbency."""
         self.holds = frozenset(addresses)
+        self._holding = Holding.split(self.me, self.holds)  # sent every interval: split once per change
 
     def holding_messages(self) -> list[Holding]:
         """The datagrams telling the peers every VIP this speaker holds."""
-        return Holding.split(self.me, self.holds)
+        return self._holding
 
     def dead_after(self, node: str) -> float:
         """How long `node` may stay silent before it is dead, given the lateness it reported."""
